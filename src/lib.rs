@@ -1,0 +1,5 @@
+//! meshbench: a service mesh on one machine (control plane, sidecars, fake workloads) and the
+//! harness that measures it. See ARCHITECTURE.md for processes, ports and data flow.
+
+pub mod config;
+pub mod model;

@@ -1,0 +1,595 @@
+//! The mesh model: pure types for services, workloads, routes and policies, plus the
+//! validation that decides whether a set of config objects forms a usable mesh.
+//!
+//! No I/O here. `config` turns YAML/JSON into [`Object`]s; [`ConfigSet::compile`] turns a whole set
+//! of objects into a [`Mesh`] (or every error, each naming where it came from); `xds` turns a
+//! [`Mesh`] into Envoy resources.
+
+mod compile;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use compile::compile;
+
+/// Namespace used when a document names none, as `kubectl apply` does.
+pub const DEFAULT_NAMESPACE: &str = "default";
+/// The cluster domain suffix, as in a default Kubernetes cluster.
+pub const DOMAIN_SUFFIX: &str = "svc.cluster.local";
+
+pub type Labels = BTreeMap<String, String>;
+
+/// Where a config object came from: file (or `request` for the REST API) and its document
+/// index within that file (1-based, as people count them).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Origin {
+    pub file: String,
+    pub document: usize,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: document {}", self.file, self.document)
+    }
+}
+
+/// One config problem, named by file, document, object, field path and reason.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ConfigError {
+    pub file: String,
+    pub document: usize,
+    /// `Kind/namespace/name` when known.
+    pub object: String,
+    /// Field path such as `spec.http[0].route[1].weight`.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: document {}", self.file, self.document)?;
+        if !self.object.is_empty() {
+            write!(f, " ({})", self.object)?;
+        }
+        if !self.field.is_empty() {
+            write!(f, ": {}", self.field)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// The kinds meshbench understands. `RouteRule` is the seed's `config.istio.io/v1alpha2` form.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Kind {
+    Service,
+    Deployment,
+    VirtualService,
+    DestinationRule,
+    ServiceEntry,
+    WorkloadEntry,
+    RouteRule,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 7] = [
+        Kind::Service,
+        Kind::Deployment,
+        Kind::VirtualService,
+        Kind::DestinationRule,
+        Kind::ServiceEntry,
+        Kind::WorkloadEntry,
+        Kind::RouteRule,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Service => "Service",
+            Kind::Deployment => "Deployment",
+            Kind::VirtualService => "VirtualService",
+            Kind::DestinationRule => "DestinationRule",
+            Kind::ServiceEntry => "ServiceEntry",
+            Kind::WorkloadEntry => "WorkloadEntry",
+            Kind::RouteRule => "RouteRule",
+        }
+    }
+
+    /// Parses a kind name case-insensitively, also accepting plural forms (`virtualservices`).
+    pub fn parse(s: &str) -> Option<Kind> {
+        let lower = s.to_ascii_lowercase();
+        let singular = lower.strip_suffix('s').unwrap_or(&lower);
+        Kind::ALL.into_iter().find(|k| {
+            let name = k.as_str().to_ascii_lowercase();
+            name == lower || name == singular
+        })
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The identity of a stored object.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Key {
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}/{}", self.kind, self.namespace, self.name)
+    }
+}
+
+/// A parsed config object with its origin.
+#[derive(Clone, Debug, Serialize)]
+pub struct Object {
+    pub origin: Origin,
+    pub namespace: String,
+    pub name: String,
+    pub spec: Spec,
+}
+
+impl Object {
+    pub fn key(&self) -> Key {
+        Key {
+            kind: self.spec.kind(),
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "kind", content = "spec")]
+pub enum Spec {
+    Service(ServiceSpec),
+    Deployment(DeploymentSpec),
+    VirtualService(VirtualServiceSpec),
+    DestinationRule(DestinationRuleSpec),
+    ServiceEntry(ServiceEntrySpec),
+    WorkloadEntry(WorkloadEntrySpec),
+    RouteRule(RouteRuleSpec),
+}
+
+impl Spec {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Spec::Service(_) => Kind::Service,
+            Spec::Deployment(_) => Kind::Deployment,
+            Spec::VirtualService(_) => Kind::VirtualService,
+            Spec::DestinationRule(_) => Kind::DestinationRule,
+            Spec::ServiceEntry(_) => Kind::ServiceEntry,
+            Spec::WorkloadEntry(_) => Kind::WorkloadEntry,
+            Spec::RouteRule(_) => Kind::RouteRule,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum TargetPort {
+    Number(u16),
+    Name(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServicePort {
+    pub name: String,
+    pub port: u16,
+    pub target_port: TargetPort,
+    pub protocol: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ServiceSpec {
+    pub ports: Vec<ServicePort>,
+    pub selector: Labels,
+    pub cluster_ip: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct DeploymentSpec {
+    pub replicas: u32,
+    pub labels: Labels,
+    /// containerPort values, with their names when given.
+    pub container_ports: Vec<(Option<String>, u16)>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ServiceEntrySpec {
+    pub hosts: Vec<String>,
+    pub addresses: Vec<String>,
+    pub ports: Vec<ServicePort>,
+    pub endpoints: Vec<WorkloadEntrySpec>,
+    pub workload_selector: Option<Labels>,
+}
+
+/// A workload registered without a Kubernetes controller (Istio WorkloadEntry), also the shape
+/// of ServiceEntry inline endpoints and of REST API endpoint registrations.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkloadEntrySpec {
+    pub address: String,
+    #[serde(default)]
+    pub labels: Labels,
+    /// Service port name -> port on this workload (overrides targetPort).
+    #[serde(default)]
+    pub ports: BTreeMap<String, u16>,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Health as the registry sees it; unhealthy endpoints are sent with UNHEALTHY status.
+    #[serde(default = "default_true")]
+    pub healthy: bool,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub enum StringMatch {
+    Exact(String),
+    Prefix(String),
+    Regex(String),
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct HttpMatch {
+    pub uri: Option<StringMatch>,
+    pub headers: BTreeMap<String, StringMatch>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Destination {
+    pub host: String,
+    pub subset: Option<String>,
+    pub port: Option<u16>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RouteDestination {
+    pub destination: Destination,
+    /// `None` when the document gave no weight.
+    pub weight: Option<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Retries {
+    pub attempts: u32,
+    pub per_try_timeout: Option<Duration>,
+    pub retry_on: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FaultDelay {
+    pub fixed_delay: Duration,
+    /// 0..=100
+    pub percent: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FaultAbort {
+    pub http_status: u16,
+    /// 0..=100
+    pub percent: f64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Fault {
+    pub delay: Option<FaultDelay>,
+    pub abort: Option<FaultAbort>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct HttpRoute {
+    pub name: Option<String>,
+    /// Any of these matches (OR); empty means match everything.
+    pub matches: Vec<HttpMatch>,
+    pub route: Vec<RouteDestination>,
+    pub timeout: Option<Duration>,
+    pub retries: Option<Retries>,
+    pub fault: Option<Fault>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct VirtualServiceSpec {
+    pub hosts: Vec<String>,
+    pub gateways: Vec<String>,
+    pub http: Vec<HttpRoute>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum LoadBalancer {
+    RoundRobin,
+    LeastRequest,
+    Random,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct ConnectionPool {
+    pub max_connections: Option<u32>,
+    pub http1_max_pending_requests: Option<u32>,
+    pub http2_max_requests: Option<u32>,
+    pub max_requests_per_connection: Option<u32>,
+    pub max_retries: Option<u32>,
+    pub connect_timeout: Option<Duration>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct OutlierDetection {
+    pub consecutive_5xx_errors: Option<u32>,
+    pub interval: Option<Duration>,
+    pub base_ejection_time: Option<Duration>,
+    pub max_ejection_percent: Option<u32>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct TrafficPolicy {
+    pub load_balancer: Option<LoadBalancer>,
+    pub connection_pool: Option<ConnectionPool>,
+    pub outlier_detection: Option<OutlierDetection>,
+}
+
+impl TrafficPolicy {
+    /// A subset's policy overrides the rule's, field group by field group, as in Istio.
+    pub fn merged(base: Option<&TrafficPolicy>, over: Option<&TrafficPolicy>) -> TrafficPolicy {
+        let base = base.cloned().unwrap_or_default();
+        match over {
+            None => base,
+            Some(o) => TrafficPolicy {
+                load_balancer: o.load_balancer.or(base.load_balancer),
+                connection_pool: o.connection_pool.clone().or(base.connection_pool),
+                outlier_detection: o.outlier_detection.clone().or(base.outlier_detection),
+            },
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Subset {
+    pub name: String,
+    pub labels: Labels,
+    pub traffic_policy: Option<TrafficPolicy>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct DestinationRuleSpec {
+    pub host: String,
+    pub subsets: Vec<Subset>,
+    pub traffic_policy: Option<TrafficPolicy>,
+}
+
+/// The seed's `config.istio.io/v1alpha2 RouteRule`.
+#[derive(Clone, Debug, Serialize)]
+pub struct RouteRuleSpec {
+    pub destination: String,
+    pub precedence: i32,
+    pub matches: Vec<HttpMatch>,
+    /// (pod labels, weight)
+    pub route: Vec<(Labels, Option<u32>)>,
+    pub timeout: Option<Duration>,
+    pub retries: Option<Retries>,
+    pub fault: Option<Fault>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The compiled mesh: what translation to xDS consumes.
+
+/// A service as the data plane sees it: a host with ports and a way to find its endpoints.
+#[derive(Clone, Debug, Serialize)]
+pub struct MeshService {
+    pub name: String,
+    pub namespace: String,
+    /// FQDN for Kubernetes services (`reviews.default.svc.cluster.local`), the host for entries.
+    pub host: String,
+    pub ports: Vec<ServicePort>,
+    /// Workload label selector (`None` means only inline endpoints, as for a ServiceEntry
+    /// without workloadSelector).
+    pub selector: Option<Labels>,
+    pub addresses: Vec<String>,
+    /// Endpoints declared inline (ServiceEntry endpoints).
+    pub inline_endpoints: Vec<WorkloadEntrySpec>,
+    /// Whether short names (`reviews`, `reviews.default`) resolve to it.
+    pub kubernetes: bool,
+}
+
+/// A workload instance (pod, WorkloadEntry or REST-registered endpoint).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Workload {
+    pub name: String,
+    pub namespace: String,
+    #[serde(flatten)]
+    pub entry: WorkloadEntrySpec,
+}
+
+/// Routing for one host: the VirtualService (or RouteRules) bound to it.
+#[derive(Clone, Debug, Serialize)]
+pub struct HostRoutes {
+    /// `VirtualService/ns/name` or `RouteRule/ns/name,...`, used as the Envoy route decorator.
+    pub source: String,
+    pub http: Vec<HttpRoute>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct HostPolicy {
+    pub traffic_policy: Option<TrafficPolicy>,
+    pub subsets: Vec<Subset>,
+}
+
+/// A validated mesh. Maps are keyed by service host (FQDN).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Mesh {
+    pub services: BTreeMap<String, MeshService>,
+    pub routes: BTreeMap<String, HostRoutes>,
+    pub policies: BTreeMap<String, HostPolicy>,
+    pub workloads: Vec<Workload>,
+    /// Things accepted but not acted on (gateway-only routes, unsupported kinds...).
+    pub warnings: Vec<ConfigError>,
+}
+
+impl Mesh {
+    /// Endpoints of `host` for `port` (optionally restricted to `subset_labels`), as
+    /// (address, port, workload). Inline endpoints come first, then selected workloads.
+    pub fn endpoints<'a>(
+        &'a self,
+        svc: &'a MeshService,
+        port: &'a ServicePort,
+        subset_labels: Option<&'a Labels>,
+    ) -> impl Iterator<Item = (&'a WorkloadEntrySpec, u16)> + 'a {
+        let selected = self.workloads.iter().filter(move |w| {
+            w.namespace == svc.namespace
+                && svc.selector.as_ref().is_some_and(|sel| labels_match(sel, &w.entry.labels))
+        });
+        svc.inline_endpoints
+            .iter()
+            .chain(selected.map(|w| &w.entry))
+            .filter(move |e| subset_labels.is_none_or(|l| labels_match(l, &e.labels)))
+            .filter_map(move |e| endpoint_port(e, port).map(|p| (e, p)))
+    }
+}
+
+/// Every selector label present with the same value.
+pub fn labels_match(selector: &Labels, labels: &Labels) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// The port a workload serves a service port on: the workload's own mapping by port name,
+/// else a numeric targetPort, else the service port. A named targetPort the workload does not
+/// map means the workload does not serve that port.
+pub fn endpoint_port(e: &WorkloadEntrySpec, port: &ServicePort) -> Option<u16> {
+    if let Some(p) = e.ports.get(&port.name) {
+        return Some(*p);
+    }
+    match &port.target_port {
+        TargetPort::Number(n) => Some(*n),
+        TargetPort::Name(name) => e.ports.get(name).copied(),
+    }
+}
+
+/// The FQDN of a Kubernetes-style service.
+pub fn fqdn(name: &str, namespace: &str) -> String {
+    format!("{name}.{namespace}.{DOMAIN_SUFFIX}")
+}
+
+/// Parses Istio/Go-style durations: `7s`, `100ms`, `1.5s`, `2m`, `1h`, `250us`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("empty duration".into());
+    }
+    let mut total = 0f64;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(|| format!("duration {s:?} has no unit (use ms, s, m or h)"))?;
+        if num_len == 0 {
+            return Err(format!("duration {s:?}: expected a number"));
+        }
+        let value: f64 = rest[..num_len]
+            .parse()
+            .map_err(|_| format!("duration {s:?}: bad number {:?}", &rest[..num_len]))?;
+        rest = &rest[num_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" => 1e-6,
+            "ns" => 1e-9,
+            u => return Err(format!("duration {s:?}: unknown unit {u:?} (use ms, s, m or h)")),
+        };
+        total += value * scale;
+        rest = &rest[unit_len..];
+    }
+    Ok(Duration::from_secs_f64(total))
+}
+
+/// Every stored config object plus the endpoints registered through the REST API: the
+/// control plane's whole input. Changes produce a new set; the old one stays valid until the
+/// new one compiles, so a bad batch changes nothing.
+#[derive(Clone, Debug, Default)]
+pub struct ConfigSet {
+    pub objects: BTreeMap<Key, Object>,
+    /// Keyed by (namespace, name).
+    pub endpoints: BTreeMap<(String, String), Workload>,
+}
+
+impl ConfigSet {
+    pub fn compile(&self) -> Result<Mesh, Vec<ConfigError>> {
+        compile(self.objects.values(), self.endpoints.values())
+    }
+
+    /// The set with `batch` added (objects with the same kind, namespace and name replaced),
+    /// and its compiled mesh; or every error. Two documents of one batch with the same key is
+    /// an error, as `kubectl apply` would report it.
+    pub fn with_applied(&self, batch: Vec<Object>) -> Result<(ConfigSet, Mesh), Vec<ConfigError>> {
+        let mut next = self.clone();
+        let mut first_seen: BTreeMap<Key, Origin> = BTreeMap::new();
+        let mut errors = Vec::new();
+        for o in batch {
+            let key = o.key();
+            if let Some(prev) = first_seen.get(&key) {
+                errors.push(ConfigError {
+                    file: o.origin.file.clone(),
+                    document: o.origin.document,
+                    object: key.to_string(),
+                    field: "metadata.name".into(),
+                    message: format!("duplicate name: {key} is also defined at {prev}"),
+                });
+                continue;
+            }
+            first_seen.insert(key.clone(), o.origin.clone());
+            next.objects.insert(key, o);
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let mesh = next.compile()?;
+        Ok((next, mesh))
+    }
+
+    /// The set without `key`, if the rest still compiles. `Ok(None)` when there is no such object.
+    pub fn without(&self, key: &Key) -> Result<Option<(ConfigSet, Mesh)>, Vec<ConfigError>> {
+        let mut next = self.clone();
+        if next.objects.remove(key).is_none() {
+            return Ok(None);
+        }
+        let mesh = next.compile()?;
+        Ok(Some((next, mesh)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("7s").unwrap(), Duration::from_secs(7));
+        assert_eq!(parse_duration("100ms").unwrap(), Duration::from_millis(100));
+        assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("0.5s").unwrap(), Duration::from_millis(500));
+        assert!(parse_duration("7").is_err());
+        assert!(parse_duration("7parsecs").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn kind_names() {
+        assert_eq!(Kind::parse("virtualservices"), Some(Kind::VirtualService));
+        assert_eq!(Kind::parse("Service"), Some(Kind::Service));
+        assert_eq!(Kind::parse("Gateway"), None);
+    }
+}

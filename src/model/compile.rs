@@ -1,0 +1,406 @@
+//! Compiling a set of config objects into a [`Mesh`], with validation as istioctl would do it.
+//! Every problem is collected (not just the first), each naming its origin and field path.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::*;
+
+/// Resolves `objects` plus REST-registered `endpoints` into a mesh, or every error found.
+pub fn compile<'a>(
+    objects: impl IntoIterator<Item = &'a Object>,
+    endpoints: impl IntoIterator<Item = &'a Workload>,
+) -> Result<Mesh, Vec<ConfigError>> {
+    let objects: Vec<&Object> = objects.into_iter().collect();
+    let mut c = Compiler {
+        mesh: Mesh::default(),
+        errors: Vec::new(),
+    };
+    c.services(&objects);
+    c.workloads(&objects, endpoints);
+    c.destination_rules(&objects);
+    c.virtual_services(&objects);
+    c.route_rules(&objects);
+    if c.errors.is_empty() {
+        Ok(c.mesh)
+    } else {
+        Err(c.errors)
+    }
+}
+
+struct Compiler {
+    mesh: Mesh,
+    errors: Vec<ConfigError>,
+}
+
+fn err(o: &Object, field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        file: o.origin.file.clone(),
+        document: o.origin.document,
+        object: o.key().to_string(),
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+impl Compiler {
+    fn error(&mut self, o: &Object, field: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(err(o, field, message));
+    }
+
+    /// Resolves a host as written in a document of namespace `ns` to a known service host.
+    fn resolve(&self, host: &str, ns: &str) -> Option<String> {
+        let candidates = if host.contains('.') {
+            let parts = host.split('.').count();
+            let mut c = vec![host.to_string()];
+            if parts == 2 {
+                c.push(format!("{host}.{DOMAIN_SUFFIX}"));
+            } else if host.ends_with(".svc") {
+                c.push(format!("{host}.cluster.local"));
+            }
+            c
+        } else {
+            vec![fqdn(host, ns), host.to_string()]
+        };
+        candidates
+            .into_iter()
+            .find(|h| self.mesh.services.contains_key(h))
+    }
+
+    fn services(&mut self, objects: &[&Object]) {
+        let mut seen: BTreeMap<String, String> = BTreeMap::new();
+        for o in objects {
+            let (svcs, field) = match &o.spec {
+                Spec::Service(s) => (
+                    vec![MeshService {
+                        name: o.name.clone(),
+                        namespace: o.namespace.clone(),
+                        host: fqdn(&o.name, &o.namespace),
+                        ports: s.ports.clone(),
+                        selector: Some(s.selector.clone()),
+                        addresses: s.cluster_ip.iter().cloned().collect(),
+                        inline_endpoints: vec![],
+                        kubernetes: true,
+                    }],
+                    "metadata.name".to_string(),
+                ),
+                Spec::ServiceEntry(se) => (
+                    se.hosts
+                        .iter()
+                        .map(|h| MeshService {
+                            name: h.split('.').next().unwrap_or(h).to_string(),
+                            namespace: o.namespace.clone(),
+                            host: h.clone(),
+                            ports: se.ports.clone(),
+                            selector: se.workload_selector.clone(),
+                            addresses: se.addresses.clone(),
+                            inline_endpoints: se.endpoints.clone(),
+                            kubernetes: false,
+                        })
+                        .collect(),
+                    "spec.hosts".to_string(),
+                ),
+                _ => continue,
+            };
+            for svc in svcs {
+                if svc.ports.is_empty() {
+                    self.error(o, "spec.ports", "a service needs at least one port");
+                }
+                let mut names = BTreeSet::new();
+                for (i, p) in svc.ports.iter().enumerate() {
+                    if !names.insert(p.port) {
+                        self.error(
+                            o,
+                            format!("spec.ports[{i}].port"),
+                            format!("port {} listed twice", p.port),
+                        );
+                    }
+                }
+                if let Some(prev) = seen.insert(svc.host.clone(), o.key().to_string()) {
+                    self.error(
+                        o,
+                        field.clone(),
+                        format!("host {} is already defined by {prev}", svc.host),
+                    );
+                    continue;
+                }
+                self.mesh.services.insert(svc.host.clone(), svc);
+            }
+        }
+    }
+
+    fn workloads<'a>(
+        &mut self,
+        objects: &[&Object],
+        endpoints: impl IntoIterator<Item = &'a Workload>,
+    ) {
+        for o in objects {
+            if let Spec::WorkloadEntry(we) = &o.spec {
+                if we.address.is_empty() {
+                    self.error(o, "spec.address", "a WorkloadEntry needs an address");
+                }
+                self.mesh.workloads.push(Workload {
+                    name: o.name.clone(),
+                    namespace: o.namespace.clone(),
+                    entry: we.clone(),
+                });
+            }
+        }
+        self.mesh.workloads.extend(endpoints.into_iter().cloned());
+    }
+
+    fn destination_rules(&mut self, objects: &[&Object]) {
+        let mut bound: BTreeMap<String, String> = BTreeMap::new();
+        for o in objects {
+            let Spec::DestinationRule(dr) = &o.spec else {
+                continue;
+            };
+            let Some(host) = self.resolve(&dr.host, &o.namespace) else {
+                self.error(o, "spec.host", format!("unknown host {:?}: no Service or ServiceEntry defines it", dr.host));
+                continue;
+            };
+            if let Some(prev) = bound.insert(host.clone(), o.key().to_string()) {
+                self.error(
+                    o,
+                    "spec.host",
+                    format!("host {host} already has a DestinationRule ({prev})"),
+                );
+                continue;
+            }
+            let mut names = BTreeSet::new();
+            for (i, s) in dr.subsets.iter().enumerate() {
+                if !names.insert(&s.name) {
+                    self.error(o, format!("spec.subsets[{i}].name"), format!("duplicate subset name {:?}", s.name));
+                }
+                if s.name.is_empty() || s.name.contains('|') {
+                    self.error(o, format!("spec.subsets[{i}].name"), "a subset name must be non-empty and must not contain '|'");
+                }
+            }
+            self.mesh.policies.insert(
+                host,
+                HostPolicy {
+                    traffic_policy: dr.traffic_policy.clone(),
+                    subsets: dr.subsets.clone(),
+                },
+            );
+        }
+    }
+
+    /// Checks one destination; returns its resolved host.
+    fn destination(&mut self, o: &Object, field: &str, d: &Destination) -> Option<String> {
+        let Some(host) = self.resolve(&d.host, &o.namespace) else {
+            self.error(
+                o,
+                format!("{field}.host"),
+                format!("unknown host {:?}: no Service or ServiceEntry defines it", d.host),
+            );
+            return None;
+        };
+        if let Some(subset) = &d.subset {
+            let defined = self
+                .mesh
+                .policies
+                .get(&host)
+                .is_some_and(|p| p.subsets.iter().any(|s| &s.name == subset));
+            if !defined {
+                self.error(
+                    o,
+                    format!("{field}.subset"),
+                    format!("subset {subset:?} of host {host} is not defined by any DestinationRule"),
+                );
+            }
+        }
+        let svc = &self.mesh.services[&host];
+        match d.port {
+            Some(p) if !svc.ports.iter().any(|sp| sp.port == p) => {
+                let msg = format!("host {host} has no port {p}");
+                self.error(o, format!("{field}.port.number"), msg);
+            }
+            None if svc.ports.len() > 1 => {
+                let msg = format!("host {host} has several ports: name one with port.number");
+                self.error(o, format!("{field}.port"), msg);
+            }
+            _ => {}
+        }
+        Some(host)
+    }
+
+    fn check_route(&mut self, o: &Object, field: &str, r: &HttpRoute) {
+        for (i, m) in r.matches.iter().enumerate() {
+            if let Some(StringMatch::Regex(re)) = &m.uri {
+                if let Err(e) = regex::Regex::new(re) {
+                    self.error(o, format!("{field}.match[{i}].uri.regex"), format!("invalid regex: {}", one_line(&e.to_string())));
+                }
+            }
+            for (h, sm) in &m.headers {
+                if let StringMatch::Regex(re) = sm {
+                    if let Err(e) = regex::Regex::new(re) {
+                        self.error(o, format!("{field}.match[{i}].headers.{h}.regex"), format!("invalid regex: {}", one_line(&e.to_string())));
+                    }
+                }
+            }
+        }
+        if r.route.is_empty() {
+            self.error(o, format!("{field}.route"), "a route needs at least one destination");
+        }
+        check_weights(&r.route.iter().map(|d| d.weight).collect::<Vec<_>>())
+            .into_iter()
+            .for_each(|m| self.error(o, format!("{field}.route"), m));
+        for (i, d) in r.route.iter().enumerate() {
+            self.destination(o, &format!("{field}.route[{i}].destination"), &d.destination);
+        }
+        if let Some(f) = &r.fault {
+            if let Some(a) = &f.abort {
+                if !(200..=599).contains(&a.http_status) {
+                    self.error(o, format!("{field}.fault.abort.httpStatus"), format!("{} is not an HTTP status (200-599)", a.http_status));
+                }
+                if !(0.0..=100.0).contains(&a.percent) {
+                    self.error(o, format!("{field}.fault.abort.percentage"), "percentage must be within 0-100");
+                }
+            }
+            if let Some(d) = &f.delay {
+                if !(0.0..=100.0).contains(&d.percent) {
+                    self.error(o, format!("{field}.fault.delay.percentage"), "percentage must be within 0-100");
+                }
+            }
+        }
+    }
+
+    fn virtual_services(&mut self, objects: &[&Object]) {
+        for o in objects {
+            let Spec::VirtualService(vs) = &o.spec else {
+                continue;
+            };
+            if !vs.gateways.is_empty() && !vs.gateways.iter().any(|g| g == "mesh") {
+                self.mesh.warnings.push(err(
+                    o,
+                    "spec.gateways",
+                    "bound to gateways only (no \"mesh\"): meshbench simulates sidecars, not ingress gateways, so this VirtualService is stored but generates no routes",
+                ));
+                continue;
+            }
+            if vs.hosts.is_empty() {
+                self.error(o, "spec.hosts", "a VirtualService needs at least one host");
+            }
+            for (i, r) in vs.http.iter().enumerate() {
+                self.check_route(o, &format!("spec.http[{i}]"), r);
+            }
+            for (i, h) in vs.hosts.iter().enumerate() {
+                let Some(host) = self.resolve(h, &o.namespace) else {
+                    self.error(o, format!("spec.hosts[{i}]"), format!("unknown host {h:?}: no Service or ServiceEntry defines it"));
+                    continue;
+                };
+                if let Some(prev) = self.mesh.routes.get(&host) {
+                    let msg = format!("host {host} is already routed by {}", prev.source);
+                    self.error(o, format!("spec.hosts[{i}]"), msg);
+                    continue;
+                }
+                let http = vs.http.iter().map(|r| self.resolve_route(r, &o.namespace)).collect();
+                self.mesh.routes.insert(host, HostRoutes { source: o.key().to_string(), http });
+            }
+        }
+    }
+
+    /// Rewrites destination hosts to resolved FQDNs (left as written when unresolvable; the
+    /// error was recorded by `check_route`).
+    fn resolve_route(&self, r: &HttpRoute, ns: &str) -> HttpRoute {
+        let mut r = r.clone();
+        for d in &mut r.route {
+            if let Some(h) = self.resolve(&d.destination.host, ns) {
+                d.destination.host = h;
+            }
+        }
+        r
+    }
+
+    /// Maps the seed's RouteRules onto the same model: one HttpRoute per rule, in precedence
+    /// order (highest first); label sets become subsets (reusing a DestinationRule subset with
+    /// the same labels, else a synthesised one named `k=v,...` as the seed's cluster names show).
+    fn route_rules(&mut self, objects: &[&Object]) {
+        let mut by_host: BTreeMap<String, Vec<(&Object, &RouteRuleSpec)>> = BTreeMap::new();
+        for o in objects {
+            let Spec::RouteRule(rr) = &o.spec else {
+                continue;
+            };
+            match self.resolve(&rr.destination, &o.namespace) {
+                Some(h) => by_host.entry(h).or_default().push((o, rr)),
+                None => self.error(o, "spec.destination.name", format!("unknown host {:?}: no Service or ServiceEntry defines it", rr.destination)),
+            }
+        }
+        for (host, mut rules) in by_host {
+            rules.sort_by(|a, b| b.1.precedence.cmp(&a.1.precedence).then(a.0.name.cmp(&b.0.name)));
+            if let Some(prev) = self.mesh.routes.get(&host) {
+                let msg = format!("host {host} is already routed by {}", prev.source);
+                for (o, _) in &rules {
+                    self.error(o, "spec.destination", msg.clone());
+                }
+                continue;
+            }
+            let mut http = Vec::new();
+            for (o, rr) in &rules {
+                let mut route = Vec::new();
+                for (labels, weight) in &rr.route {
+                    let subset = (!labels.is_empty()).then(|| self.subset_for(&host, labels));
+                    route.push(RouteDestination {
+                        destination: Destination { host: host.clone(), subset, port: None },
+                        weight: *weight,
+                    });
+                }
+                if route.is_empty() {
+                    route.push(RouteDestination {
+                        destination: Destination { host: host.clone(), subset: None, port: None },
+                        weight: None,
+                    });
+                }
+                let r = HttpRoute {
+                    name: Some(o.name.clone()),
+                    matches: rr.matches.clone(),
+                    route,
+                    timeout: rr.timeout,
+                    retries: rr.retries.clone(),
+                    fault: rr.fault.clone(),
+                };
+                self.check_route(o, "spec", &r);
+                http.push(r);
+            }
+            let source = rules.iter().map(|(o, _)| o.key().to_string()).collect::<Vec<_>>().join(",");
+            self.mesh.routes.insert(host, HostRoutes { source, http });
+        }
+    }
+
+    fn subset_for(&mut self, host: &str, labels: &Labels) -> String {
+        let policy = self.mesh.policies.entry(host.to_string()).or_insert(HostPolicy {
+            traffic_policy: None,
+            subsets: vec![],
+        });
+        if let Some(s) = policy.subsets.iter().find(|s| &s.labels == labels) {
+            return s.name.clone();
+        }
+        let name = labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
+        policy.subsets.push(Subset { name: name.clone(), labels: labels.clone(), traffic_policy: None });
+        name
+    }
+}
+
+/// Weight rules as istioctl applies them: one destination may omit its weight (it gets 100);
+/// with several, every one needs a weight and they must sum to 100.
+pub fn check_weights(weights: &[Option<u32>]) -> Vec<String> {
+    match weights {
+        [] | [None] | [Some(100)] => vec![],
+        [Some(w)] => vec![format!("the only destination has weight {w}; it must be 100 or omitted")],
+        _ => {
+            if weights.iter().any(Option::is_none) {
+                return vec!["every destination needs a weight when there are several".into()];
+            }
+            let sum: u32 = weights.iter().flatten().sum();
+            if sum != 100 {
+                vec![format!("destination weights sum to {sum}, not 100")]
+            } else {
+                vec![]
+            }
+        }
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
