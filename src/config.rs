@@ -29,7 +29,10 @@ pub fn parse(file: &str, text: &str) -> Result<Parsed, Vec<ConfigError>> {
     let mut out = Parsed::default();
     let mut errors = Vec::new();
     for (document, value) in docs {
-        let origin = Origin { file: file.to_string(), document };
+        let origin = Origin {
+            file: file.to_string(),
+            document,
+        };
         match parse_object(&origin, value) {
             Ok(Some(o)) => out.objects.push(o),
             Ok(None) => {}
@@ -75,7 +78,15 @@ fn split_documents(file: &str, text: &str) -> Result<Vec<(usize, Value)>, Vec<Co
     let trimmed = text.trim_start();
     if trimmed.starts_with('{') || trimmed.starts_with('[') {
         let v: Value = serde_json::from_str(text).map_err(|e| {
-            vec![doc_error(file, 1, format!("invalid JSON at line {} column {}: {e}", e.line(), e.column()))]
+            vec![doc_error(
+                file,
+                1,
+                format!(
+                    "invalid JSON at line {} column {}: {e}",
+                    e.line(),
+                    e.column()
+                ),
+            )]
         })?;
         return Ok(flatten_lists(v).into_iter().map(|v| (1, v)).collect());
     }
@@ -89,7 +100,15 @@ fn split_documents(file: &str, text: &str) -> Result<Vec<(usize, Value)>, Vec<Co
             // Content after `--- ` on the marker line belongs to the new document.
             let rest = line.trim_start_matches('-').trim();
             let offset = if rest.is_empty() { i + 1 } else { i };
-            chunks.push((number, offset, if rest.is_empty() { String::new() } else { format!("{rest}\n") }));
+            chunks.push((
+                number,
+                offset,
+                if rest.is_empty() {
+                    String::new()
+                } else {
+                    format!("{rest}\n")
+                },
+            ));
         } else {
             if !(line.trim().is_empty() || line.trim_start().starts_with('#')) {
                 seen_anything = true;
@@ -102,7 +121,10 @@ fn split_documents(file: &str, text: &str) -> Result<Vec<(usize, Value)>, Vec<Co
     let mut docs = Vec::new();
     let mut errors = Vec::new();
     for (number, start_line, body) in chunks {
-        if body.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#')) {
+        if body
+            .lines()
+            .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
+        {
             continue;
         }
         match serde_saphyr::from_str::<Value>(&body) {
@@ -111,10 +133,20 @@ fn split_documents(file: &str, text: &str) -> Result<Vec<(usize, Value)>, Vec<Co
             Err(e) => {
                 let at = e
                     .location()
-                    .map(|l| format!(" at line {} column {}", l.line() as usize + start_line, l.column()))
+                    .map(|l| {
+                        format!(
+                            " at line {} column {}",
+                            l.line() as usize + start_line,
+                            l.column()
+                        )
+                    })
                     .unwrap_or_default();
                 let msg = e.without_snippet().to_string();
-                errors.push(doc_error(file, number, format!("invalid YAML{at}: {}", msg.lines().next().unwrap_or(""))));
+                errors.push(doc_error(
+                    file,
+                    number,
+                    format!("invalid YAML{at}: {}", msg.lines().next().unwrap_or("")),
+                ));
             }
         }
     }
@@ -128,9 +160,11 @@ fn split_documents(file: &str, text: &str) -> Result<Vec<(usize, Value)>, Vec<Co
 fn flatten_lists(v: Value) -> Vec<Value> {
     match v {
         Value::Array(items) => items,
-        Value::Object(ref m) if m.get("kind").and_then(Value::as_str) == Some("List") => {
-            m.get("items").and_then(Value::as_array).cloned().unwrap_or_default()
-        }
+        Value::Object(ref m) if m.get("kind").and_then(Value::as_str) == Some("List") => m
+            .get("items")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default(),
         v => vec![v],
     }
 }
@@ -188,7 +222,10 @@ fn parse_object(origin: &Origin, value: Value) -> Result<Option<Object>, Outcome
         }])
     };
     if !value.is_object() {
-        return Err(e("", "a document must be a mapping with apiVersion, kind and metadata".into()));
+        return Err(e(
+            "",
+            "a document must be a mapping with apiVersion, kind and metadata".into(),
+        ));
     }
     let header: Header = typed(origin, "", value.clone()).map_err(Outcome::Errors)?;
     if header.kind.is_empty() {
@@ -233,14 +270,21 @@ fn parse_object(origin: &Origin, value: Value) -> Result<Option<Object>, Outcome
     };
     Ok(Some(Object {
         origin: origin.clone(),
-        namespace: header.metadata.namespace.unwrap_or_else(|| DEFAULT_NAMESPACE.to_string()),
+        namespace: header
+            .metadata
+            .namespace
+            .unwrap_or_else(|| DEFAULT_NAMESPACE.to_string()),
         name: header.metadata.name,
         spec,
     }))
 }
 
 /// Deserializes with the failing field's path in the error.
-fn typed<T: DeserializeOwned>(origin: &Origin, prefix: &str, v: Value) -> Result<T, Vec<ConfigError>> {
+fn typed<T: DeserializeOwned>(
+    origin: &Origin,
+    prefix: &str,
+    v: Value,
+) -> Result<T, Vec<ConfigError>> {
     serde_path_to_error::deserialize(v).map_err(|e| {
         let path = e.path().to_string();
         let field = match (prefix, path.as_str()) {
@@ -268,7 +312,11 @@ fn errs(origin: &Origin, field: String, message: String) -> Outcome {
     }])
 }
 
-fn duration(origin: &Origin, field: &str, s: &Option<String>) -> Result<Option<std::time::Duration>, Outcome> {
+fn duration(
+    origin: &Origin,
+    field: &str,
+    s: &Option<String>,
+) -> Result<Option<std::time::Duration>, Outcome> {
     s.as_deref()
         .map(parse_duration)
         .transpose()
@@ -306,7 +354,11 @@ impl RawServicePort {
             None => TargetPort::Number(self.port),
         };
         ServicePort {
-            name: if self.name.is_empty() { format!("port-{}", self.port) } else { self.name },
+            name: if self.name.is_empty() {
+                format!("port-{}", self.port)
+            } else {
+                self.name
+            },
             port: self.port,
             target_port,
             protocol: self.protocol.unwrap_or_else(|| "TCP".into()),
@@ -328,7 +380,11 @@ struct RawService {
 fn service(origin: &Origin, v: Value) -> Result<ServiceSpec, Outcome> {
     let raw: RawService = typed(origin, "spec", v).map_err(Outcome::Errors)?;
     Ok(ServiceSpec {
-        ports: raw.ports.into_iter().map(RawServicePort::into_model).collect(),
+        ports: raw
+            .ports
+            .into_iter()
+            .map(RawServicePort::into_model)
+            .collect(),
         selector: raw.selector,
         cluster_ip: raw.cluster_ip.filter(|ip| ip != "None" && !ip.is_empty()),
     })
@@ -399,7 +455,11 @@ fn string_match(origin: &Origin, field: &str, m: RawStringMatch) -> Result<Strin
         (Some(e), None, None) => Ok(StringMatch::Exact(e)),
         (None, Some(p), None) => Ok(StringMatch::Prefix(p)),
         (None, None, Some(r)) => Ok(StringMatch::Regex(r)),
-        _ => Err(errs(origin, field.into(), "give exactly one of exact, prefix or regex".into())),
+        _ => Err(errs(
+            origin,
+            field.into(),
+            "give exactly one of exact, prefix or regex".into(),
+        )),
     }
 }
 
@@ -476,19 +536,34 @@ fn fault(origin: &Origin, field: &str, f: RawFault) -> Result<Fault, Outcome> {
     let delay = match f.delay {
         Some(d) => {
             let Some(fixed) = d.fixed_delay.as_deref() else {
-                return Err(errs(origin, format!("{field}.delay.fixedDelay"), "only fixedDelay is supported".into()));
+                return Err(errs(
+                    origin,
+                    format!("{field}.delay.fixedDelay"),
+                    "only fixedDelay is supported".into(),
+                ));
             };
-            let fixed_delay = parse_duration(fixed).map_err(|m| errs(origin, format!("{field}.delay.fixedDelay"), m))?;
-            Some(FaultDelay { fixed_delay, percent: percent(d.percentage, d.percent) })
+            let fixed_delay = parse_duration(fixed)
+                .map_err(|m| errs(origin, format!("{field}.delay.fixedDelay"), m))?;
+            Some(FaultDelay {
+                fixed_delay,
+                percent: percent(d.percentage, d.percent),
+            })
         }
         None => None,
     };
     let abort = match f.abort {
         Some(a) => {
             let Some(http_status) = a.http_status else {
-                return Err(errs(origin, format!("{field}.abort.httpStatus"), "only httpStatus aborts are supported".into()));
+                return Err(errs(
+                    origin,
+                    format!("{field}.abort.httpStatus"),
+                    "only httpStatus aborts are supported".into(),
+                ));
             };
-            Some(FaultAbort { http_status, percent: percent(a.percentage, a.percent) })
+            Some(FaultAbort {
+                http_status,
+                percent: percent(a.percentage, a.percent),
+            })
         }
         None => None,
     };
@@ -529,9 +604,16 @@ const TOLERATED_ROUTE_FIELDS: [&str; 2] = ["headers", "corsPolicy"];
 
 fn http_match(origin: &Origin, field: &str, m: RawHttpMatch) -> Result<HttpMatch, Outcome> {
     if let Some(k) = m.other.keys().next() {
-        return Err(errs(origin, format!("{field}.{k}"), format!("match on {k} is not supported (uri and headers are)")));
+        return Err(errs(
+            origin,
+            format!("{field}.{k}"),
+            format!("match on {k} is not supported (uri and headers are)"),
+        ));
     }
-    let uri = m.uri.map(|u| string_match(origin, &format!("{field}.uri"), u)).transpose()?;
+    let uri = m
+        .uri
+        .map(|u| string_match(origin, &format!("{field}.uri"), u))
+        .transpose()?;
     let mut headers = BTreeMap::new();
     for (h, sm) in m.headers {
         let sm = string_match(origin, &format!("{field}.headers.{h}"), sm)?;
@@ -543,13 +625,25 @@ fn http_match(origin: &Origin, field: &str, m: RawHttpMatch) -> Result<HttpMatch
 fn virtual_service(origin: &Origin, v: Value) -> Result<VirtualServiceSpec, Outcome> {
     let raw: RawVirtualService = typed(origin, "spec", v).map_err(Outcome::Errors)?;
     if !raw.tcp.is_empty() || !raw.tls.is_empty() {
-        return Err(errs(origin, "spec.tcp".into(), "tcp and tls routes are not supported (http is)".into()));
+        return Err(errs(
+            origin,
+            "spec.tcp".into(),
+            "tcp and tls routes are not supported (http is)".into(),
+        ));
     }
     let mut http = Vec::new();
     for (i, r) in raw.http.into_iter().enumerate() {
         let field = format!("spec.http[{i}]");
-        if let Some(k) = r.other.keys().find(|k| !TOLERATED_ROUTE_FIELDS.contains(&k.as_str())) {
-            return Err(errs(origin, format!("{field}.{k}"), format!("{k} is not supported by meshbench")));
+        if let Some(k) = r
+            .other
+            .keys()
+            .find(|k| !TOLERATED_ROUTE_FIELDS.contains(&k.as_str()))
+        {
+            return Err(errs(
+                origin,
+                format!("{field}.{k}"),
+                format!("{k} is not supported by meshbench"),
+            ));
         }
         let matches = r
             .matches
@@ -560,7 +654,11 @@ fn virtual_service(origin: &Origin, v: Value) -> Result<VirtualServiceSpec, Outc
         let retries = match r.retries {
             Some(rt) => Some(Retries {
                 attempts: rt.attempts,
-                per_try_timeout: duration(origin, &format!("{field}.retries.perTryTimeout"), &rt.per_try_timeout)?,
+                per_try_timeout: duration(
+                    origin,
+                    &format!("{field}.retries.perTryTimeout"),
+                    &rt.per_try_timeout,
+                )?,
                 retry_on: rt.retry_on,
             }),
             None => None,
@@ -582,10 +680,17 @@ fn virtual_service(origin: &Origin, v: Value) -> Result<VirtualServiceSpec, Outc
                 .collect(),
             timeout: duration(origin, &format!("{field}.timeout"), &r.timeout)?,
             retries,
-            fault: r.fault.map(|f| fault(origin, &format!("{field}.fault"), f)).transpose()?,
+            fault: r
+                .fault
+                .map(|f| fault(origin, &format!("{field}.fault"), f))
+                .transpose()?,
         });
     }
-    Ok(VirtualServiceSpec { hosts: raw.hosts, gateways: raw.gateways, http })
+    Ok(VirtualServiceSpec {
+        hosts: raw.hosts,
+        gateways: raw.gateways,
+        http,
+    })
 }
 
 #[derive(Deserialize)]
@@ -631,7 +736,11 @@ struct RawOutlier {
     max_ejection_percent: Option<u32>,
 }
 
-fn traffic_policy(origin: &Origin, field: &str, v: Option<Value>) -> Result<Option<TrafficPolicy>, Outcome> {
+fn traffic_policy(
+    origin: &Origin,
+    field: &str,
+    v: Option<Value>,
+) -> Result<Option<TrafficPolicy>, Outcome> {
     let Some(v) = v else { return Ok(None) };
     let raw: RawTrafficPolicy = typed(origin, field, v).map_err(Outcome::Errors)?;
     let load_balancer = match raw.load_balancer.and_then(|l| l.simple) {
@@ -640,19 +749,23 @@ fn traffic_policy(origin: &Origin, field: &str, v: Option<Value>) -> Result<Opti
             "ROUND_ROBIN" => LoadBalancer::RoundRobin,
             "LEAST_CONN" | "LEAST_REQUEST" => LoadBalancer::LeastRequest,
             "RANDOM" => LoadBalancer::Random,
-            other => {
-                return Err(errs(
-                    origin,
-                    format!("{field}.loadBalancer.simple"),
-                    format!("{other:?} is not supported (ROUND_ROBIN, LEAST_REQUEST, LEAST_CONN, RANDOM)"),
-                ))
-            }
+            other => return Err(errs(
+                origin,
+                format!("{field}.loadBalancer.simple"),
+                format!(
+                    "{other:?} is not supported (ROUND_ROBIN, LEAST_REQUEST, LEAST_CONN, RANDOM)"
+                ),
+            )),
         }),
     };
     let connection_pool = match raw.connection_pool {
         Some(cp) => Some(ConnectionPool {
             max_connections: cp.tcp.max_connections,
-            connect_timeout: duration(origin, &format!("{field}.connectionPool.tcp.connectTimeout"), &cp.tcp.connect_timeout)?,
+            connect_timeout: duration(
+                origin,
+                &format!("{field}.connectionPool.tcp.connectTimeout"),
+                &cp.tcp.connect_timeout,
+            )?,
             http1_max_pending_requests: cp.http.http1_max_pending_requests,
             http2_max_requests: cp.http.http2_max_requests,
             max_requests_per_connection: cp.http.max_requests_per_connection,
@@ -663,13 +776,25 @@ fn traffic_policy(origin: &Origin, field: &str, v: Option<Value>) -> Result<Opti
     let outlier_detection = match raw.outlier_detection {
         Some(o) => Some(OutlierDetection {
             consecutive_5xx_errors: o.consecutive_5xx_errors.or(o.consecutive_errors),
-            interval: duration(origin, &format!("{field}.outlierDetection.interval"), &o.interval)?,
-            base_ejection_time: duration(origin, &format!("{field}.outlierDetection.baseEjectionTime"), &o.base_ejection_time)?,
+            interval: duration(
+                origin,
+                &format!("{field}.outlierDetection.interval"),
+                &o.interval,
+            )?,
+            base_ejection_time: duration(
+                origin,
+                &format!("{field}.outlierDetection.baseEjectionTime"),
+                &o.base_ejection_time,
+            )?,
             max_ejection_percent: o.max_ejection_percent,
         }),
         None => None,
     };
-    Ok(Some(TrafficPolicy { load_balancer, connection_pool, outlier_detection }))
+    Ok(Some(TrafficPolicy {
+        load_balancer,
+        connection_pool,
+        outlier_detection,
+    }))
 }
 
 #[derive(Deserialize)]
@@ -697,7 +822,11 @@ fn destination_rule(origin: &Origin, v: Value) -> Result<DestinationRuleSpec, Ou
         subsets.push(Subset {
             name: s.name,
             labels: s.labels,
-            traffic_policy: traffic_policy(origin, &format!("spec.subsets[{i}].trafficPolicy"), s.traffic_policy)?,
+            traffic_policy: traffic_policy(
+                origin,
+                &format!("spec.subsets[{i}].trafficPolicy"),
+                s.traffic_policy,
+            )?,
         });
     }
     Ok(DestinationRuleSpec {
@@ -739,7 +868,13 @@ fn service_entry(origin: &Origin, v: Value) -> Result<ServiceEntrySpec, Outcome>
     let raw: RawServiceEntry = typed(origin, "spec", v).map_err(Outcome::Errors)?;
     if let Some(r) = raw.resolution.as_deref() {
         if r != "STATIC" && r != "NONE" {
-            return Err(errs(origin, "spec.resolution".into(), format!("resolution {r} is not supported (STATIC endpoints only; no DNS is simulated)")));
+            return Err(errs(
+                origin,
+                "spec.resolution".into(),
+                format!(
+                    "resolution {r} is not supported (STATIC endpoints only; no DNS is simulated)"
+                ),
+            ));
         }
     }
     Ok(ServiceEntrySpec {
@@ -749,7 +884,11 @@ fn service_entry(origin: &Origin, v: Value) -> Result<ServiceEntrySpec, Outcome>
             .ports
             .into_iter()
             .map(|p| ServicePort {
-                name: if p.name.is_empty() { format!("port-{}", p.number) } else { p.name },
+                name: if p.name.is_empty() {
+                    format!("port-{}", p.number)
+                } else {
+                    p.name
+                },
                 port: p.number,
                 target_port: TargetPort::Number(p.target_port.unwrap_or(p.number)),
                 protocol: p.protocol.unwrap_or_else(|| "HTTP".into()),
@@ -839,13 +978,23 @@ fn route_rule(origin: &Origin, v: Value) -> Result<RouteRuleSpec, Outcome> {
         route.push((labels, r.weight));
     }
     let timeout = match raw.http_req_timeout {
-        Some(t) => Some(parse_duration(&t.simple_timeout.timeout).map_err(|m| errs(origin, "spec.httpReqTimeout.simpleTimeout.timeout".into(), m))?),
+        Some(t) => Some(parse_duration(&t.simple_timeout.timeout).map_err(|m| {
+            errs(
+                origin,
+                "spec.httpReqTimeout.simpleTimeout.timeout".into(),
+                m,
+            )
+        })?),
         None => None,
     };
     let retries = match raw.http_req_retries {
         Some(r) => Some(Retries {
             attempts: r.simple_retry.attempts,
-            per_try_timeout: duration(origin, "spec.httpReqRetries.simpleRetry.perTryTimeout", &r.simple_retry.per_try_timeout)?,
+            per_try_timeout: duration(
+                origin,
+                "spec.httpReqRetries.simpleRetry.perTryTimeout",
+                &r.simple_retry.per_try_timeout,
+            )?,
             retry_on: None,
         }),
         None => None,
@@ -853,11 +1002,18 @@ fn route_rule(origin: &Origin, v: Value) -> Result<RouteRuleSpec, Outcome> {
     Ok(RouteRuleSpec {
         destination: raw.destination.name,
         precedence: raw.precedence,
-        matches: if m == HttpMatch::default() { vec![] } else { vec![m] },
+        matches: if m == HttpMatch::default() {
+            vec![]
+        } else {
+            vec![m]
+        },
         route,
         timeout,
         retries,
-        fault: raw.http_fault.map(|f| fault(origin, "spec.httpFault", f)).transpose()?,
+        fault: raw
+            .http_fault
+            .map(|f| fault(origin, "spec.httpFault", f))
+            .transpose()?,
     })
 }
 

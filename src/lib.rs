@@ -3,3 +3,7 @@
 
 pub mod config;
 pub mod model;
+pub mod pilot;
+pub mod shutdown;
+pub mod workload;
+pub mod xds;

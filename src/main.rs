@@ -1,1 +1,199 @@
-fn main(){}
+//! The `meshbench` binary: parses the command line and calls the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use meshbench::{model, pilot, shutdown, workload, xds};
+
+/// Exit codes shared by every command (DESIGN.md).
+const EXIT_BAD_INPUT: u8 = 2;
+const EXIT_ENVIRONMENT: u8 = 3;
+
+#[derive(Parser)]
+#[command(
+    name = "meshbench",
+    version,
+    about = "A service mesh on one machine, measured"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Control plane: config store + REST API + xDS v3 ADS server (Istio Pilot's role).
+    Pilot {
+        /// ADS gRPC listen address.
+        #[arg(long, default_value = pilot::DEFAULT_XDS_ADDR)]
+        xds_addr: SocketAddr,
+        /// REST API listen address (/v1/apply, /v1/proxies, /metrics, ...).
+        #[arg(long, default_value = pilot::DEFAULT_API_ADDR)]
+        api_addr: SocketAddr,
+        /// Kubernetes/Istio YAML or JSON files to load at start (repeatable). Any error stops the start.
+        #[arg(long = "config")]
+        config: Vec<PathBuf>,
+        /// Quiet period before a config change is pushed (e.g. 100ms; 0 pushes at once).
+        #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+        debounce: Duration,
+        /// Longest a change waits while further changes keep arriving.
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        debounce_max: Duration,
+    },
+    /// Fake workload: answers every request with its identity (x-meshbench-workload: SERVICE-VERSION).
+    Workload {
+        #[arg(long)]
+        service: String,
+        #[arg(long, default_value = "v1")]
+        version: String,
+        /// Listen address (the pod-local app address).
+        #[arg(long)]
+        addr: SocketAddr,
+        /// Pod name reported in responses (default SERVICE-VERSION).
+        #[arg(long)]
+        pod: Option<String>,
+    },
+    /// Prints an Envoy bootstrap (JSON) that makes Envoy a meshbench sidecar of a pod.
+    Bootstrap {
+        /// Pod IP: listeners bind here; the node id carries it.
+        #[arg(long)]
+        pod_ip: String,
+        #[arg(long)]
+        pod_name: String,
+        #[arg(long, default_value = model::DEFAULT_NAMESPACE)]
+        namespace: String,
+        /// node.cluster: the app's service name.
+        #[arg(long)]
+        service: String,
+        /// Pod labels, sent as node.metadata.LABELS (repeatable k=v).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// Pod-local address the app listens on (inbound cluster endpoint).
+        #[arg(long, default_value = xds::node::DEFAULT_APP_IP)]
+        app_ip: String,
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin: SocketAddr,
+        #[arg(long, default_value = pilot::DEFAULT_XDS_ADDR)]
+        xds: SocketAddr,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    model::parse_duration(s)
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("label {s:?} is not k=v"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_ENVIRONMENT);
+        }
+    };
+    rt.block_on(run(cli.command))
+}
+
+async fn run(cmd: Command) -> ExitCode {
+    let (trigger, stop) = shutdown::channel();
+    shutdown::on_signals(trigger);
+    match cmd {
+        Command::Pilot {
+            xds_addr,
+            api_addr,
+            config,
+            debounce,
+            debounce_max,
+        } => {
+            let cfg = pilot::Config {
+                config_files: config,
+                debounce,
+                debounce_max,
+            };
+            let (xds, api) = match tokio::try_join!(pilot::bind(xds_addr), pilot::bind(api_addr)) {
+                Ok(l) => l,
+                Err(e) => return fail(EXIT_ENVIRONMENT, &e),
+            };
+            match pilot::run(cfg, xds, api, stop).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e @ pilot::Error::Config(_)) => fail(EXIT_BAD_INPUT, &e),
+                Err(e) => fail(EXIT_ENVIRONMENT, &e),
+            }
+        }
+        Command::Workload {
+            service,
+            version,
+            addr,
+            pod,
+        } => {
+            let listener = match pilot::bind(addr).await {
+                Ok(l) => l,
+                Err(e) => return fail(EXIT_ENVIRONMENT, &e),
+            };
+            let pod = pod.unwrap_or_else(|| format!("{service}-{version}"));
+            match workload::run(
+                workload::Config {
+                    service,
+                    version,
+                    pod,
+                },
+                listener,
+                stop,
+            )
+            .await
+            {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(EXIT_ENVIRONMENT, &e),
+            }
+        }
+        Command::Bootstrap {
+            pod_ip,
+            pod_name,
+            namespace,
+            service,
+            labels,
+            app_ip,
+            admin,
+            xds,
+        } => {
+            let b = xds::bootstrap::EnvoyBootstrap {
+                pod_ip,
+                pod_name,
+                namespace,
+                service,
+                labels: labels.into_iter().collect(),
+                app_ip,
+                admin,
+                xds,
+            };
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&b.to_json()).expect("JSON values serialize")
+            );
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn fail(code: u8, e: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("error: {e}");
+    ExitCode::from(code)
+}

@@ -436,24 +436,34 @@ pub struct Mesh {
 }
 
 impl Mesh {
-    /// Endpoints of `host` for `port` (optionally restricted to `subset_labels`), as
-    /// (address, port, workload). Inline endpoints come first, then selected workloads.
-    pub fn endpoints<'a>(
-        &'a self,
-        svc: &'a MeshService,
-        port: &'a ServicePort,
-        subset_labels: Option<&'a Labels>,
-    ) -> impl Iterator<Item = (&'a WorkloadEntrySpec, u16)> + 'a {
-        let selected = self.workloads.iter().filter(move |w| {
+    /// The workloads a service selects: inline endpoints first, then registered workloads
+    /// whose labels match its selector in its namespace.
+    pub fn selected<'a>(&'a self, svc: &'a MeshService) -> Vec<&'a WorkloadEntrySpec> {
+        let registered = self.workloads.iter().filter(|w| {
             w.namespace == svc.namespace
-                && svc.selector.as_ref().is_some_and(|sel| labels_match(sel, &w.entry.labels))
+                && svc
+                    .selector
+                    .as_ref()
+                    .is_some_and(|sel| labels_match(sel, &w.entry.labels))
         });
         svc.inline_endpoints
             .iter()
-            .chain(selected.map(|w| &w.entry))
-            .filter(move |e| subset_labels.is_none_or(|l| labels_match(l, &e.labels)))
-            .filter_map(move |e| endpoint_port(e, port).map(|p| (e, p)))
+            .chain(registered.map(|w| &w.entry))
+            .collect()
     }
+}
+
+/// Of `selected` workloads, those in the subset (if any) that serve `port`, with the port.
+pub fn port_endpoints<'a>(
+    selected: &'a [&'a WorkloadEntrySpec],
+    port: &'a ServicePort,
+    subset_labels: Option<&'a Labels>,
+) -> impl Iterator<Item = (&'a WorkloadEntrySpec, u16)> + 'a {
+    selected
+        .iter()
+        .copied()
+        .filter(move |e| subset_labels.is_none_or(|l| labels_match(l, &e.labels)))
+        .filter_map(move |e| endpoint_port(e, port).map(|p| (e, p)))
 }
 
 /// Every selector label present with the same value.
@@ -508,7 +518,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "ms" => 1e-3,
             "us" | "µs" => 1e-6,
             "ns" => 1e-9,
-            u => return Err(format!("duration {s:?}: unknown unit {u:?} (use ms, s, m or h)")),
+            u => {
+                return Err(format!(
+                    "duration {s:?}: unknown unit {u:?} (use ms, s, m or h)"
+                ))
+            }
         };
         total += value * scale;
         rest = &rest[unit_len..];

@@ -155,7 +155,14 @@ impl Compiler {
                 continue;
             };
             let Some(host) = self.resolve(&dr.host, &o.namespace) else {
-                self.error(o, "spec.host", format!("unknown host {:?}: no Service or ServiceEntry defines it", dr.host));
+                self.error(
+                    o,
+                    "spec.host",
+                    format!(
+                        "unknown host {:?}: no Service or ServiceEntry defines it",
+                        dr.host
+                    ),
+                );
                 continue;
             };
             if let Some(prev) = bound.insert(host.clone(), o.key().to_string()) {
@@ -169,10 +176,18 @@ impl Compiler {
             let mut names = BTreeSet::new();
             for (i, s) in dr.subsets.iter().enumerate() {
                 if !names.insert(&s.name) {
-                    self.error(o, format!("spec.subsets[{i}].name"), format!("duplicate subset name {:?}", s.name));
+                    self.error(
+                        o,
+                        format!("spec.subsets[{i}].name"),
+                        format!("duplicate subset name {:?}", s.name),
+                    );
                 }
                 if s.name.is_empty() || s.name.contains('|') {
-                    self.error(o, format!("spec.subsets[{i}].name"), "a subset name must be non-empty and must not contain '|'");
+                    self.error(
+                        o,
+                        format!("spec.subsets[{i}].name"),
+                        "a subset name must be non-empty and must not contain '|'",
+                    );
                 }
             }
             self.mesh.policies.insert(
@@ -191,7 +206,10 @@ impl Compiler {
             self.error(
                 o,
                 format!("{field}.host"),
-                format!("unknown host {:?}: no Service or ServiceEntry defines it", d.host),
+                format!(
+                    "unknown host {:?}: no Service or ServiceEntry defines it",
+                    d.host
+                ),
             );
             return None;
         };
@@ -205,7 +223,9 @@ impl Compiler {
                 self.error(
                     o,
                     format!("{field}.subset"),
-                    format!("subset {subset:?} of host {host} is not defined by any DestinationRule"),
+                    format!(
+                        "subset {subset:?} of host {host} is not defined by any DestinationRule"
+                    ),
                 );
             }
         }
@@ -228,38 +248,66 @@ impl Compiler {
         for (i, m) in r.matches.iter().enumerate() {
             if let Some(StringMatch::Regex(re)) = &m.uri {
                 if let Err(e) = regex::Regex::new(re) {
-                    self.error(o, format!("{field}.match[{i}].uri.regex"), format!("invalid regex: {}", one_line(&e.to_string())));
+                    self.error(
+                        o,
+                        format!("{field}.match[{i}].uri.regex"),
+                        format!("invalid regex: {}", one_line(&e.to_string())),
+                    );
                 }
             }
             for (h, sm) in &m.headers {
                 if let StringMatch::Regex(re) = sm {
                     if let Err(e) = regex::Regex::new(re) {
-                        self.error(o, format!("{field}.match[{i}].headers.{h}.regex"), format!("invalid regex: {}", one_line(&e.to_string())));
+                        self.error(
+                            o,
+                            format!("{field}.match[{i}].headers.{h}.regex"),
+                            format!("invalid regex: {}", one_line(&e.to_string())),
+                        );
                     }
                 }
             }
         }
         if r.route.is_empty() {
-            self.error(o, format!("{field}.route"), "a route needs at least one destination");
+            self.error(
+                o,
+                format!("{field}.route"),
+                "a route needs at least one destination",
+            );
         }
         check_weights(&r.route.iter().map(|d| d.weight).collect::<Vec<_>>())
             .into_iter()
             .for_each(|m| self.error(o, format!("{field}.route"), m));
         for (i, d) in r.route.iter().enumerate() {
-            self.destination(o, &format!("{field}.route[{i}].destination"), &d.destination);
+            self.destination(
+                o,
+                &format!("{field}.route[{i}].destination"),
+                &d.destination,
+            );
         }
         if let Some(f) = &r.fault {
             if let Some(a) = &f.abort {
                 if !(200..=599).contains(&a.http_status) {
-                    self.error(o, format!("{field}.fault.abort.httpStatus"), format!("{} is not an HTTP status (200-599)", a.http_status));
+                    self.error(
+                        o,
+                        format!("{field}.fault.abort.httpStatus"),
+                        format!("{} is not an HTTP status (200-599)", a.http_status),
+                    );
                 }
                 if !(0.0..=100.0).contains(&a.percent) {
-                    self.error(o, format!("{field}.fault.abort.percentage"), "percentage must be within 0-100");
+                    self.error(
+                        o,
+                        format!("{field}.fault.abort.percentage"),
+                        "percentage must be within 0-100",
+                    );
                 }
             }
             if let Some(d) = &f.delay {
                 if !(0.0..=100.0).contains(&d.percent) {
-                    self.error(o, format!("{field}.fault.delay.percentage"), "percentage must be within 0-100");
+                    self.error(
+                        o,
+                        format!("{field}.fault.delay.percentage"),
+                        "percentage must be within 0-100",
+                    );
                 }
             }
         }
@@ -286,7 +334,11 @@ impl Compiler {
             }
             for (i, h) in vs.hosts.iter().enumerate() {
                 let Some(host) = self.resolve(h, &o.namespace) else {
-                    self.error(o, format!("spec.hosts[{i}]"), format!("unknown host {h:?}: no Service or ServiceEntry defines it"));
+                    self.error(
+                        o,
+                        format!("spec.hosts[{i}]"),
+                        format!("unknown host {h:?}: no Service or ServiceEntry defines it"),
+                    );
                     continue;
                 };
                 if let Some(prev) = self.mesh.routes.get(&host) {
@@ -294,8 +346,18 @@ impl Compiler {
                     self.error(o, format!("spec.hosts[{i}]"), msg);
                     continue;
                 }
-                let http = vs.http.iter().map(|r| self.resolve_route(r, &o.namespace)).collect();
-                self.mesh.routes.insert(host, HostRoutes { source: o.key().to_string(), http });
+                let http = vs
+                    .http
+                    .iter()
+                    .map(|r| self.resolve_route(r, &o.namespace))
+                    .collect();
+                self.mesh.routes.insert(
+                    host,
+                    HostRoutes {
+                        source: o.key().to_string(),
+                        http,
+                    },
+                );
             }
         }
     }
@@ -323,11 +385,22 @@ impl Compiler {
             };
             match self.resolve(&rr.destination, &o.namespace) {
                 Some(h) => by_host.entry(h).or_default().push((o, rr)),
-                None => self.error(o, "spec.destination.name", format!("unknown host {:?}: no Service or ServiceEntry defines it", rr.destination)),
+                None => self.error(
+                    o,
+                    "spec.destination.name",
+                    format!(
+                        "unknown host {:?}: no Service or ServiceEntry defines it",
+                        rr.destination
+                    ),
+                ),
             }
         }
         for (host, mut rules) in by_host {
-            rules.sort_by(|a, b| b.1.precedence.cmp(&a.1.precedence).then(a.0.name.cmp(&b.0.name)));
+            rules.sort_by(|a, b| {
+                b.1.precedence
+                    .cmp(&a.1.precedence)
+                    .then(a.0.name.cmp(&b.0.name))
+            });
             if let Some(prev) = self.mesh.routes.get(&host) {
                 let msg = format!("host {host} is already routed by {}", prev.source);
                 for (o, _) in &rules {
@@ -341,13 +414,21 @@ impl Compiler {
                 for (labels, weight) in &rr.route {
                     let subset = (!labels.is_empty()).then(|| self.subset_for(&host, labels));
                     route.push(RouteDestination {
-                        destination: Destination { host: host.clone(), subset, port: None },
+                        destination: Destination {
+                            host: host.clone(),
+                            subset,
+                            port: None,
+                        },
                         weight: *weight,
                     });
                 }
                 if route.is_empty() {
                     route.push(RouteDestination {
-                        destination: Destination { host: host.clone(), subset: None, port: None },
+                        destination: Destination {
+                            host: host.clone(),
+                            subset: None,
+                            port: None,
+                        },
                         weight: None,
                     });
                 }
@@ -362,21 +443,37 @@ impl Compiler {
                 self.check_route(o, "spec", &r);
                 http.push(r);
             }
-            let source = rules.iter().map(|(o, _)| o.key().to_string()).collect::<Vec<_>>().join(",");
+            let source = rules
+                .iter()
+                .map(|(o, _)| o.key().to_string())
+                .collect::<Vec<_>>()
+                .join(",");
             self.mesh.routes.insert(host, HostRoutes { source, http });
         }
     }
 
     fn subset_for(&mut self, host: &str, labels: &Labels) -> String {
-        let policy = self.mesh.policies.entry(host.to_string()).or_insert(HostPolicy {
-            traffic_policy: None,
-            subsets: vec![],
-        });
+        let policy = self
+            .mesh
+            .policies
+            .entry(host.to_string())
+            .or_insert(HostPolicy {
+                traffic_policy: None,
+                subsets: vec![],
+            });
         if let Some(s) = policy.subsets.iter().find(|s| &s.labels == labels) {
             return s.name.clone();
         }
-        let name = labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
-        policy.subsets.push(Subset { name: name.clone(), labels: labels.clone(), traffic_policy: None });
+        let name = labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        policy.subsets.push(Subset {
+            name: name.clone(),
+            labels: labels.clone(),
+            traffic_policy: None,
+        });
         name
     }
 }
@@ -386,7 +483,9 @@ impl Compiler {
 pub fn check_weights(weights: &[Option<u32>]) -> Vec<String> {
     match weights {
         [] | [None] | [Some(100)] => vec![],
-        [Some(w)] => vec![format!("the only destination has weight {w}; it must be 100 or omitted")],
+        [Some(w)] => vec![format!(
+            "the only destination has weight {w}; it must be 100 or omitted"
+        )],
         _ => {
             if weights.iter().any(Option::is_none) {
                 return vec!["every destination needs a weight when there are several".into()];

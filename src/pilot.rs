@@ -1,0 +1,459 @@
+//! `meshbench pilot`: the control plane. Config store (files at start, then the REST API) ->
+//! validated mesh -> debounce -> snapshot -> ADS server. A batch with any error changes
+//! nothing; the running mesh keeps its last good config.
+//!
+//! REST API (JSON; errors are `{"errors": [...]}` with file, document, object, field, message):
+//! - `POST /v1/apply` (YAML or JSON, multi-document; `?source=NAME` names it in errors)
+//! - `DELETE /v1/config/{kind}/{namespace}/{name}`
+//! - `POST /v1/endpoints` `{"add": [Workload], "update": [Workload], "remove": [{namespace, name}]}`
+//! - `GET /v1/proxies`, `GET /v1/config`, `GET /metrics`, `GET /healthz`
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+
+use crate::config;
+use crate::model::{ConfigError, ConfigSet, Key, Kind, Mesh, Workload, DEFAULT_NAMESPACE};
+use crate::shutdown::Shutdown;
+use crate::xds::debounce::{Change, Debounce};
+use crate::xds::server::{AdsServer, Metrics, Tracker};
+use crate::xds::snapshot::Snapshot;
+
+pub const DEFAULT_XDS_ADDR: &str = "127.0.0.1:15010";
+pub const DEFAULT_API_ADDR: &str = "127.0.0.1:15080";
+pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(100);
+pub const DEFAULT_DEBOUNCE_MAX: Duration = Duration::from_secs(1);
+/// Largest request body the REST API reads.
+const MAX_BODY: usize = 64 << 20;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Config {
+    pub config_files: Vec<PathBuf>,
+    pub debounce: Duration,
+    pub debounce_max: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            config_files: vec![],
+            debounce: DEFAULT_DEBOUNCE,
+            debounce_max: DEFAULT_DEBOUNCE_MAX,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid config:\n{}", .0.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n"))]
+    Config(Vec<ConfigError>),
+    #[error("server failed: {0}")]
+    Serve(String),
+}
+
+struct State_ {
+    config: ConfigSet,
+    /// `config` compiled: what the next snapshot is built from.
+    mesh: Arc<Mesh>,
+    version: u64,
+}
+
+/// The control plane's shared state.
+pub struct Pilot {
+    state: Mutex<State_>,
+    changes: mpsc::UnboundedSender<Change>,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    pub tracker: Arc<Tracker>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Pilot {
+    /// Loads the config files and starts the debounce/snapshot task. Must run inside a tokio
+    /// runtime.
+    pub fn start(cfg: &Config) -> Result<Arc<Pilot>, Error> {
+        let mut set = ConfigSet::default();
+        let mut mesh = Mesh::default();
+        let mut warnings = Vec::new();
+        let mut version = 0;
+        if !cfg.config_files.is_empty() {
+            let mut objects = Vec::new();
+            let mut errors = Vec::new();
+            for f in &cfg.config_files {
+                match config::parse_file(f) {
+                    Ok(p) => {
+                        objects.extend(p.objects);
+                        warnings.extend(p.warnings);
+                    }
+                    Err(e) => errors.extend(e),
+                }
+            }
+            if !errors.is_empty() {
+                return Err(Error::Config(errors));
+            }
+            (set, mesh) = set.with_applied(objects).map_err(Error::Config)?;
+            warnings.extend(mesh.warnings.iter().cloned());
+            version = 1;
+        }
+        for w in &warnings {
+            tracing::warn!("{w}");
+        }
+        let mesh = Arc::new(mesh);
+        let metrics = Arc::new(Metrics::default());
+        let first = Snapshot::build(
+            version,
+            mesh.clone(),
+            Instant::now(),
+            std::time::SystemTime::now(),
+        );
+        let (snap_tx, snap_rx) = watch::channel(Arc::new(first));
+        let (changes, rx) = mpsc::unbounded_channel();
+        let pilot = Arc::new(Pilot {
+            state: Mutex::new(State_ {
+                config: set,
+                mesh: mesh.clone(),
+                version,
+            }),
+            changes,
+            snapshots: snap_rx,
+            tracker: Arc::new(Tracker::default()),
+            metrics: metrics.clone(),
+        });
+        let weak = Arc::downgrade(&pilot);
+        let debounce = Debounce {
+            quiet: cfg.debounce,
+            max_delay: cfg.debounce_max,
+        };
+        tokio::spawn(debounce.run(rx, move |m| {
+            let Some(pilot) = weak.upgrade() else { return };
+            let (mesh, version) = {
+                let st = pilot.state.lock().unwrap();
+                (st.mesh.clone(), st.version)
+            };
+            let t = Instant::now();
+            let snap = Snapshot::build(version, mesh, m.first.at, m.first.at_wall);
+            metrics.snapshot_build.observe(t.elapsed().as_secs_f64());
+            metrics
+                .snapshots_built
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(
+                version,
+                merged = m.merged,
+                build_ms = t.elapsed().as_secs_f64() * 1e3,
+                "snapshot built"
+            );
+            let _ = snap_tx.send(Arc::new(snap));
+        }));
+        Ok(pilot)
+    }
+
+    pub fn version(&self) -> u64 {
+        self.state.lock().unwrap().version
+    }
+
+    /// Validates and applies a batch of documents from `source`; returns the new version and
+    /// the warnings.
+    pub fn apply(
+        &self,
+        source: &str,
+        text: &str,
+    ) -> Result<(u64, Vec<Key>, Vec<ConfigError>), Vec<ConfigError>> {
+        let parsed = config::parse(source, text)?;
+        let keys: Vec<Key> = parsed.objects.iter().map(|o| o.key()).collect();
+        let mut st = self.state.lock().unwrap();
+        let (next, mesh) = st.config.with_applied(parsed.objects)?;
+        let mut warnings = parsed.warnings;
+        warnings.extend(mesh.warnings.iter().cloned());
+        Ok((self.commit(&mut st, next, mesh), keys, warnings))
+    }
+
+    /// Deletes one object. `Ok(None)` when it does not exist.
+    pub fn delete(&self, key: &Key) -> Result<Option<u64>, Vec<ConfigError>> {
+        let mut st = self.state.lock().unwrap();
+        match st.config.without(key)? {
+            None => Ok(None),
+            Some((next, mesh)) => Ok(Some(self.commit(&mut st, next, mesh))),
+        }
+    }
+
+    /// Adds, updates and removes REST-registered endpoints as one batch.
+    pub fn update_endpoints(&self, batch: EndpointBatch) -> Result<u64, Vec<ConfigError>> {
+        let mut st = self.state.lock().unwrap();
+        let mut next = st.config.clone();
+        let mut errors = Vec::new();
+        let err = |i: usize, field: &str, message: String| ConfigError {
+            file: "request".into(),
+            document: 1,
+            object: String::new(),
+            field: format!("{field}[{i}]"),
+            message,
+        };
+        for (field, list, must_exist) in [("add", batch.add, false), ("update", batch.update, true)]
+        {
+            for (i, w) in list.into_iter().enumerate() {
+                if w.entry.address.parse::<std::net::IpAddr>().is_err() {
+                    errors.push(err(
+                        i,
+                        field,
+                        format!("address {:?} is not an IP address", w.entry.address),
+                    ));
+                    continue;
+                }
+                let key = (w.namespace.clone(), w.name.clone());
+                if must_exist && !next.endpoints.contains_key(&key) {
+                    errors.push(err(
+                        i,
+                        field,
+                        format!("no endpoint {}/{} to update", w.namespace, w.name),
+                    ));
+                    continue;
+                }
+                next.endpoints.insert(key, w);
+            }
+        }
+        for (i, r) in batch.remove.into_iter().enumerate() {
+            if next
+                .endpoints
+                .remove(&(r.namespace.clone(), r.name.clone()))
+                .is_none()
+            {
+                errors.push(err(
+                    i,
+                    "remove",
+                    format!("no endpoint {}/{} to remove", r.namespace, r.name),
+                ));
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let mesh = next.compile()?;
+        Ok(self.commit(&mut st, next, mesh))
+    }
+
+    fn commit(&self, st: &mut State_, next: ConfigSet, mesh: Mesh) -> u64 {
+        st.config = next;
+        st.mesh = Arc::new(mesh);
+        st.version += 1;
+        let _ = self.changes.send(Change::now(st.version));
+        st.version
+    }
+
+    /// The newest snapshot (what proxies are being sent).
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshots.borrow().clone()
+    }
+
+    pub fn ads(&self) -> AdsServer {
+        AdsServer::new(
+            self.snapshots.clone(),
+            self.tracker.clone(),
+            self.metrics.clone(),
+        )
+    }
+
+    fn config_json(&self) -> serde_json::Value {
+        let st = self.state.lock().unwrap();
+        json!({
+            "version": st.version,
+            "objects": st.config.objects.values().collect::<Vec<_>>(),
+            "endpoints": st.config.endpoints.values().collect::<Vec<_>>(),
+        })
+    }
+
+    /// The compiled mesh of the current config.
+    pub fn mesh(&self) -> Arc<Mesh> {
+        self.state.lock().unwrap().mesh.clone()
+    }
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointBatch {
+    #[serde(default)]
+    pub add: Vec<Workload>,
+    #[serde(default)]
+    pub update: Vec<Workload>,
+    #[serde(default)]
+    pub remove: Vec<EndpointRef>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+pub struct EndpointRef {
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    pub name: String,
+}
+
+fn default_namespace() -> String {
+    DEFAULT_NAMESPACE.to_string()
+}
+
+/// Runs the ADS server and the REST API on the given listeners until `shutdown`.
+pub async fn run(
+    cfg: Config,
+    xds: TcpListener,
+    api: TcpListener,
+    shutdown: Shutdown,
+) -> Result<(), Error> {
+    tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), xds = ?xds.local_addr().ok(), api = ?api.local_addr().ok(), "pilot starting");
+    let pilot = Pilot::start(&cfg)?;
+    serve(pilot, xds, api, shutdown).await
+}
+
+/// Serves an already started pilot.
+pub async fn serve(
+    pilot: Arc<Pilot>,
+    xds: TcpListener,
+    api: TcpListener,
+    shutdown: Shutdown,
+) -> Result<(), Error> {
+    let grpc = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(pilot.ads().into_service())
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(xds),
+            shutdown.clone().wait(),
+        );
+    let rest = axum::serve(api, router(pilot)).with_graceful_shutdown(shutdown.wait());
+    let (g, r) = tokio::join!(grpc, rest);
+    g.map_err(|e| Error::Serve(format!("ADS: {e}")))?;
+    r.map_err(|e| Error::Serve(format!("REST API: {e}")))?;
+    Ok(())
+}
+
+pub fn router(pilot: Arc<Pilot>) -> Router {
+    Router::new()
+        .route("/v1/apply", post(apply))
+        .route(
+            "/v1/config/{kind}/{namespace}/{name}",
+            delete(delete_object),
+        )
+        .route(
+            "/v1/config",
+            get(|State(p): State<Arc<Pilot>>| async move { Json(p.config_json()) }),
+        )
+        .route("/v1/endpoints", post(endpoints))
+        .route(
+            "/v1/proxies",
+            get(|State(p): State<Arc<Pilot>>| async move { Json(p.tracker.list()) }),
+        )
+        .route("/metrics", get(metrics))
+        .route(
+            "/healthz",
+            get(|State(p): State<Arc<Pilot>>| async move {
+                Json(json!({"status": "ok", "version": p.version()}))
+            }),
+        )
+        .fallback(|| async {
+            error(
+                StatusCode::NOT_FOUND,
+                "no such endpoint: see the pilot module docs for the REST API",
+            )
+        })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .with_state(pilot)
+}
+
+fn error(status: StatusCode, message: &str) -> Response {
+    (status, Json(json!({"errors": [{"message": message}]}))).into_response()
+}
+
+fn config_errors(status: StatusCode, errors: Vec<ConfigError>) -> Response {
+    (status, Json(json!({ "errors": errors }))).into_response()
+}
+
+#[derive(Deserialize)]
+struct ApplyQuery {
+    source: Option<String>,
+}
+
+async fn apply(State(p): State<Arc<Pilot>>, Query(q): Query<ApplyQuery>, body: Bytes) -> Response {
+    let Ok(text) = std::str::from_utf8(&body) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "body is not UTF-8 text (send YAML or JSON)",
+        );
+    };
+    let source = q.source.unwrap_or_else(|| "request".into());
+    match p.apply(&source, text) {
+        Ok((version, keys, warnings)) => Json(json!({
+            "version": version,
+            "applied": keys.iter().map(|k| k.to_string()).collect::<Vec<_>>(),
+            "warnings": warnings,
+        }))
+        .into_response(),
+        Err(errors) => config_errors(StatusCode::BAD_REQUEST, errors),
+    }
+}
+
+async fn delete_object(
+    State(p): State<Arc<Pilot>>,
+    Path((kind, namespace, name)): Path<(String, String, String)>,
+) -> Response {
+    let Some(kind) = Kind::parse(&kind) else {
+        return error(StatusCode::BAD_REQUEST, &format!("unknown kind {kind:?}"));
+    };
+    let key = Key {
+        kind,
+        namespace,
+        name,
+    };
+    match p.delete(&key) {
+        Ok(Some(version)) => {
+            Json(json!({"version": version, "deleted": key.to_string()})).into_response()
+        }
+        Ok(None) => error(StatusCode::NOT_FOUND, &format!("{key} does not exist")),
+        Err(errors) => config_errors(StatusCode::CONFLICT, errors),
+    }
+}
+
+async fn endpoints(State(p): State<Arc<Pilot>>, body: Bytes) -> Response {
+    let batch: EndpointBatch = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("invalid endpoint batch: {e}"),
+            )
+        }
+    };
+    match p.update_endpoints(batch) {
+        Ok(version) => Json(json!({ "version": version })).into_response(),
+        Err(errors) => config_errors(StatusCode::BAD_REQUEST, errors),
+    }
+}
+
+async fn metrics(State(p): State<Arc<Pilot>>) -> Response {
+    let mut text = p.metrics.render();
+    text.push_str(&format!(
+        "# HELP meshbench_pilot_config_version Latest accepted config version\n# TYPE meshbench_pilot_config_version gauge\nmeshbench_pilot_config_version {}\n",
+        p.version()
+    ));
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+/// Binds a listener, mapping "address in use" to a clear message.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
+}

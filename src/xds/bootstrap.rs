@@ -1,0 +1,71 @@
+//! The Envoy bootstrap that makes a real Envoy a meshbench sidecar: the node identity as
+//! Istio writes it, an admin listener, and ADS as the only dynamic source, through a static
+//! HTTP/2 cluster (Envoy never initialises over an HTTP/1 xDS cluster).
+
+use std::net::SocketAddr;
+
+use serde_json::{json, Value};
+
+use super::node::{sidecar_id, APP_IP_KEY, LABELS_KEY};
+use crate::model::Labels;
+
+#[derive(Clone, Debug)]
+pub struct EnvoyBootstrap {
+    pub pod_ip: String,
+    pub pod_name: String,
+    pub namespace: String,
+    /// node.cluster: the app's service name.
+    pub service: String,
+    pub labels: Labels,
+    pub app_ip: String,
+    pub admin: SocketAddr,
+    pub xds: SocketAddr,
+}
+
+impl EnvoyBootstrap {
+    pub fn node_id(&self) -> String {
+        sidecar_id(&self.pod_ip, &self.pod_name, &self.namespace)
+    }
+
+    pub fn to_json(&self) -> Value {
+        let ads = json!({"ads": {}, "resource_api_version": "V3"});
+        json!({
+            "node": {
+                "id": self.node_id(),
+                "cluster": self.service,
+                "metadata": { LABELS_KEY: self.labels, APP_IP_KEY: self.app_ip },
+            },
+            "admin": {
+                "address": {"socket_address": {"address": self.admin.ip().to_string(), "port_value": self.admin.port()}},
+            },
+            "dynamic_resources": {
+                "ads_config": {
+                    "api_type": "GRPC",
+                    "transport_api_version": "V3",
+                    "grpc_services": [{"envoy_grpc": {"cluster_name": "xds_cluster"}}],
+                },
+                "cds_config": ads,
+                "lds_config": ads,
+            },
+            "static_resources": {
+                "clusters": [{
+                    "name": "xds_cluster",
+                    "type": "STATIC",
+                    "connect_timeout": "1s",
+                    "typed_extension_protocol_options": {
+                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                            "explicit_http_config": {"http2_protocol_options": {}},
+                        }
+                    },
+                    "load_assignment": {
+                        "cluster_name": "xds_cluster",
+                        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
+                            "address": self.xds.ip().to_string(), "port_value": self.xds.port()
+                        }}}}]}],
+                    },
+                }],
+            },
+        })
+    }
+}

@@ -1,0 +1,135 @@
+//! CDS: one EDS cluster per service port (`outbound|PORT||HOST`) and per DestinationRule subset
+//! (`outbound|PORT|SUBSET|HOST`), with the rule's load balancer, circuit breakers and outlier
+//! detection; one STATIC inbound cluster per port a sidecar's pod serves (`inbound|PORT||`).
+
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::cluster::v3::{self as cluster, Cluster};
+use envoy_types::pb::envoy::config::core::v3 as core;
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::extensions::upstreams::http::v3 as upstream_http;
+use envoy_types::util::pack_any;
+
+use super::*;
+use crate::model::{LoadBalancer, Mesh, TrafficPolicy};
+
+/// Istio's default connect timeout.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Every outbound cluster of the mesh, sorted by name.
+pub fn outbound_clusters(mesh: &Mesh) -> Vec<Resource> {
+    let mut out = Vec::new();
+    for (host, svc) in &mesh.services {
+        let policy = mesh.policies.get(host);
+        for port in &svc.ports {
+            let base = policy.and_then(|p| p.traffic_policy.as_ref());
+            let name = outbound_cluster_name(port.port, None, host);
+            out.push(Resource::new(
+                name.clone(),
+                eds_cluster(&name, &TrafficPolicy::merged(base, None)),
+            ));
+            for subset in policy.map(|p| p.subsets.as_slice()).unwrap_or_default() {
+                let name = outbound_cluster_name(port.port, Some(&subset.name), host);
+                let tp = TrafficPolicy::merged(base, subset.traffic_policy.as_ref());
+                out.push(Resource::new(name.clone(), eds_cluster(&name, &tp)));
+            }
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+fn eds_cluster(name: &str, tp: &TrafficPolicy) -> Cluster {
+    let mut c = Cluster {
+        name: name.to_string(),
+        cluster_discovery_type: Some(cluster::cluster::ClusterDiscoveryType::Type(
+            cluster::cluster::DiscoveryType::Eds as i32,
+        )),
+        eds_cluster_config: Some(cluster::cluster::EdsClusterConfig {
+            eds_config: Some(ads_source()),
+            service_name: name.to_string(),
+        }),
+        connect_timeout: Some(pb_duration(DEFAULT_CONNECT_TIMEOUT)),
+        ..Default::default()
+    };
+    apply_policy(&mut c, tp);
+    c
+}
+
+fn apply_policy(c: &mut Cluster, tp: &TrafficPolicy) {
+    c.lb_policy = match tp.load_balancer.unwrap_or(LoadBalancer::RoundRobin) {
+        LoadBalancer::RoundRobin => cluster::cluster::LbPolicy::RoundRobin,
+        LoadBalancer::LeastRequest => cluster::cluster::LbPolicy::LeastRequest,
+        LoadBalancer::Random => cluster::cluster::LbPolicy::Random,
+    } as i32;
+    if let Some(cp) = &tp.connection_pool {
+        if let Some(t) = cp.connect_timeout {
+            c.connect_timeout = Some(pb_duration(t));
+        }
+        let th = cluster::circuit_breakers::Thresholds {
+            max_connections: cp.max_connections.and_then(u32v),
+            max_pending_requests: cp.http1_max_pending_requests.and_then(u32v),
+            max_requests: cp.http2_max_requests.and_then(u32v),
+            max_retries: cp.max_retries.and_then(u32v),
+            ..Default::default()
+        };
+        c.circuit_breakers = Some(cluster::CircuitBreakers {
+            thresholds: vec![th],
+            ..Default::default()
+        });
+        if let Some(n) = cp.max_requests_per_connection {
+            let opts = upstream_http::HttpProtocolOptions {
+                common_http_protocol_options: Some(core::HttpProtocolOptions {
+                    max_requests_per_connection: u32v(n),
+                    ..Default::default()
+                }),
+                upstream_protocol_options: Some(
+                    upstream_http::http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
+                        upstream_http::http_protocol_options::ExplicitHttpConfig {
+                            protocol_config: Some(
+                                upstream_http::http_protocol_options::explicit_http_config::ProtocolConfig::HttpProtocolOptions(
+                                    core::Http1ProtocolOptions::default(),
+                                ),
+                            ),
+                        },
+                    ),
+                ),
+                ..Default::default()
+            };
+            c.typed_extension_protocol_options.insert(
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
+                pack_any(opts),
+            );
+        }
+    }
+    if let Some(od) = &tp.outlier_detection {
+        c.outlier_detection = Some(cluster::OutlierDetection {
+            consecutive_5xx: od.consecutive_5xx_errors.and_then(u32v),
+            interval: od.interval.map(pb_duration),
+            base_ejection_time: od.base_ejection_time.map(pb_duration),
+            max_ejection_percent: od.max_ejection_percent.and_then(u32v),
+            ..Default::default()
+        });
+    }
+}
+
+/// The inbound cluster for a pod port: a STATIC cluster pointing at the app's pod-local address.
+pub fn inbound_cluster(port: u16, app_ip: &str) -> Resource {
+    let name = inbound_cluster_name(port);
+    let c = Cluster {
+        name: name.clone(),
+        cluster_discovery_type: Some(cluster::cluster::ClusterDiscoveryType::Type(
+            cluster::cluster::DiscoveryType::Static as i32,
+        )),
+        connect_timeout: Some(pb_duration(DEFAULT_CONNECT_TIMEOUT)),
+        load_assignment: Some(ClusterLoadAssignment {
+            cluster_name: name.clone(),
+            endpoints: vec![super::endpoint::locality(vec![
+                super::endpoint::lb_endpoint(app_ip, port, 1, true),
+            ])],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    Resource::new(name, c)
+}

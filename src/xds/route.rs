@@ -1,0 +1,297 @@
+//! RDS: the outbound route configuration (named by the listener port, `15001`), one virtual
+//! host per service port with the seed's domain list, routes from the host's VirtualService (or
+//! RouteRules), else a default route to `outbound|PORT||HOST`. Also the inbound route that the
+//! inbound listeners carry inline.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::route::v3::{self as route, RouteConfiguration, VirtualHost};
+use envoy_types::pb::envoy::extensions::filters::common::fault::v3 as common_fault;
+use envoy_types::pb::envoy::extensions::filters::http::fault::v3 as fault;
+use envoy_types::pb::envoy::r#type::matcher::v3 as matcher;
+use envoy_types::pb::envoy::r#type::v3 as types;
+use envoy_types::util::pack_any;
+
+use super::*;
+use crate::model::{self, HttpRoute, Mesh, MeshService, ServicePort, StringMatch};
+
+/// Retry conditions used when a VirtualService gives attempts but no retryOn (Istio's default).
+pub const DEFAULT_RETRY_ON: &str =
+    "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes";
+
+/// Route configurations shared by every sidecar, keyed by name.
+pub fn route_configs(mesh: &Mesh) -> HashMap<String, Resource> {
+    let mut used = BTreeSet::new();
+    let mut virtual_hosts = Vec::new();
+    for (host, svc) in &mesh.services {
+        for (i, port) in svc.ports.iter().enumerate() {
+            let domains: Vec<String> = domains(svc, port, i == 0)
+                .into_iter()
+                .filter(|d| used.insert(d.clone()))
+                .collect();
+            let routes = match mesh.routes.get(host) {
+                Some(hr) => hr
+                    .http
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(i, r)| envoy_routes(mesh, &hr.source, i, r, host, port.port))
+                    .collect(),
+                None => vec![default_route(
+                    &outbound_cluster_name(port.port, None, host),
+                    host,
+                )],
+            };
+            virtual_hosts.push(VirtualHost {
+                name: format!("{host}:{}", port.port),
+                domains,
+                routes,
+                ..Default::default()
+            });
+        }
+    }
+    let rc = RouteConfiguration {
+        name: OUTBOUND_ROUTE_NAME.to_string(),
+        virtual_hosts,
+        validate_clusters: Some(protobuf::BoolValue { value: false }),
+        ..Default::default()
+    };
+    HashMap::from([(
+        OUTBOUND_ROUTE_NAME.to_string(),
+        Resource::new(OUTBOUND_ROUTE_NAME, rc),
+    )])
+}
+
+/// Domains as the seed shows them: each name form with and without `:port`, then addresses.
+/// Port-less forms go to the service's first port only, so they stay unique.
+pub fn domains(svc: &MeshService, port: &ServicePort, with_bare: bool) -> Vec<String> {
+    let mut names = Vec::new();
+    if svc.kubernetes {
+        let ns = &svc.namespace;
+        let n = &svc.name;
+        names.extend([
+            n.clone(),
+            format!("{n}.{ns}"),
+            format!("{n}.{ns}.svc"),
+            format!("{n}.{ns}.svc.cluster"),
+            svc.host.clone(),
+        ]);
+    } else {
+        names.push(svc.host.clone());
+    }
+    names.extend(svc.addresses.iter().cloned());
+    let mut out = Vec::new();
+    for n in names {
+        out.push(format!("{n}:{}", port.port));
+        if with_bare {
+            out.push(n);
+        }
+    }
+    out
+}
+
+fn default_route(cluster: &str, host: &str) -> route::Route {
+    route::Route {
+        name: "default".into(),
+        r#match: Some(route::RouteMatch {
+            path_specifier: Some(route::route_match::PathSpecifier::Prefix("/".into())),
+            ..Default::default()
+        }),
+        action: Some(route::route::Action::Route(route::RouteAction {
+            cluster_specifier: Some(route::route_action::ClusterSpecifier::Cluster(
+                cluster.into(),
+            )),
+            timeout: Some(pb_duration(Duration::ZERO)),
+            ..Default::default()
+        })),
+        decorator: Some(route::Decorator {
+            operation: format!("{host}/*"),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// One Envoy route per match of an HTTP route (Istio ORs the matches).
+fn envoy_routes(
+    mesh: &Mesh,
+    source: &str,
+    index: usize,
+    r: &HttpRoute,
+    host: &str,
+    port: u16,
+) -> Vec<route::Route> {
+    let action = route_action(mesh, r, host, port);
+    let matches = if r.matches.is_empty() {
+        vec![model::HttpMatch::default()]
+    } else {
+        r.matches.clone()
+    };
+    matches
+        .iter()
+        .map(|m| {
+            let mut er = route::Route {
+                name: r.name.clone().unwrap_or_else(|| format!("{index}")),
+                r#match: Some(route_match(m)),
+                action: Some(route::route::Action::Route(action.clone())),
+                decorator: Some(route::Decorator {
+                    operation: source.to_string(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            if let Some(f) = &r.fault {
+                er.typed_per_filter_config
+                    .insert(FAULT_FILTER.into(), pack_any(http_fault(f)));
+            }
+            er
+        })
+        .collect()
+}
+
+fn route_match(m: &model::HttpMatch) -> route::RouteMatch {
+    use route::route_match::PathSpecifier;
+    let path_specifier = Some(match &m.uri {
+        None => PathSpecifier::Prefix("/".into()),
+        Some(StringMatch::Exact(p)) => PathSpecifier::Path(p.clone()),
+        Some(StringMatch::Prefix(p)) => PathSpecifier::Prefix(p.clone()),
+        Some(StringMatch::Regex(r)) => PathSpecifier::SafeRegex(regex(r)),
+    });
+    let headers = m
+        .headers
+        .iter()
+        .map(|(name, sm)| route::HeaderMatcher {
+            name: name.clone(),
+            header_match_specifier: Some(route::header_matcher::HeaderMatchSpecifier::StringMatch(
+                string_matcher(sm),
+            )),
+            ..Default::default()
+        })
+        .collect();
+    route::RouteMatch {
+        path_specifier,
+        headers,
+        ..Default::default()
+    }
+}
+
+fn regex(r: &str) -> matcher::RegexMatcher {
+    matcher::RegexMatcher {
+        regex: r.to_string(),
+        ..Default::default()
+    }
+}
+
+fn string_matcher(sm: &StringMatch) -> matcher::StringMatcher {
+    use matcher::string_matcher::MatchPattern;
+    let p = match sm {
+        StringMatch::Exact(s) => MatchPattern::Exact(s.clone()),
+        StringMatch::Prefix(s) => MatchPattern::Prefix(s.clone()),
+        StringMatch::Regex(s) => MatchPattern::SafeRegex(regex(s)),
+    };
+    matcher::StringMatcher {
+        match_pattern: Some(p),
+        ..Default::default()
+    }
+}
+
+/// The destination's cluster: its own port, else the routed port when it is the same host,
+/// else the destination service's only port.
+fn destination_cluster(mesh: &Mesh, d: &model::Destination, host: &str, port: u16) -> String {
+    let dport = d.port.unwrap_or_else(|| {
+        if d.host == host {
+            port
+        } else {
+            mesh.services
+                .get(&d.host)
+                .and_then(|s| s.ports.first())
+                .map_or(port, |p| p.port)
+        }
+    });
+    outbound_cluster_name(dport, d.subset.as_deref(), &d.host)
+}
+
+fn route_action(mesh: &Mesh, r: &HttpRoute, host: &str, port: u16) -> route::RouteAction {
+    use route::route_action::ClusterSpecifier;
+    let cluster_specifier = if r.route.len() == 1 {
+        ClusterSpecifier::Cluster(destination_cluster(
+            mesh,
+            &r.route[0].destination,
+            host,
+            port,
+        ))
+    } else {
+        ClusterSpecifier::WeightedClusters(route::WeightedCluster {
+            clusters: r
+                .route
+                .iter()
+                .map(|d| route::weighted_cluster::ClusterWeight {
+                    name: destination_cluster(mesh, &d.destination, host, port),
+                    weight: u32v(d.weight.unwrap_or(0)),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })
+    };
+    let retry_policy =
+        r.retries
+            .as_ref()
+            .filter(|rt| rt.attempts > 0)
+            .map(|rt| route::RetryPolicy {
+                retry_on: rt
+                    .retry_on
+                    .clone()
+                    .unwrap_or_else(|| DEFAULT_RETRY_ON.into()),
+                num_retries: u32v(rt.attempts),
+                per_try_timeout: rt.per_try_timeout.map(pb_duration),
+                ..Default::default()
+            });
+    route::RouteAction {
+        cluster_specifier: Some(cluster_specifier),
+        timeout: Some(pb_duration(r.timeout.unwrap_or(Duration::ZERO))),
+        retry_policy,
+        ..Default::default()
+    }
+}
+
+fn fraction(percent: f64) -> Option<types::FractionalPercent> {
+    Some(types::FractionalPercent {
+        numerator: (percent * 10_000.0).round() as u32,
+        denominator: types::fractional_percent::DenominatorType::Million as i32,
+    })
+}
+
+fn http_fault(f: &model::Fault) -> fault::HttpFault {
+    fault::HttpFault {
+        delay: f.delay.as_ref().map(|d| common_fault::FaultDelay {
+            fault_delay_secifier: Some(common_fault::fault_delay::FaultDelaySecifier::FixedDelay(
+                pb_duration(d.fixed_delay),
+            )),
+            percentage: fraction(d.percent),
+        }),
+        abort: f.abort.as_ref().map(|a| fault::FaultAbort {
+            error_type: Some(fault::fault_abort::ErrorType::HttpStatus(
+                a.http_status as u32,
+            )),
+            percentage: fraction(a.percent),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The inbound route: everything to the pod's own app.
+pub fn inbound_route_config(port: u16) -> RouteConfiguration {
+    let cluster = inbound_cluster_name(port);
+    RouteConfiguration {
+        name: format!("inbound|{port}||"),
+        virtual_hosts: vec![VirtualHost {
+            name: format!("inbound|http|{port}"),
+            domains: vec!["*".into()],
+            routes: vec![default_route(&cluster, &cluster)],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}

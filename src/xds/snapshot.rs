@@ -1,0 +1,203 @@
+//! The snapshot cache: one consistent, versioned set of resources built from a [`Mesh`].
+//!
+//! Clusters, endpoints and routes are the same for every sidecar, so they are translated and
+//! encoded once per config version and shared (`Arc`) by every connection; only listeners and
+//! inbound clusters depend on the proxy's identity and are built per node ([`Snapshot::view`]).
+//! That keeps a push to 1,000 proxies at one translation plus 1,000 cheap hash diffs.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use super::node::NodeInfo;
+use super::*;
+use crate::model::Mesh;
+
+#[derive(Debug)]
+pub struct Snapshot {
+    /// The config version this snapshot was built from (what `POST /v1/apply` returned).
+    pub version: u64,
+    /// When the earliest change merged into this snapshot was accepted.
+    pub changed_at: Instant,
+    pub changed_at_wall: SystemTime,
+    pub mesh: Arc<Mesh>,
+    /// Outbound clusters, sorted by name.
+    pub clusters: Vec<Resource>,
+    pub endpoints: HashMap<String, Resource>,
+    pub routes: HashMap<String, Resource>,
+}
+
+impl Snapshot {
+    pub fn build(
+        version: u64,
+        mesh: Arc<Mesh>,
+        changed_at: Instant,
+        changed_at_wall: SystemTime,
+    ) -> Snapshot {
+        Snapshot {
+            version,
+            changed_at,
+            changed_at_wall,
+            clusters: cluster::outbound_clusters(&mesh),
+            endpoints: endpoint::assignments(&mesh),
+            routes: route::route_configs(&mesh),
+            mesh,
+        }
+    }
+
+    /// An empty snapshot (version 0) for a control plane with no config yet.
+    pub fn empty() -> Snapshot {
+        Snapshot::build(
+            0,
+            Arc::new(Mesh::default()),
+            Instant::now(),
+            SystemTime::now(),
+        )
+    }
+
+    /// The resources one proxy sees.
+    pub fn view(self: &Arc<Self>, node: &NodeInfo) -> View {
+        let listeners = listener::listeners(&self.mesh, node);
+        let inbound = match &node.ip {
+            Some(_) => listener::inbound_ports(&self.mesh, node)
+                .into_iter()
+                .map(|p| cluster::inbound_cluster(p, &node.app_ip))
+                .collect(),
+            None => vec![],
+        };
+        View {
+            snapshot: self.clone(),
+            listeners,
+            inbound_clusters: inbound,
+        }
+    }
+}
+
+/// One proxy's resources for one snapshot.
+#[derive(Clone, Debug)]
+pub struct View {
+    pub snapshot: Arc<Snapshot>,
+    pub listeners: Vec<Resource>,
+    pub inbound_clusters: Vec<Resource>,
+}
+
+impl View {
+    /// Whether the type is requested with a wildcard (all resources in every response).
+    pub fn is_wildcard(type_url: &str) -> bool {
+        type_url == CLUSTER_TYPE || type_url == LISTENER_TYPE
+    }
+
+    /// Every resource of a wildcard type (CDS, LDS).
+    pub fn all(&self, type_url: &str) -> Vec<&Resource> {
+        match type_url {
+            CLUSTER_TYPE => self
+                .snapshot
+                .clusters
+                .iter()
+                .chain(&self.inbound_clusters)
+                .collect(),
+            LISTENER_TYPE => self.listeners.iter().collect(),
+            _ => vec![],
+        }
+    }
+
+    /// A named resource of EDS or RDS.
+    pub fn get(&self, type_url: &str, name: &str) -> Option<&Resource> {
+        match type_url {
+            ENDPOINT_TYPE => self.snapshot.endpoints.get(name),
+            ROUTE_TYPE => self.snapshot.routes.get(name),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config;
+    use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+    use envoy_types::pb::envoy::config::listener::v3::Listener;
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+        http_connection_manager::RouteSpecifier, HttpConnectionManager,
+    };
+    use prost::Message;
+
+    /// go-control-plane's consistency rule: every EDS name a cluster uses and every RDS name a
+    /// listener uses exists in the snapshot.
+    #[test]
+    fn snapshot_is_consistent() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fixtures/bookinfo/bookinfo.yaml"
+        ))
+        .unwrap();
+        let mut objects = config::parse("bookinfo.yaml", &text).unwrap().objects;
+        let routes = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fixtures/bookinfo/destination-rule-all.yaml"
+        ))
+        .unwrap();
+        objects.extend(config::parse("dr.yaml", &routes).unwrap().objects);
+        let mesh = crate::model::compile(objects.iter(), []).unwrap();
+        let snap = Arc::new(Snapshot::build(
+            1,
+            Arc::new(mesh),
+            Instant::now(),
+            SystemTime::now(),
+        ));
+        let node = NodeInfo {
+            id: "x".into(),
+            cluster: "reviews".into(),
+            ip: Some("127.0.5.5".into()),
+            pod: "reviews-v1-0".into(),
+            namespace: "default".into(),
+            labels: [
+                ("app".to_string(), "reviews".to_string()),
+                ("version".to_string(), "v1".to_string()),
+            ]
+            .into(),
+            app_ip: "127.0.6.5".into(),
+        };
+        let view = snap.view(&node);
+        for r in view.all(CLUSTER_TYPE) {
+            let c = Cluster::decode(r.any.value.as_slice()).unwrap();
+            if let Some(eds) = c.eds_cluster_config {
+                assert!(
+                    view.get(ENDPOINT_TYPE, &eds.service_name).is_some(),
+                    "no EDS for {}",
+                    c.name
+                );
+            }
+        }
+        assert!(view
+            .all(CLUSTER_TYPE)
+            .iter()
+            .any(|r| r.name == "outbound|9080|v3|reviews.default.svc.cluster.local"));
+        assert!(view
+            .all(CLUSTER_TYPE)
+            .iter()
+            .any(|r| r.name == "inbound|9080||"));
+        let names: Vec<_> = view
+            .all(LISTENER_TYPE)
+            .iter()
+            .map(|r| r.name.clone())
+            .collect();
+        assert_eq!(names, vec!["127.0.5.5_15001", "127.0.5.5_9080"]);
+        for r in view.all(LISTENER_TYPE) {
+            let l = Listener::decode(r.any.value.as_slice()).unwrap();
+            let any = match &l.filter_chains[0].filters[0].config_type {
+                Some(
+                    envoy_types::pb::envoy::config::listener::v3::filter::ConfigType::TypedConfig(
+                        a,
+                    ),
+                ) => a,
+                _ => panic!("no typed config"),
+            };
+            let hcm = HttpConnectionManager::decode(any.value.as_slice()).unwrap();
+            assert!(!hcm.http_filters.is_empty());
+            if let Some(RouteSpecifier::Rds(rds)) = hcm.route_specifier {
+                assert!(view.get(ROUTE_TYPE, &rds.route_config_name).is_some());
+            }
+        }
+    }
+}

