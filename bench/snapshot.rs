@@ -1,1 +1,64 @@
-fn main() {}
+//! Snapshot build cost at mesh scale: 10,000 endpoints in 100 services (two subsets each),
+//! the full translation + encoding, the EDS part alone, and one proxy's view.
+//! Run: `cargo bench --bench snapshot`.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use meshbench::model::{compile, Mesh, Workload, WorkloadEntrySpec};
+use meshbench::xds::node::NodeInfo;
+use meshbench::xds::snapshot::Snapshot;
+use meshbench::xds::{cluster, endpoint};
+
+fn mesh(services: usize, endpoints: usize) -> Mesh {
+    let mut text = String::new();
+    for s in 0..services {
+        text.push_str(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: svc-{s}}}\nspec:\n  ports: [{{port: 8080, name: http}}]\n  selector: {{app: svc-{s}}}\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: svc-{s}}}\nspec:\n  host: svc-{s}\n  subsets:\n  - {{name: v1, labels: {{version: v1}}}}\n  - {{name: v2, labels: {{version: v2}}}}\n---\n"
+        ));
+    }
+    let objects = meshbench::config::parse("bench.yaml", &text).unwrap().objects;
+    let workloads: Vec<Workload> = (0..endpoints)
+        .map(|i| Workload {
+            name: format!("ep-{i}"),
+            namespace: "default".into(),
+            entry: WorkloadEntrySpec {
+                address: format!("10.{}.{}.{}", i / 65536, (i / 256) % 256, i % 256),
+                labels: [("app".to_string(), format!("svc-{}", i % services)), ("version".to_string(), format!("v{}", 1 + i % 2))].into(),
+                ports: Default::default(),
+                weight: 1,
+                healthy: true,
+            },
+        })
+        .collect();
+    compile(objects.iter(), workloads.iter()).unwrap()
+}
+
+fn bench(c: &mut Criterion) {
+    let mesh = Arc::new(mesh(100, 10_000));
+    let snap = Arc::new(Snapshot::build(1, mesh.clone(), Instant::now(), SystemTime::now()));
+    let eds_bytes: usize = snap.endpoints.values().map(|r| r.any.value.len()).sum();
+    let cds_bytes: usize = snap.clusters.iter().map(|r| r.any.value.len()).sum();
+    eprintln!("10k endpoints / 100 services: {} clusters ({cds_bytes} B), {} assignments ({eds_bytes} B)", snap.clusters.len(), snap.endpoints.len());
+    let mut g = c.benchmark_group("snapshot_10k_endpoints");
+    g.sample_size(20);
+    g.bench_function("full_build", |b| b.iter(|| Snapshot::build(1, mesh.clone(), Instant::now(), SystemTime::now())));
+    g.bench_function("eds_only", |b| b.iter(|| endpoint::assignments(&mesh)));
+    g.bench_function("cds_only", |b| b.iter(|| cluster::outbound_clusters(&mesh)));
+    let node = NodeInfo {
+        id: "sidecar~10.0.0.1~svc-1-0.default~default.svc.cluster.local".into(),
+        cluster: "svc-1".into(),
+        ip: Some("10.0.0.1".into()),
+        pod: "svc-1-0".into(),
+        namespace: "default".into(),
+        labels: [("app".to_string(), "svc-1".to_string())].into(),
+        app_ip: "127.0.0.1".into(),
+    };
+    g.bench_function("proxy_view", |b| b.iter(|| snap.view(&node)));
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -33,8 +33,15 @@ pub fn parse(file: &str, text: &str) -> Result<Parsed, Vec<ConfigError>> {
             file: file.to_string(),
             document,
         };
+        let notes = harmless_unsupported(&origin, &value);
         match parse_object(&origin, value) {
-            Ok(Some(o)) => out.objects.push(o),
+            Ok(Some(o)) => {
+                out.warnings.extend(notes.into_iter().map(|mut w| {
+                    w.object = o.key().to_string();
+                    w
+                }));
+                out.objects.push(o);
+            }
             Ok(None) => {}
             Err(Outcome::Warning(w)) => out.warnings.push(w),
             Err(Outcome::Errors(e)) => errors.extend(e),
@@ -75,6 +82,17 @@ fn doc_error(file: &str, document: usize, message: String) -> ConfigError {
 /// Splits input into (document number, value) pairs. Empty documents are skipped but still
 /// counted, so numbers match what an editor shows between `---` lines.
 fn split_documents(file: &str, text: &str) -> Result<Vec<(usize, Value)>, Vec<ConfigError>> {
+    if let Some((line, _)) = text
+        .lines()
+        .enumerate()
+        .find(|(_, l)| l.chars().any(|c| c.is_control() && c != '\t' && c != '\r'))
+    {
+        return Err(vec![doc_error(
+            file,
+            1,
+            format!("line {} holds control characters: send YAML or JSON text", line + 1),
+        )]);
+    }
     let trimmed = text.trim_start();
     if trimmed.starts_with('{') || trimmed.starts_with('[') {
         let v: Value = serde_json::from_str(text).map_err(|e| {
@@ -128,7 +146,11 @@ fn split_documents(file: &str, text: &str) -> Result<Vec<(usize, Value)>, Vec<Co
             continue;
         }
         match serde_saphyr::from_str::<Value>(&body) {
-            Ok(Value::Null) => {}
+            Ok(Value::Null) => errors.push(doc_error(
+                file,
+                number,
+                "document is not a mapping (expected apiVersion, kind, metadata, spec)".into(),
+            )),
             Ok(v) => docs.extend(flatten_lists(v).into_iter().map(|v| (number, v))),
             Err(e) => {
                 let at = e
@@ -155,6 +177,43 @@ fn split_documents(file: &str, text: &str) -> Result<Vec<(usize, Value)>, Vec<Co
     } else {
         Err(errors)
     }
+}
+
+/// Fields meshbench accepts but does not simulate because they do not change where traffic
+/// goes: mutual TLS settings and header/CORS manipulation. Reported as warnings.
+fn harmless_unsupported(origin: &Origin, v: &Value) -> Vec<ConfigError> {
+    let warn = |field: String, what: &str| ConfigError {
+        file: origin.file.clone(),
+        document: origin.document,
+        object: String::new(),
+        field,
+        message: format!("{what} is accepted but not simulated (meshbench does not model it); ignored"),
+    };
+    let mut out = Vec::new();
+    let spec = &v["spec"];
+    match v["kind"].as_str() {
+        Some("DestinationRule") => {
+            if !spec["trafficPolicy"]["tls"].is_null() {
+                out.push(warn("spec.trafficPolicy.tls".into(), "TLS settings"));
+            }
+            for (i, s) in spec["subsets"].as_array().into_iter().flatten().enumerate() {
+                if !s["trafficPolicy"]["tls"].is_null() {
+                    out.push(warn(format!("spec.subsets[{i}].trafficPolicy.tls"), "TLS settings"));
+                }
+            }
+        }
+        Some("VirtualService") => {
+            for (i, r) in spec["http"].as_array().into_iter().flatten().enumerate() {
+                for k in TOLERATED_ROUTE_FIELDS {
+                    if !r[k].is_null() {
+                        out.push(warn(format!("spec.http[{i}].{k}"), k));
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+    out
 }
 
 fn flatten_lists(v: Value) -> Vec<Value> {

@@ -227,6 +227,9 @@ pub struct WorkloadEntrySpec {
     pub healthy: bool,
 }
 
+fn default_namespace() -> String {
+    DEFAULT_NAMESPACE.to_string()
+}
 fn default_weight() -> u32 {
     1
 }
@@ -405,6 +408,7 @@ pub struct MeshService {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Workload {
     pub name: String,
+    #[serde(default = "default_namespace")]
     pub namespace: String,
     #[serde(flatten)]
     pub entry: WorkloadEntrySpec,

@@ -170,11 +170,22 @@ impl Pilot {
         text: &str,
     ) -> Result<(u64, Vec<Key>, Vec<ConfigError>), Vec<ConfigError>> {
         let parsed = config::parse(source, text)?;
+        if parsed.objects.is_empty() && parsed.warnings.is_empty() {
+            return Err(vec![ConfigError {
+                file: source.to_string(),
+                document: 0,
+                object: String::new(),
+                field: String::new(),
+                message: "no documents to apply".into(),
+            }]);
+        }
         let keys: Vec<Key> = parsed.objects.iter().map(|o| o.key()).collect();
         let mut st = self.state.lock().unwrap();
         let (next, mesh) = st.config.with_applied(parsed.objects)?;
         let mut warnings = parsed.warnings;
-        warnings.extend(mesh.warnings.iter().cloned());
+        // Only this batch's warnings; stored objects' were reported when they were applied.
+        let names: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
+        warnings.extend(mesh.warnings.iter().filter(|w| names.contains(&w.object)).cloned());
         Ok((self.commit(&mut st, next, mesh), keys, warnings))
     }
 

@@ -102,6 +102,11 @@ impl Compiler {
                 _ => continue,
             };
             for svc in svcs {
+                for (i, e) in svc.inline_endpoints.iter().enumerate() {
+                    if e.address.parse::<std::net::IpAddr>().is_err() {
+                        self.error(o, format!("spec.endpoints[{i}].address"), format!("address {:?} is not an IP address (no DNS is simulated)", e.address));
+                    }
+                }
                 if svc.ports.is_empty() {
                     self.error(o, "spec.ports", "a service needs at least one port");
                 }
@@ -135,8 +140,8 @@ impl Compiler {
     ) {
         for o in objects {
             if let Spec::WorkloadEntry(we) = &o.spec {
-                if we.address.is_empty() {
-                    self.error(o, "spec.address", "a WorkloadEntry needs an address");
+                if we.address.parse::<std::net::IpAddr>().is_err() {
+                    self.error(o, "spec.address", format!("address {:?} is not an IP address (no DNS is simulated)", we.address));
                 }
                 self.mesh.workloads.push(Workload {
                     name: o.name.clone(),

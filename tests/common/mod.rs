@@ -242,7 +242,7 @@ impl Client {
         host: &str,
         path: &str,
         headers: &[(&str, &str)],
-        body: &str,
+        body: impl AsRef<[u8]>,
     ) -> Result<Reply, hyper::Error> {
         let mut req = hyper::Request::builder()
             .method(method)
@@ -254,7 +254,7 @@ impl Client {
         self.sender.ready().await?;
         let resp = self
             .sender
-            .send_request(req.body(Full::new(Bytes::from(body.to_string()))).unwrap())
+            .send_request(req.body(Full::new(Bytes::copy_from_slice(body.as_ref()))).unwrap())
             .await?;
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
