@@ -19,14 +19,20 @@ fn mesh(services: usize, endpoints: usize) -> Mesh {
              apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: svc-{s}}}\nspec:\n  host: svc-{s}\n  subsets:\n  - {{name: v1, labels: {{version: v1}}}}\n  - {{name: v2, labels: {{version: v2}}}}\n---\n"
         ));
     }
-    let objects = meshbench::config::parse("bench.yaml", &text).unwrap().objects;
+    let objects = meshbench::config::parse("bench.yaml", &text)
+        .unwrap()
+        .objects;
     let workloads: Vec<Workload> = (0..endpoints)
         .map(|i| Workload {
             name: format!("ep-{i}"),
             namespace: "default".into(),
             entry: WorkloadEntrySpec {
                 address: format!("10.{}.{}.{}", i / 65536, (i / 256) % 256, i % 256),
-                labels: [("app".to_string(), format!("svc-{}", i % services)), ("version".to_string(), format!("v{}", 1 + i % 2))].into(),
+                labels: [
+                    ("app".to_string(), format!("svc-{}", i % services)),
+                    ("version".to_string(), format!("v{}", 1 + i % 2)),
+                ]
+                .into(),
                 ports: Default::default(),
                 weight: 1,
                 healthy: true,
@@ -38,13 +44,24 @@ fn mesh(services: usize, endpoints: usize) -> Mesh {
 
 fn bench(c: &mut Criterion) {
     let mesh = Arc::new(mesh(100, 10_000));
-    let snap = Arc::new(Snapshot::build(1, mesh.clone(), Instant::now(), SystemTime::now()));
+    let snap = Arc::new(Snapshot::build(
+        1,
+        mesh.clone(),
+        Instant::now(),
+        SystemTime::now(),
+    ));
     let eds_bytes: usize = snap.endpoints.values().map(|r| r.any.value.len()).sum();
     let cds_bytes: usize = snap.clusters.iter().map(|r| r.any.value.len()).sum();
-    eprintln!("10k endpoints / 100 services: {} clusters ({cds_bytes} B), {} assignments ({eds_bytes} B)", snap.clusters.len(), snap.endpoints.len());
+    eprintln!(
+        "10k endpoints / 100 services: {} clusters ({cds_bytes} B), {} assignments ({eds_bytes} B)",
+        snap.clusters.len(),
+        snap.endpoints.len()
+    );
     let mut g = c.benchmark_group("snapshot_10k_endpoints");
     g.sample_size(20);
-    g.bench_function("full_build", |b| b.iter(|| Snapshot::build(1, mesh.clone(), Instant::now(), SystemTime::now())));
+    g.bench_function("full_build", |b| {
+        b.iter(|| Snapshot::build(1, mesh.clone(), Instant::now(), SystemTime::now()))
+    });
     g.bench_function("eds_only", |b| b.iter(|| endpoint::assignments(&mesh)));
     g.bench_function("cds_only", |b| b.iter(|| cluster::outbound_clusters(&mesh)));
     let node = NodeInfo {

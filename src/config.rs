@@ -90,7 +90,10 @@ fn split_documents(file: &str, text: &str) -> Result<Vec<(usize, Value)>, Vec<Co
         return Err(vec![doc_error(
             file,
             1,
-            format!("line {} holds control characters: send YAML or JSON text", line + 1),
+            format!(
+                "line {} holds control characters: send YAML or JSON text",
+                line + 1
+            ),
         )]);
     }
     let trimmed = text.trim_start();
@@ -187,7 +190,9 @@ fn harmless_unsupported(origin: &Origin, v: &Value) -> Vec<ConfigError> {
         document: origin.document,
         object: String::new(),
         field,
-        message: format!("{what} is accepted but not simulated (meshbench does not model it); ignored"),
+        message: format!(
+            "{what} is accepted but not simulated (meshbench does not model it); ignored"
+        ),
     };
     let mut out = Vec::new();
     let spec = &v["spec"];
@@ -198,7 +203,10 @@ fn harmless_unsupported(origin: &Origin, v: &Value) -> Vec<ConfigError> {
             }
             for (i, s) in spec["subsets"].as_array().into_iter().flatten().enumerate() {
                 if !s["trafficPolicy"]["tls"].is_null() {
-                    out.push(warn(format!("spec.subsets[{i}].trafficPolicy.tls"), "TLS settings"));
+                    out.push(warn(
+                        format!("spec.subsets[{i}].trafficPolicy.tls"),
+                        "TLS settings",
+                    ));
                 }
             }
         }
@@ -808,13 +816,15 @@ fn traffic_policy(
             "ROUND_ROBIN" => LoadBalancer::RoundRobin,
             "LEAST_CONN" | "LEAST_REQUEST" => LoadBalancer::LeastRequest,
             "RANDOM" => LoadBalancer::Random,
-            other => return Err(errs(
-                origin,
-                format!("{field}.loadBalancer.simple"),
-                format!(
+            other => {
+                return Err(errs(
+                    origin,
+                    format!("{field}.loadBalancer.simple"),
+                    format!(
                     "{other:?} is not supported (ROUND_ROBIN, LEAST_REQUEST, LEAST_CONN, RANDOM)"
                 ),
-            )),
+                ))
+            }
         }),
     };
     let connection_pool = match raw.connection_pool {

@@ -185,7 +185,12 @@ impl Pilot {
         let mut warnings = parsed.warnings;
         // Only this batch's warnings; stored objects' were reported when they were applied.
         let names: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
-        warnings.extend(mesh.warnings.iter().filter(|w| names.contains(&w.object)).cloned());
+        warnings.extend(
+            mesh.warnings
+                .iter()
+                .filter(|w| names.contains(&w.object))
+                .cloned(),
+        );
         Ok((self.commit(&mut st, next, mesh), keys, warnings))
     }
 

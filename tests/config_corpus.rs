@@ -12,7 +12,12 @@ use meshbench::model::ConfigError;
 use meshbench::pilot::{self, Pilot};
 
 fn fixture(rel: &str) -> String {
-    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(rel)).unwrap()
+    std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures")
+            .join(rel),
+    )
+    .unwrap()
 }
 
 async fn fresh_pilot() -> std::sync::Arc<Pilot> {
@@ -22,11 +27,28 @@ async fn fresh_pilot() -> std::sync::Arc<Pilot> {
 #[tokio::test]
 async fn istio_bookinfo_corpus_is_accepted_as_is() {
     let p = fresh_pilot().await;
-    let (_, _, warnings) = p.apply("bookinfo.yaml", &fixture("istio-samples/bookinfo/platform/kube/bookinfo.yaml")).unwrap();
-    assert_eq!(warnings.iter().filter(|w| w.field == "kind").count(), 4, "ServiceAccounts are named as skipped: {warnings:?}");
-    p.apply("destination-rule-all.yaml", &fixture("istio-samples/bookinfo/networking/destination-rule-all.yaml")).unwrap();
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/istio-samples/bookinfo/networking");
-    let mut names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let (_, _, warnings) = p
+        .apply(
+            "bookinfo.yaml",
+            &fixture("istio-samples/bookinfo/platform/kube/bookinfo.yaml"),
+        )
+        .unwrap();
+    assert_eq!(
+        warnings.iter().filter(|w| w.field == "kind").count(),
+        4,
+        "ServiceAccounts are named as skipped: {warnings:?}"
+    );
+    p.apply(
+        "destination-rule-all.yaml",
+        &fixture("istio-samples/bookinfo/networking/destination-rule-all.yaml"),
+    )
+    .unwrap();
+    let dir =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/istio-samples/bookinfo/networking");
+    let mut names: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
     names.sort();
     for name in names {
         let text = std::fs::read_to_string(dir.join(&name)).unwrap();
@@ -34,10 +56,21 @@ async fn istio_bookinfo_corpus_is_accepted_as_is() {
         let (_, _, warnings) = result.unwrap_or_else(|e| panic!("{name} rejected: {e:#?}"));
         match name.as_str() {
             "bookinfo-gateway.yaml" => {
-                assert!(warnings.iter().any(|w| w.message.contains("Gateway")), "{warnings:?}");
-                assert!(warnings.iter().any(|w| w.field == "spec.gateways"), "{warnings:?}");
+                assert!(
+                    warnings.iter().any(|w| w.message.contains("Gateway")),
+                    "{warnings:?}"
+                );
+                assert!(
+                    warnings.iter().any(|w| w.field == "spec.gateways"),
+                    "{warnings:?}"
+                );
             }
-            "destination-rule-all-mtls.yaml" => assert!(warnings.iter().any(|w| w.field.ends_with("trafficPolicy.tls")), "{warnings:?}"),
+            "destination-rule-all-mtls.yaml" => assert!(
+                warnings
+                    .iter()
+                    .any(|w| w.field.ends_with("trafficPolicy.tls")),
+                "{warnings:?}"
+            ),
             _ => assert!(warnings.is_empty(), "{name}: {warnings:?}"),
         }
     }
@@ -59,16 +92,36 @@ async fn project_fixtures_compile_together_in_rollout_order() {
         "bookinfo/virtual-service-reviews-jason-v2.yaml",
         "bookinfo/virtual-service-ratings-delay.yaml",
     ] {
-        p.apply(f, &fixture(f)).unwrap_or_else(|e| panic!("{f}: {e:#?}"));
+        p.apply(f, &fixture(f))
+            .unwrap_or_else(|e| panic!("{f}: {e:#?}"));
     }
     // RouteRules and a VirtualService for the same host conflict; after removing the VS the
     // seed's rules apply.
-    let err = p.apply("rr.yaml", &fixture("bookinfo/route-rule-reviews-50-v3.yaml")).unwrap_err();
-    assert!(err[0].message.contains("already routed by VirtualService/default/reviews"), "{err:?}");
-    let key = meshbench::model::Key { kind: meshbench::model::Kind::VirtualService, namespace: "default".into(), name: "reviews".into() };
+    let err = p
+        .apply(
+            "rr.yaml",
+            &fixture("bookinfo/route-rule-reviews-50-v3.yaml"),
+        )
+        .unwrap_err();
+    assert!(
+        err[0]
+            .message
+            .contains("already routed by VirtualService/default/reviews"),
+        "{err:?}"
+    );
+    let key = meshbench::model::Key {
+        kind: meshbench::model::Kind::VirtualService,
+        namespace: "default".into(),
+        name: "reviews".into(),
+    };
     p.delete(&key).unwrap().unwrap();
-    for f in ["bookinfo/route-rule-reviews-v1.yaml", "bookinfo/route-rule-reviews-50-v3.yaml", "bookinfo/route-rule-reviews-v3.yaml"] {
-        p.apply(f, &fixture(f)).unwrap_or_else(|e| panic!("{f}: {e:#?}"));
+    for f in [
+        "bookinfo/route-rule-reviews-v1.yaml",
+        "bookinfo/route-rule-reviews-50-v3.yaml",
+        "bookinfo/route-rule-reviews-v3.yaml",
+    ] {
+        p.apply(f, &fixture(f))
+            .unwrap_or_else(|e| panic!("{f}: {e:#?}"));
     }
 }
 
@@ -89,7 +142,10 @@ spec:
 ";
 
 fn find<'a>(errors: &'a [ConfigError], field: &str) -> &'a ConfigError {
-    errors.iter().find(|e| e.field == field).unwrap_or_else(|| panic!("no error at {field}: {errors:#?}"))
+    errors
+        .iter()
+        .find(|e| e.field == field)
+        .unwrap_or_else(|| panic!("no error at {field}: {errors:#?}"))
 }
 
 #[tokio::test]
@@ -125,7 +181,14 @@ spec:
   host: reviews
 ";
     let errors = p.apply("bad.yaml", bad).unwrap_err();
-    eprintln!("{}", errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"));
+    eprintln!(
+        "{}",
+        errors
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     let dup = find(&errors, "metadata.name");
     assert_eq!((dup.file.as_str(), dup.document), ("bad.yaml", 3));
     assert!(dup.message.contains("duplicate name"));
@@ -135,11 +198,20 @@ spec:
     let w = find(&errors, "spec.http[0].route");
     assert_eq!(w.document, 1);
     assert!(w.message.contains("sum to 90"), "{w}");
-    assert!(find(&errors, "spec.http[0].route[1].destination.subset").message.contains("\"v9\""));
-    assert!(find(&errors, "spec.http[0].match[0].uri.regex").message.contains("invalid regex"));
-    assert!(find(&errors, "spec.http[1].route[0].destination.host").message.contains("unknown host"));
+    assert!(find(&errors, "spec.http[0].route[1].destination.subset")
+        .message
+        .contains("\"v9\""));
+    assert!(find(&errors, "spec.http[0].match[0].uri.regex")
+        .message
+        .contains("invalid regex"));
+    assert!(find(&errors, "spec.http[1].route[0].destination.host")
+        .message
+        .contains("unknown host"));
     let ghost = find(&errors, "spec.host");
-    assert_eq!((ghost.document, ghost.object.as_str()), (2, "DestinationRule/default/other"));
+    assert_eq!(
+        (ghost.document, ghost.object.as_str()),
+        (2, "DestinationRule/default/other")
+    );
     assert!(errors.iter().all(|e| e.file == "bad.yaml"));
 }
 
@@ -149,7 +221,11 @@ async fn a_bad_batch_changes_nothing_and_the_api_survives_garbage() {
     let (s, body) = json(p.api, "POST", "/v1/apply?source=base.yaml", BASE).await;
     assert_eq!(s, 200, "{body}");
     let version = body["version"].as_u64().unwrap();
-    eventually(Duration::from_secs(5), || (p.pilot.snapshot().version == version).then_some(())).await.unwrap();
+    eventually(Duration::from_secs(5), || {
+        (p.pilot.snapshot().version == version).then_some(())
+    })
+    .await
+    .unwrap();
     let (_, before) = json(p.api, "GET", "/v1/config", "").await;
 
     // One good document and one bad one: nothing of the batch lands.
@@ -157,7 +233,18 @@ async fn a_bad_batch_changes_nothing_and_the_api_survives_garbage() {
     let (s, body) = json(p.api, "POST", "/v1/apply?source=batch.yaml", batch).await;
     assert_eq!(s, 400);
     let e = &body["errors"][0];
-    assert_eq!((e["file"].as_str(), e["document"].as_u64(), e["field"].as_str()), (Some("batch.yaml"), Some(2), Some("spec.http[0].route[0].destination.subset")));
+    assert_eq!(
+        (
+            e["file"].as_str(),
+            e["document"].as_u64(),
+            e["field"].as_str()
+        ),
+        (
+            Some("batch.yaml"),
+            Some(2),
+            Some("spec.http[0].route[0].destination.subset")
+        )
+    );
     let (_, after) = json(p.api, "GET", "/v1/config", "").await;
     assert_eq!(before, after);
     assert_eq!(p.pilot.snapshot().version, version);
@@ -166,25 +253,49 @@ async fn a_bad_batch_changes_nothing_and_the_api_survives_garbage() {
         ("POST", "/v1/apply", "\u{0}\u{1}{{{ not yaml", 400),
         ("POST", "/v1/apply", "kind: [", 400),
         ("POST", "/v1/apply", "- 1\n- 2\n", 400),
-        ("POST", "/v1/apply", "apiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec: {ports: [{port: 99999}]}\n", 400),
+        (
+            "POST",
+            "/v1/apply",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec: {ports: [{port: 99999}]}\n",
+            400,
+        ),
         ("POST", "/v1/endpoints", "{\"add\": 7}", 400),
-        ("POST", "/v1/endpoints", "{\"add\": [{\"name\": \"a\", \"address\": \"not-an-ip\"}]}", 400),
-        ("POST", "/v1/endpoints", "{\"remove\": [{\"name\": \"ghost\"}]}", 400),
+        (
+            "POST",
+            "/v1/endpoints",
+            "{\"add\": [{\"name\": \"a\", \"address\": \"not-an-ip\"}]}",
+            400,
+        ),
+        (
+            "POST",
+            "/v1/endpoints",
+            "{\"remove\": [{\"name\": \"ghost\"}]}",
+            400,
+        ),
         ("DELETE", "/v1/config/Gizmo/default/x", "", 400),
         ("DELETE", "/v1/config/Service/default/ghost", "", 404),
-        ("DELETE", "/v1/config/DestinationRule/default/reviews", "", 200),
+        (
+            "DELETE",
+            "/v1/config/DestinationRule/default/reviews",
+            "",
+            200,
+        ),
         ("GET", "/v1/nothing", "", 404),
     ] {
         let r = http(p.api, method, path, body).await;
         assert_eq!(r.status, want, "{method} {path}: {}", r.body);
-        let v: serde_json::Value = serde_json::from_str(&r.body).unwrap_or_else(|_| panic!("{method} {path}: not JSON: {}", r.body));
+        let v: serde_json::Value = serde_json::from_str(&r.body)
+            .unwrap_or_else(|_| panic!("{method} {path}: not JSON: {}", r.body));
         if want >= 400 {
             assert!(v["errors"].as_array().is_some_and(|a| !a.is_empty()), "{v}");
         }
     }
     // Binary garbage
     let mut c = Client::connect(p.api).await.unwrap();
-    let r = c.request("POST", "x", "/v1/apply", &[], [0xffu8, 0xfe, 0x00]).await.unwrap();
+    let r = c
+        .request("POST", "x", "/v1/apply", &[], [0xffu8, 0xfe, 0x00])
+        .await
+        .unwrap();
     assert_eq!(r.status, 400);
     let (s, _) = json(p.api, "GET", "/healthz", "").await;
     assert_eq!(s, 200);

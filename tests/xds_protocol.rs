@@ -8,7 +8,8 @@ use std::time::Duration;
 use common::*;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::{
-    aggregated_discovery_service_client::AggregatedDiscoveryServiceClient, DiscoveryRequest, DiscoveryResponse,
+    aggregated_discovery_service_client::AggregatedDiscoveryServiceClient, DiscoveryRequest,
+    DiscoveryResponse,
 };
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use meshbench::xds::{node, CLUSTER_TYPE, ENDPOINT_TYPE};
@@ -36,9 +37,15 @@ struct Stream {
 }
 
 async fn connect(p: &TestPilot, id: &str) -> Stream {
-    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", p.xds)).await.unwrap();
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", p.xds))
+        .await
+        .unwrap();
     let (tx, rx) = mpsc::channel(8);
-    let rx = client.stream_aggregated_resources(ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let rx = client
+        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
     let node = Node {
         id: node::sidecar_id("127.0.0.9", id, "default"),
         cluster: "test".into(),
@@ -49,7 +56,14 @@ async fn connect(p: &TestPilot, id: &str) -> Stream {
 }
 
 impl Stream {
-    async fn send(&self, type_url: &str, version: &str, nonce: &str, names: &[&str], error: Option<&str>) {
+    async fn send(
+        &self,
+        type_url: &str,
+        version: &str,
+        nonce: &str,
+        names: &[&str],
+        error: Option<&str>,
+    ) {
         self.tx
             .send(DiscoveryRequest {
                 node: Some(self.node.clone()),
@@ -57,7 +71,11 @@ impl Stream {
                 version_info: version.into(),
                 response_nonce: nonce.into(),
                 resource_names: names.iter().map(|s| s.to_string()).collect(),
-                error_detail: error.map(|m| RpcStatus { code: 13, message: m.into(), details: vec![] }),
+                error_detail: error.map(|m| RpcStatus {
+                    code: 13,
+                    message: m.into(),
+                    details: vec![],
+                }),
                 ..Default::default()
             })
             .await
@@ -65,13 +83,20 @@ impl Stream {
     }
 
     async fn recv(&mut self) -> DiscoveryResponse {
-        tokio::time::timeout(Duration::from_secs(10), self.rx.message()).await.expect("a response within 10 s").unwrap().unwrap()
+        tokio::time::timeout(Duration::from_secs(10), self.rx.message())
+            .await
+            .expect("a response within 10 s")
+            .unwrap()
+            .unwrap()
     }
 
     /// Nothing arrives within `d` (a bounded check that no resend happens).
     async fn quiet(&mut self, d: Duration) {
         if let Ok(m) = tokio::time::timeout(d, self.rx.message()).await {
-            panic!("unexpected response: {:?}", m.map(|r| r.map(|r| (r.type_url, r.nonce))));
+            panic!(
+                "unexpected response: {:?}",
+                m.map(|r| r.map(|r| (r.type_url, r.nonce)))
+            );
         }
     }
 }
@@ -83,7 +108,11 @@ async fn nack_is_recorded_and_not_answered_with_a_resend_loop() {
     assert_eq!(s, 200, "{body}");
     let version = body["version"].as_u64().unwrap();
     // Wait for the snapshot to carry the config.
-    eventually(Duration::from_secs(5), || (p.pilot.snapshot().version == version).then_some(())).await.unwrap();
+    eventually(Duration::from_secs(5), || {
+        (p.pilot.snapshot().version == version).then_some(())
+    })
+    .await
+    .unwrap();
 
     let mut st = connect(&p, "nacker").await;
     st.send(CLUSTER_TYPE, "", "", &[], None).await;
@@ -92,17 +121,35 @@ async fn nack_is_recorded_and_not_answered_with_a_resend_loop() {
     assert_eq!(cds.version_info, version.to_string());
     assert!(!cds.resources.is_empty());
 
-    st.send(CLUSTER_TYPE, "", &cds.nonce, &[], Some("test: cluster rejected on purpose")).await;
+    st.send(
+        CLUSTER_TYPE,
+        "",
+        &cds.nonce,
+        &[],
+        Some("test: cluster rejected on purpose"),
+    )
+    .await;
     st.quiet(Duration::from_millis(500)).await;
 
     let (_, proxies) = json(p.api, "GET", "/v1/proxies", "").await;
-    let me = &proxies.as_array().unwrap().iter().find(|x| x["node"]["pod"] == "nacker").unwrap()["types"]["cds"];
+    let me = &proxies
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["node"]["pod"] == "nacker")
+        .unwrap()["types"]["cds"];
     assert_eq!(me["nacks"], 1);
-    assert_eq!(me["last_nack"]["message"], "test: cluster rejected on purpose");
+    assert_eq!(
+        me["last_nack"]["message"],
+        "test: cluster rejected on purpose"
+    );
     assert_eq!(me["last_nack"]["nonce"], cds.nonce.as_str());
     assert!(me["acked_version"].is_null());
     let metrics = http(p.api, "GET", "/metrics", "").await.body;
-    assert!(metrics.contains("meshbench_pilot_xds_nacks_total{type=\"cds\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("meshbench_pilot_xds_nacks_total{type=\"cds\"} 1"),
+        "{metrics}"
+    );
 
     // A new config is pushed once, and its ACK is recorded.
     let (s, body) = json(p.api, "POST", "/v1/apply", "apiVersion: v1\nkind: Service\nmetadata: {name: ratings}\nspec: {ports: [{port: 9080, name: http}], selector: {app: ratings}}\n").await;
@@ -111,10 +158,16 @@ async fn nack_is_recorded_and_not_answered_with_a_resend_loop() {
     let cds2 = st.recv().await;
     assert_eq!(cds2.version_info, v2.to_string());
     assert!(cds2.resources.len() > cds.resources.len());
-    st.send(CLUSTER_TYPE, &cds2.version_info, &cds2.nonce, &[], None).await;
+    st.send(CLUSTER_TYPE, &cds2.version_info, &cds2.nonce, &[], None)
+        .await;
     st.quiet(Duration::from_millis(300)).await;
     let (_, proxies) = json(p.api, "GET", "/v1/proxies", "").await;
-    let me = &proxies.as_array().unwrap().iter().find(|x| x["node"]["pod"] == "nacker").unwrap()["types"]["cds"];
+    let me = &proxies
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["node"]["pod"] == "nacker")
+        .unwrap()["types"]["cds"];
     assert_eq!(me["acked_version"], v2.to_string());
 }
 
@@ -123,7 +176,11 @@ async fn stale_nonces_are_ignored_and_eds_is_incremental() {
     let p = start_pilot(Duration::ZERO).await;
     let (_, body) = json(p.api, "POST", "/v1/apply", MESH).await;
     let version = body["version"].as_u64().unwrap();
-    eventually(Duration::from_secs(5), || (p.pilot.snapshot().version == version).then_some(())).await.unwrap();
+    eventually(Duration::from_secs(5), || {
+        (p.pilot.snapshot().version == version).then_some(())
+    })
+    .await
+    .unwrap();
     let mut st = connect(&p, "eds").await;
     let cluster = "outbound|9080||reviews.default.svc.cluster.local";
     st.send(CLUSTER_TYPE, "", "", &[], None).await;
@@ -131,8 +188,16 @@ async fn stale_nonces_are_ignored_and_eds_is_incremental() {
     st.send(ENDPOINT_TYPE, "", "", &[cluster], None).await;
     let eds = st.recv().await;
     assert_eq!(eds.resources.len(), 1);
-    st.send(CLUSTER_TYPE, &cds.version_info, &cds.nonce, &[], None).await;
-    st.send(ENDPOINT_TYPE, &eds.version_info, &eds.nonce, &[cluster], None).await;
+    st.send(CLUSTER_TYPE, &cds.version_info, &cds.nonce, &[], None)
+        .await;
+    st.send(
+        ENDPOINT_TYPE,
+        &eds.version_info,
+        &eds.nonce,
+        &[cluster],
+        None,
+    )
+    .await;
 
     // An endpoint change: only EDS is pushed, CDS is unchanged.
     let batch = r#"{"add": [{"name": "r2", "address": "127.0.0.2", "labels": {"app": "reviews"}, "ports": {"http": 2}}]}"#;
@@ -142,17 +207,35 @@ async fn stale_nonces_are_ignored_and_eds_is_incremental() {
     assert_eq!(eds2.type_url, ENDPOINT_TYPE);
     assert_eq!(eds2.resources.len(), 1);
     // A request carrying the old nonce is stale: no answer, and the proxy stays unsynced.
-    st.send(ENDPOINT_TYPE, &eds.version_info, &eds.nonce, &[cluster], None).await;
+    st.send(
+        ENDPOINT_TYPE,
+        &eds.version_info,
+        &eds.nonce,
+        &[cluster],
+        None,
+    )
+    .await;
     st.quiet(Duration::from_millis(300)).await;
     let metrics = http(p.api, "GET", "/metrics", "").await.body;
-    assert!(metrics.contains("meshbench_pilot_xds_stale_requests_total 1"), "{metrics}");
-    st.send(ENDPOINT_TYPE, &eds2.version_info, &eds2.nonce, &[cluster], None).await;
+    assert!(
+        metrics.contains("meshbench_pilot_xds_stale_requests_total 1"),
+        "{metrics}"
+    );
+    st.send(
+        ENDPOINT_TYPE,
+        &eds2.version_info,
+        &eds2.nonce,
+        &[cluster],
+        None,
+    )
+    .await;
     st.quiet(Duration::from_millis(200)).await;
 
     // A reconnect (empty nonce, last accepted version) is answered in full.
     drop(st);
     let mut st = connect(&p, "eds").await;
-    st.send(CLUSTER_TYPE, &eds2.version_info, "", &[], None).await;
+    st.send(CLUSTER_TYPE, &eds2.version_info, "", &[], None)
+        .await;
     let again = st.recv().await;
     assert_eq!(again.resources.len(), cds.resources.len());
 }

@@ -104,7 +104,14 @@ impl Compiler {
             for svc in svcs {
                 for (i, e) in svc.inline_endpoints.iter().enumerate() {
                     if e.address.parse::<std::net::IpAddr>().is_err() {
-                        self.error(o, format!("spec.endpoints[{i}].address"), format!("address {:?} is not an IP address (no DNS is simulated)", e.address));
+                        self.error(
+                            o,
+                            format!("spec.endpoints[{i}].address"),
+                            format!(
+                                "address {:?} is not an IP address (no DNS is simulated)",
+                                e.address
+                            ),
+                        );
                     }
                 }
                 if svc.ports.is_empty() {
@@ -141,7 +148,14 @@ impl Compiler {
         for o in objects {
             if let Spec::WorkloadEntry(we) = &o.spec {
                 if we.address.parse::<std::net::IpAddr>().is_err() {
-                    self.error(o, "spec.address", format!("address {:?} is not an IP address (no DNS is simulated)", we.address));
+                    self.error(
+                        o,
+                        "spec.address",
+                        format!(
+                            "address {:?} is not an IP address (no DNS is simulated)",
+                            we.address
+                        ),
+                    );
                 }
                 self.mesh.workloads.push(Workload {
                     name: o.name.clone(),

@@ -295,3 +295,126 @@ pub fn inbound_route_config(port: u16) -> RouteConfiguration {
         ..Default::default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+    use route::route_action::ClusterSpecifier;
+
+    fn config(yaml: &str) -> RouteConfiguration {
+        let base = "apiVersion: v1\nkind: Service\nmetadata: {name: reviews}\nspec: {ports: [{port: 9080, name: http}], selector: {app: reviews}, clusterIP: 10.0.0.7}\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews}\nspec:\n  host: reviews\n  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]\n---\n";
+        let objects = crate::config::parse("t.yaml", &format!("{base}{yaml}"))
+            .unwrap()
+            .objects;
+        let mesh = crate::model::compile(objects.iter(), []).unwrap();
+        let r = &route_configs(&mesh)[OUTBOUND_ROUTE_NAME];
+        RouteConfiguration::decode(r.any.value.as_slice()).unwrap()
+    }
+
+    fn action(r: &route::Route) -> &route::RouteAction {
+        match &r.action {
+            Some(route::route::Action::Route(a)) => a,
+            _ => panic!("not a route action"),
+        }
+    }
+
+    #[test]
+    fn seed_domains_and_default_route() {
+        let rc = config("");
+        let vh = &rc.virtual_hosts[0];
+        assert_eq!(vh.name, "reviews.default.svc.cluster.local:9080");
+        for d in [
+            "reviews",
+            "reviews:9080",
+            "reviews.default",
+            "reviews.default.svc.cluster.local:9080",
+            "10.0.0.7",
+            "10.0.0.7:9080",
+        ] {
+            assert!(
+                vh.domains.iter().any(|x| x == d),
+                "{d} missing from {:?}",
+                vh.domains
+            );
+        }
+        assert_eq!(
+            action(&vh.routes[0]).cluster_specifier,
+            Some(ClusterSpecifier::Cluster(
+                "outbound|9080||reviews.default.svc.cluster.local".into()
+            ))
+        );
+    }
+
+    #[test]
+    fn weights_matches_retries_and_faults() {
+        let rc = config(
+            "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  http:
+  - match:
+    - headers: {end-user: {exact: jason}}
+    - uri: {prefix: /api}
+    fault: {abort: {httpStatus: 503, percentage: {value: 12.5}}}
+    retries: {attempts: 3, perTryTimeout: 250ms, retryOn: 5xx}
+    timeout: 2s
+    route:
+    - destination: {host: reviews, subset: v2}
+  - route:
+    - {destination: {host: reviews, subset: v1}, weight: 90}
+    - {destination: {host: reviews, subset: v2}, weight: 10}
+",
+        );
+        let routes = &rc.virtual_hosts[0].routes;
+        assert_eq!(
+            routes.len(),
+            3,
+            "two matches OR-ed, then the weighted route"
+        );
+        let h = &routes[0].r#match.as_ref().unwrap().headers[0];
+        assert_eq!(h.name, "end-user");
+        let a = action(&routes[0]);
+        assert_eq!(a.timeout, Some(pb_duration(Duration::from_secs(2))));
+        let rp = a.retry_policy.as_ref().unwrap();
+        assert_eq!(
+            (rp.retry_on.as_str(), rp.num_retries.as_ref().unwrap().value),
+            ("5xx", 3)
+        );
+        assert_eq!(
+            rp.per_try_timeout,
+            Some(pb_duration(Duration::from_millis(250)))
+        );
+        let f = fault::HttpFault::decode(
+            routes[1].typed_per_filter_config[FAULT_FILTER]
+                .value
+                .as_slice(),
+        )
+        .unwrap();
+        let abort = f.abort.unwrap();
+        assert_eq!(
+            abort.error_type,
+            Some(fault::fault_abort::ErrorType::HttpStatus(503))
+        );
+        assert_eq!(abort.percentage.unwrap().numerator, 125_000);
+        match &action(&routes[2]).cluster_specifier {
+            Some(ClusterSpecifier::WeightedClusters(w)) => {
+                let got: Vec<_> = w
+                    .clusters
+                    .iter()
+                    .map(|c| (c.name.as_str(), c.weight.as_ref().unwrap().value))
+                    .collect();
+                assert_eq!(
+                    got,
+                    vec![
+                        ("outbound|9080|v1|reviews.default.svc.cluster.local", 90),
+                        ("outbound|9080|v2|reviews.default.svc.cluster.local", 10)
+                    ]
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

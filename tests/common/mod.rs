@@ -254,7 +254,10 @@ impl Client {
         self.sender.ready().await?;
         let resp = self
             .sender
-            .send_request(req.body(Full::new(Bytes::copy_from_slice(body.as_ref()))).unwrap())
+            .send_request(
+                req.body(Full::new(Bytes::copy_from_slice(body.as_ref())))
+                    .unwrap(),
+            )
             .await?;
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
