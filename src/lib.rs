@@ -4,6 +4,7 @@
 pub mod config;
 pub mod model;
 pub mod pilot;
+pub mod proxy;
 pub mod shutdown;
 pub mod workload;
 pub mod xds;

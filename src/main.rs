@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use meshbench::{model, pilot, shutdown, workload, xds};
+use meshbench::{model, pilot, proxy, shutdown, workload, xds};
 
 /// Exit codes shared by every command (DESIGN.md).
 const EXIT_BAD_INPUT: u8 = 2;
@@ -42,6 +42,30 @@ enum Command {
         /// Longest a change waits while further changes keep arriving.
         #[arg(long, default_value = "1s", value_parser = parse_duration)]
         debounce_max: Duration,
+    },
+    /// Sidecar proxy: ADS client + HTTP data plane + Envoy-style admin port (listeners come from LDS).
+    Proxy {
+        /// ADS server address (host:port).
+        #[arg(long)]
+        xds: String,
+        /// Node id, Istio's form: sidecar~POD_IP~POD.NS~NS.svc.cluster.local
+        #[arg(long)]
+        node_id: String,
+        /// Admin listen address (default POD_IP:15000).
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+        /// Pod labels, sent as node.metadata.LABELS (repeatable k=v).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// node.cluster: the app's service name (default: the `app` label).
+        #[arg(long)]
+        cluster: Option<String>,
+        /// Pod-local address the app listens on, sent as node.metadata.APP_IP.
+        #[arg(long, default_value = xds::node::DEFAULT_APP_IP)]
+        app_ip: String,
+        /// Worker threads (Envoy's --concurrency).
+        #[arg(long)]
+        concurrency: Option<usize>,
     },
     /// Fake workload: answers every request with its identity (x-meshbench-workload: SERVICE-VERSION).
     Workload {
@@ -102,7 +126,16 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let rt = match tokio::runtime::Runtime::new() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Command::Proxy {
+        concurrency: Some(n),
+        ..
+    } = &cli.command
+    {
+        builder.worker_threads((*n).max(1));
+    }
+    let rt = match builder.build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -135,6 +168,37 @@ async fn run(cmd: Command) -> ExitCode {
             match pilot::run(cfg, xds, api, stop).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e @ pilot::Error::Config(_)) => fail(EXIT_BAD_INPUT, &e),
+                Err(e) => fail(EXIT_ENVIRONMENT, &e),
+            }
+        }
+        Command::Proxy {
+            xds,
+            node_id,
+            admin,
+            labels,
+            cluster,
+            app_ip,
+            concurrency: _,
+        } => {
+            let labels: model::Labels = labels.into_iter().collect();
+            let admin = admin.unwrap_or_else(|| proxy::default_admin(&node_id));
+            let cluster = cluster
+                .or_else(|| labels.get("app").cloned())
+                .unwrap_or_default();
+            let sock = match pilot::bind(admin).await {
+                Ok(l) => l,
+                Err(e) => return fail(EXIT_ENVIRONMENT, &e),
+            };
+            let cfg = proxy::Config {
+                xds,
+                node_id,
+                cluster,
+                labels,
+                app_ip,
+                admin,
+            };
+            match proxy::run(cfg, sock, stop).await {
+                Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(EXIT_ENVIRONMENT, &e),
             }
         }

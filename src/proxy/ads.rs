@@ -1,0 +1,458 @@
+//! The proxy's ADS client (state of the world). Subscribes as Envoy does: CDS, then EDS for the
+//! EDS clusters, then LDS once clusters have endpoints, then RDS for the route names the
+//! listeners use. ACKs what it applied, NACKs what it cannot apply with the reason, and keeps
+//! serving the last good config when the control plane goes away, reconnecting with jittered
+//! exponential back-off and resuming from the versions it holds.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use envoy_types::pb::envoy::config::cluster::v3::Cluster as PbCluster;
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::config::listener::v3::Listener as PbListener;
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    aggregated_discovery_service_client::AggregatedDiscoveryServiceClient, DiscoveryRequest,
+    DiscoveryResponse,
+};
+use envoy_types::pb::google::rpc::Status as RpcStatus;
+use rand::Rng;
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use super::resources::{self, decode, Discovery, Reject, RouteSource};
+use super::upstream::Cluster;
+use super::{Proxy, Received, State};
+use crate::shutdown::Shutdown;
+use crate::xds::{node, type_short, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE};
+
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Default, Serialize)]
+pub struct XdsStats {
+    pub connects: AtomicU64,
+    pub disconnects: AtomicU64,
+    pub responses: AtomicU64,
+    pub acks: AtomicU64,
+    pub nacks: AtomicU64,
+    pub last_nack: Mutex<Option<String>>,
+}
+
+fn now_ms() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .unwrap_or(0.0)
+}
+
+/// Runs until `shutdown`, reconnecting whenever the stream ends.
+pub async fn run(proxy: Arc<Proxy>, shutdown: Shutdown) {
+    let mut failures = 0u32;
+    loop {
+        let started = tokio::time::Instant::now();
+        tokio::select! {
+            r = session(&proxy) => {
+                proxy.connected.store(false, Relaxed);
+                proxy.xds_stats.disconnects.fetch_add(1, Relaxed);
+                tracing::warn!("ADS stream to {} ended: {}; keeping the last good config", proxy.cfg.xds, r.err().unwrap_or_else(|| "closed by server".into()));
+            }
+            _ = shutdown.clone().wait() => return,
+        }
+        // A session that lasted a while resets the back-off.
+        failures = if started.elapsed() > BACKOFF_MAX {
+            0
+        } else {
+            failures + 1
+        };
+        let cap = BACKOFF_BASE
+            .saturating_mul(1 << failures.min(6))
+            .min(BACKOFF_MAX);
+        let wait = Duration::from_micros(
+            rand::rng().random_range(cap.as_micros() as u64 / 2..=cap.as_micros() as u64),
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.clone().wait() => return,
+        }
+    }
+}
+
+struct Session<'a> {
+    proxy: &'a Arc<Proxy>,
+    tx: mpsc::Sender<DiscoveryRequest>,
+    node_sent: bool,
+    /// EDS and RDS names currently subscribed.
+    eds_names: BTreeSet<String>,
+    rds_names: BTreeSet<String>,
+    lds_requested: bool,
+}
+
+async fn session(proxy: &Arc<Proxy>) -> Result<(), String> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", proxy.cfg.xds))
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_secs(1))
+        .tcp_nodelay(true);
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let mut client =
+        AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(256 << 20);
+    let (tx, rx) = mpsc::channel(16);
+    let received = proxy.received.lock().unwrap().clone();
+    let mut s = Session {
+        proxy,
+        tx,
+        node_sent: false,
+        eds_names: BTreeSet::new(),
+        rds_names: BTreeSet::new(),
+        lds_requested: false,
+    };
+    // Resume: every type we hold, with its last accepted version and an empty nonce.
+    let held = |t: &str| received.get(type_short(t)).cloned().unwrap_or_default();
+    s.send(
+        CLUSTER_TYPE,
+        &held(CLUSTER_TYPE).version_info,
+        "",
+        vec![],
+        None,
+    )
+    .await;
+    let resuming = received.contains_key("lds");
+    if resuming {
+        s.eds_names = held(ENDPOINT_TYPE).names.into_iter().collect();
+        s.rds_names = held(ROUTE_TYPE).names.into_iter().collect();
+        if !s.eds_names.is_empty() {
+            s.send(
+                ENDPOINT_TYPE,
+                &held(ENDPOINT_TYPE).version_info,
+                "",
+                s.eds_names.iter().cloned().collect(),
+                None,
+            )
+            .await;
+        }
+        s.send(
+            LISTENER_TYPE,
+            &held(LISTENER_TYPE).version_info,
+            "",
+            vec![],
+            None,
+        )
+        .await;
+        s.lds_requested = true;
+        if !s.rds_names.is_empty() {
+            s.send(
+                ROUTE_TYPE,
+                &held(ROUTE_TYPE).version_info,
+                "",
+                s.rds_names.iter().cloned().collect(),
+                None,
+            )
+            .await;
+        }
+    }
+    let mut stream = client
+        .stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map_err(|e| format!("open stream: {e}"))?
+        .into_inner();
+    proxy.connected.store(true, Relaxed);
+    proxy.xds_stats.connects.fetch_add(1, Relaxed);
+    tracing::info!(xds = %proxy.cfg.xds, resuming, "ADS stream open");
+    while let Some(resp) = stream.message().await.map_err(|e| e.to_string())? {
+        proxy.xds_stats.responses.fetch_add(1, Relaxed);
+        s.on_response(resp).await;
+    }
+    Ok(())
+}
+
+impl Session<'_> {
+    fn node(&self) -> Node {
+        let cfg = &self.proxy.cfg;
+        Node {
+            id: cfg.node_id.clone(),
+            cluster: cfg.cluster.clone(),
+            metadata: Some(node::metadata(&cfg.labels, &cfg.app_ip)),
+            user_agent_name: "meshbench".into(),
+            ..Default::default()
+        }
+    }
+
+    async fn send(
+        &mut self,
+        type_url: &str,
+        version: &str,
+        nonce: &str,
+        names: Vec<String>,
+        error: Option<String>,
+    ) {
+        let node = (!self.node_sent).then(|| self.node());
+        self.node_sent = true;
+        let req = DiscoveryRequest {
+            version_info: version.to_string(),
+            node,
+            resource_names: names,
+            type_url: type_url.to_string(),
+            response_nonce: nonce.to_string(),
+            error_detail: error.map(|message| RpcStatus {
+                code: 13,
+                message,
+                details: vec![],
+            }),
+            ..Default::default()
+        };
+        let _ = self.tx.send(req).await;
+    }
+
+    fn held(&self, type_url: &str) -> Received {
+        self.proxy
+            .received
+            .lock()
+            .unwrap()
+            .get(type_short(type_url))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    async fn on_response(&mut self, resp: DiscoveryResponse) {
+        let type_url = resp.type_url.as_str();
+        let result = match type_url {
+            CLUSTER_TYPE => self.apply_clusters(&resp),
+            ENDPOINT_TYPE => self.apply_endpoints(&resp),
+            LISTENER_TYPE => self.apply_listeners(&resp).await,
+            ROUTE_TYPE => self.apply_routes(&resp),
+            other => Err(format!("unsupported type {other}")),
+        };
+        let held = self.held(type_url);
+        match result {
+            Ok(names) => {
+                self.proxy.xds_stats.acks.fetch_add(1, Relaxed);
+                let rec = Received {
+                    version_info: resp.version_info.clone(),
+                    nonce: resp.nonce.clone(),
+                    names,
+                    last_updated_ms: now_ms(),
+                };
+                self.proxy
+                    .received
+                    .lock()
+                    .unwrap()
+                    .insert(type_short(type_url), rec);
+                let names = match type_url {
+                    ENDPOINT_TYPE => self.eds_names.iter().cloned().collect(),
+                    ROUTE_TYPE => self.rds_names.iter().cloned().collect(),
+                    _ => vec![],
+                };
+                self.send(type_url, &resp.version_info, &resp.nonce, names, None)
+                    .await;
+            }
+            Err(reason) => {
+                tracing::warn!(r#type = type_short(type_url), version = %resp.version_info, "NACK: {reason}");
+                self.proxy.xds_stats.nacks.fetch_add(1, Relaxed);
+                *self.proxy.xds_stats.last_nack.lock().unwrap() = Some(reason.clone());
+                let names = match type_url {
+                    ENDPOINT_TYPE => self.eds_names.iter().cloned().collect(),
+                    ROUTE_TYPE => self.rds_names.iter().cloned().collect(),
+                    _ => vec![],
+                };
+                self.send(
+                    type_url,
+                    &held.version_info,
+                    &resp.nonce,
+                    names,
+                    Some(reason),
+                )
+                .await;
+            }
+        }
+        self.follow_up(type_url).await;
+    }
+
+    /// Subscription changes a response implies (EDS after CDS, LDS once warm, RDS after LDS).
+    async fn follow_up(&mut self, type_url: &str) {
+        let state = self.proxy.state();
+        match type_url {
+            CLUSTER_TYPE => {
+                let names: BTreeSet<String> = state
+                    .clusters
+                    .values()
+                    .filter_map(|c| match &c.cfg.discovery {
+                        Discovery::Eds(n) => Some(n.clone()),
+                        Discovery::Static(_) => None,
+                    })
+                    .collect();
+                if names != self.eds_names {
+                    self.eds_names = names;
+                    let held = self.held(ENDPOINT_TYPE);
+                    self.send(
+                        ENDPOINT_TYPE,
+                        &held.version_info,
+                        &held.nonce,
+                        self.eds_names.iter().cloned().collect(),
+                        None,
+                    )
+                    .await;
+                }
+                if self.eds_names.is_empty() {
+                    self.request_lds().await;
+                }
+            }
+            ENDPOINT_TYPE => self.request_lds().await,
+            LISTENER_TYPE => {
+                let names: BTreeSet<String> = state
+                    .listeners
+                    .values()
+                    .filter_map(|l| match &l.routes {
+                        RouteSource::Rds(n) => Some(n.clone()),
+                        RouteSource::Inline(_) => None,
+                    })
+                    .collect();
+                if names != self.rds_names {
+                    self.rds_names = names;
+                    let held = self.held(ROUTE_TYPE);
+                    self.send(
+                        ROUTE_TYPE,
+                        &held.version_info,
+                        &held.nonce,
+                        self.rds_names.iter().cloned().collect(),
+                        None,
+                    )
+                    .await;
+                }
+                self.check_initialized(&state);
+            }
+            ROUTE_TYPE => self.check_initialized(&state),
+            _ => {}
+        }
+    }
+
+    async fn request_lds(&mut self) {
+        if !self.lds_requested {
+            self.lds_requested = true;
+            self.send(LISTENER_TYPE, "", "", vec![], None).await;
+        }
+    }
+
+    fn check_initialized(&self, state: &State) {
+        if self.lds_requested && self.rds_names.iter().all(|n| state.routes.contains_key(n)) {
+            self.proxy.initialized.store(true, Relaxed);
+        }
+    }
+
+    fn apply_clusters(&self, resp: &DiscoveryResponse) -> Result<Vec<String>, Reject> {
+        let mut cfgs = Vec::new();
+        let mut errors = Vec::new();
+        let mut seen = BTreeSet::new();
+        for any in &resp.resources {
+            match decode::<PbCluster>(any).and_then(|c| resources::cluster(&c)) {
+                Ok(c) if !seen.insert(c.name.clone()) => {
+                    errors.push(format!("duplicate cluster {} found", c.name))
+                }
+                Ok(c) => cfgs.push(c),
+                Err(e) => errors.push(e),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors.join("; "));
+        }
+        let old = self.proxy.state();
+        let clusters: HashMap<String, Arc<Cluster>> = cfgs
+            .into_iter()
+            .map(|cfg| {
+                let prev = old.clusters.get(&cfg.name);
+                let c = match prev {
+                    Some(p) if p.cfg == cfg => p.clone(),
+                    _ => Arc::new(Cluster::new(cfg, prev.map(|p| p.as_ref()))),
+                };
+                (c.cfg.name.clone(), c)
+            })
+            .collect();
+        let names = clusters.keys().cloned().collect();
+        self.proxy.set_state(State {
+            listeners: old.listeners.clone(),
+            routes: old.routes.clone(),
+            clusters,
+        });
+        Ok(names)
+    }
+
+    fn apply_endpoints(&self, resp: &DiscoveryResponse) -> Result<Vec<String>, Reject> {
+        let mut updates = Vec::new();
+        for any in &resp.resources {
+            let cla = decode::<ClusterLoadAssignment>(any)?;
+            updates.push((cla.cluster_name.clone(), resources::endpoints(&cla)?));
+        }
+        let state = self.proxy.state();
+        for (name, eps) in &updates {
+            for c in state.clusters.values() {
+                if matches!(&c.cfg.discovery, Discovery::Eds(n) if n == name) {
+                    c.set_endpoints(eps);
+                }
+            }
+        }
+        Ok(self.eds_names.iter().cloned().collect())
+    }
+
+    async fn apply_listeners(&self, resp: &DiscoveryResponse) -> Result<Vec<String>, Reject> {
+        let mut listeners = HashMap::new();
+        let mut errors = Vec::new();
+        for any in &resp.resources {
+            match decode::<PbListener>(any).and_then(|l| resources::listener(&l)) {
+                Ok(l) => {
+                    if listeners.insert(l.name.clone(), l).is_some() {
+                        errors.push("duplicate listener name".to_string());
+                    }
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors.join("; "));
+        }
+        // Listeners must know their config before they accept: publish, then bind.
+        let old = self.proxy.state();
+        self.proxy.set_state(State {
+            listeners: listeners.clone(),
+            routes: old.routes.clone(),
+            clusters: old.clusters.clone(),
+        });
+        if let Err(e) = self.proxy.sync_listeners(&listeners).await {
+            self.proxy.set_state(State {
+                listeners: old.listeners.clone(),
+                routes: old.routes.clone(),
+                clusters: old.clusters.clone(),
+            });
+            return Err(e);
+        }
+        Ok(listeners.keys().cloned().collect())
+    }
+
+    fn apply_routes(&self, resp: &DiscoveryResponse) -> Result<Vec<String>, Reject> {
+        let state = self.proxy.state();
+        let mut tables = Vec::new();
+        for any in &resp.resources {
+            let rc = decode::<RouteConfiguration>(any)?;
+            let t = resources::route_table(&rc)?;
+            if let Some(c) = t.clusters().find(|c| !state.clusters.contains_key(*c)) {
+                return Err(format!("route config {}: unknown cluster '{c}'", t.name));
+            }
+            tables.push(t);
+        }
+        let mut routes = state.routes.clone();
+        routes.retain(|n, _| self.rds_names.contains(n));
+        for t in tables {
+            routes.insert(t.name.clone(), Arc::new(t));
+        }
+        self.proxy.set_state(State {
+            listeners: state.listeners.clone(),
+            routes,
+            clusters: state.clusters.clone(),
+        });
+        Ok(self.rds_names.iter().cloned().collect())
+    }
+}

@@ -1,0 +1,846 @@
+//! Envoy protos -> the proxy's own config types, at the edge. Everything the data plane acts
+//! on is checked here; a field that would change behaviour and is not supported is an error
+//! (the response is NACKed with that message), never silently ignored.
+//!
+//! Supported subset (also in README "meshbench proxy: supported xDS"):
+//! - Listener: socket address, one filter chain holding one HTTP connection manager.
+//! - HCM: RDS over ADS or an inline route config; http_filters fault then router.
+//! - Route: match prefix / path / safe_regex plus headers (exact, prefix, suffix, contains,
+//!   safe_regex, present, invert); route to a cluster or weighted_clusters; timeout;
+//!   retry_policy (retry_on, num_retries, per_try_timeout, retriable_status_codes); per-route
+//!   fault (abort with HTTP status, fixed delay; percentages).
+//! - Cluster: EDS over ADS or STATIC; lb_policy ROUND_ROBIN, LEAST_REQUEST, RANDOM;
+//!   circuit_breakers default-priority thresholds; outlier_detection consecutive_5xx;
+//!   HTTP/1.1 or HTTP/2 upstream; max_requests_per_connection.
+//! - ClusterLoadAssignment: socket-address endpoints with weight and health status.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::cluster::v3 as cluster;
+use envoy_types::pb::envoy::config::core::v3 as core;
+use envoy_types::pb::envoy::config::endpoint::v3 as endpoint;
+use envoy_types::pb::envoy::config::listener::v3 as listener;
+use envoy_types::pb::envoy::config::route::v3 as route;
+use envoy_types::pb::envoy::extensions::filters::common::fault::v3 as common_fault;
+use envoy_types::pb::envoy::extensions::filters::http::fault::v3 as fault;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
+use envoy_types::pb::envoy::extensions::upstreams::http::v3 as upstream_http;
+use envoy_types::pb::envoy::r#type::matcher::v3 as matcher;
+use envoy_types::pb::envoy::r#type::v3 as types;
+use envoy_types::pb::google::protobuf::{self, Any};
+use prost::{Message, Name};
+
+use crate::xds::{FAULT_FILTER, HCM_FILTER, ROUTER_FILTER};
+
+/// Why a resource was rejected; becomes the NACK's error_detail.
+pub type Reject = String;
+
+const ROUTER_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
+const FAULT_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault";
+const HTTP_OPTIONS_KEY: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+
+pub fn decode<T: Message + Default + Name>(any: &Any) -> Result<T, Reject> {
+    if any.type_url != T::type_url() {
+        return Err(format!(
+            "expected {} but got {}",
+            T::type_url(),
+            any.type_url
+        ));
+    }
+    T::decode(any.value.as_slice()).map_err(|e| format!("cannot decode {}: {e}", T::full_name()))
+}
+
+fn duration(d: &protobuf::Duration) -> Duration {
+    Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32)
+}
+
+/// A proportion in parts per million.
+fn per_million(p: &Option<types::FractionalPercent>) -> u32 {
+    let Some(p) = p else { return 1_000_000 };
+    let scale = match types::fractional_percent::DenominatorType::try_from(p.denominator) {
+        Ok(types::fractional_percent::DenominatorType::Hundred) => 10_000,
+        Ok(types::fractional_percent::DenominatorType::TenThousand) => 100,
+        _ => 1,
+    };
+    (p.numerator as u64 * scale).min(1_000_000) as u32
+}
+
+// ---- Listeners -------------------------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+pub enum RouteSource {
+    Rds(String),
+    Inline(Arc<RouteTable>),
+}
+
+#[derive(Clone, Debug)]
+pub struct ListenerCfg {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub stat_prefix: String,
+    pub routes: RouteSource,
+    /// Filter-level fault config, used where a route has none.
+    pub default_fault: Option<Fault>,
+}
+
+pub fn listener(l: &listener::Listener) -> Result<ListenerCfg, Reject> {
+    let addr = match l.address.as_ref().and_then(|a| a.address.as_ref()) {
+        Some(core::address::Address::SocketAddress(sa)) => socket_addr(sa)?,
+        _ => {
+            return Err(format!(
+                "listener {}: only socket addresses are supported",
+                l.name
+            ))
+        }
+    };
+    if !l.listener_filters.is_empty() {
+        return Err(format!(
+            "listener {}: listener filters are not supported",
+            l.name
+        ));
+    }
+    if l.filter_chains.len() != 1 || l.default_filter_chain.is_some() {
+        return Err(format!(
+            "listener {}: exactly one filter chain is supported",
+            l.name
+        ));
+    }
+    let chain = &l.filter_chains[0];
+    if chain.filter_chain_match.is_some() || chain.transport_socket.is_some() {
+        return Err(format!(
+            "listener {}: filter chain matching and TLS are not supported",
+            l.name
+        ));
+    }
+    let [filter] = chain.filters.as_slice() else {
+        return Err(format!(
+            "listener {}: exactly one network filter (the HTTP connection manager) is supported",
+            l.name
+        ));
+    };
+    let any = match &filter.config_type {
+        Some(listener::filter::ConfigType::TypedConfig(a)) => a,
+        _ => {
+            return Err(format!(
+                "listener {}: network filter {} has no typed_config",
+                l.name, filter.name
+            ))
+        }
+    };
+    if filter.name != HCM_FILTER && any.type_url != hcm::HttpConnectionManager::type_url() {
+        return Err(format!(
+            "listener {}: unsupported network filter {}",
+            l.name, filter.name
+        ));
+    }
+    let m: hcm::HttpConnectionManager = decode(any)?;
+    let mut default_fault = None;
+    for (i, f) in m.http_filters.iter().enumerate() {
+        let last = i + 1 == m.http_filters.len();
+        let type_url = match &f.config_type {
+            Some(hcm::http_filter::ConfigType::TypedConfig(a)) => a.type_url.as_str(),
+            _ => "",
+        };
+        match (f.name.as_str(), type_url) {
+            (ROUTER_FILTER, _) | (_, ROUTER_TYPE) if last => {}
+            (ROUTER_FILTER, _) | (_, ROUTER_TYPE) => {
+                return Err(format!(
+                    "listener {}: the router filter must be the last HTTP filter",
+                    l.name
+                ))
+            }
+            (FAULT_FILTER, _) | (_, FAULT_TYPE) => {
+                if let Some(hcm::http_filter::ConfigType::TypedConfig(a)) = &f.config_type {
+                    let fc = fault_config(&decode::<fault::HttpFault>(a)?)?;
+                    default_fault = Some(fc).filter(|f| f.abort.is_some() || f.delay.is_some());
+                }
+            }
+            (name, _) => {
+                return Err(format!(
+                    "listener {}: unsupported HTTP filter {name}",
+                    l.name
+                ))
+            }
+        }
+    }
+    if m.http_filters.is_empty() {
+        return Err(format!("listener {}: the HTTP connection manager has no filters (requests would hang); add the router", l.name));
+    }
+    let routes = match &m.route_specifier {
+        Some(hcm::http_connection_manager::RouteSpecifier::Rds(rds)) => {
+            let ads = matches!(
+                rds.config_source
+                    .as_ref()
+                    .and_then(|c| c.config_source_specifier.as_ref()),
+                Some(core::config_source::ConfigSourceSpecifier::Ads(_))
+            );
+            if !ads {
+                return Err(format!("listener {}: RDS must come over ADS", l.name));
+            }
+            RouteSource::Rds(rds.route_config_name.clone())
+        }
+        Some(hcm::http_connection_manager::RouteSpecifier::RouteConfig(rc)) => {
+            RouteSource::Inline(Arc::new(route_table(rc)?))
+        }
+        _ => {
+            return Err(format!(
+                "listener {}: the HTTP connection manager needs RDS or an inline route config",
+                l.name
+            ))
+        }
+    };
+    Ok(ListenerCfg {
+        name: l.name.clone(),
+        addr,
+        stat_prefix: m.stat_prefix.clone(),
+        routes,
+        default_fault,
+    })
+}
+
+fn socket_addr(sa: &core::SocketAddress) -> Result<SocketAddr, Reject> {
+    let port = match sa.port_specifier {
+        Some(core::socket_address::PortSpecifier::PortValue(p)) => p as u16,
+        _ => return Err("named ports are not supported".into()),
+    };
+    let ip: std::net::IpAddr = sa
+        .address
+        .parse()
+        .map_err(|_| format!("address {:?} is not an IP address", sa.address))?;
+    Ok(SocketAddr::new(ip, port))
+}
+
+// ---- Routes ----------------------------------------------------------------------------------
+
+#[derive(Debug)]
+pub struct RouteTable {
+    pub name: String,
+    pub virtual_hosts: Vec<VirtualHost>,
+    /// lowercase domain -> virtual host index
+    exact: HashMap<String, usize>,
+    /// `*.suffix` domains (suffix, index), longest first
+    suffixes: Vec<(String, usize)>,
+    wildcard: Option<usize>,
+}
+
+#[derive(Debug)]
+pub struct VirtualHost {
+    pub name: String,
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug)]
+pub struct Route {
+    pub name: String,
+    pub path: PathMatch,
+    pub headers: Vec<HeaderMatch>,
+    pub target: Target,
+    /// `None` means no timeout (Envoy's 0s).
+    pub timeout: Option<Duration>,
+    pub retry: Option<RetryPolicy>,
+    pub fault: Option<Fault>,
+}
+
+#[derive(Debug)]
+pub enum PathMatch {
+    Prefix(String),
+    Exact(String),
+    Regex(regex::Regex),
+}
+
+#[derive(Debug)]
+pub struct HeaderMatch {
+    pub name: http::HeaderName,
+    pub matcher: StrMatch,
+    pub invert: bool,
+}
+
+#[derive(Debug)]
+pub enum StrMatch {
+    Exact(String),
+    Prefix(String),
+    Suffix(String),
+    Contains(String),
+    Regex(regex::Regex),
+    Present(bool),
+}
+
+impl StrMatch {
+    pub fn matches(&self, v: Option<&str>) -> bool {
+        match (self, v) {
+            (StrMatch::Present(p), v) => v.is_some() == *p,
+            (_, None) => false,
+            (StrMatch::Exact(s), Some(v)) => v == s,
+            (StrMatch::Prefix(s), Some(v)) => v.starts_with(s.as_str()),
+            (StrMatch::Suffix(s), Some(v)) => v.ends_with(s.as_str()),
+            (StrMatch::Contains(s), Some(v)) => v.contains(s.as_str()),
+            (StrMatch::Regex(r), Some(v)) => r.is_match(v),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum Target {
+    Cluster(String),
+    /// (cluster, weight), total weight
+    Weighted(Vec<(String, u32)>, u32),
+}
+
+impl Target {
+    pub fn clusters(&self) -> Vec<&str> {
+        match self {
+            Target::Cluster(c) => vec![c],
+            Target::Weighted(w, _) => w.iter().map(|(c, _)| c.as_str()).collect(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct RetryPolicy {
+    pub num_retries: u32,
+    pub per_try_timeout: Option<Duration>,
+    /// 5xx: any 5xx response, connect failure, reset or per-try timeout.
+    pub on_5xx: bool,
+    /// gateway-error: 502, 503, 504 responses.
+    pub on_gateway_error: bool,
+    pub on_connect_failure: bool,
+    pub on_reset: bool,
+    pub on_retriable_4xx: bool,
+    pub retriable_status_codes: Vec<u16>,
+}
+
+impl RetryPolicy {
+    pub fn retry_status(&self, status: u16) -> bool {
+        (self.on_5xx && status >= 500)
+            || (self.on_gateway_error && matches!(status, 502..=504))
+            || (self.on_retriable_4xx && status == 409)
+            || self.retriable_status_codes.contains(&status)
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Fault {
+    /// (delay, parts per million)
+    pub delay: Option<(Duration, u32)>,
+    /// (status, parts per million)
+    pub abort: Option<(u16, u32)>,
+}
+
+fn fault_config(f: &fault::HttpFault) -> Result<Fault, Reject> {
+    let delay = match &f.delay {
+        Some(d) => match &d.fault_delay_secifier {
+            Some(common_fault::fault_delay::FaultDelaySecifier::FixedDelay(fd)) => {
+                Some((duration(fd), per_million(&d.percentage)))
+            }
+            _ => return Err("fault delay: only fixed_delay is supported".into()),
+        },
+        None => None,
+    };
+    let abort = match &f.abort {
+        Some(a) => match a.error_type {
+            Some(fault::fault_abort::ErrorType::HttpStatus(s)) if (200..600).contains(&s) => {
+                Some((s as u16, per_million(&a.percentage)))
+            }
+            _ => return Err("fault abort: only http_status aborts (200-599) are supported".into()),
+        },
+        None => None,
+    };
+    if !f.headers.is_empty()
+        || f.max_active_faults.is_some()
+        || !f.upstream_cluster.is_empty()
+        || !f.downstream_nodes.is_empty()
+    {
+        return Err(
+            "fault: header, node, cluster and max-active conditions are not supported".into(),
+        );
+    }
+    Ok(Fault { delay, abort })
+}
+
+pub fn route_table(rc: &route::RouteConfiguration) -> Result<RouteTable, Reject> {
+    let mut t = RouteTable {
+        name: rc.name.clone(),
+        virtual_hosts: vec![],
+        exact: HashMap::new(),
+        suffixes: vec![],
+        wildcard: None,
+    };
+    for (i, vh) in rc.virtual_hosts.iter().enumerate() {
+        for d in &vh.domains {
+            let d = d.to_ascii_lowercase();
+            let dup = if d == "*" {
+                t.wildcard.replace(i).is_some()
+            } else if let Some(suffix) = d.strip_prefix('*') {
+                let dup = t.suffixes.iter().any(|(s, _)| s == suffix);
+                t.suffixes.push((suffix.to_string(), i));
+                dup
+            } else {
+                t.exact.insert(d.clone(), i).is_some()
+            };
+            if dup {
+                return Err(format!(
+                    "route config {}: domain {d:?} appears in more than one virtual host",
+                    rc.name
+                ));
+            }
+        }
+        let mut routes = Vec::new();
+        for r in &vh.routes {
+            routes.push(convert_route(r).map_err(|e| {
+                format!(
+                    "route config {}, virtual host {}, route {:?}: {e}",
+                    rc.name, vh.name, r.name
+                )
+            })?);
+        }
+        if vh.retry_policy.is_some() || !vh.typed_per_filter_config.is_empty() {
+            return Err(format!("route config {}, virtual host {}: virtual-host-level retry and filter config are not supported", rc.name, vh.name));
+        }
+        t.virtual_hosts.push(VirtualHost {
+            name: vh.name.clone(),
+            routes,
+        });
+    }
+    t.suffixes.sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
+    Ok(t)
+}
+
+impl RouteTable {
+    /// Envoy's order: exact domain, then the longest `*suffix`, then `*`. `host` is lowercase.
+    pub fn virtual_host(&self, host: &str) -> Option<&VirtualHost> {
+        let i = self
+            .exact
+            .get(host)
+            .copied()
+            .or_else(|| {
+                self.suffixes
+                    .iter()
+                    .find(|(s, _)| host.ends_with(s.as_str()))
+                    .map(|(_, i)| *i)
+            })
+            .or(self.wildcard)?;
+        Some(&self.virtual_hosts[i])
+    }
+
+    pub fn clusters(&self) -> impl Iterator<Item = &str> {
+        self.virtual_hosts
+            .iter()
+            .flat_map(|v| v.routes.iter())
+            .flat_map(|r| r.target.clusters())
+    }
+}
+
+fn regex(r: &matcher::RegexMatcher) -> Result<regex::Regex, Reject> {
+    regex::Regex::new(&format!("^(?:{})$", r.regex)).map_err(|e| {
+        format!(
+            "invalid regex {:?}: {}",
+            r.regex,
+            e.to_string().lines().last().unwrap_or("")
+        )
+    })
+}
+
+fn string_match(m: &matcher::StringMatcher) -> Result<StrMatch, Reject> {
+    use matcher::string_matcher::MatchPattern;
+    if m.ignore_case {
+        return Err("ignore_case string matching is not supported".into());
+    }
+    Ok(match &m.match_pattern {
+        Some(MatchPattern::Exact(s)) => StrMatch::Exact(s.clone()),
+        Some(MatchPattern::Prefix(s)) => StrMatch::Prefix(s.clone()),
+        Some(MatchPattern::Suffix(s)) => StrMatch::Suffix(s.clone()),
+        Some(MatchPattern::Contains(s)) => StrMatch::Contains(s.clone()),
+        Some(MatchPattern::SafeRegex(r)) => StrMatch::Regex(regex(r)?),
+        _ => return Err("unsupported string match".into()),
+    })
+}
+
+#[allow(deprecated)] // the deprecated header matchers and fields are still sent by control planes
+fn convert_route(r: &route::Route) -> Result<Route, Reject> {
+    use route::header_matcher::HeaderMatchSpecifier as H;
+    use route::route_match::PathSpecifier;
+    let m = r.r#match.as_ref().ok_or("route has no match")?;
+    if m.case_sensitive.as_ref().is_some_and(|c| !c.value)
+        || !m.query_parameters.is_empty()
+        || m.grpc.is_some()
+        || m.runtime_fraction.is_some()
+        || !m.cookies.is_empty()
+    {
+        return Err("only path and header matches are supported".into());
+    }
+    let path = match &m.path_specifier {
+        Some(PathSpecifier::Prefix(p)) => PathMatch::Prefix(p.clone()),
+        Some(PathSpecifier::Path(p)) => PathMatch::Exact(p.clone()),
+        Some(PathSpecifier::SafeRegex(re)) => PathMatch::Regex(regex(re)?),
+        _ => {
+            return Err("unsupported path match (prefix, path and safe_regex are supported)".into())
+        }
+    };
+    let mut headers = Vec::new();
+    for h in &m.headers {
+        let matcher = match &h.header_match_specifier {
+            Some(H::ExactMatch(s)) => StrMatch::Exact(s.clone()),
+            Some(H::PrefixMatch(s)) => StrMatch::Prefix(s.clone()),
+            Some(H::SuffixMatch(s)) => StrMatch::Suffix(s.clone()),
+            Some(H::ContainsMatch(s)) => StrMatch::Contains(s.clone()),
+            Some(H::SafeRegexMatch(re)) => StrMatch::Regex(regex(re)?),
+            Some(H::PresentMatch(p)) => StrMatch::Present(*p),
+            Some(H::StringMatch(sm)) => string_match(sm)?,
+            None => StrMatch::Present(true),
+            Some(_) => return Err(format!("header {}: unsupported header match", h.name)),
+        };
+        let name = http::HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| format!("invalid header name {:?}", h.name))?;
+        headers.push(HeaderMatch {
+            name,
+            matcher,
+            invert: h.invert_match,
+        });
+    }
+    let action = match &r.action {
+        Some(route::route::Action::Route(a)) => a,
+        Some(route::route::Action::Redirect(_)) => {
+            return Err("redirect routes are not supported".into())
+        }
+        Some(route::route::Action::DirectResponse(_)) => {
+            return Err("direct_response routes are not supported".into())
+        }
+        _ => return Err("unsupported route action".into()),
+    };
+    if !action.prefix_rewrite.is_empty()
+        || action.regex_rewrite.is_some()
+        || action.host_rewrite_specifier.is_some()
+        || !action.hash_policy.is_empty()
+        || !action.request_mirror_policies.is_empty()
+        || action.cors.is_some()
+    {
+        return Err("rewrites, hash policies, mirroring and CORS are not supported".into());
+    }
+    if !r.request_headers_to_add.is_empty()
+        || !r.response_headers_to_add.is_empty()
+        || !r.request_headers_to_remove.is_empty()
+        || !r.response_headers_to_remove.is_empty()
+    {
+        return Err("header manipulation is not supported".into());
+    }
+    use route::route_action::ClusterSpecifier;
+    let target = match &action.cluster_specifier {
+        Some(ClusterSpecifier::Cluster(c)) => Target::Cluster(c.clone()),
+        Some(ClusterSpecifier::WeightedClusters(w)) => {
+            let list: Vec<(String, u32)> = w
+                .clusters
+                .iter()
+                .map(|c| (c.name.clone(), c.weight.as_ref().map_or(0, |w| w.value)))
+                .collect();
+            let total: u32 = list.iter().map(|(_, w)| w).sum();
+            if total == 0 {
+                return Err(
+                    "Sum of weights in the weighted_cluster must be greater than 0.".into(),
+                );
+            }
+            Target::Weighted(list, total)
+        }
+        _ => {
+            return Err(
+                "unsupported cluster specifier (cluster and weighted_clusters are supported)"
+                    .into(),
+            )
+        }
+    };
+    let timeout = match &action.timeout {
+        None => Some(Duration::from_secs(15)), // Envoy's default route timeout
+        Some(d) => Some(duration(d)).filter(|d| !d.is_zero()),
+    };
+    let retry = action.retry_policy.as_ref().map(retry_policy).transpose()?;
+    let mut fault = None;
+    for (name, any) in &r.typed_per_filter_config {
+        if name != FAULT_FILTER {
+            return Err(format!("per-route config for unsupported filter {name}"));
+        }
+        fault = Some(fault_config(&decode::<fault::HttpFault>(any)?)?);
+    }
+    Ok(Route {
+        name: r.name.clone(),
+        path,
+        headers,
+        target,
+        timeout,
+        retry,
+        fault,
+    })
+}
+
+fn retry_policy(p: &route::RetryPolicy) -> Result<RetryPolicy, Reject> {
+    let mut rp = RetryPolicy {
+        num_retries: p.num_retries.as_ref().map_or(1, |n| n.value),
+        per_try_timeout: p
+            .per_try_timeout
+            .as_ref()
+            .map(duration)
+            .filter(|d| !d.is_zero()),
+        retriable_status_codes: p.retriable_status_codes.iter().map(|c| *c as u16).collect(),
+        ..Default::default()
+    };
+    for token in p
+        .retry_on
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+    {
+        match token {
+            "5xx" => rp.on_5xx = true,
+            "gateway-error" => rp.on_gateway_error = true,
+            "connect-failure" => rp.on_connect_failure = true,
+            "reset" | "reset-before-request" => rp.on_reset = true,
+            "retriable-4xx" => rp.on_retriable_4xx = true,
+            "retriable-status-codes" => {}
+            // HTTP/2 stream refusals and gRPC status retries: this data plane answers plain
+            // HTTP, where they never occur, so they are accepted and have no effect.
+            "refused-stream" | "cancelled" | "deadline-exceeded" | "internal"
+            | "resource-exhausted" | "unavailable" => {}
+            other => return Err(format!("unsupported retry_on condition {other:?}")),
+        }
+    }
+    if p.retry_host_predicate.len() > 0
+        || p.retry_priority.is_some()
+        || !p.retriable_headers.is_empty()
+        || !p.retriable_request_headers.is_empty()
+    {
+        return Err(
+            "retry host predicates, priorities and header conditions are not supported".into(),
+        );
+    }
+    Ok(rp)
+}
+
+// ---- Clusters and endpoints --------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lb {
+    RoundRobin,
+    LeastRequest,
+    Random,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Thresholds {
+    pub max_connections: u32,
+    pub max_pending_requests: u32,
+    pub max_requests: u32,
+    pub max_retries: u32,
+}
+
+/// Envoy's default circuit breaker thresholds.
+pub const DEFAULT_THRESHOLDS: Thresholds = Thresholds {
+    max_connections: 1024,
+    max_pending_requests: 1024,
+    max_requests: 1024,
+    max_retries: 3,
+};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Outlier {
+    pub consecutive_5xx: u32,
+    pub interval: Duration,
+    pub base_ejection_time: Duration,
+    pub max_ejection_percent: u32,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub weight: u32,
+    pub healthy: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Discovery {
+    Eds(String),
+    Static(Vec<Endpoint>),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClusterCfg {
+    pub name: String,
+    pub discovery: Discovery,
+    pub lb: Lb,
+    pub connect_timeout: Duration,
+    pub thresholds: Thresholds,
+    pub outlier: Option<Outlier>,
+    pub http2: bool,
+    pub max_requests_per_connection: Option<u32>,
+}
+
+#[allow(deprecated)] // max_requests_per_connection on the Cluster is still honoured
+pub fn cluster(c: &cluster::Cluster) -> Result<ClusterCfg, Reject> {
+    use cluster::cluster::{ClusterDiscoveryType, DiscoveryType, LbPolicy};
+    let err = |m: &str| format!("cluster {}: {m}", c.name);
+    let discovery = match c.cluster_discovery_type {
+        Some(ClusterDiscoveryType::Type(t)) if t == DiscoveryType::Eds as i32 => {
+            let eds = c
+                .eds_cluster_config
+                .as_ref()
+                .ok_or_else(|| err("cannot create an EDS cluster without an EDS config"))?;
+            let ads = matches!(
+                eds.eds_config
+                    .as_ref()
+                    .and_then(|s| s.config_source_specifier.as_ref()),
+                Some(core::config_source::ConfigSourceSpecifier::Ads(_))
+            );
+            if !ads {
+                return Err(err("EDS must come over ADS"));
+            }
+            Discovery::Eds(if eds.service_name.is_empty() {
+                c.name.clone()
+            } else {
+                eds.service_name.clone()
+            })
+        }
+        Some(ClusterDiscoveryType::Type(t)) if t == DiscoveryType::Static as i32 => {
+            let cla = c
+                .load_assignment
+                .as_ref()
+                .ok_or_else(|| err("a STATIC cluster needs a load_assignment"))?;
+            Discovery::Static(endpoints(cla)?)
+        }
+        _ => return Err(err("only EDS and STATIC clusters are supported")),
+    };
+    let lb = match LbPolicy::try_from(c.lb_policy) {
+        Ok(LbPolicy::RoundRobin) => Lb::RoundRobin,
+        Ok(LbPolicy::LeastRequest) => Lb::LeastRequest,
+        Ok(LbPolicy::Random) => Lb::Random,
+        _ => {
+            return Err(err(
+                "unsupported lb_policy (ROUND_ROBIN, LEAST_REQUEST and RANDOM are supported)",
+            ))
+        }
+    };
+    if c.transport_socket.is_some() || !c.transport_socket_matches.is_empty() {
+        return Err(err("TLS transport sockets are not supported"));
+    }
+    if !c.health_checks.is_empty()
+        || c.lb_subset_config.is_some()
+        || c.load_balancing_policy.is_some()
+        || c.upstream_bind_config.is_some()
+    {
+        return Err(err(
+            "health checks, subset LB, load_balancing_policy and bind config are not supported",
+        ));
+    }
+    let mut thresholds = DEFAULT_THRESHOLDS;
+    if let Some(cb) = &c.circuit_breakers {
+        for t in &cb.thresholds {
+            if t.priority != core::RoutingPriority::Default as i32 {
+                continue; // high-priority routes do not exist here
+            }
+            let v = |o: &Option<protobuf::UInt32Value>, d| o.as_ref().map_or(d, |v| v.value);
+            thresholds = Thresholds {
+                max_connections: v(&t.max_connections, 1024),
+                max_pending_requests: v(&t.max_pending_requests, 1024),
+                max_requests: v(&t.max_requests, 1024),
+                max_retries: v(&t.max_retries, 3),
+            };
+        }
+    }
+    let outlier = c.outlier_detection.as_ref().map(|o| Outlier {
+        consecutive_5xx: o.consecutive_5xx.as_ref().map_or(5, |v| v.value),
+        interval: o
+            .interval
+            .as_ref()
+            .map_or(Duration::from_secs(10), duration),
+        base_ejection_time: o
+            .base_ejection_time
+            .as_ref()
+            .map_or(Duration::from_secs(30), duration),
+        max_ejection_percent: o.max_ejection_percent.as_ref().map_or(10, |v| v.value),
+    });
+    let mut http2 = false;
+    let mut max_requests_per_connection = c.max_requests_per_connection.as_ref().map(|v| v.value);
+    for (k, any) in &c.typed_extension_protocol_options {
+        if k != HTTP_OPTIONS_KEY {
+            return Err(err(&format!("unsupported protocol options {k}")));
+        }
+        let o: upstream_http::HttpProtocolOptions = decode(any)?;
+        use upstream_http::http_protocol_options::{
+            explicit_http_config::ProtocolConfig, UpstreamProtocolOptions,
+        };
+        match &o.upstream_protocol_options {
+            Some(UpstreamProtocolOptions::ExplicitHttpConfig(e)) => {
+                http2 = matches!(
+                    e.protocol_config,
+                    Some(ProtocolConfig::Http2ProtocolOptions(_))
+                )
+            }
+            None => {}
+            Some(_) => {
+                return Err(err(
+                    "only explicit HTTP/1.1 or HTTP/2 upstream protocol options are supported",
+                ))
+            }
+        }
+        if let Some(n) = o
+            .common_http_protocol_options
+            .as_ref()
+            .and_then(|c| c.max_requests_per_connection.as_ref())
+        {
+            max_requests_per_connection = Some(n.value);
+        }
+    }
+    Ok(ClusterCfg {
+        name: c.name.clone(),
+        discovery,
+        lb,
+        connect_timeout: c
+            .connect_timeout
+            .as_ref()
+            .map_or(Duration::from_secs(5), duration),
+        thresholds,
+        outlier,
+        http2,
+        max_requests_per_connection: max_requests_per_connection.filter(|n| *n > 0),
+    })
+}
+
+pub fn endpoints(cla: &endpoint::ClusterLoadAssignment) -> Result<Vec<Endpoint>, Reject> {
+    let mut out = Vec::new();
+    for loc in &cla.endpoints {
+        for e in &loc.lb_endpoints {
+            let ep = match &e.host_identifier {
+                Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(ep)) => ep,
+                _ => {
+                    return Err(format!(
+                        "{}: only inline endpoints are supported",
+                        cla.cluster_name
+                    ))
+                }
+            };
+            let addr = match ep.address.as_ref().and_then(|a| a.address.as_ref()) {
+                Some(core::address::Address::SocketAddress(sa)) => {
+                    socket_addr(sa).map_err(|e| format!("{}: {e}", cla.cluster_name))?
+                }
+                _ => {
+                    return Err(format!(
+                        "{}: only socket addresses are supported",
+                        cla.cluster_name
+                    ))
+                }
+            };
+            let healthy = matches!(
+                core::HealthStatus::try_from(e.health_status),
+                Ok(core::HealthStatus::Unknown | core::HealthStatus::Healthy) | Err(_)
+            );
+            out.push(Endpoint {
+                addr,
+                weight: e
+                    .load_balancing_weight
+                    .as_ref()
+                    .map_or(1, |w| w.value.max(1)),
+                healthy,
+            });
+        }
+    }
+    Ok(out)
+}

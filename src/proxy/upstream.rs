@@ -1,0 +1,510 @@
+//! Upstream side of the data plane: a cluster's hosts, their connection pools, load
+//! balancing, circuit breakers, outlier ejection and the counters `/clusters` and `/stats`
+//! show. Pools are per cluster and host, as Envoy keeps them.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rand::Rng;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+use super::resources::{ClusterCfg, Discovery, Endpoint, Lb};
+
+pub type UpstreamBody = Full<Bytes>;
+
+/// Per-host counters, named as Envoy's `/clusters` names them.
+#[derive(Debug, Default)]
+pub struct HostStats {
+    pub cx_active: AtomicU64,
+    pub cx_total: AtomicU64,
+    pub cx_connect_fail: AtomicU64,
+    pub rq_active: AtomicU64,
+    pub rq_total: AtomicU64,
+    pub rq_success: AtomicU64,
+    pub rq_error: AtomicU64,
+    pub rq_timeout: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct OutlierState {
+    consecutive_5xx: u32,
+    ejected_until: Option<Instant>,
+    times_ejected: u32,
+}
+
+enum Idle {
+    H1(http1::SendRequest<UpstreamBody>, u32),
+    H2(http2::SendRequest<UpstreamBody>),
+}
+
+#[derive(Debug)]
+pub struct Host {
+    pub addr: SocketAddr,
+    pub weight: u32,
+    pub healthy: bool,
+    pub stats: Arc<HostStats>,
+    outlier: Mutex<OutlierState>,
+    idle: Mutex<Vec<IdleConn>>,
+}
+
+/// An idle HTTP/1 connection (sender, requests served) or the shared HTTP/2 connection.
+pub struct IdleConn(Idle);
+
+impl std::fmt::Debug for IdleConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("IdleConn")
+    }
+}
+
+impl Host {
+    fn new(e: &Endpoint, stats: Arc<HostStats>) -> Host {
+        Host {
+            addr: e.addr,
+            weight: e.weight,
+            healthy: e.healthy,
+            stats,
+            outlier: Mutex::default(),
+            idle: Mutex::default(),
+        }
+    }
+
+    pub fn ejected(&self, now: Instant) -> bool {
+        self.outlier
+            .lock()
+            .unwrap()
+            .ejected_until
+            .is_some_and(|t| t > now)
+    }
+
+    pub fn health_flags(&self) -> String {
+        let mut flags = Vec::new();
+        if !self.healthy {
+            flags.push("/failed_eds_health");
+        }
+        if self.ejected(Instant::now()) {
+            flags.push("/failed_outlier_check");
+        }
+        if flags.is_empty() {
+            "healthy".into()
+        } else {
+            flags.concat()
+        }
+    }
+}
+
+/// Cluster-level counters (`cluster.NAME.*` in `/stats`).
+#[derive(Debug, Default)]
+pub struct ClusterStats {
+    pub upstream_rq_total: AtomicU64,
+    pub upstream_rq_2xx: AtomicU64,
+    pub upstream_rq_3xx: AtomicU64,
+    pub upstream_rq_4xx: AtomicU64,
+    pub upstream_rq_5xx: AtomicU64,
+    pub upstream_rq_retry: AtomicU64,
+    pub upstream_rq_retry_overflow: AtomicU64,
+    pub upstream_rq_timeout: AtomicU64,
+    pub upstream_rq_per_try_timeout: AtomicU64,
+    pub upstream_rq_pending_overflow: AtomicU64,
+    pub upstream_rq_pending_total: AtomicU64,
+    pub upstream_cx_total: AtomicU64,
+    pub upstream_cx_connect_fail: AtomicU64,
+    pub upstream_cx_active: AtomicU64,
+    pub ejections_enforced_total: AtomicU64,
+    pub upstream_rq_active: AtomicU64,
+}
+
+impl ClusterStats {
+    pub fn count_status(&self, status: u16) {
+        let c = match status {
+            200..=299 => &self.upstream_rq_2xx,
+            300..=399 => &self.upstream_rq_3xx,
+            400..=499 => &self.upstream_rq_4xx,
+            _ => &self.upstream_rq_5xx,
+        };
+        c.fetch_add(1, Relaxed);
+    }
+}
+
+/// A cluster at run time. Replaced whole when its config changes (old pools drain with the
+/// requests that still hold them); its hosts are replaced on EDS updates.
+#[derive(Debug)]
+pub struct Cluster {
+    pub cfg: ClusterCfg,
+    hosts: RwLock<Arc<Vec<Arc<Host>>>>,
+    pub stats: Arc<ClusterStats>,
+    rr: AtomicUsize,
+    /// HTTP/1: one permit per connection in use (max_connections).
+    connections: Arc<Semaphore>,
+    pending: AtomicU32,
+    active_requests: AtomicU32,
+    active_retries: AtomicU32,
+}
+
+/// Why no upstream request could be made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    NoHealthyUpstream,
+    Overflow,
+}
+
+/// Held while a request uses a cluster; releases the circuit breaker slots on drop.
+#[derive(Debug)]
+pub struct RequestGuard {
+    cluster: Arc<Cluster>,
+    pub host: Arc<Host>,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.cluster.active_requests.fetch_sub(1, Relaxed);
+        self.cluster.stats.upstream_rq_active.fetch_sub(1, Relaxed);
+        self.host.stats.rq_active.fetch_sub(1, Relaxed);
+    }
+}
+
+impl Cluster {
+    pub fn new(cfg: ClusterCfg, previous: Option<&Cluster>) -> Cluster {
+        let stats = previous.map(|p| p.stats.clone()).unwrap_or_default();
+        let c = Cluster {
+            connections: Arc::new(Semaphore::new(cfg.thresholds.max_connections as usize)),
+            cfg,
+            hosts: RwLock::default(),
+            stats,
+            rr: AtomicUsize::new(0),
+            pending: AtomicU32::new(0),
+            active_requests: AtomicU32::new(0),
+            active_retries: AtomicU32::new(0),
+        };
+        match &c.cfg.discovery {
+            Discovery::Static(eps) => c.set_endpoints(eps),
+            Discovery::Eds(_) => {
+                // Keep serving the previous cluster's endpoints until EDS says otherwise.
+                if let Some(p) = previous {
+                    let eps: Vec<Endpoint> = p
+                        .hosts()
+                        .iter()
+                        .map(|h| Endpoint {
+                            addr: h.addr,
+                            weight: h.weight,
+                            healthy: h.healthy,
+                        })
+                        .collect();
+                    c.set_endpoints_with(&eps, &p.hosts());
+                }
+            }
+        }
+        c
+    }
+
+    pub fn hosts(&self) -> Arc<Vec<Arc<Host>>> {
+        self.hosts.read().unwrap().clone()
+    }
+
+    /// Replaces the host set; unchanged addresses keep their counters.
+    pub fn set_endpoints(&self, eps: &[Endpoint]) {
+        let old = self.hosts();
+        self.set_endpoints_with(eps, &old);
+    }
+
+    fn set_endpoints_with(&self, eps: &[Endpoint], old: &[Arc<Host>]) {
+        let by_addr: HashMap<SocketAddr, &Arc<Host>> = old.iter().map(|h| (h.addr, h)).collect();
+        let hosts = eps
+            .iter()
+            .map(|e| match by_addr.get(&e.addr) {
+                Some(h) if h.weight == e.weight && h.healthy == e.healthy => (*h).clone(),
+                Some(h) => Arc::new(Host::new(e, h.stats.clone())),
+                None => Arc::new(Host::new(e, Arc::default())),
+            })
+            .collect();
+        *self.hosts.write().unwrap() = Arc::new(hosts);
+    }
+
+    /// Picks a host by the cluster's policy among healthy, non-ejected hosts; below 50%
+    /// available Envoy's panic mode routes to all hosts.
+    pub fn pick(&self) -> Option<Arc<Host>> {
+        let hosts = self.hosts();
+        if hosts.is_empty() {
+            return None;
+        }
+        let now = Instant::now();
+        let available: Vec<&Arc<Host>> = hosts
+            .iter()
+            .filter(|h| h.healthy && !h.ejected(now))
+            .collect();
+        let candidates: Vec<&Arc<Host>> = if available.len() * 2 < hosts.len() {
+            hosts.iter().collect()
+        } else {
+            available
+        };
+        pick(self.cfg.lb, &candidates, &self.rr).cloned()
+    }
+
+    /// Reserves circuit-breaker capacity for one request to `host`.
+    pub async fn admit(self: &Arc<Self>, host: Arc<Host>) -> Result<RequestGuard, Refused> {
+        let t = &self.cfg.thresholds;
+        if self.active_requests.fetch_add(1, Relaxed) >= t.max_requests {
+            self.active_requests.fetch_sub(1, Relaxed);
+            self.stats
+                .upstream_rq_pending_overflow
+                .fetch_add(1, Relaxed);
+            return Err(Refused::Overflow);
+        }
+        let permit = if self.cfg.http2 {
+            None
+        } else {
+            match self.connections.clone().try_acquire_owned() {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    if self.pending.fetch_add(1, Relaxed) >= t.max_pending_requests {
+                        self.pending.fetch_sub(1, Relaxed);
+                        self.active_requests.fetch_sub(1, Relaxed);
+                        self.stats
+                            .upstream_rq_pending_overflow
+                            .fetch_add(1, Relaxed);
+                        return Err(Refused::Overflow);
+                    }
+                    self.stats.upstream_rq_pending_total.fetch_add(1, Relaxed);
+                    let p = self.connections.clone().acquire_owned().await;
+                    self.pending.fetch_sub(1, Relaxed);
+                    Some(p.expect("the semaphore is never closed"))
+                }
+            }
+        };
+        self.stats.upstream_rq_active.fetch_add(1, Relaxed);
+        host.stats.rq_active.fetch_add(1, Relaxed);
+        Ok(RequestGuard {
+            cluster: self.clone(),
+            host,
+            _permit: permit,
+        })
+    }
+
+    /// Takes a retry slot (max_retries); `false` when the breaker is open.
+    pub fn begin_retry(&self) -> bool {
+        if self.active_retries.fetch_add(1, Relaxed) >= self.cfg.thresholds.max_retries {
+            self.active_retries.fetch_sub(1, Relaxed);
+            self.stats.upstream_rq_retry_overflow.fetch_add(1, Relaxed);
+            return false;
+        }
+        self.stats.upstream_rq_retry.fetch_add(1, Relaxed);
+        true
+    }
+
+    pub fn end_retry(&self) {
+        self.active_retries.fetch_sub(1, Relaxed);
+    }
+
+    /// Feeds one attempt's outcome to outlier detection (5xx and local failures count).
+    pub fn record_outcome(&self, host: &Host, failed: bool) {
+        let Some(od) = &self.cfg.outlier else { return };
+        let mut st = host.outlier.lock().unwrap();
+        if !failed {
+            st.consecutive_5xx = 0;
+            return;
+        }
+        st.consecutive_5xx += 1;
+        let now = Instant::now();
+        if st.consecutive_5xx < od.consecutive_5xx || st.ejected_until.is_some_and(|t| t > now) {
+            return;
+        }
+        st.consecutive_5xx = 0;
+        drop(st);
+        let hosts = self.hosts();
+        let ejected = hosts.iter().filter(|h| h.ejected(now)).count();
+        // Envoy ejects at least one host whatever max_ejection_percent says.
+        let allowed = ((hosts.len() as u64 * od.max_ejection_percent as u64) / 100).max(1) as usize;
+        if ejected >= allowed {
+            return;
+        }
+        let mut st = host.outlier.lock().unwrap();
+        st.times_ejected += 1;
+        st.ejected_until = Some(now + od.base_ejection_time * st.times_ejected);
+        self.stats.ejections_enforced_total.fetch_add(1, Relaxed);
+    }
+
+    pub fn ejections_active(&self) -> usize {
+        let now = Instant::now();
+        self.hosts().iter().filter(|h| h.ejected(now)).count()
+    }
+
+    /// Sends one request to `host`, reusing an idle connection when one is ready.
+    pub async fn send(
+        &self,
+        host: &Host,
+        req: http::Request<UpstreamBody>,
+    ) -> Result<(http::Response<hyper::body::Incoming>, Option<IdleConn>), SendError> {
+        let mut conn = self.checkout(host).await?;
+        match &mut conn.0 {
+            Idle::H1(sender, served) => {
+                let resp = sender
+                    .send_request(req)
+                    .await
+                    .map_err(|_| SendError::Reset)?;
+                *served += 1;
+                let reusable = self
+                    .cfg
+                    .max_requests_per_connection
+                    .is_none_or(|m| *served < m);
+                Ok((resp, reusable.then_some(conn)))
+            }
+            Idle::H2(sender) => {
+                let resp = sender
+                    .send_request(req)
+                    .await
+                    .map_err(|_| SendError::Reset)?;
+                Ok((resp, Some(conn)))
+            }
+        }
+    }
+
+    /// Returns an HTTP/1 connection to the pool once its response is complete.
+    pub fn checkin(&self, host: &Host, conn: IdleConn) {
+        if let Idle::H1(..) = conn.0 {
+            host.idle.lock().unwrap().push(conn);
+        }
+    }
+
+    async fn checkout(&self, host: &Host) -> Result<IdleConn, SendError> {
+        loop {
+            let c = {
+                let mut idle = host.idle.lock().unwrap();
+                if self.cfg.http2 {
+                    match idle.last() {
+                        Some(IdleConn(Idle::H2(s))) if !s.is_closed() => {
+                            return Ok(IdleConn(Idle::H2(s.clone())))
+                        }
+                        Some(_) => {
+                            idle.pop();
+                            None
+                        }
+                        None => None,
+                    }
+                } else {
+                    idle.pop()
+                }
+            };
+            match c {
+                Some(IdleConn(Idle::H1(mut s, n))) => {
+                    if s.is_closed() {
+                        continue;
+                    }
+                    if std::future::poll_fn(|cx| s.poll_ready(cx)).await.is_ok() {
+                        return Ok(IdleConn(Idle::H1(s, n)));
+                    }
+                }
+                Some(other) => return Ok(other),
+                None => break,
+            }
+        }
+        let conn = self.connect(host).await?;
+        if let Idle::H2(s) = &conn.0 {
+            host.idle
+                .lock()
+                .unwrap()
+                .push(IdleConn(Idle::H2(s.clone())));
+        }
+        Ok(conn)
+    }
+
+    async fn connect(&self, host: &Host) -> Result<IdleConn, SendError> {
+        let fail = || {
+            host.stats.cx_connect_fail.fetch_add(1, Relaxed);
+            self.stats.upstream_cx_connect_fail.fetch_add(1, Relaxed);
+            SendError::ConnectFailure
+        };
+        let stream = match tokio::time::timeout(
+            self.cfg.connect_timeout,
+            tokio::net::TcpStream::connect(host.addr),
+        )
+        .await
+        {
+            Ok(Ok(s)) => s,
+            _ => return Err(fail()),
+        };
+        let _ = stream.set_nodelay(true);
+        let io = TokioIo::new(stream);
+        host.stats.cx_total.fetch_add(1, Relaxed);
+        self.stats.upstream_cx_total.fetch_add(1, Relaxed);
+        let gauge = CxGauge::new(host.stats.clone(), self.stats.clone());
+        if self.cfg.http2 {
+            let (sender, conn) = http2::handshake(TokioExecutor::new(), io)
+                .await
+                .map_err(|_| fail())?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+                drop(gauge);
+            });
+            Ok(IdleConn(Idle::H2(sender)))
+        } else {
+            let (sender, conn) = http1::handshake(io).await.map_err(|_| fail())?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+                drop(gauge);
+            });
+            Ok(IdleConn(Idle::H1(sender, 0)))
+        }
+    }
+}
+
+/// Counts a connection as active for its lifetime.
+struct CxGauge(Arc<HostStats>, Arc<ClusterStats>);
+impl CxGauge {
+    fn new(h: Arc<HostStats>, c: Arc<ClusterStats>) -> CxGauge {
+        h.cx_active.fetch_add(1, Relaxed);
+        c.upstream_cx_active.fetch_add(1, Relaxed);
+        CxGauge(h, c)
+    }
+}
+impl Drop for CxGauge {
+    fn drop(&mut self) {
+        self.0.cx_active.fetch_sub(1, Relaxed);
+        self.1.upstream_cx_active.fetch_sub(1, Relaxed);
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendError {
+    ConnectFailure,
+    Reset,
+}
+
+/// Load-balancer pick over `hosts` (non-empty). Round robin and random honour weights only
+/// through repetition-free rotation, as Envoy does for equal weights; least request is
+/// power-of-two-choices on active requests.
+pub fn pick<'a>(lb: Lb, hosts: &[&'a Arc<Host>], rr: &AtomicUsize) -> Option<&'a Arc<Host>> {
+    match hosts.len() {
+        0 => None,
+        1 => Some(hosts[0]),
+        n => Some(match lb {
+            Lb::RoundRobin => hosts[rr.fetch_add(1, Relaxed) % n],
+            Lb::Random => hosts[rand::rng().random_range(0..n)],
+            Lb::LeastRequest => {
+                let mut rng = rand::rng();
+                let a = hosts[rng.random_range(0..n)];
+                let b = hosts[rng.random_range(0..n)];
+                if b.stats.rq_active.load(Relaxed) < a.stats.rq_active.load(Relaxed) {
+                    b
+                } else {
+                    a
+                }
+            }
+        }),
+    }
+}
+
+/// Envoy's retry back-off: fully jittered, base 25 ms doubling per retry, capped at 250 ms.
+pub fn retry_backoff(retry: u32) -> Duration {
+    let cap = Duration::from_millis(25)
+        .saturating_mul(1 << retry.min(4))
+        .min(Duration::from_millis(250));
+    Duration::from_micros(rand::rng().random_range(0..=cap.as_micros() as u64))
+}
