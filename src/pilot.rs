@@ -35,6 +35,8 @@ pub const DEFAULT_XDS_ADDR: &str = "127.0.0.1:15010";
 pub const DEFAULT_API_ADDR: &str = "127.0.0.1:15080";
 pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(100);
 pub const DEFAULT_DEBOUNCE_MAX: Duration = Duration::from_secs(1);
+/// How long open streams get to finish after shutdown is asked for.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 /// Largest request body the REST API reads.
 const MAX_BODY: usize = 64 << 20;
 
@@ -342,10 +344,20 @@ pub async fn serve(
             tokio_stream::wrappers::TcpListenerStream::new(xds),
             shutdown.clone().wait(),
         );
-    let rest = axum::serve(api, router(pilot)).with_graceful_shutdown(shutdown.wait());
-    let (g, r) = tokio::join!(grpc, rest);
-    g.map_err(|e| Error::Serve(format!("ADS: {e}")))?;
-    r.map_err(|e| Error::Serve(format!("REST API: {e}")))?;
+    let rest = axum::serve(api, router(pilot)).with_graceful_shutdown(shutdown.clone().wait());
+    let servers = async { tokio::join!(grpc, rest) };
+    // ADS streams live as long as their proxies: after the grace period, stop regardless.
+    let deadline = async {
+        shutdown.wait().await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        (g, r) = servers => {
+            g.map_err(|e| Error::Serve(format!("ADS: {e}")))?;
+            r.map_err(|e| Error::Serve(format!("REST API: {e}")))?;
+        }
+        _ = deadline => tracing::info!("shutdown grace period over; closing open streams"),
+    }
     Ok(())
 }
 

@@ -421,12 +421,16 @@ impl Cluster {
             self.stats.upstream_cx_connect_fail.fetch_add(1, Relaxed);
             SendError::ConnectFailure
         };
-        let stream = match tokio::time::timeout(
+        // As in Envoy, a request waiting for a new connection is pending, so it counts against
+        // max_pending_requests while the connection is being established.
+        self.pending.fetch_add(1, Relaxed);
+        let stream = tokio::time::timeout(
             self.cfg.connect_timeout,
             tokio::net::TcpStream::connect(host.addr),
         )
-        .await
-        {
+        .await;
+        self.pending.fetch_sub(1, Relaxed);
+        let stream = match stream {
             Ok(Ok(s)) => s,
             _ => return Err(fail()),
         };

@@ -319,3 +319,108 @@ pub async fn wait_synced(api: SocketAddr, node_id: &str, version: u64) -> f64 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// How a test upstream answers.
+#[derive(Clone, Copy, Debug)]
+pub enum Behavior {
+    Ok,
+    Status(u16),
+    Delay(Duration),
+}
+
+/// An upstream that counts the requests it receives.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub hits: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Upstream {
+    pub fn take_hits(&self) -> u64 {
+        self.hits.swap(0, Ordering::Relaxed)
+    }
+}
+
+pub async fn start_upstream(ip: &str, identity: &str, behavior: Behavior) -> Upstream {
+    let l = TcpListener::bind((ip, 0)).await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let hits = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (h, id) = (hits.clone(), identity.to_string());
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            let (h, id) = (h.clone(), id.clone());
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |_req: hyper::Request<hyper::body::Incoming>| {
+                        let (h, id) = (h.clone(), id.clone());
+                        async move {
+                            h.fetch_add(1, Ordering::Relaxed);
+                            let status = match behavior {
+                                Behavior::Ok => 200,
+                                Behavior::Status(s) => s,
+                                Behavior::Delay(d) => {
+                                    tokio::time::sleep(d).await;
+                                    200
+                                }
+                            };
+                            Ok::<_, std::convert::Infallible>(
+                                hyper::Response::builder()
+                                    .status(status)
+                                    .header(workload::IDENTITY_HEADER, id)
+                                    .body(Full::new(Bytes::from_static(b"ok")))
+                                    .unwrap(),
+                            )
+                        }
+                    },
+                );
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                .await;
+            });
+        }
+    });
+    Upstream { addr, hits }
+}
+
+/// meshbench proxy running in-process as the sidecar of `pod`; stops when dropped.
+pub struct MeshProxy {
+    pub admin: SocketAddr,
+    pub pod_ip: String,
+    pub node_id: String,
+    _trigger: Trigger,
+}
+
+pub async fn start_mesh_proxy(
+    xds: SocketAddr,
+    service: &str,
+    pod: &str,
+    labels: &[(&str, &str)],
+) -> MeshProxy {
+    let pod_ip = unique_loopback();
+    let admin_sock = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = admin_sock.local_addr().unwrap();
+    let node_id = meshbench::xds::node::sidecar_id(&pod_ip, pod, "default");
+    let cfg = meshbench::proxy::Config {
+        xds: xds.to_string(),
+        node_id: node_id.clone(),
+        cluster: service.into(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        app_ip: "127.0.0.1".into(),
+        admin,
+    };
+    let (trigger, stop) = shutdown::channel();
+    tokio::spawn(meshbench::proxy::run(cfg, admin_sock, stop));
+    MeshProxy {
+        admin,
+        pod_ip,
+        node_id,
+        _trigger: trigger,
+    }
+}

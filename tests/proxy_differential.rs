@@ -1,0 +1,339 @@
+//! Differential routing: the same pilot drives Envoy 1.40 and meshbench proxy with the same
+//! config, and a table of cases runs through both. Outcomes (which upstream, status, how many
+//! upstream attempts, circuit-breaker overflow) must agree case by case.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+
+const SERVICES: &str = "apiVersion: v1
+kind: Service
+metadata: {name: reviews}
+spec: {ports: [{port: 9080, name: http}], selector: {app: reviews}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: flaky}
+spec: {ports: [{port: 9080, name: http}], selector: {app: flaky}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: slow}
+spec: {ports: [{port: 9080, name: http}], selector: {app: slow}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews}
+spec:
+  host: reviews
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+  - {name: v3, labels: {version: v3}}
+";
+
+fn entry(name: &str, app: &str, version: &str, addr: SocketAddr) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: {name}}}\nspec: {{address: {}, labels: {{app: {app}, version: {version}}}, ports: {{http: {}}}}}\n",
+        addr.ip(),
+        addr.port()
+    )
+}
+
+fn vs(host: &str, http: &str) -> String {
+    format!("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {host}}}\nspec:\n  hosts: [{host}]\n  http:\n{http}")
+}
+
+/// What one request produced.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Outcome {
+    status: u16,
+    workload: String,
+    overloaded: bool,
+}
+
+struct Sidecar {
+    name: &'static str,
+    outbound: SocketAddr,
+    node_id: String,
+}
+
+async fn run_requests(
+    s: &Sidecar,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    n: usize,
+) -> BTreeMap<Outcome, usize> {
+    let mut c = Client::connect(s.outbound).await.unwrap();
+    let mut out = BTreeMap::new();
+    for _ in 0..n {
+        let r = c.request("GET", host, path, headers, "").await.unwrap();
+        let o = Outcome {
+            status: r.status,
+            workload: r.workload().unwrap_or("-").to_string(),
+            overloaded: r.headers.contains_key("x-envoy-overloaded"),
+        };
+        *out.entry(o).or_insert(0) += 1;
+    }
+    out
+}
+
+/// `n` requests at once, each on its own connection.
+async fn run_concurrent(s: &Sidecar, host: &str, n: usize) -> BTreeMap<Outcome, usize> {
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let addr = s.outbound;
+        let host = host.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut c = Client::connect(addr).await.unwrap();
+            let r = c.get(&host, "/").await.unwrap();
+            Outcome {
+                status: r.status,
+                workload: r.workload().unwrap_or("-").to_string(),
+                overloaded: r.headers.contains_key("x-envoy-overloaded"),
+            }
+        }));
+    }
+    let mut out = BTreeMap::new();
+    for t in tasks {
+        *out.entry(t.await.unwrap()).or_insert(0) += 1;
+    }
+    out
+}
+
+fn share(m: &BTreeMap<Outcome, usize>, workload: &str) -> f64 {
+    let total: usize = m.values().sum();
+    m.iter()
+        .filter(|(o, _)| o.workload == workload)
+        .map(|(_, n)| *n)
+        .sum::<usize>() as f64
+        / total as f64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_and_meshbench_proxy_agree_case_by_case() {
+    let Some(bin) = envoy_binary() else { return };
+    let p = start_pilot(Duration::ZERO).await;
+    let v1 = start_upstream("127.0.0.1", "reviews-v1", Behavior::Ok).await;
+    let v2 = start_upstream("127.0.0.1", "reviews-v2", Behavior::Ok).await;
+    let v3 = start_upstream("127.0.0.1", "reviews-v3", Behavior::Ok).await;
+    let flaky = start_upstream("127.0.0.1", "flaky-v1", Behavior::Status(503)).await;
+    let slow = start_upstream(
+        "127.0.0.1",
+        "slow-v1",
+        Behavior::Delay(Duration::from_millis(300)),
+    )
+    .await;
+    let base = [
+        SERVICES.to_string(),
+        entry("reviews-v1", "reviews", "v1", v1.addr),
+        entry("reviews-v2", "reviews", "v2", v2.addr),
+        entry("reviews-v3", "reviews", "v3", v3.addr),
+        entry("flaky-1", "flaky", "v1", flaky.addr),
+        entry("slow-1", "slow", "v1", slow.addr),
+    ]
+    .join("---\n");
+    let (s, body) = json(p.api, "POST", "/v1/apply", &base).await;
+    assert_eq!(s, 200, "{body}");
+
+    let envoy = start_envoy(
+        &bin,
+        p.xds,
+        "productpage",
+        "productpage-envoy",
+        &[("app", "productpage")],
+    )
+    .await;
+    let mesh = start_mesh_proxy(
+        p.xds,
+        "productpage",
+        "productpage-mesh",
+        &[("app", "productpage")],
+    )
+    .await;
+    let sidecars = [
+        Sidecar {
+            name: "envoy",
+            outbound: format!("{}:15001", envoy.pod_ip).parse().unwrap(),
+            node_id: envoy.node_id.clone(),
+        },
+        Sidecar {
+            name: "meshbench",
+            outbound: format!("{}:15001", mesh.pod_ip).parse().unwrap(),
+            node_id: mesh.node_id.clone(),
+        },
+    ];
+
+    let apply = |yaml: String| {
+        let api = p.api;
+        let ids: Vec<String> = sidecars.iter().map(|s| s.node_id.clone()).collect();
+        async move {
+            let (s, body) = json(api, "POST", "/v1/apply", &yaml).await;
+            assert_eq!(s, 200, "{body}");
+            let v = body["version"].as_u64().unwrap();
+            for id in &ids {
+                wait_synced(api, id, v).await;
+            }
+        }
+    };
+
+    // 1. weights 80/20
+    apply(vs("reviews", "  - route:\n    - {destination: {host: reviews, subset: v1}, weight: 80}\n    - {destination: {host: reviews, subset: v3}, weight: 20}\n")).await;
+    let mut shares = Vec::new();
+    for s in &sidecars {
+        let m = run_requests(s, "reviews:9080", "/", &[], 1000).await;
+        assert!(m.keys().all(|o| o.status == 200), "{}: {m:?}", s.name);
+        let v1_share = share(&m, "reviews-v1");
+        assert!(
+            (0.75..=0.85).contains(&v1_share),
+            "{}: v1 share {v1_share}",
+            s.name
+        );
+        shares.push(v1_share);
+    }
+    assert!(
+        (shares[0] - shares[1]).abs() < 0.07,
+        "weights disagree: {shares:?}"
+    );
+
+    // 2. header match, 3. exact vs prefix
+    apply(vs(
+        "reviews",
+        "  - match: [{headers: {end-user: {exact: jason}}}]\n    route: [{destination: {host: reviews, subset: v2}}]\n  - match: [{uri: {exact: /exact}}]\n    route: [{destination: {host: reviews, subset: v1}}]\n  - match: [{uri: {prefix: /exact}}]\n    route: [{destination: {host: reviews, subset: v3}}]\n  - route: [{destination: {host: reviews, subset: v1}}]\n",
+    ))
+    .await;
+    for (path, headers, want) in [
+        ("/", vec![("end-user", "jason")], "reviews-v2"),
+        ("/", vec![("end-user", "alice")], "reviews-v1"),
+        ("/exact", vec![], "reviews-v1"),
+        ("/exact/more", vec![], "reviews-v3"),
+        ("/exactly", vec![], "reviews-v3"),
+        ("/other", vec![], "reviews-v1"),
+    ] {
+        let mut seen = Vec::new();
+        for s in &sidecars {
+            let m = run_requests(s, "reviews:9080", path, &headers, 20).await;
+            let expected = BTreeMap::from([(
+                Outcome {
+                    status: 200,
+                    workload: want.into(),
+                    overloaded: false,
+                },
+                20,
+            )]);
+            assert_eq!(m, expected, "{} {path} {headers:?}", s.name);
+            seen.push(m);
+        }
+        assert_eq!(seen[0], seen[1]);
+    }
+
+    // 4. retries on a failing upstream: 1 try + 2 retries each.
+    apply(vs(
+        "flaky",
+        "  - retries: {attempts: 2, retryOn: 5xx}\n    route: [{destination: {host: flaky}}]\n",
+    ))
+    .await;
+    let mut attempts = Vec::new();
+    for s in &sidecars {
+        flaky.take_hits();
+        let m = run_requests(s, "flaky:9080", "/", &[], 10).await;
+        assert_eq!(
+            m.keys().map(|o| o.status).collect::<Vec<_>>(),
+            vec![503],
+            "{}: {m:?}",
+            s.name
+        );
+        attempts.push(flaky.take_hits());
+    }
+    assert_eq!(
+        attempts,
+        vec![30, 30],
+        "upstream attempts (envoy, meshbench)"
+    );
+
+    // 5. route timeout against a slow upstream
+    apply(vs(
+        "slow",
+        "  - timeout: 100ms\n    route: [{destination: {host: slow}}]\n",
+    ))
+    .await;
+    for s in &sidecars {
+        let m = run_requests(s, "slow:9080", "/", &[], 3).await;
+        assert_eq!(
+            m.keys().map(|o| o.status).collect::<Vec<_>>(),
+            vec![504],
+            "{}: {m:?}",
+            s.name
+        );
+    }
+
+    // 6. abort fault: no upstream reached
+    apply(vs("reviews", "  - fault: {abort: {httpStatus: 418, percentage: {value: 100}}}\n    route: [{destination: {host: reviews, subset: v1}}]\n")).await;
+    for s in &sidecars {
+        v1.take_hits();
+        let m = run_requests(s, "reviews:9080", "/", &[], 10).await;
+        assert_eq!(
+            m.keys().map(|o| o.status).collect::<Vec<_>>(),
+            vec![418],
+            "{}: {m:?}",
+            s.name
+        );
+        assert_eq!(v1.take_hits(), 0, "{}", s.name);
+    }
+
+    // 7. circuit breaker: 1 connection + 1 pending, 8 concurrent requests to a slow upstream.
+    apply(format!(
+        "{}---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: slow}}\nspec:\n  host: slow\n  trafficPolicy:\n    connectionPool:\n      tcp: {{maxConnections: 1}}\n      http: {{http1MaxPendingRequests: 1}}\n",
+        vs("slow", "  - route: [{destination: {host: slow}}]\n")
+    ))
+    .await;
+    let mut results = Vec::new();
+    for s in &sidecars {
+        let m = run_concurrent(s, "slow:9080", 8).await;
+        let ok: usize = m
+            .iter()
+            .filter(|(o, _)| o.status == 200)
+            .map(|(_, n)| n)
+            .sum();
+        let overflow: usize = m
+            .iter()
+            .filter(|(o, _)| o.status == 503 && o.overloaded)
+            .map(|(_, n)| n)
+            .sum();
+        assert_eq!(ok + overflow, 8, "{}: {m:?}", s.name);
+        assert!(
+            overflow >= 5,
+            "{}: expected overflow with 1 connection + 1 pending: {m:?}",
+            s.name
+        );
+        results.push((ok, overflow));
+        let stats = http(
+            if s.name == "envoy" {
+                envoy.admin
+            } else {
+                mesh.admin
+            },
+            "GET",
+            "/stats",
+            "",
+        )
+        .await
+        .body;
+        let line = stats.lines().find(|l| l.starts_with("cluster.outbound|9080||slow.default.svc.cluster.local.upstream_rq_pending_overflow:")).unwrap_or_else(|| panic!("{}: no overflow stat", s.name)).to_string();
+        assert!(
+            line.ends_with(&format!(" {overflow}")),
+            "{}: {line} vs {overflow}",
+            s.name
+        );
+    }
+    assert!(
+        results[0].0.abs_diff(results[1].0) <= 1,
+        "successes differ: {results:?}"
+    );
+    eprintln!("differential: weights v1 share {shares:?}; retries {attempts:?}; circuit breaker (ok, overflow) {results:?}");
+}
