@@ -1,7 +1,10 @@
 //! meshbench: a service mesh on one machine (control plane, sidecars, fake workloads) and the
 //! harness that measures it. See ARCHITECTURE.md for processes, ports and data flow.
 
+pub mod bench;
 pub mod config;
+pub mod load;
+pub mod measure;
 pub mod model;
 pub mod pilot;
 pub mod proxy;

@@ -80,6 +80,11 @@ enum Command {
         #[arg(long)]
         pod: Option<String>,
     },
+    /// Benchmarks: `bench proxy` compares direct, meshbench proxy and Envoy in one run.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
     /// Prints an Envoy bootstrap (JSON) that makes Envoy a meshbench sidecar of a pod.
     Bootstrap {
         /// Pod IP: listeners bind here; the node id carries it.
@@ -105,6 +110,29 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Direct vs meshbench proxy vs Envoy (same upstream, same worker count, HTTP/1.1
+    /// keep-alive): closed loop at 16 and 64 connections and a fixed-rate run.
+    Proxy {
+        /// JSON output; the SVG chart is written beside it.
+        #[arg(long, default_value = "reports/bench/proxy.json")]
+        out: PathBuf,
+        /// Length of each measured run.
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        duration: Duration,
+        /// Requests per second of the fixed-rate case.
+        #[arg(long, default_value_t = 1000.0)]
+        rate: f64,
+        /// Worker threads for both proxies.
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+        /// Short runs (1 s each) for smoke tests.
+        #[arg(long)]
+        quick: bool,
+    },
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     if s == "0" {
         return Ok(Duration::ZERO);
@@ -126,14 +154,24 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    // The proxy with one worker runs on a single-threaded runtime, like one Envoy worker's
+    // event loop: no cross-thread wake-ups on the request path.
+    let mut builder = match &cli.command {
+        Command::Proxy {
+            concurrency: Some(1),
+            ..
+        } => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
     builder.enable_all();
     if let Command::Proxy {
         concurrency: Some(n),
         ..
     } = &cli.command
     {
-        builder.worker_threads((*n).max(1));
+        if *n > 1 {
+            builder.worker_threads(*n);
+        }
     }
     let rt = match builder.build() {
         Ok(rt) => rt,
@@ -225,6 +263,54 @@ async fn run(cmd: Command) -> ExitCode {
             .await
             {
                 Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(EXIT_ENVIRONMENT, &e),
+            }
+        }
+        Command::Bench {
+            what:
+                BenchCommand::Proxy {
+                    out,
+                    duration,
+                    rate,
+                    concurrency,
+                    quick,
+                },
+        } => {
+            let Ok(exe) = std::env::current_exe() else {
+                return fail(EXIT_ENVIRONMENT, &"cannot find the meshbench executable");
+            };
+            let envoy = meshbench::bench::find_envoy();
+            if envoy.is_none() {
+                eprintln!("warning: Envoy not found (set MESHBENCH_ENVOY); comparing direct and meshbench only");
+            }
+            let cfg = meshbench::bench::Config {
+                out: out.clone(),
+                duration: if quick {
+                    Duration::from_secs(1)
+                } else {
+                    duration
+                },
+                warmup: if quick {
+                    Duration::from_millis(300)
+                } else {
+                    Duration::from_secs(1)
+                },
+                rate,
+                concurrency,
+                envoy,
+                meshbench_exe: exe,
+            };
+            match meshbench::bench::proxy(cfg, stop).await {
+                Ok(report) => {
+                    print!("{}", meshbench::bench::table(&report));
+                    match meshbench::bench::write(&report, &out) {
+                        Ok(svg) => {
+                            println!("wrote {} and {}", out.display(), svg.display());
+                            ExitCode::SUCCESS
+                        }
+                        Err(e) => fail(EXIT_ENVIRONMENT, &e),
+                    }
+                }
                 Err(e) => fail(EXIT_ENVIRONMENT, &e),
             }
         }

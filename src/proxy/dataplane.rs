@@ -52,6 +52,28 @@ pub struct Finish {
     conn: Option<IdleConn>,
 }
 
+impl ProxyBody {
+    /// Once the upstream body is complete, its connection can serve the next request.
+    fn finish_if_done(&mut self) {
+        if let ProxyBody::Upstream(b, finish) = self {
+            if b.is_end_stream() {
+                if let Some(f) = finish.take() {
+                    if let Some(conn) = f.conn {
+                        f.cluster.checkin(&f.guard.host, conn);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for ProxyBody {
+    fn drop(&mut self) {
+        // hyper stops polling a body that says it has ended (and never polls an empty one).
+        self.finish_if_done();
+    }
+}
+
 impl Body for ProxyBody {
     type Data = Bytes;
     type Error = hyper::Error;
@@ -60,20 +82,15 @@ impl Body for ProxyBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
+        let this = self.get_mut();
+        let r = match this {
             ProxyBody::Local(b) => Pin::new(b).poll_frame(cx).map_err(|e| match e {}),
-            ProxyBody::Upstream(b, finish) => {
-                let r = Pin::new(b).poll_frame(cx);
-                if let Poll::Ready(None) = r {
-                    if let Some(f) = finish.take() {
-                        if let Some(conn) = f.conn {
-                            f.cluster.checkin(&f.guard.host, conn);
-                        }
-                    }
-                }
-                r
-            }
+            ProxyBody::Upstream(b, _) => Pin::new(b).poll_frame(cx),
+        };
+        if r.is_ready() {
+            this.finish_if_done();
         }
+        r
     }
 
     fn is_end_stream(&self) -> bool {

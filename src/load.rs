@@ -1,0 +1,340 @@
+//! The load generator: closed loop (N keep-alive connections, each sending its next request
+//! when the previous answer arrives) and open loop (a constant rate, latency measured from the
+//! intended send time so coordinated omission is corrected; the uncorrected figure beside it).
+//! HdrHistogram percentiles, status codes, per-version counts from the workload identity
+//! header, and a per-second series. Bounded: every run stops by itself after its duration.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::workload::IDENTITY_HEADER;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct LoadSpec {
+    pub target: SocketAddr,
+    /// Host header (the service, e.g. `reviews:9080`).
+    pub host: String,
+    pub path: String,
+    pub connections: usize,
+    pub duration: Duration,
+    /// `None`: closed loop at max throughput; `Some(rps)`: open loop at that rate.
+    pub rate: Option<f64>,
+    pub headers: Vec<(String, String)>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+impl Percentiles {
+    fn of(h: &Histogram<u64>) -> Percentiles {
+        let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        if h.is_empty() {
+            return Percentiles::default();
+        }
+        Percentiles {
+            p50: ms(0.5),
+            p90: ms(0.9),
+            p99: ms(0.99),
+            p999: ms(0.999),
+            max: h.max() as f64 / 1000.0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Second {
+    pub t: u64,
+    pub requests: u64,
+    pub errors: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub versions: BTreeMap<String, u64>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct LoadResult {
+    pub target_rps: Option<f64>,
+    pub achieved_rps: f64,
+    pub duration_s: f64,
+    pub requests: u64,
+    /// Transport failures and non-2xx/3xx/4xx answers (5xx).
+    pub errors: u64,
+    pub status: BTreeMap<String, u64>,
+    pub versions: BTreeMap<String, u64>,
+    /// From the intended send time (open loop); same as uncorrected for a closed loop.
+    pub latency_ms: Percentiles,
+    pub uncorrected_latency_ms: Percentiles,
+    pub series: Vec<Second>,
+}
+
+struct Shard {
+    corrected: Histogram<u64>,
+    uncorrected: Histogram<u64>,
+    status: BTreeMap<u16, u64>,
+    versions: BTreeMap<String, u64>,
+    transport_errors: u64,
+    per_second: BTreeMap<u64, (Histogram<u64>, u64, BTreeMap<String, u64>)>,
+}
+
+fn hist() -> Histogram<u64> {
+    // 1 us .. 60 s, 3 significant digits
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("static bounds are valid")
+}
+
+impl Shard {
+    fn new() -> Shard {
+        Shard {
+            corrected: hist(),
+            uncorrected: hist(),
+            status: BTreeMap::new(),
+            versions: BTreeMap::new(),
+            transport_errors: 0,
+            per_second: BTreeMap::new(),
+        }
+    }
+
+    fn record(
+        &mut self,
+        second: u64,
+        corrected: Duration,
+        uncorrected: Duration,
+        status: Option<u16>,
+        version: Option<String>,
+    ) {
+        let c = corrected.as_micros().clamp(1, 60_000_000) as u64;
+        let u = uncorrected.as_micros().clamp(1, 60_000_000) as u64;
+        let _ = self.corrected.record(c);
+        let _ = self.uncorrected.record(u);
+        let sec = self
+            .per_second
+            .entry(second)
+            .or_insert_with(|| (hist(), 0, BTreeMap::new()));
+        let _ = sec.0.record(c);
+        match status {
+            Some(s) => {
+                *self.status.entry(s).or_insert(0) += 1;
+                if s >= 500 {
+                    sec.1 += 1;
+                }
+            }
+            None => {
+                self.transport_errors += 1;
+                sec.1 += 1;
+            }
+        }
+        if let Some(v) = version {
+            *sec.2.entry(v.clone()).or_insert(0) += 1;
+            *self.versions.entry(v).or_insert(0) += 1;
+        }
+    }
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+
+async fn connect(addr: SocketAddr) -> Option<Sender> {
+    let stream = TcpStream::connect(addr).await.ok()?;
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .ok()?;
+    tokio::spawn(conn);
+    Some(sender)
+}
+
+/// One request; `None` on a transport failure (the connection is then replaced).
+async fn send(sender: &mut Option<Sender>, spec: &LoadSpec) -> Option<(u16, Option<String>)> {
+    if sender.as_ref().is_none_or(|s| s.is_closed()) {
+        *sender = connect(spec.target).await;
+    }
+    let s = sender.as_mut()?;
+    if s.ready().await.is_err() {
+        *sender = None;
+        return None;
+    }
+    let mut req = hyper::Request::builder()
+        .uri(spec.path.as_str())
+        .header("host", spec.host.as_str());
+    for (k, v) in &spec.headers {
+        req = req.header(k.as_str(), v.as_str());
+    }
+    let req = req.body(Empty::new()).ok()?;
+    match s.send_request(req).await {
+        Ok(resp) => {
+            let status = resp.status().as_u16();
+            let version = resp
+                .headers()
+                .get(IDENTITY_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(String::from);
+            if resp.into_body().collect().await.is_err() {
+                *sender = None;
+            }
+            Some((status, version))
+        }
+        Err(_) => {
+            *sender = None;
+            None
+        }
+    }
+}
+
+/// Client threads of the generator. One thread with its own single-threaded runtime keeps every
+/// wake-up on one core (as wrk -t1 does), leaving the other core to the system under test.
+pub const DEFAULT_THREADS: usize = 1;
+
+/// Runs one load phase to completion.
+pub async fn run(spec: LoadSpec) -> LoadResult {
+    let start = Instant::now() + Duration::from_millis(20);
+    let conns = spec.connections.max(1);
+    let threads = DEFAULT_THREADS.min(conns);
+    let mut joins = Vec::new();
+    for th in 0..threads {
+        let spec = spec.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name(format!("load-{th}"))
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a runtime for the load thread");
+                let shards = rt.block_on(async move {
+                    let tasks: Vec<_> = (th..conns)
+                        .step_by(threads)
+                        .map(|k| tokio::spawn(connection_loop(spec.clone(), k, conns, start)))
+                        .collect();
+                    let mut out = Vec::new();
+                    for t in tasks {
+                        if let Ok(s) = t.await {
+                            out.push(s);
+                        }
+                    }
+                    out
+                });
+                let _ = tx.send(shards);
+            })
+            .expect("spawn a load thread");
+        joins.push(rx);
+    }
+    let mut shards = Vec::new();
+    for j in joins {
+        shards.extend(j.await.unwrap_or_default());
+    }
+    merge(&spec, shards)
+}
+
+/// Connection `k` of `conns`: sends its share of requests until the end of the phase.
+async fn connection_loop(spec: LoadSpec, k: usize, conns: usize, start: Instant) -> Shard {
+    let end = start + spec.duration;
+    let mut shard = Shard::new();
+    let mut sender = connect(spec.target).await;
+    tokio::time::sleep_until(start).await;
+    let mut i = k as u64;
+    loop {
+        let intended = match spec.rate {
+            Some(rps) => start + Duration::from_secs_f64(i as f64 / rps),
+            None => Instant::now(),
+        };
+        if intended >= end {
+            break;
+        }
+        // The timer has millisecond granularity: never sleep when the slot is already due.
+        if intended > Instant::now() {
+            tokio::time::sleep_until(intended).await;
+        }
+        let sent = Instant::now();
+        let r = send(&mut sender, &spec).await;
+        let done = Instant::now();
+        let second = done.saturating_duration_since(start).as_secs();
+        shard.record(
+            second,
+            done - intended,
+            done - sent,
+            r.as_ref().map(|x| x.0),
+            r.and_then(|x| x.1),
+        );
+        i += conns as u64;
+    }
+    shard
+}
+
+fn merge(spec: &LoadSpec, shards: Vec<Shard>) -> LoadResult {
+    let mut all = Shard::new();
+    for s in shards {
+        all.corrected.add(&s.corrected).expect("same bounds");
+        all.uncorrected.add(&s.uncorrected).expect("same bounds");
+        all.transport_errors += s.transport_errors;
+        for (k, v) in s.status {
+            *all.status.entry(k).or_insert(0) += v;
+        }
+        for (k, v) in s.versions {
+            *all.versions.entry(k).or_insert(0) += v;
+        }
+        for (sec, (h, e, vs)) in s.per_second {
+            let entry = all
+                .per_second
+                .entry(sec)
+                .or_insert_with(|| (hist(), 0, BTreeMap::new()));
+            entry.0.add(&h).expect("same bounds");
+            entry.1 += e;
+            for (k, v) in vs {
+                *entry.2.entry(k).or_insert(0) += v;
+            }
+        }
+    }
+    let elapsed = spec.duration.as_secs_f64();
+    let requests = all.corrected.len();
+    let errors = all.transport_errors
+        + all
+            .status
+            .iter()
+            .filter(|(s, _)| **s >= 500)
+            .map(|(_, n)| n)
+            .sum::<u64>();
+    let mut status: BTreeMap<String, u64> = all
+        .status
+        .iter()
+        .map(|(k, v)| (k.to_string(), *v))
+        .collect();
+    if all.transport_errors > 0 {
+        status.insert("transport_error".into(), all.transport_errors);
+    }
+    LoadResult {
+        target_rps: spec.rate,
+        achieved_rps: requests as f64 / elapsed,
+        duration_s: elapsed,
+        requests,
+        errors,
+        status,
+        versions: all.versions,
+        latency_ms: Percentiles::of(&all.corrected),
+        uncorrected_latency_ms: Percentiles::of(&all.uncorrected),
+        series: all
+            .per_second
+            .into_iter()
+            .map(|(t, (h, e, versions))| Second {
+                t,
+                requests: h.len(),
+                errors: e,
+                p50_ms: h.value_at_quantile(0.5) as f64 / 1000.0,
+                p99_ms: h.value_at_quantile(0.99) as f64 / 1000.0,
+                versions,
+            })
+            .collect(),
+    }
+}
