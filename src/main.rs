@@ -155,12 +155,14 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     // The proxy with one worker runs on a single-threaded runtime, like one Envoy worker's
-    // event loop: no cross-thread wake-ups on the request path.
+    // event loop: no cross-thread wake-ups on the request path. Fake workloads are small pods:
+    // one thread each, leaving the cores to what is measured.
     let mut builder = match &cli.command {
         Command::Proxy {
             concurrency: Some(1),
             ..
-        } => tokio::runtime::Builder::new_current_thread(),
+        }
+        | Command::Workload { .. } => tokio::runtime::Builder::new_current_thread(),
         _ => tokio::runtime::Builder::new_multi_thread(),
     };
     builder.enable_all();

@@ -64,3 +64,66 @@ fn pilot_help_documents_the_flags() {
         assert!(help.contains(flag), "{flag} missing from:\n{help}");
     }
 }
+
+/// `meshbench bench proxy --quick` produces the documented JSON (numbers are not asserted:
+/// performance is measured, not tested) and leaves no process behind.
+#[test]
+fn bench_proxy_quick_writes_the_documented_report() {
+    let envoy = std::env::var_os("MESHBENCH_ENVOY").filter(|p| std::path::Path::new(p).exists());
+    if envoy.is_none() && std::env::var("CI").as_deref() == Ok("true") {
+        panic!("Envoy not found: set MESHBENCH_ENVOY");
+    }
+    let dir = std::env::temp_dir().join(format!("meshbench-bench-test-{}", std::process::id()));
+    let out = dir.join("proxy.json");
+    let run = meshbench()
+        .args(["bench", "proxy", "--quick", "--rate", "200", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(
+        run.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let targets: &[&str] = if envoy.is_some() {
+        &["direct", "meshbench", "envoy"]
+    } else {
+        &["direct", "meshbench"]
+    };
+    for case in ["c16", "c64", "rate"] {
+        for t in targets {
+            let e = &report["cases"][case][t];
+            for k in ["rps", "p50_ms", "p99_ms"] {
+                assert!(
+                    e[k].as_f64().is_some_and(|v| v > 0.0),
+                    "{case}.{t}.{k}: {e}"
+                );
+            }
+            assert_eq!(e["errors"], 0, "{case}.{t}: {e}");
+            if *t != "direct" {
+                assert!(
+                    e["peak_rss_mb"].as_f64().is_some_and(|v| v > 0.0),
+                    "{case}.{t}: {e}"
+                );
+                assert!(e["cpu_s"].as_f64().is_some(), "{case}.{t}: {e}");
+            }
+        }
+    }
+    assert!(std::fs::read_to_string(out.with_extension("svg"))
+        .unwrap()
+        .starts_with("<svg"));
+    std::fs::remove_dir_all(&dir).unwrap();
+    // kill_on_drop children are gone once the command has exited.
+    let ps = std::process::Command::new("pgrep")
+        .args(["-f", "bench-meshbench"])
+        .output()
+        .unwrap();
+    assert!(
+        ps.stdout.is_empty(),
+        "leftover proxy: {}",
+        String::from_utf8_lossy(&ps.stdout)
+    );
+}

@@ -260,19 +260,26 @@ async fn route_request(
             }
         },
     };
-    let host = req
+    let raw_host = req
         .uri()
         .authority()
-        .map(|a| a.as_str().to_ascii_lowercase())
+        .map(|a| a.as_str())
         .or_else(|| {
             req.headers()
                 .get(header::HOST)
                 .and_then(|h| h.to_str().ok())
-                .map(str::to_ascii_lowercase)
         })
         .unwrap_or_default();
+    // Domains are matched lowercase; most Host headers already are, so avoid the copy.
+    let lowered;
+    let host = if raw_host.bytes().any(|b| b.is_ascii_uppercase()) {
+        lowered = raw_host.to_ascii_lowercase();
+        lowered.as_str()
+    } else {
+        raw_host
+    };
     let Some(route) = table
-        .virtual_host(&host)
+        .virtual_host(host)
         .and_then(|vh| vh.routes.iter().find(|r| route_matches(r, &req)))
     else {
         stats.no_route.fetch_add(1, Relaxed);
@@ -367,7 +374,12 @@ fn upstream_request(
             .uri(format!("http://{authority}{pq}"))
             .version(http::Version::HTTP_2);
     } else {
-        b = b.uri(pq);
+        // Origin-form already (the usual HTTP/1 case): reuse it, no re-parse.
+        b = if parts.uri.authority().is_none() {
+            b.uri(parts.uri.clone())
+        } else {
+            b.uri(pq)
+        };
     }
     let mut req = b
         .body(Full::new(body.clone()))

@@ -139,6 +139,11 @@ impl ClusterStats {
 pub struct Cluster {
     pub cfg: ClusterCfg,
     hosts: RwLock<Arc<Vec<Arc<Host>>>>,
+    /// Every host healthy per EDS (the pick's fast path needs no filtering then).
+    all_healthy: std::sync::atomic::AtomicBool,
+    /// Nanoseconds after `created` until which some host may be ejected.
+    eject_horizon_ns: AtomicU64,
+    created: Instant,
     pub stats: Arc<ClusterStats>,
     rr: AtomicUsize,
     /// HTTP/1: one permit per connection in use (max_connections).
@@ -178,6 +183,9 @@ impl Cluster {
             connections: Arc::new(Semaphore::new(cfg.thresholds.max_connections as usize)),
             cfg,
             hosts: RwLock::default(),
+            all_healthy: std::sync::atomic::AtomicBool::new(true),
+            eject_horizon_ns: AtomicU64::new(0),
+            created: Instant::now(),
             stats,
             rr: AtomicUsize::new(0),
             pending: AtomicU32::new(0),
@@ -225,6 +233,9 @@ impl Cluster {
                 None => Arc::new(Host::new(e, Arc::default())),
             })
             .collect();
+        let hosts: Vec<Arc<Host>> = hosts;
+        self.all_healthy
+            .store(hosts.iter().all(|h| h.healthy), Relaxed);
         *self.hosts.write().unwrap() = Arc::new(hosts);
     }
 
@@ -236,6 +247,11 @@ impl Cluster {
             return None;
         }
         let now = Instant::now();
+        let maybe_ejected =
+            (now - self.created).as_nanos() < self.eject_horizon_ns.load(Relaxed) as u128;
+        if self.all_healthy.load(Relaxed) && !maybe_ejected {
+            return pick(self.cfg.lb, &hosts, &self.rr).cloned();
+        }
         let available: Vec<&Arc<Host>> = hosts
             .iter()
             .filter(|h| h.healthy && !h.ejected(now))
@@ -327,7 +343,10 @@ impl Cluster {
         }
         let mut st = host.outlier.lock().unwrap();
         st.times_ejected += 1;
-        st.ejected_until = Some(now + od.base_ejection_time * st.times_ejected);
+        let until = now + od.base_ejection_time * st.times_ejected;
+        st.ejected_until = Some(until);
+        self.eject_horizon_ns
+            .fetch_max((until - self.created).as_nanos() as u64, Relaxed);
         self.stats.ejections_enforced_total.fetch_add(1, Relaxed);
     }
 
@@ -484,17 +503,22 @@ pub enum SendError {
 /// Load-balancer pick over `hosts` (non-empty). Round robin and random honour weights only
 /// through repetition-free rotation, as Envoy does for equal weights; least request is
 /// power-of-two-choices on active requests.
-pub fn pick<'a>(lb: Lb, hosts: &[&'a Arc<Host>], rr: &AtomicUsize) -> Option<&'a Arc<Host>> {
+pub fn pick<'a, H: std::borrow::Borrow<Arc<Host>>>(
+    lb: Lb,
+    hosts: &'a [H],
+    rr: &AtomicUsize,
+) -> Option<&'a Arc<Host>> {
+    let host = |i: usize| hosts[i].borrow();
     match hosts.len() {
         0 => None,
-        1 => Some(hosts[0]),
+        1 => Some(host(0)),
         n => Some(match lb {
-            Lb::RoundRobin => hosts[rr.fetch_add(1, Relaxed) % n],
-            Lb::Random => hosts[rand::rng().random_range(0..n)],
+            Lb::RoundRobin => host(rr.fetch_add(1, Relaxed) % n),
+            Lb::Random => host(rand::rng().random_range(0..n)),
             Lb::LeastRequest => {
                 let mut rng = rand::rng();
-                let a = hosts[rng.random_range(0..n)];
-                let b = hosts[rng.random_range(0..n)];
+                let a = host(rng.random_range(0..n));
+                let b = host(rng.random_range(0..n));
                 if b.stats.rq_active.load(Relaxed) < a.stats.rq_active.load(Relaxed) {
                     b
                 } else {
