@@ -25,6 +25,16 @@ kind: Service
 metadata: {name: slow}
 spec: {ports: [{port: 9080, name: http}], selector: {app: slow}}
 ---
+apiVersion: v1
+kind: Service
+metadata: {name: mixed}
+spec: {ports: [{port: 9080, name: http}], selector: {app: mixed}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo}
+spec: {ports: [{port: 9080, name: http}], selector: {app: echo}}
+---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata: {name: reviews}
@@ -129,6 +139,9 @@ async fn envoy_and_meshbench_proxy_agree_case_by_case() {
         Behavior::Delay(Duration::from_millis(300)),
     )
     .await;
+    let good = start_upstream("127.0.0.1", "mixed-good", Behavior::Ok).await;
+    let bad = start_upstream("127.0.0.1", "mixed-bad", Behavior::Status(503)).await;
+    let echo = start_workload("127.0.0.1", "echo", "v1").await;
     let base = [
         SERVICES.to_string(),
         entry("reviews-v1", "reviews", "v1", v1.addr),
@@ -136,6 +149,9 @@ async fn envoy_and_meshbench_proxy_agree_case_by_case() {
         entry("reviews-v3", "reviews", "v3", v3.addr),
         entry("flaky-1", "flaky", "v1", flaky.addr),
         entry("slow-1", "slow", "v1", slow.addr),
+        entry("mixed-good", "mixed", "v1", good.addr),
+        entry("mixed-bad", "mixed", "v1", bad.addr),
+        entry("echo-1", "echo", "v1", echo),
     ]
     .join("---\n");
     let (s, body) = json(p.api, "POST", "/v1/apply", &base).await;
@@ -335,5 +351,112 @@ async fn envoy_and_meshbench_proxy_agree_case_by_case() {
         results[0].0.abs_diff(results[1].0) <= 1,
         "successes differ: {results:?}"
     );
-    eprintln!("differential: weights v1 share {shares:?}; retries {attempts:?}; circuit breaker (ok, overflow) {results:?}");
+
+    // 8. per-try timeout with retries: 1 try + 2 retries, each cut at 50 ms, then 504.
+    apply(vs("slow", "  - retries: {attempts: 2, perTryTimeout: 50ms, retryOn: 5xx}\n    route: [{destination: {host: slow}}]\n")).await;
+    let mut per_try = Vec::new();
+    for s in &sidecars {
+        slow.take_hits();
+        let m = run_requests(s, "slow:9080", "/", &[], 3).await;
+        assert_eq!(
+            m.keys().map(|o| o.status).collect::<Vec<_>>(),
+            vec![504],
+            "{}: {m:?}",
+            s.name
+        );
+        per_try.push(slow.take_hits());
+    }
+    assert_eq!(
+        per_try,
+        vec![9, 9],
+        "upstream attempts with per-try timeouts (envoy, meshbench)"
+    );
+
+    // 9. outlier detection: the failing host is ejected after 2 consecutive 5xx.
+    apply(format!(
+        "{}---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: mixed}}\nspec:\n  host: mixed\n  trafficPolicy:\n    outlierDetection: {{consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 100}}\n",
+        vs("mixed", "  - route: [{destination: {host: mixed}}]\n")
+    ))
+    .await;
+    let mut ejected = Vec::new();
+    for s in &sidecars {
+        bad.take_hits();
+        let m = run_requests(s, "mixed:9080", "/", &[], 30).await;
+        let failures: usize = m
+            .iter()
+            .filter(|(o, _)| o.status == 503)
+            .map(|(_, n)| n)
+            .sum();
+        assert_eq!(failures as u64, bad.take_hits(), "{}: {m:?}", s.name);
+        ejected.push(failures);
+    }
+    assert_eq!(
+        ejected,
+        vec![2, 2],
+        "5xx seen before ejection (envoy, meshbench)"
+    );
+
+    // 10. fixed delay fault, 11. x-request-id generated and propagated.
+    apply(vs("echo", "  - fault: {delay: {fixedDelay: 150ms, percentage: {value: 100}}}\n    route: [{destination: {host: echo}}]\n")).await;
+    for s in &sidecars {
+        let mut c = Client::connect(s.outbound).await.unwrap();
+        let t = std::time::Instant::now();
+        let r = c.get("echo:9080", "/").await.unwrap();
+        assert!(
+            t.elapsed() >= Duration::from_millis(150),
+            "{}: no delay",
+            s.name
+        );
+        assert_eq!(r.status, 200);
+        let generated = r
+            .headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        assert_eq!(
+            generated.len(),
+            36,
+            "{}: generated x-request-id {generated:?}",
+            s.name
+        );
+        let r = c
+            .request(
+                "GET",
+                "echo:9080",
+                "/",
+                &[("x-request-id", "given-id-1")],
+                "",
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            r.headers.get("x-request-id").unwrap(),
+            "given-id-1",
+            "{}",
+            s.name
+        );
+    }
+
+    // 12. weight changes under load drop no request (config changes never disturb requests
+    // in flight).
+    for s in &sidecars {
+        let spec = meshbench::load::LoadSpec {
+            target: s.outbound,
+            host: "reviews:9080".into(),
+            path: "/".into(),
+            connections: 4,
+            duration: Duration::from_millis(1500),
+            rate: None,
+            headers: vec![],
+        };
+        let load = tokio::spawn(meshbench::load::run(spec));
+        for w in [10, 90, 30, 70, 50] {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            apply(vs("reviews", &format!("  - route:\n    - {{destination: {{host: reviews, subset: v1}}, weight: {w}}}\n    - {{destination: {{host: reviews, subset: v3}}, weight: {}}}\n", 100 - w))).await;
+        }
+        let r = load.await.unwrap();
+        assert!(r.requests > 100, "{}: {r:?}", s.name);
+        assert_eq!(r.errors, 0, "{}: {:?}", s.name, r.status);
+    }
+    eprintln!("differential: weights v1 share {shares:?}; retries {attempts:?}; circuit breaker (ok, overflow) {results:?}; per-try {per_try:?}; ejection {ejected:?}");
 }
