@@ -477,17 +477,3 @@ pub fn write(report: &Report, path: &Path) -> std::io::Result<PathBuf> {
     std::fs::write(&svg_path, svg(report))?;
     Ok(svg_path)
 }
-
-/// Finds Envoy as DESIGN.md says: `MESHBENCH_ENVOY`, else `envoy` on PATH.
-pub fn find_envoy() -> Option<PathBuf> {
-    std::env::var_os("MESHBENCH_ENVOY")
-        .map(PathBuf::from)
-        .filter(|p| p.exists())
-        .or_else(|| {
-            std::env::var_os("PATH").and_then(|paths| {
-                std::env::split_paths(&paths)
-                    .map(|d| d.join("envoy"))
-                    .find(|p| p.is_file())
-            })
-        })
-}

@@ -281,7 +281,7 @@ async fn run(cmd: Command) -> ExitCode {
             let Ok(exe) = std::env::current_exe() else {
                 return fail(EXIT_ENVIRONMENT, &"cannot find the meshbench executable");
             };
-            let envoy = meshbench::bench::find_envoy();
+            let envoy = xds::bootstrap::find_envoy();
             if envoy.is_none() {
                 eprintln!("warning: Envoy not found (set MESHBENCH_ENVOY); comparing direct and meshbench only");
             }

@@ -227,7 +227,7 @@ pub struct WorkloadEntrySpec {
     pub healthy: bool,
 }
 
-fn default_namespace() -> String {
+pub(crate) fn default_namespace() -> String {
     DEFAULT_NAMESPACE.to_string()
 }
 fn default_weight() -> u32 {

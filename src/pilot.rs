@@ -25,7 +25,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
 use crate::config;
-use crate::model::{ConfigError, ConfigSet, Key, Kind, Mesh, Workload, DEFAULT_NAMESPACE};
+use crate::model::{ConfigError, ConfigSet, Key, Kind, Mesh, Workload};
 use crate::shutdown::Shutdown;
 use crate::xds::debounce::{Change, Debounce};
 use crate::xds::server::{AdsServer, Metrics, Tracker};
@@ -309,13 +309,9 @@ pub struct EndpointBatch {
 
 #[derive(Debug, Deserialize, Serialize)]
 pub struct EndpointRef {
-    #[serde(default = "default_namespace")]
+    #[serde(default = "crate::model::default_namespace")]
     pub namespace: String,
     pub name: String,
-}
-
-fn default_namespace() -> String {
-    DEFAULT_NAMESPACE.to_string()
 }
 
 /// Runs the ADS server and the REST API on the given listeners until `shutdown`.

@@ -243,11 +243,7 @@ impl Session<'_> {
                     .lock()
                     .unwrap()
                     .insert(type_short(type_url), rec);
-                let names = match type_url {
-                    ENDPOINT_TYPE => self.eds_names.iter().cloned().collect(),
-                    ROUTE_TYPE => self.rds_names.iter().cloned().collect(),
-                    _ => vec![],
-                };
+                let names = self.names(type_url);
                 self.send(type_url, &resp.version_info, &resp.nonce, names, None)
                     .await;
             }
@@ -255,11 +251,7 @@ impl Session<'_> {
                 tracing::warn!(r#type = type_short(type_url), version = %resp.version_info, "NACK: {reason}");
                 self.proxy.xds_stats.nacks.fetch_add(1, Relaxed);
                 *self.proxy.xds_stats.last_nack.lock().unwrap() = Some(reason.clone());
-                let names = match type_url {
-                    ENDPOINT_TYPE => self.eds_names.iter().cloned().collect(),
-                    ROUTE_TYPE => self.rds_names.iter().cloned().collect(),
-                    _ => vec![],
-                };
+                let names = self.names(type_url);
                 self.send(
                     type_url,
                     &held.version_info,
@@ -278,7 +270,7 @@ impl Session<'_> {
         let state = self.proxy.state();
         match type_url {
             CLUSTER_TYPE => {
-                let names: BTreeSet<String> = state
+                let names = state
                     .clusters
                     .values()
                     .filter_map(|c| match &c.cfg.discovery {
@@ -286,25 +278,14 @@ impl Session<'_> {
                         Discovery::Static(_) => None,
                     })
                     .collect();
-                if names != self.eds_names {
-                    self.eds_names = names;
-                    let held = self.held(ENDPOINT_TYPE);
-                    self.send(
-                        ENDPOINT_TYPE,
-                        &held.version_info,
-                        &held.nonce,
-                        self.eds_names.iter().cloned().collect(),
-                        None,
-                    )
-                    .await;
-                }
+                self.resubscribe(ENDPOINT_TYPE, names).await;
                 if self.eds_names.is_empty() {
                     self.request_lds().await;
                 }
             }
             ENDPOINT_TYPE => self.request_lds().await,
             LISTENER_TYPE => {
-                let names: BTreeSet<String> = state
+                let names = state
                     .listeners
                     .values()
                     .filter_map(|l| match &l.routes {
@@ -312,23 +293,38 @@ impl Session<'_> {
                         RouteSource::Inline(_) => None,
                     })
                     .collect();
-                if names != self.rds_names {
-                    self.rds_names = names;
-                    let held = self.held(ROUTE_TYPE);
-                    self.send(
-                        ROUTE_TYPE,
-                        &held.version_info,
-                        &held.nonce,
-                        self.rds_names.iter().cloned().collect(),
-                        None,
-                    )
-                    .await;
-                }
+                self.resubscribe(ROUTE_TYPE, names).await;
                 self.check_initialized(&state);
             }
             ROUTE_TYPE => self.check_initialized(&state),
             _ => {}
         }
+    }
+
+    /// Names subscribed for EDS or RDS (empty for the wildcard types).
+    fn names(&self, type_url: &str) -> Vec<String> {
+        match type_url {
+            ENDPOINT_TYPE => self.eds_names.iter().cloned().collect(),
+            ROUTE_TYPE => self.rds_names.iter().cloned().collect(),
+            _ => vec![],
+        }
+    }
+
+    /// Sends a subscription change for EDS or RDS when the wanted names differ.
+    async fn resubscribe(&mut self, type_url: &str, names: BTreeSet<String>) {
+        let current = if type_url == ENDPOINT_TYPE {
+            &mut self.eds_names
+        } else {
+            &mut self.rds_names
+        };
+        if *current == names {
+            return;
+        }
+        *current = names;
+        let held = self.held(type_url);
+        let list = self.names(type_url);
+        self.send(type_url, &held.version_info, &held.nonce, list, None)
+            .await;
     }
 
     async fn request_lds(&mut self) {

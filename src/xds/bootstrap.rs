@@ -3,6 +3,7 @@
 //! HTTP/2 cluster (Envoy never initialises over an HTTP/1 xDS cluster).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use serde_json::{json, Value};
 
@@ -68,4 +69,18 @@ impl EnvoyBootstrap {
             },
         })
     }
+}
+
+/// Finds Envoy as DESIGN.md says: `MESHBENCH_ENVOY`, else `envoy` on PATH.
+pub fn find_envoy() -> Option<PathBuf> {
+    std::env::var_os("MESHBENCH_ENVOY")
+        .map(PathBuf::from)
+        .filter(|p| p.exists())
+        .or_else(|| {
+            std::env::var_os("PATH").and_then(|paths| {
+                std::env::split_paths(&paths)
+                    .map(|d| d.join("envoy"))
+                    .find(|p| p.is_file())
+            })
+        })
 }

@@ -20,16 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 /// The Envoy binary: `MESHBENCH_ENVOY`, else `envoy` on PATH. Under `CI=true` a missing Envoy
 /// fails the test; elsewhere the test is skipped with a message.
 pub fn envoy_binary() -> Option<PathBuf> {
-    let found = std::env::var_os("MESHBENCH_ENVOY")
-        .map(PathBuf::from)
-        .filter(|p| p.exists())
-        .or_else(|| {
-            std::env::var_os("PATH").and_then(|paths| {
-                std::env::split_paths(&paths)
-                    .map(|d| d.join("envoy"))
-                    .find(|p| p.exists())
-            })
-        });
+    let found = meshbench::xds::bootstrap::find_envoy();
     if found.is_none() {
         if std::env::var("CI").as_deref() == Ok("true") {
             panic!(
