@@ -79,6 +79,26 @@ enum Command {
         /// Pod name reported in responses (default SERVICE-VERSION).
         #[arg(long)]
         pod: Option<String>,
+        /// The pod's sidecar outbound listener (POD_IP:15001); outbound calls go through it.
+        #[arg(long)]
+        sidecar: Option<SocketAddr>,
+        /// Services to call per request, host:port (repeatable; default: bookinfo's call graph).
+        #[arg(long = "call")]
+        calls: Vec<String>,
+        /// Fixed latency added to every response.
+        #[arg(long, default_value = "0", value_parser = parse_duration)]
+        latency: Duration,
+        /// Uniform extra latency in [0, JITTER).
+        #[arg(long, default_value = "0", value_parser = parse_duration)]
+        jitter: Duration,
+        /// Padding bytes in each response body.
+        #[arg(long, default_value_t = 0)]
+        response_size: usize,
+        /// Fraction of requests answered with --error-status (0..1).
+        #[arg(long, default_value_t = 0.0)]
+        error_rate: f64,
+        #[arg(long, default_value_t = 500)]
+        error_status: u16,
     },
     /// Benchmarks: `bench proxy` compares direct, meshbench proxy and Envoy in one run.
     Bench {
@@ -247,23 +267,37 @@ async fn run(cmd: Command) -> ExitCode {
             version,
             addr,
             pod,
+            sidecar,
+            calls,
+            latency,
+            jitter,
+            response_size,
+            error_rate,
+            error_status,
         } => {
             let listener = match pilot::bind(addr).await {
                 Ok(l) => l,
                 Err(e) => return fail(EXIT_ENVIRONMENT, &e),
             };
+            let calls = if calls.is_empty() {
+                workload::bookinfo_calls(&service, &version)
+            } else {
+                calls
+            };
             let pod = pod.unwrap_or_else(|| format!("{service}-{version}"));
-            match workload::run(
-                workload::Config {
-                    service,
-                    version,
-                    pod,
-                },
-                listener,
-                stop,
-            )
-            .await
-            {
+            let cfg = workload::Config {
+                service,
+                version,
+                pod,
+                sidecar,
+                calls,
+                latency,
+                jitter,
+                response_size,
+                error_rate,
+                error_status,
+            };
+            match workload::run(cfg, listener, stop).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(EXIT_ENVIRONMENT, &e),
             }

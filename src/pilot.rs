@@ -66,6 +66,8 @@ pub enum Error {
 }
 
 struct State_ {
+    /// Wall-clock ms at which recent versions were accepted (for propagation measurements).
+    accepted: std::collections::BTreeMap<u64, f64>,
     config: ConfigSet,
     /// `config` compiled: what the next snapshot is built from.
     mesh: Arc<Mesh>,
@@ -123,6 +125,7 @@ impl Pilot {
         let (changes, rx) = mpsc::unbounded_channel();
         let pilot = Arc::new(Pilot {
             state: Mutex::new(State_ {
+                accepted: Default::default(),
                 config: set,
                 mesh: mesh.clone(),
                 version,
@@ -158,6 +161,11 @@ impl Pilot {
             let _ = snap_tx.send(Arc::new(snap));
         }));
         Ok(pilot)
+    }
+
+    /// When config `version` was accepted (wall clock ms), while it is recent.
+    pub fn accepted_at(&self, version: u64) -> Option<f64> {
+        self.state.lock().unwrap().accepted.get(&version).copied()
     }
 
     pub fn version(&self) -> u64 {
@@ -264,7 +272,13 @@ impl Pilot {
         st.config = next;
         st.mesh = Arc::new(mesh);
         st.version += 1;
-        let _ = self.changes.send(Change::now(st.version));
+        let change = Change::now(st.version);
+        st.accepted
+            .insert(st.version, crate::xds::server::unix_ms(change.at_wall));
+        while st.accepted.len() > 1024 {
+            st.accepted.pop_first();
+        }
+        let _ = self.changes.send(change);
         st.version
     }
 
@@ -414,6 +428,7 @@ async fn apply(State(p): State<Arc<Pilot>>, Query(q): Query<ApplyQuery>, body: B
     match p.apply(&source, text) {
         Ok((version, keys, warnings)) => Json(json!({
             "version": version,
+            "accepted_at_ms": p.accepted_at(version),
             "applied": keys.iter().map(|k| k.to_string()).collect::<Vec<_>>(),
             "warnings": warnings,
         }))
@@ -454,7 +469,10 @@ async fn endpoints(State(p): State<Arc<Pilot>>, body: Bytes) -> Response {
         }
     };
     match p.update_endpoints(batch) {
-        Ok(version) => Json(json!({ "version": version })).into_response(),
+        Ok(version) => {
+            Json(json!({ "version": version, "accepted_at_ms": p.accepted_at(version) }))
+                .into_response()
+        }
         Err(errors) => config_errors(StatusCode::BAD_REQUEST, errors),
     }
 }

@@ -39,7 +39,7 @@ use super::*;
 /// Longest NACK message kept (Envoy can embed a dump of the whole response).
 const MAX_NACK_MESSAGE: usize = 1024;
 
-fn unix_ms(t: SystemTime) -> f64 {
+pub fn unix_ms(t: SystemTime) -> f64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs_f64() * 1000.0)
         .unwrap_or(0.0)
@@ -79,7 +79,20 @@ pub struct ProxyStatus {
     /// Milliseconds from the change being accepted to that last ACK.
     pub synced_ack_ms: Option<f64>,
     pub types: BTreeMap<&'static str, TypeStatus>,
+    /// The latest snapshot versions this proxy was sent, with when the first response of each
+    /// went out and when the proxy had ACKed all of it (wall clock ms); for propagation.
+    pub history: std::collections::VecDeque<VersionTimes>,
 }
+
+#[derive(Clone, Debug, Serialize)]
+pub struct VersionTimes {
+    pub version: u64,
+    pub pushed_at_ms: f64,
+    pub acked_at_ms: Option<f64>,
+}
+
+/// Versions kept in each proxy's history.
+const HISTORY: usize = 256;
 
 /// Connected proxies' status, shared by the streams and the REST API.
 #[derive(Debug, Default)]
@@ -416,6 +429,7 @@ impl Connection {
                     connected_at_ms: unix_ms(SystemTime::now()),
                     synced_version: None,
                     synced_ack_ms: None,
+                    history: Default::default(),
                     types: BTreeMap::new(),
                 },
             );
@@ -603,13 +617,25 @@ impl Connection {
             .push_latency
             .observe(snap.changed_at.elapsed().as_secs_f64());
         let version = snap.version.to_string();
+        let snap_version = snap.version;
         self.server.tracker.update(self.id, |p| {
             let t = p.types.entry(type_short(type_url)).or_default();
             t.pushed_version = Some(version);
             t.pushed_nonce = Some(nonce.clone());
-            t.pushed_at_ms = Some(unix_ms(SystemTime::now()));
+            let now = unix_ms(SystemTime::now());
+            t.pushed_at_ms = Some(now);
             t.pushed_resources = count;
             t.pushes += 1;
+            if p.history.back().is_none_or(|h| h.version != snap_version) {
+                if p.history.len() == HISTORY {
+                    p.history.pop_front();
+                }
+                p.history.push_back(VersionTimes {
+                    version: snap_version,
+                    pushed_at_ms: now,
+                    acked_at_ms: None,
+                });
+            }
         });
         tracing::debug!(conn = self.id, r#type = type_short(type_url), %nonce, count, bytes, "push");
         self.tx.send(Ok(response)).await.map_err(|_| Closed)
@@ -635,6 +661,15 @@ impl Connection {
                 p.synced_version = Some(version);
                 p.synced_ack_ms = Some(ack_ms);
                 newly = true;
+                let now = unix_ms(SystemTime::now());
+                // Every version pushed up to this one is now held (a later push supersedes).
+                for h in p
+                    .history
+                    .iter_mut()
+                    .filter(|h| h.version <= version && h.acked_at_ms.is_none())
+                {
+                    h.acked_at_ms = Some(now);
+                }
             }
         });
         if newly && version > 0 {

@@ -83,6 +83,7 @@ pub async fn start_workload(ip: &str, service: &str, version: &str) -> SocketAdd
         service: service.into(),
         version: version.into(),
         pod: format!("{service}-{version}-0"),
+        ..Default::default()
     };
     tokio::spawn(workload::run(cfg, l, stop));
     addr
