@@ -8,6 +8,7 @@ pub mod measure;
 pub mod model;
 pub mod pilot;
 pub mod proxy;
+pub mod scenario;
 pub mod shutdown;
 pub mod workload;
 pub mod xds;

@@ -1,0 +1,518 @@
+//! Scenario files: YAML data describing a mesh (topology, mesh options) and ordered steps.
+//! Parsing is strict: unknown keys, bad durations and dangling references are errors naming
+//! `file:line:column` and what was expected. Defaults are applied in one place
+//! ([`Scenario::load`]); `--quick` scales every duration in one place ([`Scenario::quick`]).
+//! The schema is documented in `scenarios/README.md`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_saphyr::Spanned;
+
+use crate::model::parse_duration;
+
+/// A duration written as `100ms`, `5s`, `1m`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Dur(pub Duration);
+
+/// serde-saphyr does not locate errors raised by a type's own Deserialize, so such messages
+/// carry the location themselves, behind this marker, and [`Scenario::parse`] lifts it out.
+const LOCATED: &str = "@at ";
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = Spanned::<String>::deserialize(d)?;
+        parse_duration(&s.value).map(Dur).map_err(|e| {
+            let (l, c) = (s.referenced.line(), s.referenced.column());
+            serde::de::Error::custom(format!(
+                "{LOCATED}{l}:{c} {e}; expected a duration such as 500ms, 5s or 1m"
+            ))
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyKind {
+    #[default]
+    Meshbench,
+    Envoy,
+}
+
+impl fmt::Display for ProxyKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ProxyKind::Meshbench => "meshbench",
+            ProxyKind::Envoy => "envoy",
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    #[default]
+    Local,
+    Docker,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mesh {
+    #[serde(default)]
+    pub proxy: ProxyKind,
+    /// Pilot's debounce quiet period (default 100ms).
+    pub debounce: Option<Dur>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Topology {
+    /// Kubernetes manifests (Services, Deployments); pods come from Deployments x replicas.
+    pub manifests: Vec<String>,
+    /// Istio config applied before the first step.
+    #[serde(default)]
+    pub config: Vec<String>,
+}
+
+/// Probing for data-plane propagation: after every `apply`, requests through the client
+/// sidecar show when traffic follows the new rule.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Probe {
+    /// `service:port` the probes ask for.
+    pub target: String,
+    #[serde(default = "root")]
+    pub path: String,
+    /// The service whose versions the rule changes (counted from identity headers).
+    pub service: String,
+    /// How long to probe after each change (default 2s).
+    pub window: Option<Dur>,
+}
+
+fn root() -> String {
+    "/".into()
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub fn files(&self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s.clone()],
+            OneOrMany::Many(v) => v.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoadStep {
+    /// Name used by `expect` and `wait_load` (default `load-N`).
+    pub name: Option<String>,
+    /// `service:port` (Host header), sent through the client sidecar.
+    pub target: String,
+    #[serde(default = "root")]
+    pub path: String,
+    /// Requests per second (open loop); omit for closed-loop max throughput.
+    pub rate: Option<f64>,
+    #[serde(default = "four")]
+    pub connections: usize,
+    pub duration: Dur,
+    /// Run while the following steps execute (a rollout under traffic).
+    #[serde(default)]
+    pub background: bool,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// `http1` (default) or `http2` (not yet: answered with an error naming the field).
+    pub protocol: Option<String>,
+}
+
+fn four() -> usize {
+    4
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Split {
+    pub service: String,
+    /// version -> percent
+    pub versions: BTreeMap<String, f64>,
+    /// Percentage points either way (default 5).
+    pub tolerance: Option<f64>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Latency {
+    pub p50: Option<Dur>,
+    pub p90: Option<Dur>,
+    pub p99: Option<Dur>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PropagationBound {
+    /// Bound on the p99 over proxies of change -> ACK for the latest apply.
+    pub ack_p99: Option<Dur>,
+    pub push_p99: Option<Dur>,
+    pub data_plane: Option<Dur>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectStep {
+    /// Which load the expectation reads (default: the latest started).
+    pub load: Option<String>,
+    /// Only the last `window` of the load (for a running background load).
+    pub window: Option<Dur>,
+    pub split: Option<Split>,
+    /// Largest error rate in percent (0 = not one failed request).
+    pub errors: Option<f64>,
+    pub latency: Option<Latency>,
+    pub propagation: Option<PropagationBound>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum FaultStep {
+    /// Kill a pod (by pod name, or a Deployment's first pod): its processes stop and its
+    /// endpoint is removed, as Kubernetes would.
+    Kill(String),
+    /// Kill a pod and start it again on the same addresses.
+    Restart(String),
+    /// `stop` or `start` the control plane.
+    ControlPlane(String),
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum Step {
+    Apply(OneOrMany),
+    WaitConverged(Dur),
+    Load(LoadStep),
+    Sleep(Dur),
+    Expect(ExpectStep),
+    Fault(FaultStep),
+    WaitLoad(String),
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScenario {
+    name: Option<String>,
+    #[serde(default)]
+    backend: BackendKind,
+    mesh: Option<Mesh>,
+    topology: Topology,
+    probe: Option<Probe>,
+    steps: Vec<Spanned<Step>>,
+}
+
+/// A validated scenario with paths resolved against the scenario file's folder.
+#[derive(Clone, Debug, Serialize)]
+pub struct Scenario {
+    pub name: String,
+    pub file: PathBuf,
+    pub backend: BackendKind,
+    pub mesh: Mesh,
+    pub topology: Topology,
+    pub probe: Option<Probe>,
+    pub steps: Vec<Step>,
+    /// Where each step starts in the file (line, column), for messages.
+    #[serde(skip)]
+    pub step_lines: Vec<(u64, u64)>,
+}
+
+/// A scenario problem, located in its file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Error {
+    pub file: String,
+    pub line: u64,
+    pub column: u64,
+    pub message: String,
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file, self.line, self.column, self.message
+        )
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl Scenario {
+    /// Reads, parses and validates a scenario file.
+    pub fn load(path: &Path) -> Result<Scenario, Error> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| Error {
+            file: file.clone(),
+            line: 0,
+            column: 0,
+            message: format!("cannot read: {e}"),
+        })?;
+        Scenario::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Scenario, Error> {
+        let file = path.display().to_string();
+        let raw: RawScenario = serde_saphyr::from_str(text).map_err(|e| {
+            let (mut line, mut column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
+            let msg = e.without_snippet().to_string();
+            // serde-saphyr appends the location to the message; keep the first line only.
+            let mut msg = msg.lines().next().unwrap_or("").to_string();
+            if let Some(i) = msg.find(LOCATED) {
+                let rest = &msg[i + LOCATED.len()..];
+                if let Some((at, text)) = rest.split_once(' ') {
+                    if let Some((l, c)) = at.split_once(':') {
+                        line = l.parse().unwrap_or(line);
+                        column = c.parse().unwrap_or(column);
+                    }
+                    msg = format!("{}{}", &msg[..i], text);
+                }
+            }
+            Error {
+                file: file.clone(),
+                line,
+                column,
+                message: msg,
+            }
+        })?;
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let step_lines: Vec<(u64, u64)> = raw
+            .steps
+            .iter()
+            .map(|s| (s.referenced.line(), s.referenced.column()))
+            .collect();
+        let steps: Vec<Step> = raw.steps.into_iter().map(|s| s.value).collect();
+        let at = |i: usize, message: String| Error {
+            file: file.clone(),
+            line: step_lines[i].0,
+            column: step_lines[i].1,
+            message,
+        };
+        let resolve = |f: &str| dir.join(f).display().to_string();
+        let check_file = |f: &str| -> Result<String, String> {
+            let p = resolve(f);
+            if Path::new(&p).is_file() {
+                Ok(p)
+            } else {
+                Err(format!("file {f:?} not found (paths are relative to the scenario file, resolved to {p})"))
+            }
+        };
+        let top = |message: String| Error {
+            file: file.clone(),
+            line: 1,
+            column: 1,
+            message,
+        };
+        let mut topology = raw.topology.clone();
+        topology.manifests = topology
+            .manifests
+            .iter()
+            .map(|f| check_file(f).map_err(|m| top(format!("topology.manifests: {m}"))))
+            .collect::<Result<_, _>>()?;
+        topology.config = topology
+            .config
+            .iter()
+            .map(|f| check_file(f).map_err(|m| top(format!("topology.config: {m}"))))
+            .collect::<Result<_, _>>()?;
+        if topology.manifests.is_empty() {
+            return Err(top(
+                "topology.manifests: at least one manifest file is needed".into(),
+            ));
+        }
+        let mut loads: Vec<String> = Vec::new();
+        let mut resolved = Vec::new();
+        for (i, step) in steps.into_iter().enumerate() {
+            let step = match step {
+                Step::Apply(files) => Step::Apply(OneOrMany::Many(
+                    files
+                        .files()
+                        .iter()
+                        .map(|f| check_file(f).map_err(|m| at(i, format!("apply: {m}"))))
+                        .collect::<Result<_, _>>()?,
+                )),
+                Step::Load(mut l) => {
+                    let name = l
+                        .name
+                        .clone()
+                        .unwrap_or_else(|| format!("load-{}", loads.len() + 1));
+                    if loads.contains(&name) {
+                        return Err(at(i, format!("load: name {name:?} is used twice")));
+                    }
+                    if !l.target.contains(':') {
+                        return Err(at(
+                            i,
+                            format!("load.target: {:?} must be service:port", l.target),
+                        ));
+                    }
+                    if l.protocol.as_deref().is_some_and(|p| p != "http1") {
+                        return Err(at(
+                            i,
+                            "load.protocol: only http1 is supported by the generator so far".into(),
+                        ));
+                    }
+                    if l.connections == 0 || l.rate.is_some_and(|r| r <= 0.0) {
+                        return Err(at(i, "load: connections and rate must be positive".into()));
+                    }
+                    l.name = Some(name.clone());
+                    loads.push(name);
+                    Step::Load(l)
+                }
+                Step::Expect(e) => {
+                    if let Some(name) = &e.load {
+                        if !loads.contains(name) {
+                            return Err(at(i, format!("expect.load: no load named {name:?} before this step (loads so far: {loads:?})")));
+                        }
+                    } else if (e.split.is_some() || e.errors.is_some() || e.latency.is_some())
+                        && loads.is_empty()
+                    {
+                        return Err(at(
+                            i,
+                            "expect: a traffic expectation needs a load step before it".into(),
+                        ));
+                    }
+                    if e.split.is_none()
+                        && e.errors.is_none()
+                        && e.latency.is_none()
+                        && e.propagation.is_none()
+                    {
+                        return Err(at(
+                            i,
+                            "expect: give at least one of split, errors, latency, propagation"
+                                .into(),
+                        ));
+                    }
+                    if let Some(s) = &e.split {
+                        let sum: f64 = s.versions.values().sum();
+                        if (sum - 100.0).abs() > 0.01 {
+                            return Err(at(
+                                i,
+                                format!("expect.split.versions: percentages sum to {sum}, not 100"),
+                            ));
+                        }
+                    }
+                    Step::Expect(e)
+                }
+                Step::WaitLoad(name) => {
+                    if !loads.contains(&name) {
+                        return Err(at(
+                            i,
+                            format!("wait_load: no load named {name:?} before this step"),
+                        ));
+                    }
+                    Step::WaitLoad(name)
+                }
+                Step::Fault(FaultStep::ControlPlane(a)) if a != "stop" && a != "start" => {
+                    return Err(at(
+                        i,
+                        format!("fault.control_plane: expected stop or start, got {a:?}"),
+                    ));
+                }
+                other => other,
+            };
+            resolved.push(step);
+        }
+        let name = raw.name.unwrap_or_else(|| {
+            path.file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "scenario".into())
+        });
+        Ok(Scenario {
+            name,
+            file: path.to_path_buf(),
+            backend: raw.backend,
+            mesh: raw.mesh.unwrap_or(Mesh {
+                proxy: ProxyKind::Meshbench,
+                debounce: None,
+            }),
+            topology,
+            probe: raw.probe,
+            steps: resolved,
+            step_lines,
+        })
+    }
+
+    /// Shortens every duration (loads, sleeps, windows, probe windows) by `factor`, for CI.
+    pub fn quick(&mut self, factor: f64) {
+        let scale = |d: &mut Dur| d.0 = d.0.mul_f64(factor);
+        for s in &mut self.steps {
+            match s {
+                Step::Load(l) => scale(&mut l.duration),
+                Step::Sleep(d) => scale(d),
+                Step::Expect(e) => {
+                    if let Some(w) = &mut e.window {
+                        scale(w);
+                    }
+                }
+                _ => {}
+            }
+        }
+        if let Some(Some(w)) = self.probe.as_mut().map(|p| p.window.as_mut()) {
+            scale(w);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Scenario, Error> {
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+        Scenario::parse(&dir.join("t.yaml"), text)
+    }
+
+    const TOP: &str = "topology:\n  manifests: [../fixtures/bookinfo/bookinfo.yaml]\n";
+
+    #[test]
+    fn unknown_keys_are_located() {
+        let e = parse(&format!(
+            "{TOP}steps:\n  - sleep: 1s\n  - lod:\n      target: productpage:9080\n"
+        ))
+        .unwrap_err();
+        assert_eq!((e.line, e.column), (5, 5), "{e}");
+        assert!(e.message.contains("lod"), "{e}");
+    }
+
+    #[test]
+    fn bad_durations_are_located() {
+        let e = parse(&format!("{TOP}steps:\n  - sleep: 5 seconds\n")).unwrap_err();
+        assert_eq!(e.line, 4, "{e}");
+        assert!(e.message.contains("expected a duration"), "{e}");
+    }
+
+    #[test]
+    fn dangling_references_are_located() {
+        let e = parse(&format!(
+            "{TOP}steps:\n  - sleep: 1s\n  - expect: {{load: traffic, errors: 0}}\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.line, 5, "{e}");
+        assert!(e.message.contains("no load named \"traffic\""), "{e}");
+        let e = parse(&format!("{TOP}steps:\n  - apply: nope.yaml\n")).unwrap_err();
+        assert_eq!(e.line, 4, "{e}");
+        assert!(e.message.contains("not found"), "{e}");
+    }
+
+    #[test]
+    fn quick_scales_durations() {
+        let mut s = parse(&format!("{TOP}steps:\n  - load: {{target: productpage:9080, duration: 40s, background: true}}\n  - sleep: 10s\n")).unwrap();
+        s.quick(0.5);
+        assert!(matches!(&s.steps[0], Step::Load(l) if l.duration.0 == Duration::from_secs(20)));
+        assert!(matches!(&s.steps[1], Step::Sleep(d) if d.0 == Duration::from_secs(5)));
+    }
+}
