@@ -140,6 +140,7 @@ async fn answers(addr: SocketAddr, host: &str) -> bool {
         duration: Duration::from_millis(30),
         rate: None,
         headers: vec![],
+        live: None,
     };
     let r = load::run(spec).await;
     r.requests > 0 && r.status.keys().all(|s| s == "200")
@@ -294,6 +295,7 @@ async fn run(cfg: Config) -> Result<Report, Error> {
             duration: cfg.warmup,
             rate: None,
             headers: vec![],
+            live: None,
         };
         load::run(spec).await;
     }
@@ -308,6 +310,7 @@ async fn run(cfg: Config) -> Result<Report, Error> {
                 duration: cfg.duration,
                 rate,
                 headers: vec![],
+                live: None,
             };
             let r = load::run(spec).await;
             let after = t.pid.and_then(proc_stats);

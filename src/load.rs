@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,7 +17,7 @@ use serde::Serialize;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::workload::IDENTITY_HEADER;
+use crate::workload::{IDENTITY_HEADER, UPSTREAMS_HEADER};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct LoadSpec {
@@ -29,6 +30,61 @@ pub struct LoadSpec {
     /// `None`: closed loop at max throughput; `Some(rps)`: open loop at that rate.
     pub rate: Option<f64>,
     pub headers: Vec<(String, String)>,
+    /// Running totals readable while the load runs (for windowed expectations).
+    #[serde(skip)]
+    pub live: Option<Arc<Live>>,
+}
+
+/// Counts of one slice of time.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Counts {
+    pub requests: u64,
+    pub errors: u64,
+    pub versions: BTreeMap<String, u64>,
+}
+
+/// Per-100-ms counts of a running load.
+#[derive(Debug)]
+pub struct Live {
+    start: std::time::Instant,
+    slots: Mutex<BTreeMap<u64, Counts>>,
+}
+
+impl Default for Live {
+    fn default() -> Self {
+        Live {
+            start: std::time::Instant::now(),
+            slots: Mutex::default(),
+        }
+    }
+}
+
+impl Live {
+    fn record(&self, failed: bool, versions: &[String]) {
+        let slot = self.start.elapsed().as_millis() as u64 / 100;
+        let mut slots = self.slots.lock().unwrap();
+        let c = slots.entry(slot).or_default();
+        c.requests += 1;
+        c.errors += u64::from(failed);
+        for v in versions {
+            *c.versions.entry(v.clone()).or_insert(0) += 1;
+        }
+    }
+
+    /// Totals over the last `window` (everything so far when `None`).
+    pub fn totals(&self, window: Option<Duration>) -> Counts {
+        let now = self.start.elapsed().as_millis() as u64 / 100;
+        let from = window.map_or(0, |w| now.saturating_sub(w.as_millis() as u64 / 100));
+        let mut out = Counts::default();
+        for (_, c) in self.slots.lock().unwrap().range(from..) {
+            out.requests += c.requests;
+            out.errors += c.errors;
+            for (k, v) in &c.versions {
+                *out.versions.entry(k.clone()).or_insert(0) += v;
+            }
+        }
+        out
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -114,7 +170,7 @@ impl Shard {
         corrected: Duration,
         uncorrected: Duration,
         status: Option<u16>,
-        version: Option<String>,
+        versions: Vec<String>,
     ) {
         let c = corrected.as_micros().clamp(1, 60_000_000) as u64;
         let u = uncorrected.as_micros().clamp(1, 60_000_000) as u64;
@@ -137,7 +193,7 @@ impl Shard {
                 sec.1 += 1;
             }
         }
-        if let Some(v) = version {
+        for v in versions {
             *sec.2.entry(v.clone()).or_insert(0) += 1;
             *self.versions.entry(v).or_insert(0) += 1;
         }
@@ -156,8 +212,10 @@ async fn connect(addr: SocketAddr) -> Option<Sender> {
     Some(sender)
 }
 
-/// One request; `None` on a transport failure (the connection is then replaced).
-async fn send(sender: &mut Option<Sender>, spec: &LoadSpec) -> Option<(u16, Option<String>)> {
+/// One request: status and every workload identity the response names (the answering
+/// workload and those it called); `None` on a transport failure (the connection is then
+/// replaced).
+async fn send(sender: &mut Option<Sender>, spec: &LoadSpec) -> Option<(u16, Vec<String>)> {
     if sender.as_ref().is_none_or(|s| s.is_closed()) {
         *sender = connect(spec.target).await;
     }
@@ -176,15 +234,16 @@ async fn send(sender: &mut Option<Sender>, spec: &LoadSpec) -> Option<(u16, Opti
     match s.send_request(req).await {
         Ok(resp) => {
             let status = resp.status().as_u16();
-            let version = resp
-                .headers()
-                .get(IDENTITY_HEADER)
-                .and_then(|v| v.to_str().ok())
-                .map(String::from);
+            let mut versions = Vec::new();
+            for h in [IDENTITY_HEADER, UPSTREAMS_HEADER] {
+                if let Some(v) = resp.headers().get(h).and_then(|v| v.to_str().ok()) {
+                    versions.extend(v.split(',').filter(|s| !s.is_empty()).map(String::from));
+                }
+            }
             if resp.into_body().collect().await.is_err() {
                 *sender = None;
             }
-            Some((status, version))
+            Some((status, versions))
         }
         Err(_) => {
             *sender = None;
@@ -261,13 +320,14 @@ async fn connection_loop(spec: LoadSpec, k: usize, conns: usize, start: Instant)
         let r = send(&mut sender, &spec).await;
         let done = Instant::now();
         let second = done.saturating_duration_since(start).as_secs();
-        shard.record(
-            second,
-            done - intended,
-            done - sent,
-            r.as_ref().map(|x| x.0),
-            r.and_then(|x| x.1),
-        );
+        let (status, versions) = match r {
+            Some((s, v)) => (Some(s), v),
+            None => (None, vec![]),
+        };
+        if let Some(live) = &spec.live {
+            live.record(status.is_none_or(|s| s >= 500), &versions);
+        }
+        shard.record(second, done - intended, done - sent, status, versions);
         i += conns as u64;
     }
     shard

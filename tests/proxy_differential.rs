@@ -448,6 +448,7 @@ async fn envoy_and_meshbench_proxy_agree_case_by_case() {
             duration: Duration::from_millis(1500),
             rate: None,
             headers: vec![],
+            live: None,
         };
         let load = tokio::spawn(meshbench::load::run(spec));
         for w in [10, 90, 30, 70, 50] {
