@@ -1,13 +1,17 @@
 //! meshbench: a service mesh on one machine (control plane, sidecars, fake workloads) and the
 //! harness that measures it. See ARCHITECTURE.md for processes, ports and data flow.
 
+pub mod backend;
 pub mod bench;
 pub mod config;
+pub mod gate;
 pub mod load;
 pub mod measure;
 pub mod model;
 pub mod pilot;
 pub mod proxy;
+pub mod report;
+pub mod run;
 pub mod scenario;
 pub mod shutdown;
 pub mod workload;

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use meshbench::{model, pilot, proxy, shutdown, workload, xds};
 
 /// Exit codes shared by every command (DESIGN.md).
+const EXIT_FAILED: u8 = 1;
 const EXIT_BAD_INPUT: u8 = 2;
 const EXIT_ENVIRONMENT: u8 = 3;
 
@@ -100,6 +101,36 @@ enum Command {
         #[arg(long, default_value_t = 500)]
         error_status: u16,
     },
+    /// Runs a scenario: stands up the mesh, drives its steps, writes report.json, charts and
+    /// report.html (default reports/<scenario>/<run-id>/).
+    Run {
+        scenario: PathBuf,
+        #[arg(long, value_enum)]
+        backend: Option<BackendArg>,
+        #[arg(long, value_enum)]
+        proxy: Option<ProxyArg>,
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Shorten every duration (for CI).
+        #[arg(long)]
+        quick: bool,
+    },
+    /// Compares a report with a baseline; exit 1 on a regression beyond tolerance.
+    Gate {
+        #[arg(long)]
+        baseline: PathBuf,
+        #[arg(long)]
+        current: PathBuf,
+        /// METRIC=PCT (throughput, latency_p50, latency_p99, error_rate (points), propagation_ack_p99).
+        #[arg(long = "tolerance", value_parser = parse_tolerance)]
+        tolerances: Vec<(String, f64)>,
+    },
+    /// Re-renders charts and report.html from a report.json.
+    Report {
+        report: PathBuf,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Benchmarks: `bench proxy` compares direct, meshbench proxy and Envoy in one run.
     Bench {
         #[command(subcommand)]
@@ -151,6 +182,38 @@ enum BenchCommand {
         #[arg(long)]
         quick: bool,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum BackendArg {
+    Local,
+    Docker,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ProxyArg {
+    Meshbench,
+    Envoy,
+}
+
+fn parse_tolerance(s: &str) -> Result<(String, f64), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not METRIC=PCT"))?;
+    if !meshbench::gate::default_tolerances().contains_key(k) {
+        return Err(format!(
+            "unknown metric {k:?}; one of {:?}",
+            meshbench::gate::default_tolerances()
+                .keys()
+                .collect::<Vec<_>>()
+        ));
+    }
+    Ok((
+        k.to_string(),
+        v.trim_end_matches('%')
+            .parse()
+            .map_err(|_| format!("{v:?} is not a number"))?,
+    ))
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -299,6 +362,98 @@ async fn run(cmd: Command) -> ExitCode {
             };
             match workload::run(cfg, listener, stop).await {
                 Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(EXIT_ENVIRONMENT, &e),
+            }
+        }
+        Command::Run {
+            scenario,
+            backend,
+            proxy,
+            out,
+            quick,
+        } => {
+            let sc = match meshbench::scenario::Scenario::load(&scenario) {
+                Ok(s) => s,
+                Err(e) => return fail(EXIT_BAD_INPUT, &e),
+            };
+            let Ok(exe) = std::env::current_exe() else {
+                return fail(EXIT_ENVIRONMENT, &"cannot find the meshbench executable");
+            };
+            let opts = meshbench::run::RunOptions {
+                backend: backend.map(|b| match b {
+                    BackendArg::Local => meshbench::scenario::BackendKind::Local,
+                    BackendArg::Docker => meshbench::scenario::BackendKind::Docker,
+                }),
+                proxy: proxy.map(|p| match p {
+                    ProxyArg::Meshbench => meshbench::scenario::ProxyKind::Meshbench,
+                    ProxyArg::Envoy => meshbench::scenario::ProxyKind::Envoy,
+                }),
+                out,
+                quick,
+                meshbench_exe: exe,
+                envoy: xds::bootstrap::find_envoy(),
+            };
+            match meshbench::run::run(sc, opts, stop).await {
+                Ok((report, dir)) => {
+                    print!("{}", meshbench::report::summary(&report));
+                    println!("  report: {}", dir.join("report.html").display());
+                    if report.passed {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(EXIT_FAILED)
+                    }
+                }
+                Err(e @ meshbench::run::Error::BadInput(_)) => fail(EXIT_BAD_INPUT, &e),
+                Err(e) => fail(EXIT_ENVIRONMENT, &e),
+            }
+        }
+        Command::Gate {
+            baseline,
+            current,
+            tolerances,
+        } => {
+            let read = |p: &PathBuf| -> Result<meshbench::report::Report, String> {
+                let text =
+                    std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
+                serde_json::from_str(&text)
+                    .map_err(|e| format!("{}: not a meshbench report.json: {e}", p.display()))
+            };
+            let (b, c) = match (read(&baseline), read(&current)) {
+                (Ok(b), Ok(c)) => (b, c),
+                (Err(e), _) | (_, Err(e)) => return fail(EXIT_BAD_INPUT, &e),
+            };
+            let mut tol = meshbench::gate::default_tolerances();
+            tol.extend(tolerances);
+            match meshbench::gate::compare(&b, &c, &tol) {
+                Ok(rows) => {
+                    print!("{}", meshbench::gate::table(&rows));
+                    if rows.iter().any(|r| r.regressed) {
+                        println!("gate: REGRESSED");
+                        ExitCode::from(EXIT_FAILED)
+                    } else {
+                        println!("gate: ok");
+                        ExitCode::SUCCESS
+                    }
+                }
+                Err(e) => fail(EXIT_BAD_INPUT, &e),
+            }
+        }
+        Command::Report { report, out } => {
+            let r: meshbench::report::Report = match std::fs::read_to_string(&report)
+                .map_err(|e| e.to_string())
+                .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
+            {
+                Ok(r) => r,
+                Err(e) => return fail(EXIT_BAD_INPUT, &format!("{}: {e}", report.display())),
+            };
+            let dir = out.unwrap_or_else(|| report.parent().map(PathBuf::from).unwrap_or_default());
+            match meshbench::report::render(&r, &dir) {
+                Ok(files) => {
+                    for f in files {
+                        println!("wrote {}", f.display());
+                    }
+                    ExitCode::SUCCESS
+                }
                 Err(e) => fail(EXIT_ENVIRONMENT, &e),
             }
         }

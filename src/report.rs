@@ -1,0 +1,503 @@
+//! report.json (DESIGN.md's fields, `schema_version` 1), its SVG charts (plotters), a
+//! self-contained report.html, and the terminal summary. `meshbench report` re-renders the
+//! charts and HTML from a report.json.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use plotters::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::load::{LoadResult, Percentiles, Second};
+
+pub const SCHEMA_VERSION: u32 = 1;
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Report {
+    pub schema_version: u32,
+    pub scenario: String,
+    pub backend: String,
+    pub proxy: String,
+    pub meshbench_version: String,
+    pub commit: String,
+    pub machine: Machine,
+    pub started_at_ms: f64,
+    pub duration_s: f64,
+    pub quick: bool,
+    pub phases: Vec<Phase>,
+    pub propagation: Vec<Propagation>,
+    pub expectations: Vec<Expectation>,
+    pub resources: Resources,
+    pub passed: bool,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Machine {
+    pub cores: usize,
+    pub memory_mb: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Phase {
+    pub name: String,
+    pub load: PhaseLoad,
+}
+
+/// A load's result as report.json carries it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PhaseLoad {
+    pub target: String,
+    pub target_rps: Option<f64>,
+    pub achieved_rps: f64,
+    pub duration_s: f64,
+    pub requests: u64,
+    pub errors: u64,
+    pub status: BTreeMap<String, u64>,
+    pub versions: BTreeMap<String, u64>,
+    pub latency_ms: Pcts,
+    pub uncorrected_latency_ms: Pcts,
+    pub series: Vec<SecondOut>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Pcts {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+impl From<&Percentiles> for Pcts {
+    fn from(p: &Percentiles) -> Self {
+        Pcts {
+            p50: p.p50,
+            p90: p.p90,
+            p99: p.p99,
+            p999: p.p999,
+            max: p.max,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SecondOut {
+    pub t: u64,
+    pub requests: u64,
+    pub errors: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub versions: BTreeMap<String, u64>,
+}
+
+impl From<&Second> for SecondOut {
+    fn from(s: &Second) -> Self {
+        SecondOut {
+            t: s.t,
+            requests: s.requests,
+            errors: s.errors,
+            p50_ms: s.p50_ms,
+            p99_ms: s.p99_ms,
+            versions: s.versions.clone(),
+        }
+    }
+}
+
+impl PhaseLoad {
+    pub fn from_result(target: &str, r: &LoadResult) -> PhaseLoad {
+        PhaseLoad {
+            target: target.into(),
+            target_rps: r.target_rps,
+            achieved_rps: r.achieved_rps,
+            duration_s: r.duration_s,
+            requests: r.requests,
+            errors: r.errors,
+            status: r.status.clone(),
+            versions: r.versions.clone(),
+            latency_ms: (&r.latency_ms).into(),
+            uncorrected_latency_ms: (&r.uncorrected_latency_ms).into(),
+            series: r.series.iter().map(Into::into).collect(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Dist {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl Dist {
+    pub fn of(values: &[f64]) -> Option<Dist> {
+        if values.is_empty() {
+            return None;
+        }
+        let mut v = values.to_vec();
+        v.sort_by(f64::total_cmp);
+        let q = |q: f64| v[((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
+        Some(Dist {
+            p50: q(0.5),
+            p90: q(0.9),
+            p99: q(0.99),
+            max: v[v.len() - 1],
+        })
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Propagation {
+    /// The applied file(s).
+    pub change: String,
+    pub version: u64,
+    pub proxies: usize,
+    pub push_ms: Option<Dist>,
+    pub ack_ms: Option<Dist>,
+    /// Change -> first traffic that could only follow the new rule (probes); one value.
+    pub data_plane_ms: Option<Dist>,
+    /// Every proxy's change -> ACK, for the CDF.
+    pub ack_samples_ms: Vec<f64>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Expectation {
+    pub step: usize,
+    pub description: String,
+    pub expected: String,
+    pub measured: String,
+    pub passed: bool,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ProcessCost {
+    pub name: String,
+    pub cpu_s: f64,
+    pub peak_rss_mb: f64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Resources {
+    pub pilot: ProcessCost,
+    pub proxies: Vec<ProcessCost>,
+}
+
+/// Writes report.json, the charts and report.html into `dir`; returns the files written.
+pub fn write(report: &Report, dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir)?;
+    let json = dir.join("report.json");
+    std::fs::write(
+        &json,
+        serde_json::to_string_pretty(report).map_err(std::io::Error::other)?,
+    )?;
+    let mut files = vec![json];
+    files.extend(render(report, dir)?);
+    Ok(files)
+}
+
+/// Charts and HTML from a report (what `meshbench report` runs).
+pub fn render(report: &Report, dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir)?;
+    let charts = charts(report);
+    let mut files = Vec::new();
+    for (name, svg) in &charts {
+        let p = dir.join(format!("{name}.svg"));
+        std::fs::write(&p, svg)?;
+        files.push(p);
+    }
+    let html = dir.join("report.html");
+    std::fs::write(&html, html_page(report, &charts))?;
+    files.push(html);
+    Ok(files)
+}
+
+fn chart_err(e: impl std::fmt::Display) -> String {
+    format!("<!-- chart failed: {e} -->")
+}
+
+const PALETTE: [RGBColor; 6] = [
+    RGBColor(42, 122, 184),
+    RGBColor(200, 85, 61),
+    RGBColor(90, 160, 90),
+    RGBColor(150, 100, 180),
+    RGBColor(220, 160, 40),
+    RGBColor(120, 120, 120),
+];
+
+/// (title, y label, series name -> points)
+fn line_chart(title: &str, y_label: &str, series: &BTreeMap<String, Vec<(f64, f64)>>) -> String {
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (760, 320)).into_drawing_area();
+        let draw = || -> Result<(), Box<dyn std::error::Error + '_>> {
+            root.fill(&WHITE)?;
+            let x_max = series.values().flatten().map(|p| p.0).fold(1.0, f64::max);
+            let y_max = series
+                .values()
+                .flatten()
+                .map(|p| p.1)
+                .fold(0.0, f64::max)
+                .max(1e-3)
+                * 1.1;
+            let mut chart = ChartBuilder::on(&root)
+                .caption(title, ("sans-serif", 18))
+                .margin(10)
+                .x_label_area_size(32)
+                .y_label_area_size(56)
+                .build_cartesian_2d(0.0..x_max, 0.0..y_max)?;
+            chart
+                .configure_mesh()
+                .x_desc("seconds")
+                .y_desc(y_label)
+                .light_line_style(RGBColor(235, 235, 235))
+                .draw()?;
+            for (i, (name, points)) in series.iter().enumerate() {
+                let color = PALETTE[i % PALETTE.len()];
+                chart
+                    .draw_series(LineSeries::new(
+                        points.iter().copied(),
+                        color.stroke_width(2),
+                    ))?
+                    .label(name.clone())
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
+                    });
+            }
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()?;
+            root.present()?;
+            Ok(())
+        };
+        if let Err(e) = draw() {
+            return chart_err(e);
+        }
+    }
+    svg
+}
+
+/// The charts of a report: latency over time, throughput over time, per-version share over
+/// time (the canary shift), propagation CDF.
+pub fn charts(report: &Report) -> Vec<(String, String)> {
+    let mut latency = BTreeMap::new();
+    let mut throughput = BTreeMap::new();
+    let mut shares = BTreeMap::new();
+    for ph in &report.phases {
+        let s = &ph.load.series;
+        latency.insert(
+            format!("{} p50", ph.name),
+            s.iter().map(|x| (x.t as f64, x.p50_ms)).collect(),
+        );
+        latency.insert(
+            format!("{} p99", ph.name),
+            s.iter().map(|x| (x.t as f64, x.p99_ms)).collect(),
+        );
+        throughput.insert(
+            ph.name.clone(),
+            s.iter().map(|x| (x.t as f64, x.requests as f64)).collect(),
+        );
+        // Services with more than one version: their share per second.
+        let mut by_service: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for v in ph.load.versions.keys() {
+            if let Some((svc, _)) = v.rsplit_once('-') {
+                by_service
+                    .entry(svc.to_string())
+                    .or_default()
+                    .push(v.clone());
+            }
+        }
+        for versions in by_service.values().filter(|v| v.len() > 1) {
+            for v in versions {
+                let points = s
+                    .iter()
+                    .map(|x| {
+                        let total: u64 = versions
+                            .iter()
+                            .map(|k| x.versions.get(k).copied().unwrap_or(0))
+                            .sum();
+                        (
+                            x.t as f64,
+                            if total == 0 {
+                                0.0
+                            } else {
+                                100.0 * x.versions.get(v).copied().unwrap_or(0) as f64
+                                    / total as f64
+                            },
+                        )
+                    })
+                    .collect();
+                shares.insert(format!("{}: {v}", ph.name), points);
+            }
+        }
+    }
+    let mut cdf = BTreeMap::new();
+    let mut samples: Vec<f64> = report
+        .propagation
+        .iter()
+        .flat_map(|p| p.ack_samples_ms.iter().copied())
+        .collect();
+    samples.sort_by(f64::total_cmp);
+    let n = samples.len().max(1) as f64;
+    cdf.insert(
+        "change -> ACK".to_string(),
+        samples
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (*v, 100.0 * (i + 1) as f64 / n))
+            .collect::<Vec<_>>(),
+    );
+    let cdf_svg = {
+        // x is milliseconds here, not seconds.
+        let svg = line_chart(
+            "Propagation: change -> ACK over all proxies and changes (CDF)",
+            "% of proxies",
+            &cdf,
+        );
+        svg.replace(">seconds<", ">milliseconds<")
+    };
+    vec![
+        (
+            "latency".into(),
+            line_chart("Latency per second (ms)", "ms", &latency),
+        ),
+        (
+            "throughput".into(),
+            line_chart(
+                "Throughput (requests per second)",
+                "requests/s",
+                &throughput,
+            ),
+        ),
+        (
+            "versions".into(),
+            line_chart(
+                "Traffic share per version over time (%)",
+                "% of service's requests",
+                &shares,
+            ),
+        ),
+        ("propagation".into(), cdf_svg),
+    ]
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+fn opt(d: &Option<Dist>, f: impl Fn(&Dist) -> f64) -> String {
+    d.as_ref().map_or("-".into(), |d| format!("{:.1}", f(d)))
+}
+
+fn html_page(r: &Report, charts: &[(String, String)]) -> String {
+    let mut h = format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>meshbench: {0}</title><style>body{{font-family:sans-serif;margin:24px;max-width:1000px}}table{{border-collapse:collapse;margin:8px 0 20px}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}th{{background:#f4f4f4}}td:first-child{{text-align:left}}.pass{{color:#2a7a2a}}.fail{{color:#b22;font-weight:bold}}</style></head><body>\n<h1>{0}: <span class=\"{1}\">{2}</span></h1>\n<p>backend {3}, proxy {4}, meshbench {5} ({6}), {7} cores, {8} MB; {9:.1} s{10}</p>\n",
+        esc(&r.scenario),
+        if r.passed { "pass" } else { "fail" },
+        if r.passed { "PASSED" } else { "FAILED" },
+        r.backend,
+        r.proxy,
+        r.meshbench_version,
+        esc(&r.commit),
+        r.machine.cores,
+        r.machine.memory_mb,
+        r.duration_s,
+        if r.quick { " (quick)" } else { "" }
+    );
+    h.push_str("<h2>Phases</h2><table><tr><th>phase</th><th>target</th><th>rps</th><th>requests</th><th>errors</th><th>p50 ms</th><th>p99 ms</th><th>p99.9 ms</th><th>versions</th></tr>\n");
+    for p in &r.phases {
+        let l = &p.load;
+        let versions = l
+            .versions
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        h.push_str(&format!("<tr><td>{}</td><td>{}</td><td>{:.0}</td><td>{}</td><td>{}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{}</td></tr>\n", esc(&p.name), esc(&l.target), l.achieved_rps, l.requests, l.errors, l.latency_ms.p50, l.latency_ms.p99, l.latency_ms.p999, esc(&versions)));
+    }
+    h.push_str("</table><h2>Expectations</h2><table><tr><th>step</th><th>expectation</th><th>expected</th><th>measured</th><th>result</th></tr>\n");
+    for e in &r.expectations {
+        h.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"{}\">{}</td></tr>\n",
+            e.step,
+            esc(&e.description),
+            esc(&e.expected),
+            esc(&e.measured),
+            if e.passed { "pass" } else { "fail" },
+            if e.passed { "pass" } else { "FAIL" }
+        ));
+    }
+    h.push_str("</table><h2>Propagation (ms)</h2><table><tr><th>change</th><th>version</th><th>proxies</th><th>push p50</th><th>push p99</th><th>ACK p50</th><th>ACK p99</th><th>ACK max</th><th>data plane</th></tr>\n");
+    for p in &r.propagation {
+        h.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
+            esc(&p.change),
+            p.version,
+            p.proxies,
+            opt(&p.push_ms, |d| d.p50),
+            opt(&p.push_ms, |d| d.p99),
+            opt(&p.ack_ms, |d| d.p50),
+            opt(&p.ack_ms, |d| d.p99),
+            opt(&p.ack_ms, |d| d.max),
+            opt(&p.data_plane_ms, |d| d.p50)
+        ));
+    }
+    h.push_str(
+        "</table><h2>Cost</h2><table><tr><th>process</th><th>CPU s</th><th>peak RSS MB</th></tr>\n",
+    );
+    for c in std::iter::once(&r.resources.pilot).chain(&r.resources.proxies) {
+        h.push_str(&format!(
+            "<tr><td>{}</td><td>{:.2}</td><td>{:.1}</td></tr>\n",
+            esc(&c.name),
+            c.cpu_s,
+            c.peak_rss_mb
+        ));
+    }
+    h.push_str("</table><h2>Charts</h2>\n");
+    for (_, svg) in charts {
+        h.push_str(svg);
+        h.push('\n');
+    }
+    h.push_str("</body></html>\n");
+    h
+}
+
+/// The terminal summary printed at the end of a run.
+pub fn summary(r: &Report) -> String {
+    let mut s = format!(
+        "\n{} on {} with {} sidecars: {}\n",
+        r.scenario,
+        r.backend,
+        r.proxy,
+        if r.passed { "PASSED" } else { "FAILED" }
+    );
+    for p in &r.phases {
+        let l = &p.load;
+        s.push_str(&format!("  phase {:<12} {:>7.0} rps  {:>6} requests  {:>3} errors  p50 {:.2} ms  p99 {:.2} ms\n", p.name, l.achieved_rps, l.requests, l.errors, l.latency_ms.p50, l.latency_ms.p99));
+    }
+    for p in &r.propagation {
+        s.push_str(&format!("  change v{:<3} {:<40} push p99 {} ms, ACK p50 {} / p99 {} ms over {} proxies, data plane {} ms\n", p.version, p.change, opt(&p.push_ms, |d| d.p99), opt(&p.ack_ms, |d| d.p50), opt(&p.ack_ms, |d| d.p99), p.proxies, opt(&p.data_plane_ms, |d| d.p50)));
+    }
+    for e in &r.expectations {
+        s.push_str(&format!(
+            "  [{}] step {}: {} (expected {}, measured {})\n",
+            if e.passed { "ok" } else { "FAIL" },
+            e.step,
+            e.description,
+            e.expected,
+            e.measured
+        ));
+    }
+    let proxies_rss: f64 = r.resources.proxies.iter().map(|p| p.peak_rss_mb).sum();
+    s.push_str(&format!(
+        "  pilot {:.2} CPU s, {:.1} MB peak; {} sidecars {:.1} MB peak in total\n",
+        r.resources.pilot.cpu_s,
+        r.resources.pilot.peak_rss_mb,
+        r.resources.proxies.len(),
+        proxies_rss
+    ));
+    s
+}

@@ -1,0 +1,777 @@
+//! `meshbench run`: executes a scenario on a backend, step by step, and produces the report.
+//! Expectations that fail are recorded and the run goes on; the exit code says whether all
+//! passed (0), one failed (1), the scenario was bad (2) or the environment was (3).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
+use tokio::task::JoinHandle;
+
+use crate::backend::local::LocalBackend;
+use crate::backend::{self, Options};
+use crate::load::{self, Live, LoadResult, LoadSpec};
+use crate::measure::proc_stats;
+use crate::report::{
+    self, Dist, Expectation, Phase, PhaseLoad, ProcessCost, Propagation, Report, Resources,
+};
+use crate::scenario::{BackendKind, ExpectStep, FaultStep, ProxyKind, Scenario, Step};
+use crate::shutdown::Shutdown;
+
+/// How long a change may take to reach every proxy before the run calls the mesh stuck.
+pub const CONVERGE_LIMIT: Duration = Duration::from_secs(30);
+
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub backend: Option<BackendKind>,
+    pub proxy: Option<ProxyKind>,
+    pub out: Option<PathBuf>,
+    pub quick: bool,
+    pub meshbench_exe: PathBuf,
+    pub envoy: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    BadInput(String),
+    #[error("{0}")]
+    Environment(String),
+    #[error("interrupted")]
+    Interrupted,
+}
+
+impl From<backend::Error> for Error {
+    fn from(e: backend::Error) -> Self {
+        match e {
+            backend::Error::Config(m) => Error::BadInput(m),
+            backend::Error::Environment(m) => Error::Environment(m),
+        }
+    }
+}
+
+fn now_ms() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .unwrap_or(0.0)
+}
+
+struct RunningLoad {
+    target: String,
+    live: Arc<Live>,
+    task: Option<JoinHandle<LoadResult>>,
+    result: Option<LoadResult>,
+}
+
+struct Runner<'a> {
+    scenario: &'a Scenario,
+    b: LocalBackend,
+    loads: BTreeMap<String, RunningLoad>,
+    load_order: Vec<String>,
+    report: Report,
+    /// Propagation measurements under way, one per apply.
+    pending: Vec<JoinHandle<Propagation>>,
+}
+
+/// Runs `scenario`; returns the report and the directory it was written to.
+pub async fn run(
+    mut scenario: Scenario,
+    opts: RunOptions,
+    shutdown: Shutdown,
+) -> Result<(Report, PathBuf), Error> {
+    let backend = opts.backend.unwrap_or(scenario.backend);
+    if backend == BackendKind::Docker {
+        return Err(Error::Environment(
+            "the docker backend is not available yet; use --backend local".into(),
+        ));
+    }
+    if let Some(p) = opts.proxy {
+        scenario.mesh.proxy = p;
+    }
+    if opts.quick {
+        scenario.quick(QUICK_FACTOR);
+    }
+    tracing::info!(scenario = %serde_json::to_string(&scenario).unwrap_or_default(), "effective scenario");
+    let run_id = format!("{}-{}", chrono_like_stamp(), std::process::id());
+    let out = opts
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("reports").join(&scenario.name).join(&run_id));
+    let backend_opts = Options {
+        proxy: scenario.mesh.proxy,
+        debounce: scenario
+            .mesh
+            .debounce
+            .map_or(crate::pilot::DEFAULT_DEBOUNCE, |d| d.0),
+        meshbench_exe: opts.meshbench_exe.clone(),
+        envoy: opts.envoy.clone(),
+        log_dir: out.join("logs"),
+    };
+    let started = Instant::now();
+    let started_ms = now_ms();
+    let work = async {
+        eprintln!(
+            "meshbench: {}: starting the mesh with {} sidecars on the local backend (logs in {})",
+            scenario.name,
+            scenario.mesh.proxy,
+            out.join("logs").display()
+        );
+        let b = LocalBackend::start(
+            backend_opts,
+            &scenario.topology.manifests,
+            &scenario.topology.config,
+        )
+        .await?;
+        eprintln!(
+            "meshbench: {} pods up; running {} steps",
+            b.pods.len(),
+            scenario.steps.len()
+        );
+        let mut r = Runner {
+            scenario: &scenario,
+            b,
+            loads: BTreeMap::new(),
+            load_order: vec![],
+            report: Report {
+                schema_version: report::SCHEMA_VERSION,
+                scenario: scenario.name.clone(),
+                backend: "local".into(),
+                proxy: scenario.mesh.proxy.to_string(),
+                meshbench_version: env!("CARGO_PKG_VERSION").into(),
+                commit: option_env!("MESHBENCH_COMMIT").unwrap_or("unknown").into(),
+                machine: {
+                    let m = crate::bench::machine();
+                    report::Machine {
+                        cores: m.cores,
+                        memory_mb: m.memory_mb,
+                    }
+                },
+                started_at_ms: started_ms,
+                quick: opts.quick,
+                ..Default::default()
+            },
+            pending: vec![],
+        };
+        r.wait_converged(CONVERGE_LIMIT, None).await?;
+        for (i, step) in scenario.steps.iter().enumerate() {
+            r.step(i, step).await?;
+        }
+        r.finish().await
+    };
+    let mut report = tokio::select! {
+        r = work => r?,
+        _ = shutdown.wait() => return Err(Error::Interrupted),
+    };
+    report.duration_s = started.elapsed().as_secs_f64();
+    report.passed = report.expectations.iter().all(|e| e.passed);
+    report::write(&report, &out).map_err(|e| {
+        Error::Environment(format!("cannot write the report to {}: {e}", out.display()))
+    })?;
+    Ok((report, out))
+}
+
+/// Durations under `--quick`: half, which keeps a 50/50 split check over a few hundred
+/// requests statistically sound.
+pub const QUICK_FACTOR: f64 = 0.5;
+
+fn chrono_like_stamp() -> String {
+    let s = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    format!("{s}")
+}
+
+impl Runner<'_> {
+    fn line(&self, i: usize) -> String {
+        let (l, c) = self.scenario.step_lines.get(i).copied().unwrap_or((0, 0));
+        format!("{}:{l}:{c}", self.scenario.file.display())
+    }
+
+    async fn step(&mut self, i: usize, step: &Step) -> Result<(), Error> {
+        eprintln!(
+            "meshbench: step {} ({}): {}",
+            i + 1,
+            self.line(i),
+            describe(step)
+        );
+        match step {
+            Step::Apply(files) => {
+                for f in files.files() {
+                    self.apply(&f).await?;
+                }
+            }
+            Step::WaitConverged(d) => {
+                if let Err(e) = self.wait_converged(d.0, None).await {
+                    self.expect_failed(
+                        i,
+                        "every proxy ACKs the latest config",
+                        &format!("within {:?}", d.0),
+                        &e.to_string(),
+                    );
+                }
+            }
+            Step::Sleep(d) => tokio::time::sleep(d.0).await,
+            Step::Load(l) => {
+                let name = l.name.clone().expect("named when parsed");
+                let live = Arc::new(Live::default());
+                let spec = LoadSpec {
+                    target: self.b.client_outbound(),
+                    host: l.target.clone(),
+                    path: l.path.clone(),
+                    connections: l.connections,
+                    duration: l.duration.0,
+                    rate: l.rate,
+                    headers: l
+                        .headers
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
+                    live: Some(live.clone()),
+                };
+                let task = tokio::spawn(load::run(spec));
+                self.load_order.push(name.clone());
+                self.loads.insert(
+                    name.clone(),
+                    RunningLoad {
+                        target: l.target.clone(),
+                        live,
+                        task: Some(task),
+                        result: None,
+                    },
+                );
+                if !l.background {
+                    self.finish_load(&name).await;
+                }
+            }
+            Step::WaitLoad(name) => self.finish_load(name).await,
+            Step::Expect(e) => self.expect(i, e).await,
+            Step::Fault(f) => match f {
+                FaultStep::Kill(p) => self.b.kill_pod(p).await?,
+                FaultStep::Restart(p) => self.b.restart_pod(p).await?,
+                FaultStep::ControlPlane(a) if a == "stop" => self.b.stop_control_plane().await,
+                FaultStep::ControlPlane(_) => self.b.start_control_plane().await?,
+            },
+        }
+        Ok(())
+    }
+
+    async fn finish_load(&mut self, name: &str) {
+        let Some(l) = self.loads.get_mut(name) else {
+            return;
+        };
+        if let Some(t) = l.task.take() {
+            if let Ok(r) = t.await {
+                self.report.phases.push(Phase {
+                    name: name.to_string(),
+                    load: PhaseLoad::from_result(&l.target, &r),
+                });
+                l.result = Some(r);
+            }
+        }
+    }
+
+    async fn apply(&mut self, file: &str) -> Result<(), Error> {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| Error::BadInput(format!("cannot read {file}: {e}")))?;
+        // Probes start before the change so the old rule's traffic is seen first.
+        let probe = self.scenario.probe.clone().map(|p| {
+            let window = p.window.map_or(Duration::from_secs(2), |w| w.0);
+            let target = self.b.client_outbound();
+            tokio::spawn(probe(
+                target,
+                p.target.clone(),
+                p.path.clone(),
+                p.service.clone(),
+                window + Duration::from_millis(300),
+            ))
+        });
+        if probe.is_some() {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        let (version, accepted_at) = self.b.apply(file, &text).await?;
+        let change = std::path::Path::new(file)
+            .file_name()
+            .map_or(file.to_string(), |n| n.to_string_lossy().into_owned());
+        let api = self.b.pilot_api();
+        let nodes = self.b.node_ids();
+        self.pending.push(tokio::spawn(async move {
+            let mut p = propagation(api, nodes, change, version, accepted_at).await;
+            if let Some(probe) = probe {
+                if let Ok(samples) = probe.await {
+                    p.data_plane_ms =
+                        data_plane_ms(&samples, accepted_at).and_then(|v| Dist::of(&[v]));
+                }
+            }
+            p
+        }));
+        Ok(())
+    }
+
+    /// Waits until every running proxy has ACKed `version` (default: the latest).
+    async fn wait_converged(&self, limit: Duration, version: Option<u64>) -> Result<(), Error> {
+        let version = match version {
+            Some(v) => v,
+            None => self.b.version().await?,
+        };
+        let start = Instant::now();
+        loop {
+            let proxies = self.b.proxies().await?;
+            let nodes = self.b.node_ids();
+            let behind: Vec<&String> = nodes
+                .iter()
+                .filter(|n| {
+                    !proxies.as_array().into_iter().flatten().any(|p| {
+                        p["node"]["id"].as_str() == Some(n.as_str())
+                            && p["synced_version"].as_u64().is_some_and(|v| v >= version)
+                    })
+                })
+                .collect();
+            if behind.is_empty() {
+                return Ok(());
+            }
+            if start.elapsed() > limit {
+                return Err(Error::Environment(format!(
+                    "{} proxies did not ACK config version {version} within {limit:?}: {behind:?}",
+                    behind.len()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn expect_failed(&mut self, step: usize, description: &str, expected: &str, measured: &str) {
+        self.report.expectations.push(Expectation {
+            step: step + 1,
+            description: description.into(),
+            expected: expected.into(),
+            measured: measured.into(),
+            passed: false,
+        });
+    }
+
+    async fn expect(&mut self, i: usize, e: &ExpectStep) {
+        let mut results: Vec<Expectation> = Vec::new();
+        let mut push = |description: String, expected: String, measured: String, passed: bool| {
+            results.push(Expectation {
+                step: i + 1,
+                description,
+                expected,
+                measured,
+                passed,
+            });
+        };
+        let name = e.load.clone().or_else(|| self.load_order.last().cloned());
+        let window = e.window.map(|w| w.0);
+        if let Some(l) = name.as_ref().and_then(|n| self.loads.get(n)) {
+            let n = name.as_deref().unwrap_or("");
+            let counts = match (&l.result, window) {
+                (Some(r), None) => load::Counts {
+                    requests: r.requests,
+                    errors: r.errors,
+                    versions: r.versions.clone(),
+                },
+                _ => l.live.totals(window),
+            };
+            let scope = window.map_or(format!("load {n}"), |w| format!("load {n}, last {w:?}"));
+            if let Some(s) = &e.split {
+                let tol = s.tolerance.unwrap_or(5.0);
+                let prefix = format!("{}-", s.service);
+                let total: u64 = counts
+                    .versions
+                    .iter()
+                    .filter(|(k, _)| k.starts_with(&prefix))
+                    .map(|(_, v)| v)
+                    .sum();
+                let share = |v: &str| {
+                    if total == 0 {
+                        0.0
+                    } else {
+                        100.0
+                            * counts
+                                .versions
+                                .get(&format!("{prefix}{v}"))
+                                .copied()
+                                .unwrap_or(0) as f64
+                            / total as f64
+                    }
+                };
+                let mut seen: BTreeMap<String, f64> = counts
+                    .versions
+                    .keys()
+                    .filter_map(|k| k.strip_prefix(&prefix))
+                    .map(|v| (v.to_string(), share(v)))
+                    .collect();
+                for v in s.versions.keys() {
+                    seen.entry(v.clone()).or_insert(0.0);
+                }
+                let passed = total > 0
+                    && seen.iter().all(|(v, got)| {
+                        (got - s.versions.get(v).copied().unwrap_or(0.0)).abs() <= tol
+                    });
+                let fmt = |m: &BTreeMap<String, f64>| {
+                    m.iter()
+                        .map(|(k, v)| format!("{k} {v:.1}%"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                push(
+                    format!("{} split ({scope}, {total} requests)", s.service),
+                    format!("{} (+-{tol})", fmt(&s.versions)),
+                    fmt(&seen),
+                    passed,
+                );
+            }
+            if let Some(max) = e.errors {
+                let rate = if counts.requests == 0 {
+                    0.0
+                } else {
+                    100.0 * counts.errors as f64 / counts.requests as f64
+                };
+                push(
+                    format!("error rate ({scope})"),
+                    format!("<= {max}%"),
+                    format!("{rate:.3}% ({} of {})", counts.errors, counts.requests),
+                    counts.requests > 0 && rate <= max,
+                );
+            }
+            if let Some(lat) = &e.latency {
+                match &l.result {
+                    Some(r) => {
+                        for (q, bound, got) in [
+                            ("p50", lat.p50, r.latency_ms.p50),
+                            ("p90", lat.p90, r.latency_ms.p90),
+                            ("p99", lat.p99, r.latency_ms.p99),
+                        ] {
+                            if let Some(b) = bound {
+                                let bound_ms = b.0.as_secs_f64() * 1000.0;
+                                push(
+                                    format!("latency {q} (load {n})"),
+                                    format!("<= {bound_ms:.1} ms"),
+                                    format!("{got:.2} ms"),
+                                    got <= bound_ms,
+                                );
+                            }
+                        }
+                    }
+                    None => push(
+                        format!("latency (load {n})"),
+                        "a finished load".into(),
+                        "still running: add wait_load before this expectation".into(),
+                        false,
+                    ),
+                }
+            }
+        }
+        if let Some(pb) = &e.propagation {
+            let latest = self.pending.pop();
+            let p = match latest {
+                Some(t) => t.await.ok(),
+                None => None,
+            };
+            match p {
+                None => push(
+                    "propagation".into(),
+                    "an apply step before".into(),
+                    "none".into(),
+                    false,
+                ),
+                Some(p) => {
+                    for (what, bound, d) in [
+                        (
+                            "change -> ACK p99",
+                            pb.ack_p99,
+                            p.ack_ms.as_ref().map(|d| d.p99),
+                        ),
+                        (
+                            "change -> push p99",
+                            pb.push_p99,
+                            p.push_ms.as_ref().map(|d| d.p99),
+                        ),
+                        (
+                            "change -> data plane",
+                            pb.data_plane,
+                            p.data_plane_ms.as_ref().map(|d| d.p50),
+                        ),
+                    ] {
+                        if let Some(b) = bound {
+                            let bound_ms = b.0.as_secs_f64() * 1000.0;
+                            let measured =
+                                d.map_or("not measured".into(), |v| format!("{v:.1} ms"));
+                            push(
+                                format!("{what} ({})", p.change),
+                                format!("<= {bound_ms:.0} ms"),
+                                measured,
+                                d.is_some_and(|v| v <= bound_ms),
+                            );
+                        }
+                    }
+                    self.report.propagation.push(p);
+                }
+            }
+        }
+        for r in &results {
+            eprintln!(
+                "meshbench:   [{}] {}: expected {}, measured {}",
+                if r.passed { "ok" } else { "FAIL" },
+                r.description,
+                r.expected,
+                r.measured
+            );
+        }
+        self.report.expectations.extend(results);
+    }
+
+    async fn finish(mut self) -> Result<Report, Error> {
+        let names: Vec<String> = self.load_order.clone();
+        for n in names {
+            self.finish_load(&n).await;
+        }
+        for t in self.pending.drain(..) {
+            if let Ok(p) = t.await {
+                self.report.propagation.push(p);
+            }
+        }
+        self.report.propagation.sort_by_key(|p| p.version);
+        let (pilot, sidecars) = self.b.resources();
+        let cost = |name: &str, pid: Option<u32>| {
+            let s = pid.and_then(proc_stats).unwrap_or_default();
+            ProcessCost {
+                name: name.to_string(),
+                cpu_s: s.cpu_s,
+                peak_rss_mb: s.peak_rss_mb,
+            }
+        };
+        self.report.resources = Resources {
+            pilot: cost("pilot", pilot),
+            proxies: sidecars.iter().map(|(n, pid)| cost(n, *pid)).collect(),
+        };
+        Ok(self.report)
+    }
+}
+
+fn describe(step: &Step) -> String {
+    match step {
+        Step::Apply(f) => format!(
+            "apply {}",
+            f.files()
+                .iter()
+                .map(|f| std::path::Path::new(f)
+                    .file_name()
+                    .map_or(f.clone(), |n| n.to_string_lossy().into_owned()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        Step::WaitConverged(d) => format!("wait until every proxy ACKs (up to {:?})", d.0),
+        Step::Load(l) => format!(
+            "load {} -> {}{} for {:?}{}",
+            l.name.as_deref().unwrap_or(""),
+            l.target,
+            l.path,
+            l.duration.0,
+            if l.background { " (background)" } else { "" }
+        ),
+        Step::Sleep(d) => format!("sleep {:?}", d.0),
+        Step::Expect(_) => "expect".into(),
+        Step::Fault(f) => format!("fault {f:?}"),
+        Step::WaitLoad(n) => format!("wait for load {n}"),
+    }
+}
+
+/// Per-proxy push and ACK times for `version`, from pilot's history.
+async fn propagation(
+    api: std::net::SocketAddr,
+    nodes: Vec<String>,
+    change: String,
+    version: u64,
+    accepted_at: f64,
+) -> Propagation {
+    let http = crate::backend::local::HttpClient;
+    let start = Instant::now();
+    let mut proxies = Value::Null;
+    while start.elapsed() < CONVERGE_LIMIT {
+        proxies = http
+            .json(api, "GET", "/v1/proxies", "")
+            .await
+            .map(|r| r.1)
+            .unwrap_or(Value::Null);
+        let done = nodes.iter().all(|n| {
+            proxies.as_array().into_iter().flatten().any(|p| {
+                p["node"]["id"].as_str() == Some(n)
+                    && p["synced_version"].as_u64().is_some_and(|v| v >= version)
+            })
+        });
+        if done {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut push = Vec::new();
+    let mut ack = Vec::new();
+    for p in proxies
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| nodes.iter().any(|n| p["node"]["id"].as_str() == Some(n)))
+    {
+        // The first version at or after this change that the proxy was sent.
+        if let Some(h) = p["history"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|h| h["version"].as_u64().is_some_and(|v| v >= version))
+        {
+            if let Some(t) = h["pushed_at_ms"].as_f64() {
+                push.push(t - accepted_at);
+            }
+            if let Some(t) = h["acked_at_ms"].as_f64() {
+                ack.push(t - accepted_at);
+            }
+        }
+    }
+    Propagation {
+        change,
+        version,
+        proxies: ack.len(),
+        push_ms: Dist::of(&push),
+        ack_ms: Dist::of(&ack),
+        data_plane_ms: None,
+        ack_samples_ms: ack,
+    }
+}
+
+/// One probe answer: when it completed (wall ms) and the versions of the probed service in it.
+type ProbeSample = (f64, Vec<String>);
+
+/// Sequential requests through the client sidecar for `window`.
+async fn probe(
+    target: std::net::SocketAddr,
+    host: String,
+    path: String,
+    service: String,
+    window: Duration,
+) -> Vec<ProbeSample> {
+    let spec = LoadSpec {
+        target,
+        host,
+        path,
+        connections: 1,
+        duration: window,
+        rate: None,
+        headers: vec![],
+        live: None,
+    };
+    // The generator reports aggregates; probes need each answer, so they use their own loop.
+    let mut out = Vec::new();
+    let end = Instant::now() + window;
+    let prefix = format!("{service}-");
+    let stream = tokio::net::TcpStream::connect(spec.target).await;
+    let Ok(stream) = stream else { return out };
+    let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake::<
+        _,
+        http_body_util::Empty<bytes::Bytes>,
+    >(hyper_util::rt::TokioIo::new(stream))
+    .await
+    else {
+        return out;
+    };
+    tokio::spawn(conn);
+    while Instant::now() < end {
+        if sender.ready().await.is_err() {
+            break;
+        }
+        let req = hyper::Request::builder()
+            .uri(spec.path.as_str())
+            .header("host", spec.host.as_str())
+            .body(http_body_util::Empty::new())
+            .expect("valid request");
+        let Ok(resp) = sender.send_request(req).await else {
+            break;
+        };
+        let mut versions = Vec::new();
+        for h in [
+            crate::workload::IDENTITY_HEADER,
+            crate::workload::UPSTREAMS_HEADER,
+        ] {
+            if let Some(v) = resp.headers().get(h).and_then(|v| v.to_str().ok()) {
+                versions.extend(
+                    v.split(',')
+                        .filter(|s| s.starts_with(&prefix))
+                        .map(String::from),
+                );
+            }
+        }
+        let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+        out.push((now_ms(), versions));
+    }
+    out
+}
+
+/// Change -> traffic following the new rule, from probes: the first answer from a version not
+/// seen before the change; or, when the change only removes versions, the last answer from a
+/// removed one. `None` when the probes saw no difference.
+pub fn data_plane_ms(samples: &[ProbeSample], accepted_at: f64) -> Option<f64> {
+    let before: std::collections::BTreeSet<&String> = samples
+        .iter()
+        .filter(|s| s.0 < accepted_at)
+        .flat_map(|s| &s.1)
+        .collect();
+    let after: Vec<&ProbeSample> = samples.iter().filter(|s| s.0 >= accepted_at).collect();
+    if before.is_empty() || after.is_empty() {
+        return None;
+    }
+    if let Some(first_new) = after
+        .iter()
+        .find(|s| s.1.iter().any(|v| !before.contains(v)))
+    {
+        return Some(first_new.0 - accepted_at);
+    }
+    // Versions absent from the second half of the window were removed by the change.
+    let tail: std::collections::BTreeSet<&String> =
+        after[after.len() / 2..].iter().flat_map(|s| &s.1).collect();
+    let removed: Vec<&&String> = before.iter().filter(|v| !tail.contains(**v)).collect();
+    if removed.is_empty() {
+        return None;
+    }
+    let last = after
+        .iter()
+        .rev()
+        .find(|s| s.1.iter().any(|v| removed.contains(&&v)));
+    Some(last.map_or(0.0, |s| s.0 - accepted_at))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(t: f64, v: &[&str]) -> ProbeSample {
+        (t, v.iter().map(|x| x.to_string()).collect())
+    }
+
+    #[test]
+    fn data_plane_from_probes() {
+        let new_version = [
+            s(1.0, &["reviews-v1"]),
+            s(2.0, &["reviews-v1"]),
+            s(11.0, &["reviews-v1"]),
+            s(13.5, &["reviews-v3"]),
+            s(14.0, &["reviews-v1"]),
+        ];
+        assert_eq!(data_plane_ms(&new_version, 10.0), Some(3.5));
+        let removed = [
+            s(1.0, &["reviews-v1"]),
+            s(2.0, &["reviews-v3"]),
+            s(11.0, &["reviews-v1"]),
+            s(12.0, &["reviews-v3"]),
+            s(13.0, &["reviews-v3"]),
+            s(14.0, &["reviews-v3"]),
+            s(15.0, &["reviews-v3"]),
+        ];
+        assert_eq!(data_plane_ms(&removed, 10.0), Some(1.0));
+        let same = [s(1.0, &["reviews-v1"]), s(11.0, &["reviews-v1"])];
+        assert_eq!(data_plane_ms(&same, 10.0), None);
+    }
+}
