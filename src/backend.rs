@@ -17,6 +17,8 @@ pub struct Options {
     pub envoy: Option<PathBuf>,
     /// Where processes write their logs.
     pub log_dir: PathBuf,
+    /// Marks every process of the run (in its environment).
+    pub run_id: String,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -13,6 +13,7 @@ use crate::load::{LoadResult, Percentiles, Second};
 pub const SCHEMA_VERSION: u32 = 1;
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Report {
     pub schema_version: u32,
     pub scenario: String,
@@ -32,12 +33,14 @@ pub struct Report {
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Machine {
     pub cores: usize,
     pub memory_mb: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Phase {
     pub name: String,
     pub load: PhaseLoad,
@@ -45,6 +48,7 @@ pub struct Phase {
 
 /// A load's result as report.json carries it.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct PhaseLoad {
     pub target: String,
     pub target_rps: Option<f64>,
@@ -60,6 +64,7 @@ pub struct PhaseLoad {
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Pcts {
     pub p50: f64,
     pub p90: f64,
@@ -81,6 +86,7 @@ impl From<&Percentiles> for Pcts {
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct SecondOut {
     pub t: u64,
     pub requests: u64,
@@ -122,6 +128,7 @@ impl PhaseLoad {
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Dist {
     pub p50: f64,
     pub p90: f64,
@@ -147,6 +154,7 @@ impl Dist {
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Propagation {
     /// The applied file(s).
     pub change: String,
@@ -161,6 +169,7 @@ pub struct Propagation {
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Expectation {
     pub step: usize,
     pub description: String,
@@ -170,6 +179,7 @@ pub struct Expectation {
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ProcessCost {
     pub name: String,
     pub cpu_s: f64,
@@ -177,6 +187,7 @@ pub struct ProcessCost {
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Resources {
     pub pilot: ProcessCost,
     pub proxies: Vec<ProcessCost>,

@@ -94,7 +94,6 @@ pub async fn run(
     if opts.quick {
         scenario.quick(QUICK_FACTOR);
     }
-    tracing::info!(scenario = %serde_json::to_string(&scenario).unwrap_or_default(), "effective scenario");
     let run_id = format!("{}-{}", chrono_like_stamp(), std::process::id());
     let out = opts
         .out
@@ -109,7 +108,15 @@ pub async fn run(
         meshbench_exe: opts.meshbench_exe.clone(),
         envoy: opts.envoy.clone(),
         log_dir: out.join("logs"),
+        run_id: run_id.clone(),
     };
+    // The effective scenario (defaults applied, --quick and --proxy folded in) beside the report.
+    std::fs::create_dir_all(&out)
+        .map_err(|e| Error::Environment(format!("cannot create {}: {e}", out.display())))?;
+    let _ = std::fs::write(
+        out.join("scenario.json"),
+        serde_json::to_string_pretty(&scenario).unwrap_or_default(),
+    );
     let started = Instant::now();
     let started_ms = now_ms();
     let work = async {

@@ -61,10 +61,15 @@ pub struct LocalBackend {
     http: HttpClient,
 }
 
+/// Environment variable every child carries: the run id (tests look for leftovers by it).
+pub const RUN_ENV: &str = "MESHBENCH_RUN";
+
 /// The killing of children on drop is `kill_on_drop`; this adds death-of-parent.
-fn command(program: &Path) -> Command {
+fn command(program: &Path, run_id: &str) -> Command {
     let mut c = Command::new(program);
-    c.kill_on_drop(true).stdin(Stdio::null());
+    c.kill_on_drop(true)
+        .stdin(Stdio::null())
+        .env(RUN_ENV, run_id);
     // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
     unsafe {
         c.pre_exec(|| {
@@ -218,7 +223,7 @@ impl LocalBackend {
     }
 
     async fn start_pilot(&mut self) -> Result<(), Error> {
-        let mut c = command(&self.opts.meshbench_exe);
+        let mut c = command(&self.opts.meshbench_exe, &self.opts.run_id);
         c.args([
             "pilot",
             "--xds-addr",
@@ -250,7 +255,7 @@ impl LocalBackend {
         let log = log_file(&self.opts.log_dir, &format!("{}-sidecar", p.name));
         match self.opts.proxy {
             ProxyKind::Meshbench => {
-                let mut c = command(&self.opts.meshbench_exe);
+                let mut c = command(&self.opts.meshbench_exe, &self.opts.run_id);
                 c.args([
                     "proxy",
                     "--xds",
@@ -291,7 +296,7 @@ impl LocalBackend {
                 let path = self.opts.log_dir.join(format!("{}-envoy.json", p.name));
                 std::fs::write(&path, b.to_json().to_string())
                     .map_err(|e| Error::Environment(e.to_string()))?;
-                let mut c = command(envoy);
+                let mut c = command(envoy, &self.opts.run_id);
                 c.arg("-c")
                     .arg(&path)
                     .args([
@@ -312,7 +317,7 @@ impl LocalBackend {
 
     async fn start_pod(&mut self, i: usize) -> Result<(), Error> {
         let p = &self.pods[i];
-        let mut c = command(&self.opts.meshbench_exe);
+        let mut c = command(&self.opts.meshbench_exe, &self.opts.run_id);
         c.args([
             "workload",
             "--service",
@@ -449,8 +454,7 @@ impl LocalBackend {
     pub async fn kill_pod(&mut self, name: &str) -> Result<(), Error> {
         let i = self.find(name)?;
         let p = &mut self.pods[i];
-        for c in [p.workload.take(), p.sidecar.take()].into_iter().flatten() {
-            let mut c = c;
+        for mut c in [p.workload.take(), p.sidecar.take()].into_iter().flatten() {
             let _ = c.kill().await;
         }
         let body = json!({"remove": [{"name": p.name, "namespace": p.namespace}]}).to_string();
@@ -508,6 +512,29 @@ impl LocalBackend {
             sidecars.insert(p.name.clone(), p.sidecar_pid());
         }
         (self.pilot_pid(), sidecars)
+    }
+}
+
+impl Drop for LocalBackend {
+    /// Kills every child and reaps it, so no process (not even a zombie) outlives the run.
+    fn drop(&mut self) {
+        let mut children: Vec<Child> = self.pilot.take().into_iter().collect();
+        for p in self
+            .pods
+            .iter_mut()
+            .chain(std::iter::once(&mut self.client))
+        {
+            children.extend(p.workload.take());
+            children.extend(p.sidecar.take());
+        }
+        for c in &mut children {
+            let _ = c.start_kill();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while !children.is_empty() && std::time::Instant::now() < deadline {
+            children.retain_mut(|c| !matches!(c.try_wait(), Ok(Some(_)) | Err(_)));
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 }
 

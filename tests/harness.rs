@@ -1,0 +1,270 @@
+//! The harness end to end on the local backend, through the binary as users run it: the quick
+//! bookinfo canary with meshbench proxy and with Envoy (reports written, expectations met, no
+//! process left), faults, exit codes for a malformed scenario and a failing expectation,
+//! Ctrl-C cleanup, and the gate.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+/// Runs are serialised: each checks that no process of any run is left.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn meshbench() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_meshbench"))
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Processes whose environment carries MESHBENCH_RUN (every child of a run does).
+fn leftovers() -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(env) = std::fs::read(e.path().join("environ")) else {
+            continue;
+        };
+        if env
+            .split(|b| *b == 0)
+            .any(|kv| kv.starts_with(b"MESHBENCH_RUN="))
+        {
+            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            out.push(stat.split(' ').take(3).collect::<Vec<_>>().join(" "));
+        }
+    }
+    out
+}
+
+fn out_dir(tag: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("meshbench-harness-{tag}-{}", std::process::id()))
+}
+
+fn run(args: &[&str]) -> Output {
+    meshbench().args(args).output().unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn canary(proxy: &str) {
+    let out = out_dir(proxy);
+    let scenario = root().join("scenarios/bookinfo-canary.yaml");
+    let o = run(&[
+        "run",
+        scenario.to_str().unwrap(),
+        "--quick",
+        "--proxy",
+        proxy,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    assert!(t.contains("PASSED"), "{t}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["schema_version"], 1);
+    assert_eq!(report["proxy"], proxy);
+    assert_eq!(report["passed"], true);
+    assert_eq!(report["phases"][0]["load"]["errors"], 0);
+    assert!(
+        report["phases"][0]["load"]["versions"]["reviews-v3"]
+            .as_u64()
+            .unwrap()
+            > 100
+    );
+    assert_eq!(report["propagation"].as_array().unwrap().len(), 3);
+    assert_eq!(report["propagation"][1]["proxies"], 7);
+    assert!(
+        report["resources"]["pilot"]["peak_rss_mb"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    assert_eq!(report["resources"]["proxies"].as_array().unwrap().len(), 7);
+    for f in [
+        "report.html",
+        "latency.svg",
+        "throughput.svg",
+        "versions.svg",
+        "propagation.svg",
+    ] {
+        let body = std::fs::read_to_string(out.join(f)).unwrap();
+        assert!(body.contains("<svg"), "{f}");
+    }
+    assert!(leftovers().is_empty(), "processes left: {:?}", leftovers());
+    // The gate passes a report against itself and re-rendering works.
+    let json = out.join("report.json");
+    let g = run(&[
+        "gate",
+        "--baseline",
+        json.to_str().unwrap(),
+        "--current",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(g.status.code(), Some(0), "{}", text(&g));
+    let r = run(&[
+        "report",
+        json.to_str().unwrap(),
+        "--out",
+        out.join("again").to_str().unwrap(),
+    ]);
+    assert_eq!(r.status.code(), Some(0), "{}", text(&r));
+    assert!(out.join("again/report.html").exists());
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn quick_canary_with_meshbench_proxy() {
+    let _serial = serial();
+    canary("meshbench");
+}
+
+#[test]
+fn quick_canary_with_envoy() {
+    let _serial = serial();
+    if common::envoy_binary().is_none() {
+        return;
+    }
+    canary("envoy");
+}
+
+#[test]
+fn malformed_scenario_exits_2_naming_the_place() {
+    let o = run(&[
+        "run",
+        root()
+            .join("tests/scenarios/malformed.yaml")
+            .to_str()
+            .unwrap(),
+    ]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{t}");
+    assert!(t.contains("malformed.yaml:8:"), "{t}");
+    assert!(t.contains("expected a duration"), "{t}");
+}
+
+#[test]
+fn failing_expectation_exits_1() {
+    let _serial = serial();
+    let out = out_dir("failing");
+    let o = run(&[
+        "run",
+        root()
+            .join("tests/scenarios/failing-split.yaml")
+            .to_str()
+            .unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    assert!(t.contains("[FAIL]") && t.contains("reviews split"), "{t}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["passed"], false);
+    assert!(leftovers().is_empty(), "processes left: {:?}", leftovers());
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn faults_pod_kill_restart_and_control_plane_loss() {
+    let _serial = serial();
+    let out = out_dir("faults");
+    let o = run(&[
+        "run",
+        root().join("tests/scenarios/faults.yaml").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    assert!(leftovers().is_empty(), "processes left: {:?}", leftovers());
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn ctrl_c_stops_everything_the_run_started() {
+    let _serial = serial();
+    let out = out_dir("ctrlc");
+    let scenario = root().join("scenarios/bookinfo-canary.yaml");
+    let mut child = meshbench()
+        .args([
+            "run",
+            scenario.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait for the mesh to be up (pilot's log appears, then a few seconds of steps).
+    let start = Instant::now();
+    while !out.join("logs/pilot.log").exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the run never started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!leftovers().is_empty(), "the mesh should be running");
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(3));
+    assert!(
+        leftovers().is_empty(),
+        "processes left after Ctrl-C: {:?}",
+        leftovers()
+    );
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn gate_fails_on_a_regression() {
+    let dir = out_dir("gate");
+    std::fs::create_dir_all(&dir).unwrap();
+    let report = |rps: f64, p99: f64| serde_json::json!({"schema_version": 1, "scenario": "s", "phases": [{"name": "traffic", "load": {"achieved_rps": rps, "requests": 1000, "errors": 0, "latency_ms": {"p50": 1.0, "p90": 2.0, "p99": p99, "p999": 5.0, "max": 9.0}}}]});
+    let write = |name: &str, v: serde_json::Value| {
+        let p = dir.join(name);
+        std::fs::write(&p, v.to_string()).unwrap();
+        p
+    };
+    let base = write("base.json", report(1000.0, 4.0));
+    let ok = write("ok.json", report(950.0, 5.0));
+    let bad = write("bad.json", report(500.0, 20.0));
+    let p = |p: &Path| p.to_str().unwrap().to_string();
+    let o = run(&["gate", "--baseline", &p(&base), "--current", &p(&ok)]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = run(&["gate", "--baseline", &p(&base), "--current", &p(&bad)]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("REGRESSED"));
+    let o = run(&[
+        "gate",
+        "--baseline",
+        &p(&base),
+        "--current",
+        &p(&bad),
+        "--tolerance",
+        "throughput=60",
+        "--tolerance",
+        "latency_p99=500",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = run(&["gate", "--baseline", &p(&base), "--current", &p(&dir)]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
