@@ -63,6 +63,40 @@ pub struct Report {
     pub cases: BTreeMap<String, BTreeMap<String, Entry>>,
     /// Ratios computed from this run.
     pub ratios: BTreeMap<String, f64>,
+    /// The generator's own ceiling: wrk (when installed) against the same upstream, same
+    /// connection count, beside the generator's direct c16 figure.
+    pub generator_vs_wrk: Option<GeneratorCheck>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct GeneratorCheck {
+    pub connections: usize,
+    pub meshbench_rps: f64,
+    pub wrk_rps: f64,
+    /// meshbench / wrk
+    pub ratio: f64,
+}
+
+/// Runs `wrk -t1 -cN` against `addr` for `duration`; requests per second, or `None` when
+/// wrk is not installed or its output has no figure.
+async fn wrk(addr: SocketAddr, host: &str, connections: usize, duration: Duration) -> Option<f64> {
+    let out = Command::new("wrk")
+        .args([
+            "-t1",
+            &format!("-c{connections}"),
+            &format!("-d{}s", duration.as_secs().max(1)),
+            "-H",
+            &format!("Host: {host}"),
+            &format!("http://{addr}/"),
+        ])
+        .kill_on_drop(true)
+        .output()
+        .await
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -285,6 +319,7 @@ async fn run(cfg: Config) -> Result<Report, Error> {
         config: cfg.clone(),
         cases: BTreeMap::new(),
         ratios: BTreeMap::new(),
+        generator_vs_wrk: None,
     };
     for t in &targets {
         let spec = LoadSpec {
@@ -339,6 +374,19 @@ async fn run(cfg: Config) -> Result<Report, Error> {
         }
     }
     report.ratios = ratios(&report.cases);
+    if let Some(wrk_rps) = wrk(upstream, "upstream:9080", 16, cfg.duration).await {
+        let meshbench_rps = report
+            .cases
+            .get("c16")
+            .and_then(|c| c.get("direct"))
+            .map_or(0.0, |e| e.rps);
+        report.generator_vs_wrk = Some(GeneratorCheck {
+            connections: 16,
+            meshbench_rps,
+            wrk_rps,
+            ratio: meshbench_rps / wrk_rps,
+        });
+    }
     Ok(report)
 }
 
@@ -404,6 +452,12 @@ pub fn table(report: &Report) -> String {
                 ));
             }
         }
+    }
+    if let Some(g) = &report.generator_vs_wrk {
+        out.push_str(&format!(
+            "generator ceiling (direct, c{}): meshbench {:.0} rps, wrk {:.0} rps (ratio {:.2})\n",
+            g.connections, g.meshbench_rps, g.wrk_rps, g.ratio
+        ));
     }
     out.push_str("ratios (one run):\n");
     for (k, v) in &report.ratios {
