@@ -174,6 +174,7 @@ async fn answers(addr: SocketAddr, host: &str) -> bool {
         duration: Duration::from_millis(30),
         rate: None,
         headers: vec![],
+        http2: false,
         live: None,
     };
     let r = load::run(spec).await;
@@ -330,6 +331,7 @@ async fn run(cfg: Config) -> Result<Report, Error> {
             duration: cfg.warmup,
             rate: None,
             headers: vec![],
+            http2: false,
             live: None,
         };
         load::run(spec).await;
@@ -345,6 +347,7 @@ async fn run(cfg: Config) -> Result<Report, Error> {
                 duration: cfg.duration,
                 rate,
                 headers: vec![],
+                http2: false,
                 live: None,
             };
             let r = load::run(spec).await;

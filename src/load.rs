@@ -30,6 +30,9 @@ pub struct LoadSpec {
     /// `None`: closed loop at max throughput; `Some(rps)`: open loop at that rate.
     pub rate: Option<f64>,
     pub headers: Vec<(String, String)>,
+    /// HTTP/2 with prior knowledge (h2c) instead of HTTP/1.1.
+    #[serde(default)]
+    pub http2: bool,
     /// Running totals readable while the load runs (for windowed expectations).
     #[serde(skip)]
     pub live: Option<Arc<Live>>,
@@ -200,16 +203,54 @@ impl Shard {
     }
 }
 
-type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+/// One client connection: HTTP/1.1 keep-alive, or HTTP/2 with prior knowledge (h2c).
+enum Sender {
+    H1(hyper::client::conn::http1::SendRequest<Empty<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Empty<Bytes>>),
+}
 
-async fn connect(addr: SocketAddr) -> Option<Sender> {
+impl Sender {
+    fn is_closed(&self) -> bool {
+        match self {
+            Sender::H1(s) => s.is_closed(),
+            Sender::H2(s) => s.is_closed(),
+        }
+    }
+
+    async fn ready(&mut self) -> Result<(), hyper::Error> {
+        match self {
+            Sender::H1(s) => s.ready().await,
+            Sender::H2(s) => s.ready().await,
+        }
+    }
+
+    async fn send_request(
+        &mut self,
+        req: hyper::Request<Empty<Bytes>>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, hyper::Error> {
+        match self {
+            Sender::H1(s) => s.send_request(req).await,
+            Sender::H2(s) => s.send_request(req).await,
+        }
+    }
+}
+
+async fn connect(addr: SocketAddr, http2: bool) -> Option<Sender> {
     let stream = TcpStream::connect(addr).await.ok()?;
     let _ = stream.set_nodelay(true);
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .ok()?;
-    tokio::spawn(conn);
-    Some(sender)
+    let io = TokioIo::new(stream);
+    if http2 {
+        let (sender, conn) =
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                .await
+                .ok()?;
+        tokio::spawn(conn);
+        Some(Sender::H2(sender))
+    } else {
+        let (sender, conn) = hyper::client::conn::http1::handshake(io).await.ok()?;
+        tokio::spawn(conn);
+        Some(Sender::H1(sender))
+    }
 }
 
 /// One request: status and every workload identity the response names (the answering
@@ -217,16 +258,24 @@ async fn connect(addr: SocketAddr) -> Option<Sender> {
 /// replaced).
 async fn send(sender: &mut Option<Sender>, spec: &LoadSpec) -> Option<(u16, Vec<String>)> {
     if sender.as_ref().is_none_or(|s| s.is_closed()) {
-        *sender = connect(spec.target).await;
+        *sender = connect(spec.target, spec.http2).await;
     }
     let s = sender.as_mut()?;
     if s.ready().await.is_err() {
         *sender = None;
         return None;
     }
-    let mut req = hyper::Request::builder()
-        .uri(spec.path.as_str())
-        .header("host", spec.host.as_str());
+    let req = if spec.http2 {
+        // h2 carries the service in :authority.
+        hyper::Request::builder()
+            .uri(format!("http://{}{}", spec.host, spec.path))
+            .version(hyper::Version::HTTP_2)
+    } else {
+        hyper::Request::builder()
+            .uri(spec.path.as_str())
+            .header("host", spec.host.as_str())
+    };
+    let mut req = req;
     for (k, v) in &spec.headers {
         req = req.header(k.as_str(), v.as_str());
     }
@@ -301,7 +350,7 @@ pub async fn run(spec: LoadSpec) -> LoadResult {
 async fn connection_loop(spec: LoadSpec, k: usize, conns: usize, start: Instant) -> Shard {
     let end = start + spec.duration;
     let mut shard = Shard::new();
-    let mut sender = connect(spec.target).await;
+    let mut sender = connect(spec.target, spec.http2).await;
     tokio::time::sleep_until(start).await;
     let mut i = k as u64;
     loop {

@@ -237,6 +237,7 @@ impl Runner<'_> {
                         .iter()
                         .map(|(k, v)| (k.clone(), v.clone()))
                         .collect(),
+                    http2: l.protocol.as_deref() == Some("http2"),
                     live: Some(live.clone()),
                 };
                 let task = tokio::spawn(load::run(spec));
@@ -669,6 +670,7 @@ async fn probe(
         duration: window,
         rate: None,
         headers: vec![],
+        http2: false,
         live: None,
     };
     // The generator reports aggregates; probes need each answer, so they use their own loop.

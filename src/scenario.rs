@@ -132,7 +132,7 @@ pub struct LoadStep {
     pub background: bool,
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
-    /// `http1` (default) or `http2` (not yet: answered with an error naming the field).
+    /// `http1` (default, keep-alive) or `http2` (h2c, prior knowledge).
     pub protocol: Option<String>,
 }
 

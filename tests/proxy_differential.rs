@@ -448,6 +448,7 @@ async fn envoy_and_meshbench_proxy_agree_case_by_case() {
             duration: Duration::from_millis(1500),
             rate: None,
             headers: vec![],
+            http2: false,
             live: None,
         };
         let load = tokio::spawn(meshbench::load::run(spec));
@@ -458,6 +459,33 @@ async fn envoy_and_meshbench_proxy_agree_case_by_case() {
         let r = load.await.unwrap();
         assert!(r.requests > 100, "{}: {r:?}", s.name);
         assert_eq!(r.errors, 0, "{}: {:?}", s.name, r.status);
+    }
+    // 13. HTTP/2 cleartext (prior knowledge) downstream.
+    for s in &sidecars {
+        let spec = meshbench::load::LoadSpec {
+            target: s.outbound,
+            host: "reviews:9080".into(),
+            path: "/".into(),
+            connections: 2,
+            duration: Duration::from_millis(300),
+            rate: None,
+            headers: vec![],
+            http2: true,
+            live: None,
+        };
+        let r = meshbench::load::run(spec).await;
+        assert!(
+            r.requests > 10 && r.errors == 0,
+            "{} h2c: {:?}",
+            s.name,
+            r.status
+        );
+        assert_eq!(
+            r.status.keys().collect::<Vec<_>>(),
+            vec!["200"],
+            "{}",
+            s.name
+        );
     }
     eprintln!("differential: weights v1 share {shares:?}; retries {attempts:?}; circuit breaker (ok, overflow) {results:?}; per-try {per_try:?}; ejection {ejected:?}");
 }
