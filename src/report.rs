@@ -235,14 +235,27 @@ const PALETTE: [RGBColor; 6] = [
     RGBColor(120, 120, 120),
 ];
 
-/// (title, y label, series name -> points)
-fn line_chart(title: &str, y_label: &str, series: &BTreeMap<String, Vec<(f64, f64)>>) -> String {
+/// (title, x label, y label, series name -> points)
+fn line_chart(
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &BTreeMap<String, Vec<(f64, f64)>>,
+) -> String {
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (760, 320)).into_drawing_area();
         let draw = || -> Result<(), Box<dyn std::error::Error + '_>> {
             root.fill(&WHITE)?;
             let x_max = series.values().flatten().map(|p| p.0).fold(1.0, f64::max);
+            let x_min = series
+                .values()
+                .flatten()
+                .map(|p| p.0)
+                .fold(f64::INFINITY, f64::min)
+                .min(x_max * 0.9)
+                .max(0.0);
+            let x_min = if x_min.is_finite() { x_min } else { 0.0 };
             let y_max = series
                 .values()
                 .flatten()
@@ -255,10 +268,10 @@ fn line_chart(title: &str, y_label: &str, series: &BTreeMap<String, Vec<(f64, f6
                 .margin(10)
                 .x_label_area_size(32)
                 .y_label_area_size(56)
-                .build_cartesian_2d(0.0..x_max, 0.0..y_max)?;
+                .build_cartesian_2d(x_min..x_max, 0.0..y_max)?;
             chart
                 .configure_mesh()
-                .x_desc("seconds")
+                .x_desc(x_label)
                 .y_desc(y_label)
                 .light_line_style(RGBColor(235, 235, 235))
                 .draw()?;
@@ -359,24 +372,16 @@ pub fn charts(report: &Report) -> Vec<(String, String)> {
             .map(|(i, v)| (*v, 100.0 * (i + 1) as f64 / n))
             .collect::<Vec<_>>(),
     );
-    let cdf_svg = {
-        // x is milliseconds here, not seconds.
-        let svg = line_chart(
-            "Propagation: change -> ACK over all proxies and changes (CDF)",
-            "% of proxies",
-            &cdf,
-        );
-        svg.replace(">seconds<", ">milliseconds<")
-    };
     vec![
         (
             "latency".into(),
-            line_chart("Latency per second (ms)", "ms", &latency),
+            line_chart("Latency per second (ms)", "seconds", "ms", &latency),
         ),
         (
             "throughput".into(),
             line_chart(
                 "Throughput (requests per second)",
+                "seconds",
                 "requests/s",
                 &throughput,
             ),
@@ -385,11 +390,20 @@ pub fn charts(report: &Report) -> Vec<(String, String)> {
             "versions".into(),
             line_chart(
                 "Traffic share per version over time (%)",
+                "seconds",
                 "% of service's requests",
                 &shares,
             ),
         ),
-        ("propagation".into(), cdf_svg),
+        (
+            "propagation".into(),
+            line_chart(
+                "Propagation: change -> ACK over all proxies and changes (CDF)",
+                "milliseconds",
+                "% of proxies",
+                &cdf,
+            ),
+        ),
     ]
 }
 
