@@ -69,7 +69,7 @@ pub fn compare(
                 bp.name
             ));
         };
-        let (b, c) = (&bp.load, &cp.load);
+        let (b, c) = (&bp.load.result, &cp.load.result);
         // Open-loop phases run at a fixed rate: their throughput says nothing.
         if b.target_rps.is_none() {
             rows.push(relative(
@@ -94,7 +94,7 @@ pub fn compare(
             "latency_p99",
             false,
         ));
-        let rate = |l: &crate::report::PhaseLoad| {
+        let rate = |l: &crate::load::LoadResult| {
             if l.requests == 0 {
                 0.0
             } else {
@@ -150,22 +150,28 @@ pub fn table(rows: &[Row]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::report::{Pcts, Phase, PhaseLoad};
+    use crate::load::{LoadResult, Percentiles};
+    use crate::report::{Phase, PhaseLoad};
 
     fn report(rps: f64, p99: f64, errors: u64) -> Report {
+        let latency_ms = Percentiles {
+            p50: 1.0,
+            p99,
+            ..Default::default()
+        };
+        let result = LoadResult {
+            achieved_rps: rps,
+            requests: 1000,
+            errors,
+            latency_ms,
+            ..Default::default()
+        };
         Report {
             phases: vec![Phase {
                 name: "traffic".into(),
                 load: PhaseLoad {
-                    achieved_rps: rps,
-                    requests: 1000,
-                    errors,
-                    latency_ms: Pcts {
-                        p50: 1.0,
-                        p99,
-                        ..Default::default()
-                    },
-                    ..Default::default()
+                    target: String::new(),
+                    result,
                 },
             }],
             ..Default::default()

@@ -412,12 +412,7 @@ async fn run(cmd: Command) -> ExitCode {
             current,
             tolerances,
         } => {
-            let read = |p: &PathBuf| -> Result<meshbench::report::Report, String> {
-                let text =
-                    std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
-                serde_json::from_str(&text)
-                    .map_err(|e| format!("{}: not a meshbench report.json: {e}", p.display()))
-            };
+            let read = meshbench::report::Report::read;
             let (b, c) = match (read(&baseline), read(&current)) {
                 (Ok(b), Ok(c)) => (b, c),
                 (Err(e), _) | (_, Err(e)) => return fail(EXIT_BAD_INPUT, &e),
@@ -439,12 +434,9 @@ async fn run(cmd: Command) -> ExitCode {
             }
         }
         Command::Report { report, out } => {
-            let r: meshbench::report::Report = match std::fs::read_to_string(&report)
-                .map_err(|e| e.to_string())
-                .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
-            {
+            let r = match meshbench::report::Report::read(&report) {
                 Ok(r) => r,
-                Err(e) => return fail(EXIT_BAD_INPUT, &format!("{}: {e}", report.display())),
+                Err(e) => return fail(EXIT_BAD_INPUT, &e),
             };
             let dir = out.unwrap_or_else(|| report.parent().map(PathBuf::from).unwrap_or_default());
             match meshbench::report::render(&r, &dir) {

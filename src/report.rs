@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::load::{LoadResult, Percentiles, Second};
+use crate::load::LoadResult;
 
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -46,85 +46,13 @@ pub struct Phase {
     pub load: PhaseLoad,
 }
 
-/// A load's result as report.json carries it.
+/// A load's result as report.json carries it: what the generator measured, and where.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(default)]
 pub struct PhaseLoad {
     pub target: String,
-    pub target_rps: Option<f64>,
-    pub achieved_rps: f64,
-    pub duration_s: f64,
-    pub requests: u64,
-    pub errors: u64,
-    pub status: BTreeMap<String, u64>,
-    pub versions: BTreeMap<String, u64>,
-    pub latency_ms: Pcts,
-    pub uncorrected_latency_ms: Pcts,
-    pub series: Vec<SecondOut>,
-}
-
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-#[serde(default)]
-pub struct Pcts {
-    pub p50: f64,
-    pub p90: f64,
-    pub p99: f64,
-    pub p999: f64,
-    pub max: f64,
-}
-
-impl From<&Percentiles> for Pcts {
-    fn from(p: &Percentiles) -> Self {
-        Pcts {
-            p50: p.p50,
-            p90: p.p90,
-            p99: p.p99,
-            p999: p.p999,
-            max: p.max,
-        }
-    }
-}
-
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-#[serde(default)]
-pub struct SecondOut {
-    pub t: u64,
-    pub requests: u64,
-    pub errors: u64,
-    pub p50_ms: f64,
-    pub p99_ms: f64,
-    pub versions: BTreeMap<String, u64>,
-}
-
-impl From<&Second> for SecondOut {
-    fn from(s: &Second) -> Self {
-        SecondOut {
-            t: s.t,
-            requests: s.requests,
-            errors: s.errors,
-            p50_ms: s.p50_ms,
-            p99_ms: s.p99_ms,
-            versions: s.versions.clone(),
-        }
-    }
-}
-
-impl PhaseLoad {
-    pub fn from_result(target: &str, r: &LoadResult) -> PhaseLoad {
-        PhaseLoad {
-            target: target.into(),
-            target_rps: r.target_rps,
-            achieved_rps: r.achieved_rps,
-            duration_s: r.duration_s,
-            requests: r.requests,
-            errors: r.errors,
-            status: r.status.clone(),
-            versions: r.versions.clone(),
-            latency_ms: (&r.latency_ms).into(),
-            uncorrected_latency_ms: (&r.uncorrected_latency_ms).into(),
-            series: r.series.iter().map(Into::into).collect(),
-        }
-    }
+    #[serde(flatten)]
+    pub result: LoadResult,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -191,6 +119,15 @@ pub struct ProcessCost {
 pub struct Resources {
     pub pilot: ProcessCost,
     pub proxies: Vec<ProcessCost>,
+}
+
+impl Report {
+    /// Reads a report.json; the error names the file.
+    pub fn read(path: &Path) -> Result<Report, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        serde_json::from_str(&text)
+            .map_err(|e| format!("{}: not a meshbench report.json: {e}", path.display()))
+    }
 }
 
 /// Writes report.json, the charts and report.html into `dir`; returns the files written.
@@ -309,7 +246,7 @@ pub fn charts(report: &Report) -> Vec<(String, String)> {
     let mut throughput = BTreeMap::new();
     let mut shares = BTreeMap::new();
     for ph in &report.phases {
-        let s = &ph.load.series;
+        let s = &ph.load.result.series;
         latency.insert(
             format!("{} p50", ph.name),
             s.iter().map(|x| (x.t as f64, x.p50_ms)).collect(),
@@ -324,7 +261,7 @@ pub fn charts(report: &Report) -> Vec<(String, String)> {
         );
         // Services with more than one version: their share per second.
         let mut by_service: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for v in ph.load.versions.keys() {
+        for v in ph.load.result.versions.keys() {
             if let Some((svc, _)) = v.rsplit_once('-') {
                 by_service
                     .entry(svc.to_string())
@@ -434,14 +371,14 @@ fn html_page(r: &Report, charts: &[(String, String)]) -> String {
     );
     h.push_str("<h2>Phases</h2><table><tr><th>phase</th><th>target</th><th>rps</th><th>requests</th><th>errors</th><th>p50 ms</th><th>p99 ms</th><th>p99.9 ms</th><th>versions</th></tr>\n");
     for p in &r.phases {
-        let l = &p.load;
+        let l = &p.load.result;
         let versions = l
             .versions
             .iter()
             .map(|(k, v)| format!("{k}: {v}"))
             .collect::<Vec<_>>()
             .join(", ");
-        h.push_str(&format!("<tr><td>{}</td><td>{}</td><td>{:.0}</td><td>{}</td><td>{}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{}</td></tr>\n", esc(&p.name), esc(&l.target), l.achieved_rps, l.requests, l.errors, l.latency_ms.p50, l.latency_ms.p99, l.latency_ms.p999, esc(&versions)));
+        h.push_str(&format!("<tr><td>{}</td><td>{}</td><td>{:.0}</td><td>{}</td><td>{}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{}</td></tr>\n", esc(&p.name), esc(&p.load.target), l.achieved_rps, l.requests, l.errors, l.latency_ms.p50, l.latency_ms.p99, l.latency_ms.p999, esc(&versions)));
     }
     h.push_str("</table><h2>Expectations</h2><table><tr><th>step</th><th>expectation</th><th>expected</th><th>measured</th><th>result</th></tr>\n");
     for e in &r.expectations {
@@ -500,7 +437,7 @@ pub fn summary(r: &Report) -> String {
         if r.passed { "PASSED" } else { "FAILED" }
     );
     for p in &r.phases {
-        let l = &p.load;
+        let l = &p.load.result;
         s.push_str(&format!("  phase {:<12} {:>7.0} rps  {:>6} requests  {:>3} errors  p50 {:.2} ms  p99 {:.2} ms\n", p.name, l.achieved_rps, l.requests, l.errors, l.latency_ms.p50, l.latency_ms.p99));
     }
     for p in &r.propagation {

@@ -275,7 +275,10 @@ impl Runner<'_> {
             if let Ok(r) = t.await {
                 self.report.phases.push(Phase {
                     name: name.to_string(),
-                    load: PhaseLoad::from_result(&l.target, &r),
+                    load: PhaseLoad {
+                        target: l.target.clone(),
+                        result: r.clone(),
+                    },
                 });
                 l.result = Some(r);
             }
