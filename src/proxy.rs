@@ -137,12 +137,8 @@ impl Proxy {
             }
             match TcpListener::bind(l.addr).await {
                 Ok(sock) => new.push((name.clone(), l.addr, sock)),
-                Err(e) => {
-                    for (n, _, _) in &new {
-                        tracing::debug!(listener = %n, "dropping a listener of a rejected update");
-                    }
-                    return Err(format!("listener {name}: cannot bind {}: {e}", l.addr));
-                }
+                // Sockets bound so far for this update close when `new` drops.
+                Err(e) => return Err(format!("listener {name}: cannot bind {}: {e}", l.addr)),
             }
         }
         let mut bound = self.bound.lock().unwrap();

@@ -25,11 +25,6 @@ impl Shutdown {
     pub async fn wait(mut self) {
         let _ = self.0.wait_for(|v| *v).await;
     }
-
-    /// Whether the trigger has fired.
-    pub fn is_fired(&self) -> bool {
-        *self.0.borrow()
-    }
 }
 
 /// Fires the trigger on Ctrl-C or SIGTERM.
