@@ -226,18 +226,24 @@ fn chance(per_million: u32) -> bool {
         || (per_million > 0 && rand::rng().random_range(0..1_000_000) < per_million)
 }
 
+/// A random (version 4) UUID, written without intermediate strings: this runs per request.
 fn request_id() -> HeaderValue {
-    let r: u128 = rand::rng().random();
-    let s = format!("{:032x}", r);
-    let id = format!(
-        "{}-{}-4{}-a{}-{}",
-        &s[0..8],
-        &s[8..12],
-        &s[13..16],
-        &s[17..20],
-        &s[20..32]
-    );
-    HeaderValue::from_str(&id).expect("hex is a valid header value")
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut r: u128 = rand::rng().random();
+    let mut out = [0u8; 36];
+    for (i, b) in out.iter_mut().enumerate().rev() {
+        *b = match i {
+            8 | 13 | 18 | 23 => b'-',
+            14 => b'4',
+            19 => b'a',
+            _ => {
+                let c = HEX[(r & 0xf) as usize];
+                r >>= 4;
+                c
+            }
+        };
+    }
+    HeaderValue::from_bytes(&out).expect("hex and dashes are a valid header value")
 }
 
 async fn route_request(
@@ -502,5 +508,20 @@ async fn attempts(
         in_retry = true;
         retries += 1;
         tokio::time::sleep(retry_backoff(retries - 1)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn request_ids_are_uuid_v4_shaped_and_distinct() {
+        let a = super::request_id();
+        let b = super::request_id();
+        let s = a.to_str().unwrap();
+        assert_eq!(s.len(), 36);
+        assert_eq!(s.as_bytes()[14], b'4');
+        assert!(s.split('-').map(str::len).eq([8, 4, 4, 4, 12]));
+        assert!(s.bytes().all(|c| c == b'-' || c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
     }
 }
