@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::workload::{IDENTITY_HEADER, UPSTREAMS_HEADER};
+use crate::workload::identities;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct LoadSpec {
@@ -286,12 +286,7 @@ async fn send(sender: &mut Option<Sender>, spec: &LoadSpec) -> Option<(u16, Vec<
     match s.send_request(req).await {
         Ok(resp) => {
             let status = resp.status().as_u16();
-            let mut versions = Vec::new();
-            for h in [IDENTITY_HEADER, UPSTREAMS_HEADER] {
-                if let Some(v) = resp.headers().get(h).and_then(|v| v.to_str().ok()) {
-                    versions.extend(v.split(',').filter(|s| !s.is_empty()).map(String::from));
-                }
-            }
+            let versions: Vec<String> = identities(resp.headers()).map(String::from).collect();
             if resp.into_body().collect().await.is_err() {
                 *sender = None;
             }

@@ -94,7 +94,7 @@ pub async fn run(
     if opts.quick {
         scenario.quick(QUICK_FACTOR);
     }
-    let run_id = format!("{}-{}", chrono_like_stamp(), std::process::id());
+    let run_id = format!("{}-{}", unix_seconds(), std::process::id());
     let out = opts
         .out
         .clone()
@@ -184,7 +184,7 @@ pub async fn run(
 /// requests statistically sound.
 pub const QUICK_FACTOR: f64 = 0.5;
 
-fn chrono_like_stamp() -> String {
+fn unix_seconds() -> String {
     let s = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -665,22 +665,11 @@ async fn probe(
     service: String,
     window: Duration,
 ) -> Vec<ProbeSample> {
-    let spec = LoadSpec {
-        target,
-        host,
-        path,
-        connections: 1,
-        duration: window,
-        rate: None,
-        headers: vec![],
-        http2: false,
-        live: None,
-    };
     // The generator reports aggregates; probes need each answer, so they use their own loop.
     let mut out = Vec::new();
     let end = Instant::now() + window;
     let prefix = format!("{service}-");
-    let stream = tokio::net::TcpStream::connect(spec.target).await;
+    let stream = tokio::net::TcpStream::connect(target).await;
     let Ok(stream) = stream else { return out };
     let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake::<
         _,
@@ -696,26 +685,17 @@ async fn probe(
             break;
         }
         let req = hyper::Request::builder()
-            .uri(spec.path.as_str())
-            .header("host", spec.host.as_str())
+            .uri(path.as_str())
+            .header("host", host.as_str())
             .body(http_body_util::Empty::new())
             .expect("valid request");
         let Ok(resp) = sender.send_request(req).await else {
             break;
         };
-        let mut versions = Vec::new();
-        for h in [
-            crate::workload::IDENTITY_HEADER,
-            crate::workload::UPSTREAMS_HEADER,
-        ] {
-            if let Some(v) = resp.headers().get(h).and_then(|v| v.to_str().ok()) {
-                versions.extend(
-                    v.split(',')
-                        .filter(|s| s.starts_with(&prefix))
-                        .map(String::from),
-                );
-            }
-        }
+        let versions = crate::workload::identities(resp.headers())
+            .filter(|s| s.starts_with(&prefix))
+            .map(String::from)
+            .collect();
         let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
         out.push((now_ms(), versions));
     }

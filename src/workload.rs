@@ -56,6 +56,15 @@ impl Config {
     }
 }
 
+/// Every workload identity a response names: the answering workload, then those it called.
+pub fn identities(headers: &hyper::HeaderMap) -> impl Iterator<Item = &str> {
+    [IDENTITY_HEADER, UPSTREAMS_HEADER]
+        .into_iter()
+        .filter_map(|h| headers.get(h).and_then(|v| v.to_str().ok()))
+        .flat_map(|v| v.split(','))
+        .filter(|s| !s.is_empty())
+}
+
 /// Bookinfo's call graph for a service and version (the seed's topology).
 pub fn bookinfo_calls(service: &str, version: &str) -> Vec<String> {
     match (service, version) {
@@ -112,23 +121,13 @@ impl SidecarPool {
             .await
             .map_err(|e| format!("{host}: {e}"))?;
         let status = resp.status().as_u16();
-        let mut ids = Vec::new();
-        for h in [IDENTITY_HEADER, UPSTREAMS_HEADER] {
-            if let Some(v) = resp
-                .headers()
-                .get(h)
-                .and_then(|v| v.to_str().ok())
-                .filter(|v| !v.is_empty())
-            {
-                ids.push(v.to_string());
-            }
-        }
+        let ids = identities(resp.headers()).collect::<Vec<_>>().join(",");
         resp.into_body()
             .collect()
             .await
             .map_err(|e| format!("{host}: {e}"))?;
         self.idle.lock().unwrap().push(sender);
-        Ok((status, ids.join(",")))
+        Ok((status, ids))
     }
 }
 

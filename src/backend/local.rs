@@ -42,9 +42,6 @@ impl Pod {
     pub fn sidecar_pid(&self) -> Option<u32> {
         self.sidecar.as_ref().and_then(|c| c.id())
     }
-    pub fn workload_pid(&self) -> Option<u32> {
-        self.workload.as_ref().and_then(|c| c.id())
-    }
     pub fn running(&self) -> bool {
         self.sidecar.is_some()
     }

@@ -19,7 +19,7 @@ use rand::Rng;
 use tokio::net::TcpListener;
 
 use super::resources::{PathMatch, Route, RouteSource, Target};
-use super::upstream::{retry_backoff, Cluster, IdleConn, Refused, RequestGuard, SendError};
+use super::upstream::{retry_backoff, Cluster, IdleConn, Overflow, RequestGuard, SendError};
 use super::{HttpStats, Proxy};
 use crate::shutdown::Shutdown;
 
@@ -428,7 +428,7 @@ async fn attempts(
         };
         let guard = match cluster.admit(host).await {
             Ok(g) => g,
-            Err(Refused::Overflow) | Err(Refused::NoHealthyUpstream) => {
+            Err(Overflow) => {
                 if in_retry {
                     cluster.end_retry();
                 }

@@ -153,12 +153,9 @@ pub struct Cluster {
     active_retries: AtomicU32,
 }
 
-/// Why no upstream request could be made.
+/// A circuit breaker refused the request (answered 503 with `x-envoy-overloaded`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refused {
-    NoHealthyUpstream,
-    Overflow,
-}
+pub struct Overflow;
 
 /// Held while a request uses a cluster; releases the circuit breaker slots on drop.
 #[derive(Debug)]
@@ -265,14 +262,14 @@ impl Cluster {
     }
 
     /// Reserves circuit-breaker capacity for one request to `host`.
-    pub async fn admit(self: &Arc<Self>, host: Arc<Host>) -> Result<RequestGuard, Refused> {
+    pub async fn admit(self: &Arc<Self>, host: Arc<Host>) -> Result<RequestGuard, Overflow> {
         let t = &self.cfg.thresholds;
         if self.active_requests.fetch_add(1, Relaxed) >= t.max_requests {
             self.active_requests.fetch_sub(1, Relaxed);
             self.stats
                 .upstream_rq_pending_overflow
                 .fetch_add(1, Relaxed);
-            return Err(Refused::Overflow);
+            return Err(Overflow);
         }
         let permit = if self.cfg.http2 {
             None
@@ -286,7 +283,7 @@ impl Cluster {
                         self.stats
                             .upstream_rq_pending_overflow
                             .fetch_add(1, Relaxed);
-                        return Err(Refused::Overflow);
+                        return Err(Overflow);
                     }
                     self.stats.upstream_rq_pending_total.fetch_add(1, Relaxed);
                     let p = self.connections.clone().acquire_owned().await;

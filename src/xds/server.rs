@@ -529,9 +529,11 @@ impl Connection {
             .node
             .as_ref()
             .expect("snapshots are watched once the node is known");
-        let view = snap.view(node);
+        // The view is the state every response below is taken from; `send` reads it too.
+        self.view = Some(snap.view(node));
         let mut changed_clusters: Vec<String> = Vec::new();
         for type_url in PUSH_ORDER {
+            let view = self.view.as_ref().expect("set above");
             let Some(ts) = self.types.get(type_url) else {
                 continue;
             };
@@ -571,10 +573,8 @@ impl Connection {
                 }
                 changed
             };
-            self.view = Some(view.clone());
             self.send(type_url, resources).await?;
         }
-        self.view = Some(view);
         self.check_synced();
         Ok(())
     }
