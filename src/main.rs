@@ -114,7 +114,23 @@ enum Command {
         /// Shorten every duration (for CI).
         #[arg(long)]
         quick: bool,
+        /// Docker backend: leave the run's containers and network for debugging
+        /// (`meshbench down` removes them).
+        #[arg(long)]
+        keep: bool,
     },
+    /// Removes the containers and networks a docker-backend run left (labelled meshbench.run).
+    Down {
+        /// The run id (the report directory's name).
+        #[arg(long, conflicts_with = "all", required_unless_present = "all")]
+        run: Option<String>,
+        /// Every run's leftovers.
+        #[arg(long)]
+        all: bool,
+    },
+    /// A pod's infra container: holds the network namespace and waits for a signal.
+    #[command(hide = true)]
+    Pause,
     /// Compares a report with a baseline; exit 1 on a regression beyond tolerance.
     Gate {
         #[arg(long)]
@@ -245,7 +261,8 @@ fn main() -> ExitCode {
             concurrency: Some(1),
             ..
         }
-        | Command::Workload { .. } => tokio::runtime::Builder::new_current_thread(),
+        | Command::Workload { .. }
+        | Command::Pause => tokio::runtime::Builder::new_current_thread(),
         _ => tokio::runtime::Builder::new_multi_thread(),
     };
     builder.enable_all();
@@ -371,6 +388,7 @@ async fn run(cmd: Command) -> ExitCode {
             proxy,
             out,
             quick,
+            keep,
         } => {
             let sc = match meshbench::scenario::Scenario::load(&scenario) {
                 Ok(s) => s,
@@ -390,6 +408,7 @@ async fn run(cmd: Command) -> ExitCode {
                 }),
                 out,
                 quick,
+                keep,
                 meshbench_exe: exe,
                 envoy: xds::bootstrap::find_envoy(),
             };
@@ -406,6 +425,23 @@ async fn run(cmd: Command) -> ExitCode {
                 Err(e @ meshbench::run::Error::BadInput(_)) => fail(EXIT_BAD_INPUT, &e),
                 Err(e) => fail(EXIT_ENVIRONMENT, &e),
             }
+        }
+        Command::Down { run, all: _ } => {
+            let docker = match meshbench::backend::docker::connect().await {
+                Ok((d, _)) => d,
+                Err(e) => return fail(EXIT_ENVIRONMENT, &e),
+            };
+            match meshbench::backend::docker::down(&docker, run.as_deref()).await {
+                Ok((containers, networks)) => {
+                    println!("removed {containers} containers and {networks} networks");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(EXIT_ENVIRONMENT, &e),
+            }
+        }
+        Command::Pause => {
+            stop.wait().await;
+            ExitCode::SUCCESS
         }
         Command::Gate {
             baseline,

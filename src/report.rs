@@ -18,6 +18,9 @@ pub struct Report {
     pub schema_version: u32,
     pub scenario: String,
     pub backend: String,
+    /// The container engine of the docker backend ("Docker 20.10.24 (API 1.41)").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<String>,
     pub proxy: String,
     pub meshbench_version: String,
     pub commit: String,

@@ -10,13 +10,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::Value;
 use tokio::task::JoinHandle;
 
+use crate::backend::docker::DockerBackend;
 use crate::backend::local::LocalBackend;
-use crate::backend::{self, Options};
+use crate::backend::{self, Mesh, Options};
 use crate::load::{self, Live, LoadResult, LoadSpec};
-use crate::measure::proc_stats;
-use crate::report::{
-    self, Dist, Expectation, Phase, PhaseLoad, ProcessCost, Propagation, Report, Resources,
-};
+use crate::report::{self, Dist, Expectation, Phase, PhaseLoad, Propagation, Report};
 use crate::scenario::{BackendKind, ExpectStep, FaultStep, ProxyKind, Scenario, Step};
 use crate::shutdown::Shutdown;
 
@@ -29,6 +27,8 @@ pub struct RunOptions {
     pub proxy: Option<ProxyKind>,
     pub out: Option<PathBuf>,
     pub quick: bool,
+    /// Docker backend: leave the containers for debugging.
+    pub keep: bool,
     pub meshbench_exe: PathBuf,
     pub envoy: Option<PathBuf>,
 }
@@ -68,7 +68,7 @@ struct RunningLoad {
 
 struct Runner<'a> {
     scenario: &'a Scenario,
-    b: LocalBackend,
+    b: Mesh,
     loads: BTreeMap<String, RunningLoad>,
     load_order: Vec<String>,
     report: Report,
@@ -83,10 +83,19 @@ pub async fn run(
     shutdown: Shutdown,
 ) -> Result<(Report, PathBuf), Error> {
     let backend = opts.backend.unwrap_or(scenario.backend);
-    if backend == BackendKind::Docker {
-        return Err(Error::Environment(
-            "the docker backend is not available yet; use --backend local".into(),
-        ));
+    if backend == BackendKind::Local {
+        if let Some(i) = scenario.steps.iter().position(|s| {
+            matches!(
+                s,
+                Step::Fault(FaultStep::Disconnect(_) | FaultStep::Reconnect(_))
+            )
+        }) {
+            return Err(Error::BadInput(format!(
+                "{}:{}: fault: network partitions need the docker backend (--backend docker)",
+                scenario.file.display(),
+                scenario.step_lines.get(i).map_or(0, |l| l.0)
+            )));
+        }
     }
     if let Some(p) = opts.proxy {
         scenario.mesh.proxy = p;
@@ -109,6 +118,7 @@ pub async fn run(
         envoy: opts.envoy.clone(),
         log_dir: out.join("logs"),
         run_id: run_id.clone(),
+        keep: opts.keep,
     };
     // The effective scenario (defaults applied, --quick and --proxy folded in) beside the report.
     std::fs::create_dir_all(&out)
@@ -121,22 +131,31 @@ pub async fn run(
     let started_ms = now_ms();
     let work = async {
         eprintln!(
-            "meshbench: {}: starting the mesh with {} sidecars on the local backend (logs in {})",
+            "meshbench: {}: starting the mesh with {} sidecars on the {} backend (logs in {})",
             scenario.name,
             scenario.mesh.proxy,
+            match backend {
+                BackendKind::Local => "local",
+                BackendKind::Docker => "docker",
+            },
             out.join("logs").display()
         );
-        let b = LocalBackend::start(
-            backend_opts,
-            &scenario.topology.manifests,
-            &scenario.topology.config,
-        )
-        .await?;
+        let (manifests, config) = (&scenario.topology.manifests, &scenario.topology.config);
+        let b = match backend {
+            BackendKind::Local => {
+                Mesh::Local(LocalBackend::start(backend_opts, manifests, config).await?)
+            }
+            BackendKind::Docker => Mesh::Docker(Box::new(
+                DockerBackend::start(backend_opts, manifests, config).await?,
+            )),
+        };
         eprintln!(
-            "meshbench: {} pods up; running {} steps",
-            b.pods.len(),
+            "meshbench: {} pods up in {:.1} s; running {} steps",
+            b.pods(),
+            started.elapsed().as_secs_f64(),
             scenario.steps.len()
         );
+        let (backend_name, engine) = (b.name(), b.engine());
         let mut r = Runner {
             scenario: &scenario,
             b,
@@ -145,7 +164,8 @@ pub async fn run(
             report: Report {
                 schema_version: report::SCHEMA_VERSION,
                 scenario: scenario.name.clone(),
-                backend: "local".into(),
+                backend: backend_name.into(),
+                engine,
                 proxy: scenario.mesh.proxy.to_string(),
                 meshbench_version: env!("CARGO_PKG_VERSION").into(),
                 commit: option_env!("MESHBENCH_COMMIT").unwrap_or("unknown").into(),
@@ -257,12 +277,7 @@ impl Runner<'_> {
             }
             Step::WaitLoad(name) => self.finish_load(name).await,
             Step::Expect(e) => self.expect(i, e).await,
-            Step::Fault(f) => match f {
-                FaultStep::Kill(p) => self.b.kill_pod(p).await?,
-                FaultStep::Restart(p) => self.b.restart_pod(p).await?,
-                FaultStep::ControlPlane(a) if a == "stop" => self.b.stop_control_plane().await,
-                FaultStep::ControlPlane(_) => self.b.start_control_plane().await?,
-            },
+            Step::Fault(f) => self.b.fault(f).await?,
         }
         Ok(())
     }
@@ -303,11 +318,11 @@ impl Runner<'_> {
         if probe.is_some() {
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
-        let (version, accepted_at) = self.b.apply(file, &text).await?;
+        let (version, accepted_at) = self.b.pilot_mut().apply(file, &text).await?;
         let change = std::path::Path::new(file)
             .file_name()
             .map_or(file.to_string(), |n| n.to_string_lossy().into_owned());
-        let api = self.b.pilot_api();
+        let api = self.b.pilot().addr;
         let nodes = self.b.node_ids();
         self.pending.push(tokio::spawn(async move {
             let mut p = propagation(api, nodes, change, version, accepted_at).await;
@@ -326,11 +341,11 @@ impl Runner<'_> {
     async fn wait_converged(&self, limit: Duration, version: Option<u64>) -> Result<(), Error> {
         let version = match version {
             Some(v) => v,
-            None => self.b.version().await?,
+            None => self.b.pilot().version().await?,
         };
         let start = Instant::now();
         loop {
-            let proxies = self.b.proxies().await?;
+            let proxies = self.b.pilot().proxies().await?;
             let nodes = self.b.node_ids();
             let behind: Vec<&String> = nodes
                 .iter()
@@ -547,19 +562,7 @@ impl Runner<'_> {
             }
         }
         self.report.propagation.sort_by_key(|p| p.version);
-        let (pilot, sidecars) = self.b.resources();
-        let cost = |name: &str, pid: Option<u32>| {
-            let s = pid.and_then(proc_stats).unwrap_or_default();
-            ProcessCost {
-                name: name.to_string(),
-                cpu_s: s.cpu_s,
-                peak_rss_mb: s.peak_rss_mb,
-            }
-        };
-        self.report.resources = Resources {
-            pilot: cost("pilot", pilot),
-            proxies: sidecars.iter().map(|(n, pid)| cost(n, *pid)).collect(),
-        };
+        self.report.resources = self.b.resources().await;
         Ok(self.report)
     }
 }
@@ -600,7 +603,7 @@ async fn propagation(
     version: u64,
     accepted_at: f64,
 ) -> Propagation {
-    let http = crate::backend::local::HttpClient;
+    let http = crate::backend::HttpClient;
     let start = Instant::now();
     let mut proxies = Value::Null;
     while start.elapsed() < CONVERGE_LIMIT {

@@ -189,6 +189,14 @@ pub enum FaultStep {
     Kill(String),
     /// Kill a pod and start it again on the same addresses.
     Restart(String),
+    /// Freeze a pod (docker: pause its containers; local: SIGSTOP); its endpoint stays.
+    Pause(String),
+    /// Thaw a paused pod.
+    Unpause(String),
+    /// Cut a pod off the network (docker only); its endpoint stays.
+    Disconnect(String),
+    /// Connect a cut-off pod again, on its old address (docker only).
+    Reconnect(String),
     /// `stop` or `start` the control plane.
     ControlPlane(String),
 }

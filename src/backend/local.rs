@@ -6,39 +6,42 @@
 //! would. Every child is killed when the backend is dropped (normal end, error, Ctrl-C) and,
 //! through PR_SET_PDEATHSIG, if this process dies without dropping it.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use serde_json::{json, Value};
 use tokio::process::{Child, Command};
 
-use super::{Error, Options};
-use crate::config;
-use crate::model::{Labels, Spec};
-use crate::scenario::ProxyKind;
+use super::{find_pod, plan_pods, wait_tcp, Error, Options, PilotApi, PodPlan};
+use crate::measure::proc_stats;
+use crate::report::{ProcessCost, Resources};
+use crate::scenario::{FaultStep, ProxyKind};
 use crate::xds::bootstrap::EnvoyBootstrap;
 use crate::xds::node::sidecar_id;
 
 /// One pod: a workload and its sidecar (the load client has only a sidecar).
 #[derive(Debug)]
 pub struct Pod {
-    pub name: String,
-    pub namespace: String,
-    pub service: String,
-    pub version: String,
-    pub labels: Labels,
+    pub plan: PodPlan,
     pub pod_ip: String,
     pub app_ip: String,
-    pub port: u16,
     pub node_id: String,
     workload: Option<Child>,
     sidecar: Option<Child>,
 }
 
 impl Pod {
+    fn new(plan: PodPlan, pod_ip: String, app_ip: String) -> Pod {
+        Pod {
+            node_id: sidecar_id(&pod_ip, &plan.name, &plan.namespace),
+            plan,
+            pod_ip,
+            app_ip,
+            workload: None,
+            sidecar: None,
+        }
+    }
     pub fn sidecar_pid(&self) -> Option<u32> {
         self.sidecar.as_ref().and_then(|c| c.id())
     }
@@ -51,11 +54,9 @@ pub struct LocalBackend {
     opts: Options,
     base: String,
     pilot: Option<Child>,
+    pub pilot_api: PilotApi,
     pub pods: Vec<Pod>,
     pub client: Pod,
-    /// Everything applied so far, in order, to replay when the control plane restarts.
-    applied: Vec<(String, String)>,
-    http: HttpClient,
 }
 
 /// Environment variable every child carries: the run id (tests look for leftovers by it).
@@ -84,11 +85,6 @@ fn log_file(dir: &Path, name: &str) -> Stdio {
 }
 
 impl LocalBackend {
-    pub fn pilot_api(&self) -> SocketAddr {
-        format!("{}.1:15080", self.base)
-            .parse()
-            .expect("valid address")
-    }
     pub fn pilot_xds(&self) -> SocketAddr {
         format!("{}.1:15010", self.base)
             .parse()
@@ -99,9 +95,6 @@ impl LocalBackend {
         format!("{}:15001", self.client.pod_ip)
             .parse()
             .expect("valid address")
-    }
-    pub fn pilot_pid(&self) -> Option<u32> {
-        self.pilot.as_ref().and_then(|c| c.id())
     }
     pub fn node_ids(&self) -> Vec<String> {
         self.pods
@@ -123,96 +116,47 @@ impl LocalBackend {
         std::fs::create_dir_all(&opts.log_dir).map_err(|e| {
             Error::Environment(format!("cannot create {}: {e}", opts.log_dir.display()))
         })?;
-        let client = Pod {
-            name: "loadclient-0".into(),
-            namespace: "default".into(),
-            service: "loadclient".into(),
-            version: "v1".into(),
-            labels: [("app".to_string(), "loadclient".to_string())].into(),
-            pod_ip: format!("{base}.8"),
-            app_ip: format!("{base}.9"),
-            port: 0,
-            node_id: sidecar_id(&format!("{base}.8"), "loadclient-0", "default"),
-            workload: None,
-            sidecar: None,
-        };
+        let plans = plan_pods(manifests, 120)?;
         let mut b = LocalBackend {
             opts,
-            base,
             pilot: None,
-            pods: vec![],
-            client,
-            applied: vec![],
-            http: HttpClient,
+            pilot_api: PilotApi::new(format!("{base}.1:15080").parse().expect("valid address")),
+            pods: plans
+                .into_iter()
+                .enumerate()
+                .map(|(k, plan)| {
+                    Pod::new(
+                        plan,
+                        format!("{base}.{}", 10 + 2 * k),
+                        format!("{base}.{}", 11 + 2 * k),
+                    )
+                })
+                .collect(),
+            client: Pod::new(
+                PodPlan::load_client(),
+                format!("{base}.8"),
+                format!("{base}.9"),
+            ),
+            base,
         };
         b.start_pilot().await?;
-        let mut docs = Vec::new();
-        for f in manifests.iter().chain(config) {
-            let text = std::fs::read_to_string(f)
-                .map_err(|e| Error::Environment(format!("cannot read {f}: {e}")))?;
-            docs.push((f.clone(), text));
-        }
-        for (f, text) in &docs {
-            b.apply(f, text).await?;
-        }
-        // Pods from Deployments.
-        let mut k = 0;
-        for f in manifests {
-            let parsed =
-                config::parse_file(Path::new(f)).map_err(|e| Error::Config(format!("{}", e[0])))?;
-            for o in parsed.objects {
-                let Spec::Deployment(d) = &o.spec else {
-                    continue;
-                };
-                for i in 0..d.replicas {
-                    let service = d
-                        .labels
-                        .get("app")
-                        .cloned()
-                        .unwrap_or_else(|| o.name.clone());
-                    let version = d
-                        .labels
-                        .get("version")
-                        .cloned()
-                        .unwrap_or_else(|| "v1".into());
-                    let pod_ip = format!("{}.{}", b.base, 10 + 2 * k);
-                    let name = format!("{}-{i}", o.name);
-                    b.pods.push(Pod {
-                        node_id: sidecar_id(&pod_ip, &name, &o.namespace),
-                        name,
-                        namespace: o.namespace.clone(),
-                        service,
-                        version,
-                        labels: d.labels.clone(),
-                        app_ip: format!("{}.{}", b.base, 11 + 2 * k),
-                        pod_ip,
-                        port: d.container_ports.first().map_or(9080, |p| p.1),
-                        workload: None,
-                        sidecar: None,
-                    });
-                    k += 1;
-                    if k >= 120 {
-                        return Err(Error::Config(
-                            "the local backend runs at most 120 pods".into(),
-                        ));
-                    }
-                }
-            }
-        }
+        b.pilot_api.apply_files(manifests).await?;
+        b.pilot_api.apply_files(config).await?;
         for i in 0..b.pods.len() {
             b.start_pod(i).await?;
         }
         b.client.sidecar = Some(b.spawn_sidecar(&b.client)?);
-        let names: Vec<usize> = (0..b.pods.len()).collect();
-        b.register(&names).await?;
+        b.pilot_api
+            .register(b.pods.iter().map(|p| (&p.plan, p.pod_ip.as_str())))
+            .await?;
         for p in &b.pods {
-            let app: SocketAddr = format!("{}:{}", p.app_ip, p.port)
+            let app: SocketAddr = format!("{}:{}", p.app_ip, p.plan.port)
                 .parse()
                 .expect("valid address");
             wait_tcp(app, Duration::from_secs(10)).await.map_err(|_| {
                 Error::Environment(format!(
                     "workload of pod {} did not listen on {app}",
-                    p.name
+                    p.plan.name
                 ))
             })?;
         }
@@ -226,7 +170,7 @@ impl LocalBackend {
             "--xds-addr",
             &self.pilot_xds().to_string(),
             "--api-addr",
-            &self.pilot_api().to_string(),
+            &self.pilot_api.addr.to_string(),
         ])
         .args([
             "--debounce",
@@ -238,7 +182,7 @@ impl LocalBackend {
             c.spawn()
                 .map_err(|e| Error::Environment(format!("cannot start pilot: {e}")))?,
         );
-        let api = self.pilot_api();
+        let api = self.pilot_api.addr;
         wait_tcp(api, Duration::from_secs(10)).await.map_err(|_| {
             Error::Environment(format!(
                 "pilot did not answer on {api}; see {}/pilot.log",
@@ -249,27 +193,19 @@ impl LocalBackend {
     }
 
     fn spawn_sidecar(&self, p: &Pod) -> Result<Child, Error> {
-        let log = log_file(&self.opts.log_dir, &format!("{}-sidecar", p.name));
+        let log = log_file(&self.opts.log_dir, &format!("{}-sidecar", p.plan.name));
         match self.opts.proxy {
             ProxyKind::Meshbench => {
                 let mut c = command(&self.opts.meshbench_exe, &self.opts.run_id);
-                c.args([
-                    "proxy",
-                    "--xds",
+                c.args(sidecar_args(
+                    &p.plan,
                     &self.pilot_xds().to_string(),
-                    "--node-id",
                     &p.node_id,
-                    "--concurrency",
-                    "1",
-                    "--app-ip",
                     &p.app_ip,
-                ]);
-                for (k, v) in &p.labels {
-                    c.args(["--label", &format!("{k}={v}")]);
-                }
+                ));
                 c.stdout(Stdio::null()).stderr(log);
                 c.spawn().map_err(|e| {
-                    Error::Environment(format!("cannot start the sidecar of {}: {e}", p.name))
+                    Error::Environment(format!("cannot start the sidecar of {}: {e}", p.plan.name))
                 })
             }
             ProxyKind::Envoy => {
@@ -278,35 +214,21 @@ impl LocalBackend {
                         "Envoy not found: set MESHBENCH_ENVOY or put envoy on PATH".into(),
                     )
                 })?;
-                let b = EnvoyBootstrap {
-                    pod_ip: p.pod_ip.clone(),
-                    pod_name: p.name.clone(),
-                    namespace: p.namespace.clone(),
-                    service: p.service.clone(),
-                    labels: p.labels.clone(),
-                    app_ip: p.app_ip.clone(),
-                    admin: format!("{}:15000", p.pod_ip)
-                        .parse()
-                        .expect("valid address"),
-                    xds: self.pilot_xds(),
-                };
-                let path = self.opts.log_dir.join(format!("{}-envoy.json", p.name));
+                let b = envoy_bootstrap(&p.plan, &p.pod_ip, &p.app_ip, self.pilot_xds());
+                let path = self
+                    .opts
+                    .log_dir
+                    .join(format!("{}-envoy.json", p.plan.name));
                 std::fs::write(&path, b.to_json().to_string())
                     .map_err(|e| Error::Environment(e.to_string()))?;
                 let mut c = command(envoy, &self.opts.run_id);
                 c.arg("-c")
                     .arg(&path)
-                    .args([
-                        "--concurrency",
-                        "1",
-                        "--use-dynamic-base-id",
-                        "--log-level",
-                        "warn",
-                    ])
+                    .args(ENVOY_ARGS)
                     .stdout(Stdio::null())
                     .stderr(log);
                 c.spawn().map_err(|e| {
-                    Error::Environment(format!("cannot start Envoy for {}: {e}", p.name))
+                    Error::Environment(format!("cannot start Envoy for {}: {e}", p.plan.name))
                 })
             }
         }
@@ -315,25 +237,15 @@ impl LocalBackend {
     async fn start_pod(&mut self, i: usize) -> Result<(), Error> {
         let p = &self.pods[i];
         let mut c = command(&self.opts.meshbench_exe, &self.opts.run_id);
-        c.args([
-            "workload",
-            "--service",
-            &p.service,
-            "--version",
-            &p.version,
-            "--pod",
-            &p.name,
-        ])
-        .args([
-            "--addr",
-            &format!("{}:{}", p.app_ip, p.port),
-            "--sidecar",
-            &format!("{}:15001", p.pod_ip),
-        ])
+        c.args(workload_args(
+            &p.plan,
+            &format!("{}:{}", p.app_ip, p.plan.port),
+            &p.pod_ip,
+        ))
         .stdout(Stdio::null())
-        .stderr(log_file(&self.opts.log_dir, &p.name));
+        .stderr(log_file(&self.opts.log_dir, &p.plan.name));
         let workload = c.spawn().map_err(|e| {
-            Error::Environment(format!("cannot start the workload of {}: {e}", p.name))
+            Error::Environment(format!("cannot start the workload of {}: {e}", p.plan.name))
         })?;
         let sidecar = self.spawn_sidecar(p)?;
         let p = &mut self.pods[i];
@@ -342,173 +254,167 @@ impl LocalBackend {
         Ok(())
     }
 
-    /// Registers pods as endpoints (POD_IP with their labels).
-    async fn register(&self, pods: &[usize]) -> Result<(), Error> {
-        let add: Vec<Value> = pods
-            .iter()
-            .map(|i| &self.pods[*i])
-            .map(|p| json!({"name": p.name, "namespace": p.namespace, "address": p.pod_ip, "labels": p.labels}))
-            .collect();
-        let (status, body) = self
-            .http
-            .json(
-                self.pilot_api(),
-                "POST",
-                "/v1/endpoints",
-                &json!({ "add": add }).to_string(),
-            )
-            .await?;
-        if status != 200 {
-            return Err(Error::Config(format!(
-                "pilot refused the pod endpoints: {body}"
-            )));
+    fn find(&self, name: &str) -> Result<usize, Error> {
+        find_pod(self.pods.iter().map(|p| p.plan.name.as_str()), name)
+    }
+
+    pub async fn fault(&mut self, f: &FaultStep) -> Result<(), Error> {
+        match f {
+            FaultStep::Kill(p) => self.kill_pod(p).await,
+            FaultStep::Restart(p) => self.restart_pod(p).await,
+            FaultStep::Pause(p) => self.signal_pod(p, libc::SIGSTOP),
+            FaultStep::Unpause(p) => self.signal_pod(p, libc::SIGCONT),
+            FaultStep::Disconnect(_) | FaultStep::Reconnect(_) => Err(Error::Config(
+                "network partitions need the docker backend (--backend docker)".into(),
+            )),
+            FaultStep::ControlPlane(a) if a == "stop" => {
+                if let Some(mut c) = self.pilot.take() {
+                    let _ = c.kill().await;
+                }
+                Ok(())
+            }
+            FaultStep::ControlPlane(_) => {
+                self.start_pilot().await?;
+                self.pilot_api.replay().await?;
+                self.pilot_api
+                    .register(
+                        self.pods
+                            .iter()
+                            .filter(|p| p.running())
+                            .map(|p| (&p.plan, p.pod_ip.as_str())),
+                    )
+                    .await
+            }
+        }
+    }
+
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) a pod's processes; its endpoint stays, as a
+    /// frozen pod's would until a health check noticed.
+    fn signal_pod(&self, name: &str, sig: libc::c_int) -> Result<(), Error> {
+        let p = &self.pods[self.find(name)?];
+        for c in [&p.workload, &p.sidecar].into_iter().flatten() {
+            if let Some(pid) = c.id() {
+                // SAFETY: kill(2) on a child this backend owns and has not reaped.
+                unsafe { libc::kill(pid as libc::pid_t, sig) };
+            }
         }
         Ok(())
     }
 
-    /// Applies one file's text; returns (version, accepted_at_ms).
-    pub async fn apply(&mut self, source: &str, text: &str) -> Result<(u64, f64), Error> {
-        let name = Path::new(source)
-            .file_name()
-            .map_or(source.to_string(), |n| n.to_string_lossy().into_owned());
-        let (status, body) = self
-            .http
-            .json(
-                self.pilot_api(),
-                "POST",
-                &format!("/v1/apply?source={name}"),
-                text,
-            )
-            .await?;
-        if status != 200 {
-            let errors: Vec<String> = body["errors"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|e| {
-                    format!(
-                        "{}: document {}: {}: {}",
-                        e["file"].as_str().unwrap_or(""),
-                        e["document"],
-                        e["field"].as_str().unwrap_or(""),
-                        e["message"].as_str().unwrap_or("")
-                    )
-                })
-                .collect();
-            return Err(Error::Config(format!(
-                "pilot rejected {source}:\n  {}",
-                errors.join("\n  ")
-            )));
-        }
-        self.applied.push((source.to_string(), text.to_string()));
-        Ok((
-            body["version"].as_u64().unwrap_or(0),
-            body["accepted_at_ms"].as_f64().unwrap_or(0.0),
-        ))
-    }
-
-    /// GET /v1/proxies.
-    pub async fn proxies(&self) -> Result<Value, Error> {
-        Ok(self
-            .http
-            .json(self.pilot_api(), "GET", "/v1/proxies", "")
-            .await?
-            .1)
-    }
-
-    pub async fn version(&self) -> Result<u64, Error> {
-        Ok(self
-            .http
-            .json(self.pilot_api(), "GET", "/healthz", "")
-            .await?
-            .1["version"]
-            .as_u64()
-            .unwrap_or(0))
-    }
-
-    fn find(&self, name: &str) -> Result<usize, Error> {
-        self.pods
-            .iter()
-            .position(|p| p.name == name)
-            .or_else(|| {
-                self.pods
-                    .iter()
-                    .position(|p| p.name.strip_suffix("-0") == Some(name))
-            })
-            .ok_or_else(|| {
-                Error::Config(format!(
-                    "no pod {name:?} (pods: {})",
-                    self.pods
-                        .iter()
-                        .map(|p| p.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ))
-            })
-    }
-
     /// Kills a pod and removes its endpoint, as Kubernetes would.
-    pub async fn kill_pod(&mut self, name: &str) -> Result<(), Error> {
+    async fn kill_pod(&mut self, name: &str) -> Result<(), Error> {
         let i = self.find(name)?;
         let p = &mut self.pods[i];
         for mut c in [p.workload.take(), p.sidecar.take()].into_iter().flatten() {
             let _ = c.kill().await;
         }
-        let body = json!({"remove": [{"name": p.name, "namespace": p.namespace}]}).to_string();
-        let (status, body) = self
-            .http
-            .json(self.pilot_api(), "POST", "/v1/endpoints", &body)
-            .await?;
-        if status != 200 {
-            return Err(Error::Environment(format!(
-                "pilot refused to remove the endpoint: {body}"
-            )));
-        }
-        Ok(())
+        self.pilot_api.deregister(&self.pods[i].plan).await
     }
 
-    pub async fn restart_pod(&mut self, name: &str) -> Result<(), Error> {
+    async fn restart_pod(&mut self, name: &str) -> Result<(), Error> {
         let i = self.find(name)?;
         if self.pods[i].running() {
             self.kill_pod(name).await?;
         }
         self.start_pod(i).await?;
-        let app: SocketAddr = format!("{}:{}", self.pods[i].app_ip, self.pods[i].port)
+        let p = &self.pods[i];
+        let app: SocketAddr = format!("{}:{}", p.app_ip, p.plan.port)
             .parse()
             .expect("valid address");
         wait_tcp(app, Duration::from_secs(10))
             .await
             .map_err(|_| Error::Environment(format!("restarted pod {name} did not listen")))?;
-        self.register(&[i]).await
+        self.pilot_api
+            .register([(&p.plan, p.pod_ip.as_str())])
+            .await
     }
 
-    pub async fn stop_control_plane(&mut self) {
-        if let Some(mut c) = self.pilot.take() {
-            let _ = c.kill().await;
+    /// CPU and peak RSS of pilot and every sidecar now, from /proc.
+    pub fn resources(&self) -> Resources {
+        let cost = |name: &str, pid: Option<u32>| {
+            let s = pid.and_then(proc_stats).unwrap_or_default();
+            ProcessCost {
+                name: name.to_string(),
+                cpu_s: s.cpu_s,
+                peak_rss_mb: s.peak_rss_mb,
+            }
+        };
+        Resources {
+            pilot: cost("pilot", self.pilot.as_ref().and_then(|c| c.id())),
+            proxies: self
+                .pods
+                .iter()
+                .chain(std::iter::once(&self.client))
+                .map(|p| cost(&p.plan.name, p.sidecar_pid()))
+                .collect(),
         }
     }
+}
 
-    /// Starts pilot again and replays every applied document and the live pods' endpoints
-    /// (pilot keeps its config in memory, as a fresh istiod re-reads it from the API server).
-    pub async fn start_control_plane(&mut self) -> Result<(), Error> {
-        self.start_pilot().await?;
-        let applied = std::mem::take(&mut self.applied);
-        for (f, text) in &applied {
-            self.apply(f, text).await?;
-        }
-        let live: Vec<usize> = (0..self.pods.len())
-            .filter(|i| self.pods[*i].running())
-            .collect();
-        self.register(&live).await
+/// Arguments of `meshbench workload` for a pod whose app listens on `addr`.
+pub(crate) fn workload_args(p: &PodPlan, addr: &str, pod_ip: &str) -> Vec<String> {
+    [
+        "workload",
+        "--service",
+        &p.service,
+        "--version",
+        &p.version,
+        "--pod",
+        &p.name,
+        "--addr",
+        addr,
+        "--sidecar",
+        &format!("{pod_ip}:15001"),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// Arguments of `meshbench proxy` as a pod's sidecar.
+pub(crate) fn sidecar_args(p: &PodPlan, xds: &str, node_id: &str, app_ip: &str) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "proxy",
+        "--xds",
+        xds,
+        "--node-id",
+        node_id,
+        "--concurrency",
+        "1",
+        "--app-ip",
+        app_ip,
+    ]
+    .map(String::from)
+    .to_vec();
+    for (k, v) in &p.labels {
+        a.extend(["--label".to_string(), format!("{k}={v}")]);
     }
+    a
+}
 
-    /// CPU and peak RSS of pilot and every sidecar now.
-    pub fn resources(&self) -> (Option<u32>, BTreeMap<String, Option<u32>>) {
-        let mut sidecars = BTreeMap::new();
-        for p in self.pods.iter().chain(std::iter::once(&self.client)) {
-            sidecars.insert(p.name.clone(), p.sidecar_pid());
-        }
-        (self.pilot_pid(), sidecars)
+/// Envoy's command-line flags after its config, on both backends.
+pub(crate) const ENVOY_ARGS: [&str; 5] = [
+    "--concurrency",
+    "1",
+    "--use-dynamic-base-id",
+    "--log-level",
+    "warn",
+];
+
+pub(crate) fn envoy_bootstrap(
+    p: &PodPlan,
+    pod_ip: &str,
+    app_ip: &str,
+    xds: SocketAddr,
+) -> EnvoyBootstrap {
+    EnvoyBootstrap {
+        pod_ip: pod_ip.to_string(),
+        pod_name: p.name.clone(),
+        namespace: p.namespace.clone(),
+        service: p.service.clone(),
+        labels: p.labels.clone(),
+        app_ip: app_ip.to_string(),
+        admin: format!("{pod_ip}:15000").parse().expect("valid address"),
+        xds,
     }
 }
 
@@ -532,62 +438,5 @@ impl Drop for LocalBackend {
             children.retain_mut(|c| !matches!(c.try_wait(), Ok(Some(_)) | Err(_)));
             std::thread::sleep(Duration::from_millis(5));
         }
-    }
-}
-
-async fn wait_tcp(addr: SocketAddr, limit: Duration) -> Result<(), ()> {
-    let start = tokio::time::Instant::now();
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        if start.elapsed() > limit {
-            return Err(());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok(())
-}
-
-/// A tiny JSON-over-HTTP client for pilot's REST API.
-#[derive(Clone, Copy, Debug)]
-pub struct HttpClient;
-
-impl HttpClient {
-    pub async fn json(
-        &self,
-        addr: SocketAddr,
-        method: &str,
-        path: &str,
-        body: &str,
-    ) -> Result<(u16, Value), Error> {
-        use http_body_util::{BodyExt, Full};
-        let err = |e: String| Error::Environment(format!("pilot REST API at {addr}: {e}"));
-        let stream = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| err(e.to_string()))?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .map_err(|e| err(e.to_string()))?;
-        tokio::spawn(conn);
-        let req = hyper::Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", addr.to_string())
-            .body(Full::new(bytes::Bytes::copy_from_slice(body.as_bytes())))
-            .map_err(|e| err(e.to_string()))?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| err(e.to_string()))?;
-        let status = resp.status().as_u16();
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| err(e.to_string()))?
-            .to_bytes();
-        Ok((
-            status,
-            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        ))
     }
 }

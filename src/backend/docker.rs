@@ -1,0 +1,742 @@
+//! The docker backend: the scenario's mesh as a kind-style cluster of containers, through
+//! the engine's API (bollard; honours DOCKER_HOST, negotiates the API version).
+//!
+//! One user-defined bridge network per run, on a /24 of 10.213.0.0/16 picked from the process
+//! id (the next one when taken), so every address is fixed for the run and a restarted or
+//! reconnected pod keeps it: pilot .2 (15010 ADS, 15080 REST), the load client .8, pod k .(10+k).
+//! A pod is an infra container (`meshbench pause`) that owns the network namespace and carries
+//! the service's DNS aliases, plus the workload and sidecar containers joined to it with
+//! `network_mode: container:<infra>` (Kubernetes pod semantics): the app listens on 127.0.0.1,
+//! the sidecar on the pod address. Everything carries the label `meshbench.run=<run id>`; the
+//! backend removes it all when dropped (normal end, error, Ctrl-C) unless `--keep`, and
+//! `meshbench down` removes what a killed run left.
+
+mod image;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bollard::models::{
+    ContainerCreateBody, EndpointIpamConfig, EndpointSettings, HostConfig, Ipam, IpamConfig,
+    NetworkConnectRequest, NetworkCreateRequest, NetworkDisconnectRequest, NetworkingConfig,
+};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, ListContainersOptionsBuilder, ListNetworksOptionsBuilder,
+    LogsOptionsBuilder, RemoveContainerOptionsBuilder, StatsOptionsBuilder,
+};
+use bollard::Docker;
+use futures::StreamExt;
+
+use super::local::{envoy_bootstrap, sidecar_args, workload_args, ENVOY_ARGS};
+use super::{find_pod, plan_pods, wait_tcp, Error, HttpClient, Options, PilotApi, PodPlan};
+use crate::report::{ProcessCost, Resources};
+use crate::scenario::{FaultStep, ProxyKind};
+use crate::xds::node::sidecar_id;
+
+/// Label on every container and network of a run; its value is the run id.
+pub const RUN_LABEL: &str = "meshbench.run";
+/// Label on the images meshbench builds (kept between runs as a cache).
+pub const IMAGE_LABEL: &str = "meshbench.image";
+
+const POD_LIMIT: usize = 200;
+
+pub(crate) fn engine_error(what: &str, e: bollard::errors::Error) -> Error {
+    Error::Environment(format!("docker: {what}: {e}"))
+}
+
+/// Connects to the engine (DOCKER_HOST or the local socket) at a version both speak; returns
+/// the client and a description of the engine.
+pub async fn connect() -> Result<(Docker, String), Error> {
+    let unreachable = |e: bollard::errors::Error| {
+        Error::Environment(format!(
+            "no Docker engine answers at {} ({e}); start one or use --backend local",
+            std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into())
+        ))
+    };
+    let docker = Docker::connect_with_defaults().map_err(unreachable)?;
+    let docker = docker.negotiate_version().await.map_err(unreachable)?;
+    let v = docker.version().await.map_err(unreachable)?;
+    let engine = format!(
+        "Docker {} (API {})",
+        v.version.unwrap_or_default(),
+        v.api_version.unwrap_or_default()
+    );
+    Ok((docker, engine))
+}
+
+/// Removes the containers and networks of one run (`Some(id)`) or of every run (`None`);
+/// returns how many of each went.
+pub async fn down(docker: &Docker, run: Option<&str>) -> Result<(usize, usize), Error> {
+    let label = match run {
+        Some(id) => format!("{RUN_LABEL}={id}"),
+        None => RUN_LABEL.to_string(),
+    };
+    let filters = HashMap::from([("label".to_string(), vec![label])]);
+    let containers = docker
+        .list_containers(Some(
+            ListContainersOptionsBuilder::default()
+                .all(true)
+                .filters(&filters)
+                .build(),
+        ))
+        .await
+        .map_err(|e| engine_error("listing containers", e))?;
+    let removals = containers.iter().filter_map(|c| c.id.as_deref()).map(|id| {
+        docker.remove_container(
+            id,
+            Some(RemoveContainerOptionsBuilder::default().force(true).build()),
+        )
+    });
+    let removed = futures::future::join_all(removals)
+        .await
+        .into_iter()
+        .filter(|r| r.is_ok())
+        .count();
+    let networks = docker
+        .list_networks(Some(
+            ListNetworksOptionsBuilder::default()
+                .filters(&filters)
+                .build(),
+        ))
+        .await
+        .map_err(|e| engine_error("listing networks", e))?;
+    let mut nets = 0;
+    for n in networks {
+        if let Some(id) = n.id {
+            if docker.remove_network(&id).await.is_ok() {
+                nets += 1;
+            }
+        }
+    }
+    Ok((removed, nets))
+}
+
+/// A pod's containers, in start order.
+#[derive(Debug, Default)]
+struct Containers {
+    infra: Option<String>,
+    workload: Option<String>,
+    sidecar: Option<String>,
+}
+
+impl Containers {
+    fn all(&self) -> impl Iterator<Item = &String> {
+        [&self.infra, &self.workload, &self.sidecar]
+            .into_iter()
+            .flatten()
+    }
+}
+
+#[derive(Debug)]
+pub struct Pod {
+    pub plan: PodPlan,
+    pub pod_ip: String,
+    pub node_id: String,
+    containers: Containers,
+}
+
+impl Pod {
+    fn new(plan: PodPlan, pod_ip: String) -> Pod {
+        Pod {
+            node_id: sidecar_id(&pod_ip, &plan.name, &plan.namespace),
+            plan,
+            pod_ip,
+            containers: Containers::default(),
+        }
+    }
+    fn running(&self) -> bool {
+        self.containers.sidecar.is_some()
+    }
+}
+
+/// How a container joins the network.
+enum Net<'a> {
+    /// Its own namespace on the run's network, at `ip`, with DNS aliases.
+    Own { ip: &'a str, aliases: Vec<String> },
+    /// Another container's namespace (a pod's infra container).
+    Join(&'a str),
+}
+
+pub struct DockerBackend {
+    docker: Docker,
+    opts: Options,
+    /// "Docker 20.10.24 (API 1.41)".
+    pub engine: String,
+    network: String,
+    base: String,
+    pilot: Option<String>,
+    pub pilot_api: PilotApi,
+    pub pods: Vec<Pod>,
+    client: Pod,
+    meshbench_image: String,
+    envoy_image: Option<String>,
+    /// Seconds spent building images (0 when both were cached).
+    pub image_build_s: f64,
+}
+
+impl DockerBackend {
+    fn pilot_ip(&self) -> String {
+        format!("{}.2", self.base)
+    }
+    fn pilot_xds(&self) -> SocketAddr {
+        format!("{}:15010", self.pilot_ip())
+            .parse()
+            .expect("valid address")
+    }
+    pub fn client_outbound(&self) -> SocketAddr {
+        format!("{}:15001", self.client.pod_ip)
+            .parse()
+            .expect("valid address")
+    }
+    pub fn node_ids(&self) -> Vec<String> {
+        self.pods
+            .iter()
+            .chain(std::iter::once(&self.client))
+            .filter(|p| p.running())
+            .map(|p| p.node_id.clone())
+            .collect()
+    }
+
+    /// Builds (or finds) the images, creates the network, pilot, every pod and the load
+    /// client, registers the pods and waits until each app answers through its sidecar.
+    pub async fn start(
+        opts: Options,
+        manifests: &[String],
+        config: &[String],
+    ) -> Result<DockerBackend, Error> {
+        let (docker, engine) = connect().await?;
+        std::fs::create_dir_all(&opts.log_dir).map_err(|e| {
+            Error::Environment(format!("cannot create {}: {e}", opts.log_dir.display()))
+        })?;
+        let plans = plan_pods(manifests, POD_LIMIT)?;
+        let mut image_build_s = 0.0;
+        let mut image = |b: image::Built| {
+            if let Some(s) = b.build_s {
+                eprintln!("meshbench: built image {} in {s:.1} s", b.tag);
+                image_build_s += s;
+            }
+            b.tag
+        };
+        let meshbench_image =
+            image(image::ensure(&docker, "meshbench", &opts.meshbench_exe).await?);
+        let envoy_image = match opts.proxy {
+            ProxyKind::Meshbench => None,
+            ProxyKind::Envoy => {
+                let envoy = opts.envoy.as_ref().ok_or_else(|| {
+                    Error::Environment(
+                        "Envoy not found: set MESHBENCH_ENVOY or put envoy on PATH".into(),
+                    )
+                })?;
+                Some(image(image::ensure(&docker, "envoy", envoy).await?))
+            }
+        };
+        let (network, base) = create_network(&docker, &opts.run_id).await?;
+        let mut b = DockerBackend {
+            pilot_api: PilotApi::new(format!("{base}.2:15080").parse().expect("valid address")),
+            pods: plans
+                .into_iter()
+                .enumerate()
+                .map(|(k, plan)| Pod::new(plan, format!("{base}.{}", 10 + k)))
+                .collect(),
+            client: Pod::new(PodPlan::load_client(), format!("{base}.8")),
+            docker,
+            opts,
+            engine,
+            network,
+            base,
+            pilot: None,
+            meshbench_image,
+            envoy_image,
+            image_build_s,
+        };
+        b.start_pilot().await?;
+        b.pilot_api.apply_files(manifests).await?;
+        b.pilot_api.apply_files(config).await?;
+        for i in 0..b.pods.len() {
+            b.start_pod(i).await?;
+        }
+        b.client.containers = b.create_pod(&b.client).await?;
+        b.pilot_api
+            .register(b.pods.iter().map(|p| (&p.plan, p.pod_ip.as_str())))
+            .await?;
+        for i in 0..b.pods.len() {
+            b.wait_ready(i).await?;
+        }
+        Ok(b)
+    }
+
+    async fn start_pilot(&mut self) -> Result<(), Error> {
+        let debounce = format!("{}ms", self.opts.debounce.as_millis());
+        let cmd = [
+            "pilot",
+            "--xds-addr",
+            "0.0.0.0:15010",
+            "--api-addr",
+            "0.0.0.0:15080",
+            "--debounce",
+            &debounce,
+        ];
+        let ip = self.pilot_ip();
+        let id = self
+            .run(
+                "pilot",
+                "pilot",
+                &self.meshbench_image,
+                "/meshbench",
+                &cmd.map(String::from),
+                Net::Own {
+                    ip: &ip,
+                    aliases: vec!["pilot".into(), "istiod".into()],
+                },
+            )
+            .await?;
+        self.pilot = Some(id);
+        let api = self.pilot_api.addr;
+        wait_tcp(api, Duration::from_secs(20)).await.map_err(|_| {
+            Error::Environment(format!(
+                "pilot's container did not answer on {api} (is {} reachable from this host?)",
+                self.network
+            ))
+        })
+    }
+
+    /// Creates and starts one container of the run; returns its id.
+    async fn run(
+        &self,
+        name: &str,
+        role: &str,
+        image: &str,
+        entrypoint: &str,
+        cmd: &[String],
+        net: Net<'_>,
+    ) -> Result<String, Error> {
+        let full_name = format!("mb-{}-{name}", self.opts.run_id);
+        let labels = HashMap::from([
+            (RUN_LABEL.to_string(), self.opts.run_id.clone()),
+            ("meshbench.role".to_string(), role.to_string()),
+            ("meshbench.name".to_string(), name.to_string()),
+        ]);
+        let (network_mode, networking_config, hostname) = match net {
+            Net::Own { ip, aliases } => (
+                self.network.clone(),
+                Some(NetworkingConfig {
+                    endpoints_config: Some(HashMap::from([(
+                        self.network.clone(),
+                        EndpointSettings {
+                            ipam_config: Some(EndpointIpamConfig {
+                                ipv4_address: Some(ip.to_string()),
+                                ..Default::default()
+                            }),
+                            aliases: Some(aliases),
+                            ..Default::default()
+                        },
+                    )])),
+                }),
+                Some(name.to_string()),
+            ),
+            Net::Join(infra) => (format!("container:{infra}"), None, None),
+        };
+        let body = ContainerCreateBody {
+            image: Some(image.to_string()),
+            entrypoint: Some(vec![entrypoint.to_string()]),
+            cmd: Some(cmd.to_vec()),
+            hostname,
+            env: Some(vec![format!(
+                "{}={}",
+                super::local::RUN_ENV,
+                self.opts.run_id
+            )]),
+            labels: Some(labels),
+            host_config: Some(HostConfig {
+                network_mode: Some(network_mode),
+                ..Default::default()
+            }),
+            networking_config,
+            ..Default::default()
+        };
+        let created = self
+            .docker
+            .create_container(
+                Some(
+                    CreateContainerOptionsBuilder::default()
+                        .name(&full_name)
+                        .build(),
+                ),
+                body,
+            )
+            .await
+            .map_err(|e| engine_error(&format!("creating container {full_name}"), e))?;
+        self.docker
+            .start_container(&created.id, None)
+            .await
+            .map_err(|e| engine_error(&format!("starting container {full_name}"), e))?;
+        Ok(created.id)
+    }
+
+    /// Creates a pod's infra container, then its workload (unless the load client) and sidecar.
+    async fn create_pod(&self, p: &Pod) -> Result<Containers, Error> {
+        let name = &p.plan.name;
+        let s = &p.plan.service;
+        let ns = &p.plan.namespace;
+        let infra = self
+            .run(
+                name,
+                "infra",
+                &self.meshbench_image,
+                "/meshbench",
+                &["pause".to_string()],
+                Net::Own {
+                    ip: &p.pod_ip,
+                    aliases: vec![
+                        name.clone(),
+                        s.clone(),
+                        format!("{s}.{ns}"),
+                        format!("{s}.{ns}.svc.cluster.local"),
+                    ],
+                },
+            )
+            .await?;
+        let mut c = Containers {
+            infra: Some(infra.clone()),
+            ..Default::default()
+        };
+        if p.plan.port != 0 {
+            let args = workload_args(&p.plan, &format!("127.0.0.1:{}", p.plan.port), &p.pod_ip);
+            c.workload = Some(
+                self.run(
+                    &format!("{name}-app"),
+                    "workload",
+                    &self.meshbench_image,
+                    "/meshbench",
+                    &args,
+                    Net::Join(&infra),
+                )
+                .await?,
+            );
+        }
+        let sidecar_name = format!("{name}-sidecar");
+        c.sidecar = Some(match &self.envoy_image {
+            None => {
+                let args = sidecar_args(
+                    &p.plan,
+                    &self.pilot_xds().to_string(),
+                    &p.node_id,
+                    "127.0.0.1",
+                );
+                self.run(
+                    &sidecar_name,
+                    "sidecar",
+                    &self.meshbench_image,
+                    "/meshbench",
+                    &args,
+                    Net::Join(&infra),
+                )
+                .await?
+            }
+            Some(envoy_image) => {
+                let bootstrap = envoy_bootstrap(&p.plan, &p.pod_ip, "127.0.0.1", self.pilot_xds());
+                let mut args = vec!["--config-yaml".to_string(), bootstrap.to_json().to_string()];
+                args.extend(ENVOY_ARGS.map(String::from));
+                self.run(
+                    &sidecar_name,
+                    "sidecar",
+                    envoy_image,
+                    "/envoy",
+                    &args,
+                    Net::Join(&infra),
+                )
+                .await?
+            }
+        });
+        Ok(c)
+    }
+
+    async fn start_pod(&mut self, i: usize) -> Result<(), Error> {
+        let c = self.create_pod(&self.pods[i]).await?;
+        self.pods[i].containers = c;
+        Ok(())
+    }
+
+    /// Waits until the pod's app answers through its sidecar's inbound listener (the
+    /// response carries the workload's identity header), which needs the sidecar to hold
+    /// its config and the app to listen.
+    async fn wait_ready(&self, i: usize) -> Result<(), Error> {
+        let p = &self.pods[i];
+        let addr: SocketAddr = format!("{}:{}", p.pod_ip, p.plan.port)
+            .parse()
+            .expect("valid address");
+        let start = Instant::now();
+        loop {
+            if let Ok((_, headers, _)) = HttpClient.request(addr, "GET", "/healthz", &[], "").await
+            {
+                if headers.contains_key(crate::workload::IDENTITY_HEADER) {
+                    return Ok(());
+                }
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                return Err(Error::Environment(format!(
+                    "pod {} did not answer on {addr} through its sidecar within 30 s; see its logs in {}",
+                    p.plan.name,
+                    self.opts.log_dir.display()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn find(&self, name: &str) -> Result<usize, Error> {
+        find_pod(self.pods.iter().map(|p| p.plan.name.as_str()), name)
+    }
+
+    pub async fn fault(&mut self, f: &FaultStep) -> Result<(), Error> {
+        let d = &self.docker;
+        match f {
+            FaultStep::Kill(name) => {
+                let i = self.find(name)?;
+                self.kill_pod(i).await
+            }
+            FaultStep::Restart(name) => {
+                let i = self.find(name)?;
+                if self.pods[i].running() {
+                    self.kill_pod(i).await?;
+                }
+                self.start_pod(i).await?;
+                let p = &self.pods[i];
+                self.pilot_api
+                    .register([(&p.plan, p.pod_ip.as_str())])
+                    .await?;
+                self.wait_ready(i).await
+            }
+            FaultStep::Pause(name) | FaultStep::Unpause(name) => {
+                let p = &self.pods[self.find(name)?];
+                for id in p.containers.all() {
+                    let r = if matches!(f, FaultStep::Pause(_)) {
+                        d.pause_container(id).await
+                    } else {
+                        d.unpause_container(id).await
+                    };
+                    r.map_err(|e| engine_error(&format!("{f:?}"), e))?;
+                }
+                Ok(())
+            }
+            FaultStep::Disconnect(name) => {
+                let p = &self.pods[self.find(name)?];
+                let infra = p.containers.infra.clone().unwrap_or_default();
+                d.disconnect_network(
+                    &self.network,
+                    NetworkDisconnectRequest {
+                        container: infra,
+                        force: Some(true),
+                    },
+                )
+                .await
+                .map_err(|e| engine_error(&format!("disconnecting {name}"), e))
+            }
+            FaultStep::Reconnect(name) => {
+                let p = &self.pods[self.find(name)?];
+                let infra = p.containers.infra.clone().unwrap_or_default();
+                d.connect_network(
+                    &self.network,
+                    NetworkConnectRequest {
+                        container: infra,
+                        endpoint_config: Some(EndpointSettings {
+                            ipam_config: Some(EndpointIpamConfig {
+                                ipv4_address: Some(p.pod_ip.clone()),
+                                ..Default::default()
+                            }),
+                            aliases: Some(vec![p.plan.name.clone(), p.plan.service.clone()]),
+                            ..Default::default()
+                        }),
+                    },
+                )
+                .await
+                .map_err(|e| engine_error(&format!("reconnecting {name}"), e))
+            }
+            FaultStep::ControlPlane(a) if a == "stop" => {
+                if let Some(id) = self.pilot.take() {
+                    save_logs(d, &id, self.opts.log_dir.join("pilot.log")).await;
+                    remove(d, &id).await;
+                }
+                Ok(())
+            }
+            FaultStep::ControlPlane(_) => {
+                self.start_pilot().await?;
+                self.pilot_api.replay().await?;
+                self.pilot_api
+                    .register(
+                        self.pods
+                            .iter()
+                            .filter(|p| p.running())
+                            .map(|p| (&p.plan, p.pod_ip.as_str())),
+                    )
+                    .await
+            }
+        }
+    }
+
+    /// Removes a pod's containers and its endpoint, as Kubernetes would.
+    async fn kill_pod(&mut self, i: usize) -> Result<(), Error> {
+        let c = std::mem::take(&mut self.pods[i].containers);
+        for id in c.all() {
+            remove(&self.docker, id).await;
+        }
+        self.pilot_api.deregister(&self.pods[i].plan).await
+    }
+
+    /// CPU seconds and peak memory (the container's cgroup) of pilot and every sidecar.
+    pub async fn resources(&self) -> Resources {
+        let cost = |name: String, id: Option<String>| async move {
+            let mut c = ProcessCost {
+                name,
+                ..Default::default()
+            };
+            let Some(id) = id else { return c };
+            let mut s = self.docker.stats(
+                &id,
+                Some(
+                    StatsOptionsBuilder::default()
+                        .stream(false)
+                        .one_shot(true)
+                        .build(),
+                ),
+            );
+            if let Some(Ok(s)) = s.next().await {
+                c.cpu_s = s
+                    .cpu_stats
+                    .and_then(|c| c.cpu_usage)
+                    .and_then(|u| u.total_usage)
+                    .unwrap_or(0) as f64
+                    / 1e9;
+                c.peak_rss_mb = s
+                    .memory_stats
+                    .and_then(|m| m.max_usage.or(m.usage))
+                    .unwrap_or(0) as f64
+                    / (1024.0 * 1024.0);
+            }
+            c
+        };
+        let proxies = self
+            .pods
+            .iter()
+            .chain(std::iter::once(&self.client))
+            .map(|p| cost(p.plan.name.clone(), p.containers.sidecar.clone()));
+        Resources {
+            pilot: cost("pilot".into(), self.pilot.clone()).await,
+            proxies: futures::future::join_all(proxies).await,
+        }
+    }
+}
+
+impl Drop for DockerBackend {
+    /// Saves every container's output, then removes the run's containers and network (by
+    /// label, so nothing is missed), on a thread of its own since drop cannot await.
+    fn drop(&mut self) {
+        if self.opts.keep {
+            eprintln!(
+                "meshbench: --keep: the run's containers stay; remove them with `meshbench down --run {}`",
+                self.opts.run_id
+            );
+            return;
+        }
+        let docker = self.docker.clone();
+        let run_id = self.opts.run_id.clone();
+        let mut named: Vec<(String, String)> = self
+            .pods
+            .iter()
+            .chain(std::iter::once(&self.client))
+            .flat_map(|p| {
+                [
+                    (p.containers.workload.clone(), p.plan.name.clone()),
+                    (
+                        p.containers.sidecar.clone(),
+                        format!("{}-sidecar", p.plan.name),
+                    ),
+                ]
+            })
+            .filter_map(|(id, n)| id.map(|id| (id, n)))
+            .collect();
+        named.extend(self.pilot.clone().map(|id| (id, "pilot".to_string())));
+        let log_dir = self.opts.log_dir.clone();
+        let cleanup = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                let saves = named
+                    .iter()
+                    .map(|(id, name)| save_logs(&docker, id, log_dir.join(format!("{name}.log"))));
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(5), futures::future::join_all(saves))
+                        .await;
+                if let Err(e) = down(&docker, Some(&run_id)).await {
+                    eprintln!("meshbench: cleaning up run {run_id}: {e}");
+                }
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+/// Copies a container's output to `path`.
+async fn save_logs(docker: &Docker, id: &str, path: std::path::PathBuf) {
+    let mut logs = docker.logs(
+        id,
+        Some(
+            LogsOptionsBuilder::default()
+                .stdout(true)
+                .stderr(true)
+                .build(),
+        ),
+    );
+    let mut text = Vec::new();
+    while let Some(Ok(chunk)) = logs.next().await {
+        text.extend_from_slice(&chunk.into_bytes());
+    }
+    let _ = std::fs::write(path, text);
+}
+
+async fn remove(docker: &Docker, id: &str) {
+    let _ = docker
+        .remove_container(
+            id,
+            Some(RemoveContainerOptionsBuilder::default().force(true).build()),
+        )
+        .await;
+}
+
+/// Creates the run's network on a free /24 of 10.213.0.0/16; returns its name and the
+/// first three octets.
+async fn create_network(docker: &Docker, run_id: &str) -> Result<(String, String), Error> {
+    let name = format!("mb-{run_id}");
+    let first = std::process::id() % 250;
+    let mut last_error = None;
+    for k in 0..16 {
+        let base = format!("10.213.{}", (first + k * 13) % 250 + 1);
+        let req = NetworkCreateRequest {
+            name: name.clone(),
+            driver: Some("bridge".into()),
+            ipam: Some(Ipam {
+                config: Some(vec![IpamConfig {
+                    subnet: Some(format!("{base}.0/24")),
+                    gateway: Some(format!("{base}.1")),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            labels: Some(HashMap::from([(RUN_LABEL.to_string(), run_id.to_string())])),
+            ..Default::default()
+        };
+        match docker.create_network(req).await {
+            Ok(_) => return Ok((name, base)),
+            Err(e) => last_error = Some(e),
+        }
+    }
+    Err(engine_error(
+        "creating the run's network (no free /24 in 10.213.0.0/16)",
+        last_error.expect("tried at least once"),
+    ))
+}
