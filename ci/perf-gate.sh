@@ -15,4 +15,9 @@ for proxy in meshbench envoy; do
   target/release/meshbench run scenarios/bookinfo-canary.yaml --quick --proxy "$proxy" --out "$out" || status=1
   target/release/meshbench gate --baseline "ci/baseline/bookinfo-canary-quick-$proxy.json" --current "$out/report.json" "$@" || status=1
 done
+# The same canary on the docker backend (built images, containers), where an engine answers.
+if docker info >/dev/null 2>&1; then
+  rm -rf reports/ci/docker
+  target/release/meshbench run scenarios/bookinfo-canary.yaml --quick --backend docker --out reports/ci/docker || status=1
+fi
 exit $status

@@ -344,6 +344,9 @@ pub async fn run(spec: LoadSpec) -> LoadResult {
     merge(&spec, shards)
 }
 
+/// How long a request may stay open past the phase's end (or its send) before it is given up.
+pub const REQUEST_GRACE: Duration = Duration::from_secs(10);
+
 /// Connection `k` of `conns`: sends its share of requests until the end of the phase.
 async fn connection_loop(spec: LoadSpec, k: usize, conns: usize, start: Instant) -> Shard {
     let end = start + spec.duration;
@@ -364,7 +367,19 @@ async fn connection_loop(spec: LoadSpec, k: usize, conns: usize, start: Instant)
             tokio::time::sleep_until(intended).await;
         }
         let sent = Instant::now();
-        let r = send(&mut sender, &spec).await;
+        // Bounded even against a frozen or cut-off peer: a request still open REQUEST_GRACE
+        // after its send (or after the phase's end) counts as a transport error and its
+        // connection is dropped.
+        let r =
+            match tokio::time::timeout_at(end.max(sent) + REQUEST_GRACE, send(&mut sender, &spec))
+                .await
+            {
+                Ok(r) => r,
+                Err(_) => {
+                    sender = None;
+                    None
+                }
+            };
         let done = Instant::now();
         let second = done.saturating_duration_since(start).as_secs();
         let (status, versions) = match r {

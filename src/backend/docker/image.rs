@@ -8,7 +8,7 @@ use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use bollard::query_parameters::BuildImageOptionsBuilder;
+use bollard::query_parameters::{BuildImageOptionsBuilder, ListImagesOptionsBuilder};
 use bollard::Docker;
 use futures::StreamExt;
 
@@ -58,10 +58,39 @@ pub async fn ensure(docker: &Docker, name: &str, binary: &Path) -> Result<Built,
             )));
         }
     }
+    let build_s = started.elapsed().as_secs_f64();
+    prune(docker, name, &tag).await;
     Ok(Built {
         tag,
-        build_s: Some(started.elapsed().as_secs_f64()),
+        build_s: Some(build_s),
     })
+}
+
+/// Removes earlier builds of `name` (other binaries) so rebuilt binaries do not pile up
+/// images; one still used by a container stays.
+async fn prune(docker: &Docker, name: &str, keep: &str) {
+    let filters = HashMap::from([("label".to_string(), vec![format!("{IMAGE_LABEL}={name}")])]);
+    let Ok(images) = docker
+        .list_images(Some(
+            ListImagesOptionsBuilder::default()
+                .filters(&filters)
+                .build(),
+        ))
+        .await
+    else {
+        return;
+    };
+    for i in images {
+        if !i.repo_tags.iter().any(|t| t == keep) {
+            let _ = docker
+                .remove_image(
+                    &i.id,
+                    None::<bollard::query_parameters::RemoveImageOptions>,
+                    None,
+                )
+                .await;
+        }
+    }
 }
 
 /// Files of the image (path in the image -> content): the binary and every library the
