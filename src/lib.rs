@@ -14,5 +14,6 @@ pub mod report;
 pub mod run;
 pub mod scenario;
 pub mod shutdown;
+pub mod sim;
 pub mod workload;
 pub mod xds;

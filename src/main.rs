@@ -43,6 +43,10 @@ enum Command {
         /// Longest a change waits while further changes keep arriving.
         #[arg(long, default_value = "1s", value_parser = parse_duration)]
         debounce_max: Duration,
+        /// On an endpoint change push every subscribed assignment, not only the changed ones
+        /// (Istio before incremental EDS; a comparison point).
+        #[arg(long)]
+        full_push: bool,
     },
     /// Sidecar proxy: ADS client + HTTP data plane + Envoy-style admin port (listeners come from LDS).
     Proxy {
@@ -295,11 +299,13 @@ async fn run(cmd: Command) -> ExitCode {
             config,
             debounce,
             debounce_max,
+            full_push,
         } => {
             let cfg = pilot::Config {
                 config_files: config,
                 debounce,
                 debounce_max,
+                full_push,
             };
             let (xds, api) = match tokio::try_join!(pilot::bind(xds_addr), pilot::bind(api_addr)) {
                 Ok(l) => l,

@@ -6,7 +6,7 @@
 //! - `POST /v1/apply` (YAML or JSON, multi-document; `?source=NAME` names it in errors)
 //! - `DELETE /v1/config/{kind}/{namespace}/{name}`
 //! - `POST /v1/endpoints` `{"add": [Workload], "update": [Workload], "remove": [{namespace, name}]}`
-//! - `GET /v1/proxies`, `GET /v1/config`, `GET /metrics`, `GET /healthz`
+//! - `GET /v1/proxies[?exclude_namespace=NS]`, `GET /v1/config`, `GET /metrics`, `GET /healthz`
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -45,6 +45,9 @@ pub struct Config {
     pub config_files: Vec<PathBuf>,
     pub debounce: Duration,
     pub debounce_max: Duration,
+    /// Push every subscribed assignment when any endpoint changes (Istio before incremental
+    /// EDS), as a comparison point; by default only the changed ones go out.
+    pub full_push: bool,
 }
 
 impl Default for Config {
@@ -53,6 +56,7 @@ impl Default for Config {
             config_files: vec![],
             debounce: DEFAULT_DEBOUNCE,
             debounce_max: DEFAULT_DEBOUNCE_MAX,
+            full_push: false,
         }
     }
 }
@@ -81,6 +85,7 @@ pub struct Pilot {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     pub tracker: Arc<Tracker>,
     pub metrics: Arc<Metrics>,
+    full_push: bool,
 }
 
 impl Pilot {
@@ -134,6 +139,7 @@ impl Pilot {
             snapshots: snap_rx,
             tracker: Arc::new(Tracker::default()),
             metrics: metrics.clone(),
+            full_push: cfg.full_push,
         });
         let weak = Arc::downgrade(&pilot);
         let debounce = Debounce {
@@ -288,11 +294,13 @@ impl Pilot {
     }
 
     pub fn ads(&self) -> AdsServer {
-        AdsServer::new(
+        let mut ads = AdsServer::new(
             self.snapshots.clone(),
             self.tracker.clone(),
             self.metrics.clone(),
-        )
+        );
+        ads.full_push = self.full_push;
+        ads
     }
 
     fn config_json(&self) -> serde_json::Value {
@@ -385,7 +393,15 @@ pub fn router(pilot: Arc<Pilot>) -> Router {
         .route("/v1/endpoints", post(endpoints))
         .route(
             "/v1/proxies",
-            get(|State(p): State<Arc<Pilot>>| async move { Json(p.tracker.list()) }),
+            get(
+                |State(p): State<Arc<Pilot>>, Query(q): Query<ProxiesQuery>| async move {
+                    let mut list = p.tracker.list();
+                    if let Some(ns) = q.exclude_namespace {
+                        list.retain(|s| s.node.namespace != ns);
+                    }
+                    Json(list)
+                },
+            ),
         )
         .route("/metrics", get(metrics))
         .route(
@@ -410,6 +426,12 @@ fn error(status: StatusCode, message: &str) -> Response {
 
 fn config_errors(status: StatusCode, errors: Vec<ConfigError>) -> Response {
     (status, Json(json!({ "errors": errors }))).into_response()
+}
+
+#[derive(Deserialize)]
+struct ProxiesQuery {
+    /// Leave out proxies of this namespace (e.g. the simulated ones).
+    exclude_namespace: Option<String>,
 }
 
 #[derive(Deserialize)]

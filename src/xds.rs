@@ -9,6 +9,7 @@
 pub mod bootstrap;
 pub mod cluster;
 pub mod debounce;
+pub mod delta;
 pub mod endpoint;
 pub mod listener;
 pub mod node;
@@ -28,6 +29,24 @@ pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteCon
 pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const ENDPOINT_TYPE: &str =
     "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+
+/// Which ADS method a client uses: state of the world or delta (incremental).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdsMode {
+    #[default]
+    Sotw,
+    Delta,
+}
+
+impl std::fmt::Display for XdsMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            XdsMode::Sotw => "sotw",
+            XdsMode::Delta => "delta",
+        })
+    }
+}
 
 /// Push order, make-before-break: clusters before the endpoints that fill them, listeners
 /// before the routes they name.

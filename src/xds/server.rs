@@ -11,8 +11,8 @@
 //!   resources that changed (incremental EDS), plus the assignment of every cluster that CDS
 //!   just changed, so a warming cluster never waits for `initial_fetch_timeout`.
 //!
-//! Delta xDS (`DeltaAggregatedResources`) answers `unimplemented` here; it lands with the
-//! scale work and reuses [`super::snapshot::View`].
+//! Delta xDS (`DeltaAggregatedResources`) streams live in [`super::delta`] and share the
+//! bookkeeping below.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::pin::Pin;
@@ -270,6 +270,8 @@ pub struct AdsServer {
     pub tracker: Arc<Tracker>,
     pub metrics: Arc<Metrics>,
     next_conn: Arc<AtomicU64>,
+    /// Send every subscribed assignment when any changed (not only the changed ones).
+    pub full_push: bool,
 }
 
 impl AdsServer {
@@ -283,11 +285,144 @@ impl AdsServer {
             tracker,
             metrics,
             next_conn: Arc::new(AtomicU64::new(1)),
+            full_push: false,
         }
     }
 
     pub fn into_service(self) -> AggregatedDiscoveryServiceServer<AdsServer> {
         AggregatedDiscoveryServiceServer::new(self).max_decoding_message_size(64 << 20)
+    }
+}
+
+/// Bookkeeping shared by the SotW and the delta streams: the tracker the REST API shows and
+/// the metrics `/metrics` exports.
+impl AdsServer {
+    pub(super) fn register(&self, conn: u64, info: &NodeInfo) {
+        tracing::info!(conn, node = %info.id, "proxy connected");
+        self.metrics.connected.fetch_add(1, Ordering::Relaxed);
+        self.tracker.proxies.lock().unwrap().insert(
+            conn,
+            ProxyStatus {
+                connection: conn,
+                node: info.clone(),
+                connected_at_ms: unix_ms(SystemTime::now()),
+                synced_version: None,
+                synced_ack_ms: None,
+                history: Default::default(),
+                types: BTreeMap::new(),
+            },
+        );
+    }
+
+    pub(super) fn unregister(&self, conn: u64) {
+        if self.tracker.proxies.lock().unwrap().remove(&conn).is_some() {
+            self.metrics.connected.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    pub(super) fn record_push(
+        &self,
+        conn: u64,
+        type_url: &str,
+        snap: &Snapshot,
+        nonce: &str,
+        count: usize,
+        bytes: u64,
+    ) {
+        let i = type_index(type_url);
+        self.metrics.pushes[i].fetch_add(1, Ordering::Relaxed);
+        self.metrics.bytes_sent[i].fetch_add(bytes, Ordering::Relaxed);
+        self.metrics
+            .push_latency
+            .observe(snap.changed_at.elapsed().as_secs_f64());
+        let snap_version = snap.version;
+        self.tracker.update(conn, |p| {
+            let t = p.types.entry(type_short(type_url)).or_default();
+            t.pushed_version = Some(snap_version.to_string());
+            t.pushed_nonce = Some(nonce.to_string());
+            let now = unix_ms(SystemTime::now());
+            t.pushed_at_ms = Some(now);
+            t.pushed_resources = count;
+            t.pushes += 1;
+            if p.history.back().is_none_or(|h| h.version != snap_version) {
+                if p.history.len() == HISTORY {
+                    p.history.pop_front();
+                }
+                p.history.push_back(VersionTimes {
+                    version: snap_version,
+                    pushed_at_ms: now,
+                    acked_at_ms: None,
+                });
+            }
+        });
+    }
+
+    pub(super) fn record_ack(&self, conn: u64, type_url: &str, version: String) {
+        self.tracker.update(conn, |p| {
+            let t = p.types.entry(type_short(type_url)).or_default();
+            t.acked_version = Some(version);
+            t.acked_at_ms = Some(unix_ms(SystemTime::now()));
+        });
+    }
+
+    /// Records a NACK (message truncated: Envoy can embed the whole response in it).
+    pub(super) fn record_nack(
+        &self,
+        conn: u64,
+        type_url: &str,
+        version: &str,
+        nonce: &str,
+        err: &envoy_types::pb::google::rpc::Status,
+    ) {
+        let mut message = err.message.clone();
+        if message.len() > MAX_NACK_MESSAGE {
+            let cut = (0..=MAX_NACK_MESSAGE)
+                .rev()
+                .find(|i| message.is_char_boundary(*i))
+                .unwrap_or(0);
+            message.truncate(cut);
+            message.push_str("...");
+        }
+        tracing::warn!(conn, r#type = type_short(type_url), %nonce, "NACK: {message}");
+        self.metrics.nacks[type_index(type_url)].fetch_add(1, Ordering::Relaxed);
+        let nack = Nack {
+            version: version.to_string(),
+            nonce: nonce.to_string(),
+            code: err.code,
+            message,
+            at_ms: unix_ms(SystemTime::now()),
+        };
+        self.tracker.update(conn, |p| {
+            let t = p.types.entry(type_short(type_url)).or_default();
+            t.nacks += 1;
+            t.last_nack = Some(nack);
+        });
+    }
+
+    /// The proxy holds `snap` (every type received, nothing pending or NACKed).
+    pub(super) fn record_synced(&self, conn: u64, snap: &Snapshot) {
+        let version = snap.version;
+        let ack_ms = snap.changed_at.elapsed().as_secs_f64() * 1000.0;
+        let mut newly = false;
+        self.tracker.update(conn, |p| {
+            if p.synced_version != Some(version) {
+                p.synced_version = Some(version);
+                p.synced_ack_ms = Some(ack_ms);
+                newly = true;
+                let now = unix_ms(SystemTime::now());
+                // Every version pushed up to this one is now held (a later push supersedes).
+                for h in p
+                    .history
+                    .iter_mut()
+                    .filter(|h| h.version <= version && h.acked_at_ms.is_none())
+                {
+                    h.acked_at_ms = Some(now);
+                }
+            }
+        });
+        if newly && version > 0 {
+            self.metrics.ack_latency.observe(ack_ms / 1000.0);
+        }
     }
 }
 
@@ -321,11 +456,18 @@ impl AggregatedDiscoveryService for AdsServer {
 
     async fn delta_aggregated_resources(
         &self,
-        _request: Request<Streaming<DeltaDiscoveryRequest>>,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        Err(Status::unimplemented(
-            "delta xDS is not implemented yet; use state-of-the-world ADS",
-        ))
+        let (tx, rx) = mpsc::channel(32);
+        let conn = super::delta::DeltaConnection::new(
+            self.next_conn.fetch_add(1, Ordering::Relaxed),
+            self.clone(),
+            tx,
+        );
+        tokio::spawn(conn.run(request.into_inner(), self.snapshots.clone()));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 }
 
@@ -364,10 +506,6 @@ impl Connection {
         mut inbound: Streaming<DiscoveryRequest>,
         mut snapshots: watch::Receiver<Arc<Snapshot>>,
     ) {
-        self.server
-            .metrics
-            .connected
-            .fetch_add(1, Ordering::Relaxed);
         loop {
             tokio::select! {
                 msg = inbound.message() => match msg {
@@ -393,11 +531,7 @@ impl Connection {
                 }
             }
         }
-        self.server
-            .metrics
-            .connected
-            .fetch_sub(1, Ordering::Relaxed);
-        self.server.tracker.proxies.lock().unwrap().remove(&self.id);
+        self.server.unregister(self.id);
     }
 
     async fn on_request(
@@ -420,19 +554,7 @@ impl Connection {
                 return Err(Closed);
             };
             let info = NodeInfo::from_node(node);
-            tracing::info!(conn = self.id, node = %info.id, "proxy connected");
-            self.server.tracker.proxies.lock().unwrap().insert(
-                self.id,
-                ProxyStatus {
-                    connection: self.id,
-                    node: info.clone(),
-                    connected_at_ms: unix_ms(SystemTime::now()),
-                    synced_version: None,
-                    synced_ack_ms: None,
-                    history: Default::default(),
-                    types: BTreeMap::new(),
-                },
-            );
+            self.server.register(self.id, &info);
             let snap = snapshots.borrow_and_update().clone();
             self.view = Some(snap.view(&info));
             self.node = Some(info);
@@ -449,29 +571,13 @@ impl Connection {
             ts.pending = false;
             ts.nacked = true;
             ts.sent = ts.acked.clone();
-            let mut message = err.message.clone();
-            if message.len() > MAX_NACK_MESSAGE {
-                let cut = (0..=MAX_NACK_MESSAGE)
-                    .rev()
-                    .find(|i| message.is_char_boundary(*i))
-                    .unwrap_or(0);
-                message.truncate(cut);
-                message.push_str("...");
-            }
-            tracing::warn!(conn = self.id, r#type = type_short(type_url), nonce = %req.response_nonce, "NACK: {message}");
-            self.server.metrics.nacks[type_index(type_url)].fetch_add(1, Ordering::Relaxed);
-            let nack = Nack {
-                version: req.version_info.clone(),
-                nonce: req.response_nonce.clone(),
-                code: err.code,
-                message,
-                at_ms: unix_ms(SystemTime::now()),
-            };
-            self.server.tracker.update(self.id, |p| {
-                let t = p.types.entry(type_short(type_url)).or_default();
-                t.nacks += 1;
-                t.last_nack = Some(nack);
-            });
+            self.server.record_nack(
+                self.id,
+                type_url,
+                &req.version_info,
+                &req.response_nonce,
+                err,
+            );
             return Ok(());
         }
         let first = ts.nonce.is_empty();
@@ -481,12 +587,8 @@ impl Connection {
             if ts.pending {
                 ts.pending = false;
                 ts.nacked = false;
-                let version = req.version_info.clone();
-                self.server.tracker.update(self.id, |p| {
-                    let t = p.types.entry(type_short(type_url)).or_default();
-                    t.acked_version = Some(version);
-                    t.acked_at_ms = Some(unix_ms(SystemTime::now()));
-                });
+                self.server
+                    .record_ack(self.id, type_url, req.version_info.clone());
                 self.check_synced();
             }
         }
@@ -561,17 +663,20 @@ impl Connection {
                 } else {
                     BTreeSet::new()
                 };
-                let changed: Vec<Resource> = ts
-                    .subscribed
-                    .iter()
-                    .filter_map(|n| view.get(type_url, n))
+                let subscribed = ts.subscribed.iter().filter_map(|n| view.get(type_url, n));
+                let changed: Vec<Resource> = subscribed
+                    .clone()
                     .filter(|r| ts.sent.get(&r.name) != Some(&r.hash) || forced.contains(&r.name))
                     .cloned()
                     .collect();
                 if changed.is_empty() {
                     continue;
                 }
-                changed
+                if self.server.full_push && type_url == ENDPOINT_TYPE {
+                    subscribed.cloned().collect()
+                } else {
+                    changed
+                }
             };
             self.send(type_url, resources).await?;
         }
@@ -609,34 +714,8 @@ impl Connection {
             ..Default::default()
         };
         let bytes = response.encoded_len() as u64;
-        let i = type_index(type_url);
-        self.server.metrics.pushes[i].fetch_add(1, Ordering::Relaxed);
-        self.server.metrics.bytes_sent[i].fetch_add(bytes, Ordering::Relaxed);
         self.server
-            .metrics
-            .push_latency
-            .observe(snap.changed_at.elapsed().as_secs_f64());
-        let version = snap.version.to_string();
-        let snap_version = snap.version;
-        self.server.tracker.update(self.id, |p| {
-            let t = p.types.entry(type_short(type_url)).or_default();
-            t.pushed_version = Some(version);
-            t.pushed_nonce = Some(nonce.clone());
-            let now = unix_ms(SystemTime::now());
-            t.pushed_at_ms = Some(now);
-            t.pushed_resources = count;
-            t.pushes += 1;
-            if p.history.back().is_none_or(|h| h.version != snap_version) {
-                if p.history.len() == HISTORY {
-                    p.history.pop_front();
-                }
-                p.history.push_back(VersionTimes {
-                    version: snap_version,
-                    pushed_at_ms: now,
-                    acked_at_ms: None,
-                });
-            }
-        });
+            .record_push(self.id, type_url, snap, &nonce, count, bytes);
         tracing::debug!(conn = self.id, r#type = type_short(type_url), %nonce, count, bytes, "push");
         self.tx.send(Ok(response)).await.map_err(|_| Closed)
     }
@@ -645,35 +724,13 @@ impl Connection {
     /// NACKed, the proxy holds this snapshot.
     fn check_synced(&self) {
         let received = |t: &str| self.types.get(t).is_some_and(|s| !s.nonce.is_empty());
-        if !received(CLUSTER_TYPE)
-            || !received(LISTENER_TYPE)
-            || self.types.values().any(|t| t.pending || t.nacked)
+        if received(CLUSTER_TYPE)
+            && received(LISTENER_TYPE)
+            && !self.types.values().any(|t| t.pending || t.nacked)
         {
-            return;
-        }
-        let Some(view) = &self.view else { return };
-        let snap = &view.snapshot;
-        let version = snap.version;
-        let ack_ms = snap.changed_at.elapsed().as_secs_f64() * 1000.0;
-        let mut newly = false;
-        self.server.tracker.update(self.id, |p| {
-            if p.synced_version != Some(version) {
-                p.synced_version = Some(version);
-                p.synced_ack_ms = Some(ack_ms);
-                newly = true;
-                let now = unix_ms(SystemTime::now());
-                // Every version pushed up to this one is now held (a later push supersedes).
-                for h in p
-                    .history
-                    .iter_mut()
-                    .filter(|h| h.version <= version && h.acked_at_ms.is_none())
-                {
-                    h.acked_at_ms = Some(now);
-                }
+            if let Some(view) = &self.view {
+                self.server.record_synced(self.id, &view.snapshot);
             }
-        });
-        if newly && version > 0 {
-            self.server.metrics.ack_latency.observe(ack_ms / 1000.0);
         }
     }
 }

@@ -54,11 +54,15 @@ pub struct TestPilot {
 }
 
 pub async fn start_pilot(debounce: Duration) -> TestPilot {
-    let cfg = pilot::Config {
-        config_files: vec![],
+    start_pilot_with(pilot::Config {
         debounce,
         debounce_max: Duration::from_secs(1),
-    };
+        ..Default::default()
+    })
+    .await
+}
+
+pub async fn start_pilot_with(cfg: pilot::Config) -> TestPilot {
     let p = Pilot::start(&cfg).expect("pilot starts");
     let xds = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let api = TcpListener::bind("127.0.0.1:0").await.unwrap();

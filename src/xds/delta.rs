@@ -1,0 +1,313 @@
+//! The delta ADS stream (`DeltaAggregatedResources`): per-resource versions (the content
+//! hash), so a change sends only the resources that changed and names the ones removed.
+//!
+//! Rules (XDS-NOTES.md, "Delta specifics"):
+//! - CDS and LDS start as wildcard subscriptions (empty `resource_names_subscribe` or `*`);
+//!   EDS and RDS subscribe by name, and subscriptions change by later requests with no nonce;
+//! - `initial_resource_versions` (after a reconnect) says what the client holds: a resource it
+//!   holds at the current version is not sent again;
+//! - an ACK is the latest `response_nonce`; a stale nonce is ignored; a NACK (`error_detail`)
+//!   is recorded and the rejected versions are not resent until they change (no push loop);
+//! - when a cluster the client holds changes, its assignment is pushed unprompted (Envoy keeps
+//!   the cluster warming and sends no EDS request for it).
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource as PbResource,
+};
+use prost::Message;
+use tokio::sync::{mpsc, watch};
+use tonic::{Status, Streaming};
+
+use super::node::NodeInfo;
+use super::server::AdsServer;
+use super::snapshot::{Snapshot, View};
+use super::*;
+
+/// The version string of a resource: its content hash.
+pub fn resource_version(hash: u64) -> String {
+    format!("{hash:016x}")
+}
+
+/// Per stream and type.
+#[derive(Default)]
+struct TypeState {
+    /// A first request arrived.
+    started: bool,
+    wildcard: bool,
+    /// Names subscribed to (besides the wildcard).
+    subscribed: BTreeSet<String>,
+    /// name -> version the client was last sent (or said it holds).
+    known: HashMap<String, u64>,
+    nonce: String,
+    pending: bool,
+    nacked: bool,
+}
+
+pub(super) struct DeltaConnection {
+    pub id: u64,
+    pub server: AdsServer,
+    pub node: Option<NodeInfo>,
+    pub view: Option<View>,
+    types: HashMap<&'static str, TypeState>,
+    nonce: u64,
+    pub tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+}
+
+/// The stream is gone; stop.
+struct Closed;
+
+impl DeltaConnection {
+    pub fn new(
+        id: u64,
+        server: AdsServer,
+        tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    ) -> DeltaConnection {
+        DeltaConnection {
+            id,
+            server,
+            node: None,
+            view: None,
+            types: HashMap::new(),
+            nonce: 0,
+            tx,
+        }
+    }
+
+    pub async fn run(
+        mut self,
+        mut inbound: Streaming<DeltaDiscoveryRequest>,
+        mut snapshots: watch::Receiver<Arc<Snapshot>>,
+    ) {
+        loop {
+            tokio::select! {
+                msg = inbound.message() => match msg {
+                    Ok(Some(req)) => {
+                        if self.on_request(req, &mut snapshots).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::debug!(conn = self.id, %status, "delta ADS stream ended");
+                        break;
+                    }
+                },
+                changed = snapshots.changed(), if self.node.is_some() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let snap = snapshots.borrow_and_update().clone();
+                    if self.on_snapshot(snap).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        self.server.unregister(self.id);
+    }
+
+    async fn on_request(
+        &mut self,
+        req: DeltaDiscoveryRequest,
+        snapshots: &mut watch::Receiver<Arc<Snapshot>>,
+    ) -> Result<(), Closed> {
+        let Some(type_url) = PUSH_ORDER.iter().copied().find(|t| *t == req.type_url) else {
+            tracing::warn!(conn = self.id, type_url = %req.type_url, "delta request for an unknown type ignored");
+            return Ok(());
+        };
+        if self.node.is_none() {
+            let Some(node) = req.node.as_ref() else {
+                let _ = self
+                    .tx
+                    .send(Err(Status::invalid_argument(
+                        "the first request on an ADS stream must carry the node",
+                    )))
+                    .await;
+                return Err(Closed);
+            };
+            let info = NodeInfo::from_node(node);
+            self.server.register(self.id, &info);
+            let snap = snapshots.borrow_and_update().clone();
+            self.view = Some(snap.view(&info));
+            self.node = Some(info);
+        }
+        let ts = self.types.entry(type_url).or_default();
+        if !req.response_nonce.is_empty() {
+            if req.response_nonce != ts.nonce {
+                self.server
+                    .metrics
+                    .stale_requests
+                    .fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+            if let Some(err) = &req.error_detail {
+                // `known` keeps the rejected versions: they are not resent until they change.
+                ts.pending = false;
+                ts.nacked = true;
+                self.server
+                    .record_nack(self.id, type_url, "", &req.response_nonce, err);
+                return Ok(());
+            }
+            if ts.pending {
+                ts.pending = false;
+                ts.nacked = false;
+                let version = self
+                    .view
+                    .as_ref()
+                    .map_or(String::new(), |v| v.snapshot.version.to_string());
+                self.server.record_ack(self.id, type_url, version);
+                self.check_synced();
+            }
+        }
+        let ts = self.types.get_mut(type_url).expect("inserted above");
+        if !ts.started {
+            ts.started = true;
+            ts.wildcard = View::is_wildcard(type_url)
+                && (req.resource_names_subscribe.is_empty()
+                    || req.resource_names_subscribe.iter().any(|n| n == "*"));
+            for (name, version) in &req.initial_resource_versions {
+                if let Ok(h) = u64::from_str_radix(version, 16) {
+                    ts.known.insert(name.clone(), h);
+                }
+            }
+        }
+        for n in &req.resource_names_subscribe {
+            if n == "*" {
+                ts.wildcard = true;
+            } else {
+                ts.subscribed.insert(n.clone());
+            }
+        }
+        for n in &req.resource_names_unsubscribe {
+            if n == "*" {
+                ts.wildcard = false;
+            } else {
+                ts.subscribed.remove(n);
+            }
+            ts.known.remove(n);
+        }
+        self.push(type_url, &HashSet::new()).await.map(|_| ())
+    }
+
+    /// Pushes what changed for this proxy, in make-before-break order.
+    async fn on_snapshot(&mut self, snap: Arc<Snapshot>) -> Result<(), Closed> {
+        let node = self
+            .node
+            .as_ref()
+            .expect("snapshots are watched once the node is known");
+        self.view = Some(snap.view(node));
+        let mut changed_clusters = HashSet::new();
+        for type_url in PUSH_ORDER {
+            if !self.types.get(type_url).is_some_and(|t| t.started) {
+                continue;
+            }
+            let forced = if type_url == ENDPOINT_TYPE {
+                std::mem::take(&mut changed_clusters)
+            } else {
+                HashSet::new()
+            };
+            let changed = self.push(type_url, &forced).await?;
+            if type_url == CLUSTER_TYPE {
+                changed_clusters = changed;
+            }
+        }
+        self.check_synced();
+        Ok(())
+    }
+
+    /// Sends the resources of `type_url` the client does not hold at their current version
+    /// (and those in `forced`), and the names of the ones it holds that are gone. Returns the
+    /// names sent that the client already held at another version.
+    async fn push(
+        &mut self,
+        type_url: &'static str,
+        forced: &HashSet<String>,
+    ) -> Result<HashSet<String>, Closed> {
+        let view = self.view.as_ref().expect("view is set with the node");
+        let ts = self.types.get_mut(type_url).expect("type state exists");
+        let desired: Vec<&Resource> = if ts.wildcard {
+            view.all(type_url)
+        } else {
+            ts.subscribed
+                .iter()
+                .filter_map(|n| view.get(type_url, n))
+                .collect()
+        };
+        let mut updated = HashSet::new();
+        let mut send: Vec<&Resource> = desired
+            .iter()
+            .copied()
+            .filter(|r| {
+                let held = ts.known.get(&r.name);
+                if held.is_some_and(|h| *h != r.hash) {
+                    updated.insert(r.name.clone());
+                }
+                held != Some(&r.hash) || forced.contains(&r.name)
+            })
+            .collect();
+        if self.server.full_push && type_url == ENDPOINT_TYPE && !send.is_empty() {
+            send = desired.clone();
+        }
+        let names: HashSet<&str> = desired.iter().map(|r| r.name.as_str()).collect();
+        let removed: Vec<String> = ts
+            .known
+            .keys()
+            .filter(|n| !names.contains(n.as_str()))
+            .cloned()
+            .collect();
+        // The first response of a type goes out even when empty: the client waits for it.
+        if send.is_empty() && removed.is_empty() && !ts.nonce.is_empty() {
+            return Ok(updated);
+        }
+        for r in &send {
+            ts.known.insert(r.name.clone(), r.hash);
+        }
+        for n in &removed {
+            ts.known.remove(n);
+        }
+        let snap = &view.snapshot;
+        self.nonce += 1;
+        let nonce = format!("{}-{}", snap.version, self.nonce);
+        ts.nonce = nonce.clone();
+        ts.pending = true;
+        let count = send.len();
+        let response = DeltaDiscoveryResponse {
+            system_version_info: snap.version.to_string(),
+            resources: send
+                .into_iter()
+                .map(|r| PbResource {
+                    name: r.name.clone(),
+                    version: resource_version(r.hash),
+                    resource: Some(r.any.clone()),
+                    ..Default::default()
+                })
+                .collect(),
+            type_url: type_url.to_string(),
+            removed_resources: removed,
+            nonce: nonce.clone(),
+            ..Default::default()
+        };
+        let bytes = response.encoded_len() as u64;
+        self.server
+            .record_push(self.id, type_url, snap, &nonce, count, bytes);
+        tracing::debug!(conn = self.id, r#type = type_short(type_url), %nonce, count, bytes, "delta push");
+        self.tx.send(Ok(response)).await.map_err(|_| Closed)?;
+        Ok(updated)
+    }
+
+    fn check_synced(&self) {
+        let received = |t: &str| self.types.get(t).is_some_and(|s| !s.nonce.is_empty());
+        if received(CLUSTER_TYPE)
+            && received(LISTENER_TYPE)
+            && !self.types.values().any(|t| t.pending || t.nacked)
+        {
+            if let Some(view) = &self.view {
+                self.server.record_synced(self.id, &view.snapshot);
+            }
+        }
+    }
+}
