@@ -229,12 +229,9 @@ impl PilotApi {
         Ok(())
     }
 
-    /// GET /v1/proxies.
+    /// GET /v1/proxies, without the simulated proxies.
     pub async fn proxies(&self) -> Result<Value, Error> {
-        Ok(HttpClient
-            .json(self.addr, "GET", "/v1/proxies", "")
-            .await?
-            .1)
+        Ok(HttpClient.json(self.addr, "GET", PROXIES_PATH, "").await?.1)
     }
 
     /// The latest config version.
@@ -246,6 +243,9 @@ impl PilotApi {
         )
     }
 }
+
+/// The REST path listing the real sidecars (simulated proxies left out).
+pub const PROXIES_PATH: &str = "/v1/proxies?exclude_namespace=meshbench-sim";
 
 /// The mesh a run drives, on whichever backend.
 pub enum Mesh {
@@ -290,6 +290,20 @@ impl Mesh {
         match self {
             Mesh::Local(b) => b.client_outbound(),
             Mesh::Docker(d) => d.client_outbound(),
+        }
+    }
+    /// Pilot's ADS address (for simulated proxies).
+    pub fn pilot_xds(&self) -> SocketAddr {
+        match self {
+            Mesh::Local(b) => b.pilot_xds(),
+            Mesh::Docker(d) => d.pilot_xds(),
+        }
+    }
+    /// Pilot's process id as this host sees it (docker: the container's init process).
+    pub fn pilot_pid(&self) -> Option<u32> {
+        match self {
+            Mesh::Local(b) => b.pilot_pid(),
+            Mesh::Docker(d) => d.pilot_pid,
         }
     }
     /// Node ids of every running sidecar.

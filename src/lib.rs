@@ -3,6 +3,7 @@
 
 pub mod backend;
 pub mod bench;
+pub mod churn;
 pub mod config;
 pub mod gate;
 pub mod load;

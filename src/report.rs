@@ -32,6 +32,9 @@ pub struct Report {
     pub propagation: Vec<Propagation>,
     pub expectations: Vec<Expectation>,
     pub resources: Resources,
+    /// One entry per churn step (endpoint churn with simulated proxies).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub churn: Vec<crate::churn::ChurnResult>,
     pub passed: bool,
 }
 
@@ -431,6 +434,33 @@ fn html_page(r: &Report, charts: &[(String, String)]) -> String {
 }
 
 /// The terminal summary printed at the end of a run.
+/// One line for a churn: propagation to the simulated proxies, bytes, pilot's cost.
+pub fn churn_line(c: &crate::churn::ChurnResult) -> String {
+    format!(
+        "churn {:<8} {:>5} {:<5} proxies {:>6} endpoints {:>4} changes: receive p50 {} / p99 {} / max {} ms, ACK p99 {} ms, last proxy p99 {} ms; {:.0} B/change ({:.1} B/change/proxy), {} pushes; pilot {:.2} CPU s, {:.0} MB peak{}",
+        c.name,
+        c.proxies,
+        c.xds,
+        c.endpoints,
+        c.changes,
+        opt(&c.receive_ms, |d| d.p50),
+        opt(&c.receive_ms, |d| d.p99),
+        opt(&c.receive_ms, |d| d.max),
+        opt(&c.ack_ms, |d| d.p99),
+        opt(&c.last_proxy_ms, |d| d.p99),
+        c.bytes_per_change,
+        c.bytes_per_change_per_proxy,
+        c.pushes,
+        c.pilot_cpu_s,
+        c.pilot_peak_rss_mb,
+        if c.missed > 0 {
+            format!("; {} (change, proxy) pairs missed", c.missed)
+        } else {
+            String::new()
+        }
+    )
+}
+
 pub fn summary(r: &Report) -> String {
     let mut s = format!(
         "\n{} on {} with {} sidecars: {}\n",
@@ -445,6 +475,9 @@ pub fn summary(r: &Report) -> String {
     }
     for p in &r.propagation {
         s.push_str(&format!("  change v{:<3} {:<40} push p99 {} ms, ACK p50 {} / p99 {} ms over {} proxies, data plane {} ms\n", p.version, p.change, opt(&p.push_ms, |d| d.p99), opt(&p.ack_ms, |d| d.p50), opt(&p.ack_ms, |d| d.p99), p.proxies, opt(&p.data_plane_ms, |d| d.p50)));
+    }
+    for c in &r.churn {
+        s.push_str(&format!("  {}\n", churn_line(c)));
     }
     for e in &r.expectations {
         s.push_str(&format!(

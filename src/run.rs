@@ -14,6 +14,7 @@ use crate::backend::docker::DockerBackend;
 use crate::backend::local::LocalBackend;
 use crate::backend::{self, Mesh, Options};
 use crate::load::{self, Live, LoadResult, LoadSpec};
+use crate::measure::proc_stats;
 use crate::report::{self, Dist, Expectation, Phase, PhaseLoad, Propagation, Report};
 use crate::scenario::{BackendKind, ExpectStep, FaultStep, ProxyKind, Scenario, Step};
 use crate::shutdown::Shutdown;
@@ -74,6 +75,8 @@ struct Runner<'a> {
     report: Report,
     /// Propagation measurements under way, one per apply.
     pending: Vec<JoinHandle<Propagation>>,
+    /// The synthetic mesh churn steps registered.
+    churn: crate::churn::Registered,
 }
 
 /// Runs `scenario`; returns the report and the directory it was written to.
@@ -181,6 +184,7 @@ pub async fn run(
                 ..Default::default()
             },
             pending: vec![],
+            churn: Default::default(),
         };
         r.wait_converged(CONVERGE_LIMIT, None).await?;
         for (i, step) in scenario.steps.iter().enumerate() {
@@ -278,6 +282,24 @@ impl Runner<'_> {
             Step::WaitLoad(name) => self.finish_load(name).await,
             Step::Expect(e) => self.expect(i, e).await,
             Step::Fault(f) => self.b.fault(f).await?,
+            Step::Churn(c) => {
+                let name = c
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| format!("churn-{}", self.report.churn.len() + 1));
+                let pid = self.b.pilot_pid();
+                let usage = move || pid.and_then(proc_stats).map(|s| (s.cpu_s, s.rss_mb));
+                let xds = self.b.pilot_xds();
+                let mut target = crate::churn::Target {
+                    pilot: self.b.pilot_mut(),
+                    xds,
+                    usage: &usage,
+                };
+                let say = |m: String| eprintln!("meshbench:   {m}");
+                let r = crate::churn::run(&mut target, c, &mut self.churn, name, &say).await?;
+                eprintln!("meshbench:   {}", report::churn_line(&r));
+                self.report.churn.push(r);
+            }
         }
         Ok(())
     }
@@ -592,6 +614,10 @@ fn describe(step: &Step) -> String {
         Step::Expect(_) => "expect".into(),
         Step::Fault(f) => format!("fault {f:?}"),
         Step::WaitLoad(n) => format!("wait for load {n}"),
+        Step::Churn(c) => format!(
+            "churn {} endpoints in {} services, {}/s for {:?}, {} simulated proxies ({})",
+            c.endpoints, c.services, c.rate, c.duration.0, c.proxies, c.xds
+        ),
     }
 }
 
@@ -608,7 +634,7 @@ async fn propagation(
     let mut proxies = Value::Null;
     while start.elapsed() < CONVERGE_LIMIT {
         proxies = http
-            .json(api, "GET", "/v1/proxies", "")
+            .json(api, "GET", crate::backend::PROXIES_PATH, "")
             .await
             .map(|r| r.1)
             .unwrap_or(Value::Null);

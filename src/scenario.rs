@@ -66,6 +66,9 @@ pub struct Mesh {
     pub proxy: ProxyKind,
     /// Pilot's debounce quiet period (default 100ms).
     pub debounce: Option<Dur>,
+    /// The sidecars' ADS method: sotw (default) or delta.
+    #[serde(default)]
+    pub xds: crate::xds::XdsMode,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -211,6 +214,8 @@ pub enum Step {
     Expect(ExpectStep),
     Fault(FaultStep),
     WaitLoad(String),
+    /// Endpoint churn with simulated proxies (see `churn`).
+    Churn(crate::churn::ChurnSpec),
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -424,6 +429,23 @@ impl Scenario {
                     }
                     Step::WaitLoad(name)
                 }
+                Step::Churn(c) => {
+                    let bad = if c.services == 0 || c.endpoints < c.services {
+                        Some("churn: services must be at least 1 and endpoints at least services")
+                    } else if c.rate <= 0.0 || c.rate > 10_000.0 {
+                        Some("churn.rate: changes per second in (0, 10000]")
+                    } else if !(0.0..=1.0).contains(&c.nack_fraction) {
+                        Some("churn.nack_fraction: a fraction in [0, 1]")
+                    } else if c.proxies > 20_000 {
+                        Some("churn.proxies: at most 20000 simulated proxies")
+                    } else {
+                        None
+                    };
+                    if let Some(m) = bad {
+                        return Err(at(i, m.into()));
+                    }
+                    Step::Churn(c)
+                }
                 Step::Fault(FaultStep::ControlPlane(a)) if a != "stop" && a != "start" => {
                     return Err(at(
                         i,
@@ -446,6 +468,7 @@ impl Scenario {
             mesh: raw.mesh.unwrap_or(Mesh {
                 proxy: ProxyKind::Meshbench,
                 debounce: None,
+                xds: Default::default(),
             }),
             topology,
             probe: raw.probe,
@@ -461,6 +484,12 @@ impl Scenario {
             match s {
                 Step::Load(l) => scale(&mut l.duration),
                 Step::Sleep(d) => scale(d),
+                // A reduced churn: a tenth of the proxies and endpoints.
+                Step::Churn(c) => {
+                    scale(&mut c.duration);
+                    c.proxies = c.proxies.div_ceil(10);
+                    c.endpoints = (c.endpoints / 10).max(c.services);
+                }
                 Step::Expect(e) => {
                     if let Some(w) = &mut e.window {
                         scale(w);

@@ -173,13 +173,15 @@ pub struct DockerBackend {
     envoy_image: Option<String>,
     /// Seconds spent building images (0 when both were cached).
     pub image_build_s: f64,
+    /// Pilot's process as this host sees it (for CPU and memory during a churn).
+    pub pilot_pid: Option<u32>,
 }
 
 impl DockerBackend {
     fn pilot_ip(&self) -> String {
         format!("{}.2", self.base)
     }
-    fn pilot_xds(&self) -> SocketAddr {
+    pub fn pilot_xds(&self) -> SocketAddr {
         format!("{}:15010", self.pilot_ip())
             .parse()
             .expect("valid address")
@@ -249,6 +251,7 @@ impl DockerBackend {
             meshbench_image,
             envoy_image,
             image_build_s,
+            pilot_pid: None,
         };
         b.start_pilot().await?;
         b.pilot_api.apply_files(manifests).await?;
@@ -291,6 +294,14 @@ impl DockerBackend {
                 },
             )
             .await?;
+        self.pilot_pid = self
+            .docker
+            .inspect_container(&id, None)
+            .await
+            .ok()
+            .and_then(|c| c.state?.pid)
+            .and_then(|p| u32::try_from(p).ok())
+            .filter(|p| *p > 0 && std::path::Path::new(&format!("/proc/{p}")).exists());
         self.pilot = Some(id);
         let api = self.pilot_api.addr;
         wait_tcp(api, Duration::from_secs(20)).await.map_err(|_| {

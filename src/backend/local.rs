@@ -90,6 +90,9 @@ impl LocalBackend {
             .parse()
             .expect("valid address")
     }
+    pub fn pilot_pid(&self) -> Option<u32> {
+        self.pilot.as_ref().and_then(|c| c.id())
+    }
     /// The load client's sidecar outbound listener: where loads and probes are sent.
     pub fn client_outbound(&self) -> SocketAddr {
         format!("{}:15001", self.client.pod_ip)

@@ -1,0 +1,436 @@
+//! Endpoint churn at scale: a synthetic mesh (services in namespace `churn`, endpoints on
+//! 172.16.0.0/12) registered through pilot's REST API, simulated proxies subscribed to it, then
+//! endpoints added, removed and flipped unhealthy at a set rate for a duration. Every change is
+//! timestamped by pilot (accepted_at_ms) and carries the config version it produced; each
+//! simulated proxy records when it first received that version and when it ACKed it, and real
+//! sidecars' push/ACK times come from pilot's per-proxy history. Used by the `churn` scenario
+//! step and by `meshbench sweep`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::backend::{Error, HttpClient, PilotApi};
+use crate::report::Dist;
+use crate::sim::{Fleet, FleetSpec, SIM_NAMESPACE};
+use crate::xds::XdsMode;
+
+/// Namespace of the synthetic services and endpoints.
+pub const NAMESPACE: &str = "churn";
+/// Endpoints registered per REST batch while setting up.
+const SETUP_BATCH: usize = 2000;
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChurnSpec {
+    /// Label in the report (default churn-N).
+    pub name: Option<String>,
+    pub services: usize,
+    pub endpoints: usize,
+    /// Changes per second (each one endpoint added, removed or flipped).
+    pub rate: f64,
+    pub duration: crate::scenario::Dur,
+    /// Simulated proxies subscribed during the churn.
+    #[serde(default)]
+    pub proxies: usize,
+    #[serde(default)]
+    pub xds: XdsMode,
+    #[serde(default)]
+    pub ack_delay: Option<crate::scenario::Dur>,
+    #[serde(default)]
+    pub nack_fraction: f64,
+}
+
+/// What a churn measured (one entry of report.json's `churn`).
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct ChurnResult {
+    pub name: String,
+    pub xds: String,
+    pub proxies: usize,
+    pub services: usize,
+    pub endpoints: usize,
+    pub rate: f64,
+    pub duration_s: f64,
+    pub changes: usize,
+    pub achieved_rate: f64,
+    /// Setting up: registering endpoints and the simulated proxies' first full config.
+    pub setup_s: f64,
+    /// Change -> simulated proxy received it, over every (change, proxy) pair.
+    pub receive_ms: Option<Dist>,
+    /// Change -> simulated proxy ACKed it.
+    pub ack_ms: Option<Dist>,
+    /// Per change, change -> the last simulated proxy received it.
+    pub last_proxy_ms: Option<Dist>,
+    /// (change, proxy) pairs never received before the end.
+    pub missed: usize,
+    /// Real sidecars (pilot's history): change -> pushed, change -> ACKed.
+    pub sidecar_push_ms: Option<Dist>,
+    pub sidecar_ack_ms: Option<Dist>,
+    /// Pilot's counters over the churn (every proxy, real and simulated).
+    pub pushes: u64,
+    pub bytes: u64,
+    pub bytes_per_change: f64,
+    pub bytes_per_change_per_proxy: f64,
+    pub snapshots: u64,
+    pub nacks: u64,
+    /// Pilot's CPU seconds during the churn and its largest RSS sampled then.
+    pub pilot_cpu_s: f64,
+    pub pilot_peak_rss_mb: f64,
+    /// The simulated proxies' side: responses and bytes received.
+    pub sim_responses: u64,
+    pub sim_bytes: u64,
+}
+
+/// The synthetic services, as a Kubernetes manifest: `churn-svc-K`, port 8080, selector
+/// `app: churn-svc-K`.
+pub fn services_manifest(services: usize) -> String {
+    (0..services)
+        .map(|k| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: churn-svc-{k}, namespace: {NAMESPACE}}}\nspec:\n  selector: {{app: churn-svc-{k}}}\n  ports: [{{name: http, port: 8080}}]\n"
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+/// Endpoint `i` of the synthetic mesh (spread round-robin over the services).
+pub fn endpoint(i: usize, services: usize, healthy: bool) -> Value {
+    json!({
+        "name": format!("churn-ep-{i}"),
+        "namespace": NAMESPACE,
+        "address": format!("172.{}.{}.{}", 16 + i / 65536, (i / 256) % 256, i % 256),
+        "labels": {"app": format!("churn-svc-{}", i % services)},
+        "healthy": healthy,
+    })
+}
+
+/// Where the churn reaches pilot, and how to read pilot's CPU and memory.
+pub struct Target<'a> {
+    pub pilot: &'a mut PilotApi,
+    pub xds: SocketAddr,
+    /// Pilot's (cpu_s, rss_mb) now.
+    pub usage: &'a (dyn Fn() -> Option<(f64, f64)> + Sync),
+}
+
+/// The synthetic mesh registered so far (kept across churn steps of one run).
+#[derive(Debug, Default)]
+pub struct Registered {
+    pub services: usize,
+    /// Endpoint index -> healthy, for the endpoints present.
+    pub present: BTreeMap<usize, bool>,
+    pub absent: Vec<usize>,
+    /// Version after the last change.
+    pub version: u64,
+}
+
+/// Registers the services and endpoints (if `reg` does not hold them already).
+pub async fn setup(
+    t: &mut Target<'_>,
+    spec: &ChurnSpec,
+    reg: &mut Registered,
+) -> Result<(), Error> {
+    if reg.services == spec.services && reg.present.len() + reg.absent.len() == spec.endpoints {
+        return Ok(());
+    }
+    if reg.services != 0 {
+        return Err(Error::Config(format!(
+            "a run churns one synthetic mesh: {} services / {} endpoints registered already",
+            reg.services,
+            reg.present.len() + reg.absent.len()
+        )));
+    }
+    let (v, _) = t
+        .pilot
+        .apply("churn-services.yaml", &services_manifest(spec.services))
+        .await?;
+    reg.version = v;
+    reg.services = spec.services;
+    for start in (0..spec.endpoints).step_by(SETUP_BATCH) {
+        let add: Vec<Value> = (start..(start + SETUP_BATCH).min(spec.endpoints))
+            .map(|i| endpoint(i, spec.services, true))
+            .collect();
+        reg.version = batch(t.pilot.addr, json!({ "add": add })).await?.0;
+        reg.present
+            .extend((start..(start + SETUP_BATCH).min(spec.endpoints)).map(|i| (i, true)));
+    }
+    Ok(())
+}
+
+/// POST /v1/endpoints; returns (version, accepted_at_ms).
+async fn batch(api: SocketAddr, body: Value) -> Result<(u64, f64), Error> {
+    let (status, v) = HttpClient
+        .json(api, "POST", "/v1/endpoints", &body.to_string())
+        .await?;
+    if status != 200 {
+        return Err(Error::Environment(format!(
+            "pilot refused an endpoint batch: {v}"
+        )));
+    }
+    Ok((
+        v["version"].as_u64().unwrap_or(0),
+        v["accepted_at_ms"].as_f64().unwrap_or(0.0),
+    ))
+}
+
+/// Pilot's counters from /metrics: (pushes, bytes, snapshots, nacks), summed over types.
+pub async fn pilot_counters(api: SocketAddr) -> (u64, u64, u64, u64) {
+    let Ok((_, _, body)) = HttpClient.request(api, "GET", "/metrics", &[], "").await else {
+        return (0, 0, 0, 0);
+    };
+    let text = String::from_utf8_lossy(&body);
+    let sum = |name: &str| -> u64 {
+        text.lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .filter(|l| l[name.len()..].starts_with(['{', ' ']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    };
+    (
+        sum("meshbench_pilot_xds_pushes_total"),
+        sum("meshbench_pilot_xds_bytes_sent_total"),
+        sum("meshbench_pilot_snapshots_built_total"),
+        sum("meshbench_pilot_xds_nacks_total"),
+    )
+}
+
+/// Real sidecars' history (node -> version -> (pushed, acked)), merged from /v1/proxies.
+type History = HashMap<String, BTreeMap<u64, (f64, Option<f64>)>>;
+
+async fn merge_history(api: SocketAddr, into: &mut History) {
+    let Ok((_, v)) = HttpClient
+        .json(
+            api,
+            "GET",
+            &format!("/v1/proxies?exclude_namespace={SIM_NAMESPACE}"),
+            "",
+        )
+        .await
+    else {
+        return;
+    };
+    for p in v.as_array().into_iter().flatten() {
+        let node = p["node"]["id"].as_str().unwrap_or("").to_string();
+        let h = into.entry(node).or_default();
+        for e in p["history"].as_array().into_iter().flatten() {
+            if let (Some(ver), Some(pushed)) = (e["version"].as_u64(), e["pushed_at_ms"].as_f64()) {
+                let entry = h.entry(ver).or_insert((pushed, None));
+                if let Some(a) = e["acked_at_ms"].as_f64() {
+                    entry.1 = Some(a);
+                }
+            }
+        }
+    }
+}
+
+/// Runs one churn: simulated proxies up, `spec.rate` changes/s for `spec.duration`, then the
+/// measurements. `say` reports progress.
+pub async fn run(
+    t: &mut Target<'_>,
+    spec: &ChurnSpec,
+    reg: &mut Registered,
+    name: String,
+    say: &(dyn Fn(String) + Sync),
+) -> Result<ChurnResult, Error> {
+    let setup_start = Instant::now();
+    setup(t, spec, reg).await?;
+    let fleet = Fleet::start(
+        t.xds,
+        &FleetSpec {
+            proxies: spec.proxies,
+            mode: spec.xds,
+            ack_delay: spec.ack_delay.map_or(Duration::ZERO, |d| d.0),
+            nack_fraction: spec.nack_fraction,
+        },
+    )
+    .await
+    .map_err(Error::Environment)?;
+    fleet
+        .wait_ready(Duration::from_secs(120))
+        .await
+        .map_err(Error::Environment)?;
+    // Everyone holds the registered mesh before the clock starts.
+    wait_reached(&fleet, reg.version, Duration::from_secs(120)).await?;
+    let setup_s = setup_start.elapsed().as_secs_f64();
+    say(format!(
+        "{} simulated proxies ({}) hold {} endpoints in {} services after {setup_s:.1} s; churning {}/s for {:?}",
+        spec.proxies, spec.xds, spec.endpoints, spec.services, spec.rate, spec.duration.0
+    ));
+    let api = t.pilot.addr;
+    let counters0 = pilot_counters(api).await;
+    let usage0 = (t.usage)();
+    let mut history = History::new();
+    merge_history(api, &mut history).await;
+    let mut peak_rss = usage0.map_or(0.0, |u| u.1);
+    let mut changes: Vec<(u64, f64)> = Vec::new();
+    let start = tokio::time::Instant::now();
+    let end = start + spec.duration.0;
+    let interval = Duration::from_secs_f64(1.0 / spec.rate.max(0.001));
+    let mut next_sample = start;
+    let mut next_history = start + Duration::from_secs(2);
+    let mut i: u32 = 0;
+    loop {
+        let due = start + interval * i;
+        if due >= end {
+            break;
+        }
+        tokio::time::sleep_until(due).await;
+        let body = next_change(reg, spec.services);
+        let (v, at) = batch(api, body).await?;
+        reg.version = v;
+        changes.push((v, at));
+        let now = tokio::time::Instant::now();
+        if now >= next_sample {
+            if let Some(u) = (t.usage)() {
+                peak_rss = peak_rss.max(u.1);
+            }
+            next_sample = now + Duration::from_millis(250);
+        }
+        if now >= next_history {
+            merge_history(api, &mut history).await;
+            next_history = now + Duration::from_secs(2);
+        }
+        i += 1;
+    }
+    let duration_s = start.elapsed().as_secs_f64();
+    let missed_wait = wait_reached(&fleet, reg.version, Duration::from_secs(30)).await;
+    if let Err(e) = &missed_wait {
+        say(format!("warning: {e}"));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    merge_history(api, &mut history).await;
+    let usage1 = (t.usage)();
+    if let Some(u) = usage1 {
+        peak_rss = peak_rss.max(u.1);
+    }
+    let counters1 = pilot_counters(api).await;
+    // Per (change, proxy): the first version at or after the change's.
+    let mut receive = Vec::with_capacity(changes.len() * spec.proxies);
+    let mut ack = Vec::with_capacity(changes.len() * spec.proxies);
+    let mut last = Vec::with_capacity(changes.len());
+    let mut missed = 0;
+    for (v, at) in &changes {
+        let mut worst: Option<f64> = None;
+        for s in &fleet.sims {
+            match s.reached(*v) {
+                Some((r, a)) => {
+                    receive.push(r - at);
+                    worst = Some(worst.map_or(r - at, |w: f64| w.max(r - at)));
+                    if let Some(a) = a {
+                        ack.push(a - at);
+                    }
+                }
+                None => missed += 1,
+            }
+        }
+        if let Some(w) = worst {
+            last.push(w);
+        }
+    }
+    let mut sidecar_push = Vec::new();
+    let mut sidecar_ack = Vec::new();
+    for h in history.values() {
+        for (v, at) in &changes {
+            if let Some((_, (p, a))) = h.range(*v..).next() {
+                sidecar_push.push(p - at);
+                if let Some(a) = a {
+                    sidecar_ack.push(a - at);
+                }
+            }
+        }
+    }
+    let pushes = counters1.0.saturating_sub(counters0.0);
+    let bytes = counters1.1.saturating_sub(counters0.1);
+    let n = changes.len().max(1) as f64;
+    let proxies_total = (spec.proxies + history.len()).max(1) as f64;
+    let result = ChurnResult {
+        name,
+        xds: spec.xds.to_string(),
+        proxies: spec.proxies,
+        services: spec.services,
+        endpoints: spec.endpoints,
+        rate: spec.rate,
+        duration_s,
+        changes: changes.len(),
+        achieved_rate: changes.len() as f64 / duration_s.max(1e-9),
+        setup_s,
+        receive_ms: Dist::of(&receive),
+        ack_ms: Dist::of(&ack),
+        last_proxy_ms: Dist::of(&last),
+        missed,
+        sidecar_push_ms: Dist::of(&sidecar_push),
+        sidecar_ack_ms: Dist::of(&sidecar_ack),
+        pushes,
+        bytes,
+        bytes_per_change: bytes as f64 / n,
+        bytes_per_change_per_proxy: bytes as f64 / n / proxies_total,
+        snapshots: counters1.2.saturating_sub(counters0.2),
+        nacks: counters1.3.saturating_sub(counters0.3),
+        pilot_cpu_s: match (usage0, usage1) {
+            (Some(a), Some(b)) => b.0 - a.0,
+            _ => 0.0,
+        },
+        pilot_peak_rss_mb: peak_rss,
+        sim_responses: fleet.responses(),
+        sim_bytes: fleet.bytes(),
+    };
+    fleet.stop().await;
+    Ok(result)
+}
+
+/// One random change: remove a present endpoint, add an absent one back, or flip health.
+fn next_change(reg: &mut Registered, services: usize) -> Value {
+    let mut rng = rand::rng();
+    let op = if reg.absent.is_empty() {
+        rng.random_range(0..2)
+    } else {
+        rng.random_range(0..3)
+    };
+    match op {
+        // Flip the health of a present endpoint.
+        0 if !reg.present.is_empty() => {
+            let k = rng.random_range(0..reg.present.len());
+            let (&i, healthy) = reg.present.iter_mut().nth(k).expect("in range");
+            *healthy = !*healthy;
+            json!({ "update": [endpoint(i, services, *healthy)] })
+        }
+        // Remove a present endpoint.
+        1 if !reg.present.is_empty() => {
+            let k = rng.random_range(0..reg.present.len());
+            let i = *reg.present.keys().nth(k).expect("in range");
+            reg.present.remove(&i);
+            reg.absent.push(i);
+            json!({ "remove": [{"namespace": NAMESPACE, "name": format!("churn-ep-{i}")}] })
+        }
+        // Add an absent one back.
+        _ => {
+            let k = rng.random_range(0..reg.absent.len().max(1));
+            let i = reg.absent.swap_remove(k);
+            reg.present.insert(i, true);
+            json!({ "add": [endpoint(i, services, true)] })
+        }
+    }
+}
+
+/// Waits until every simulated proxy received version `v` (or later).
+async fn wait_reached(fleet: &Fleet, v: u64, limit: Duration) -> Result<(), Error> {
+    let start = Instant::now();
+    loop {
+        let behind = fleet.sims.iter().filter(|s| s.reached(v).is_none()).count();
+        if behind == 0 {
+            return Ok(());
+        }
+        if start.elapsed() > limit {
+            return Err(Error::Environment(format!(
+                "{behind} of {} simulated proxies did not receive version {v} within {limit:?}",
+                fleet.sims.len()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
