@@ -17,6 +17,8 @@ use crate::config;
 use crate::model::{Labels, Spec};
 use crate::report::Resources;
 use crate::scenario::{FaultStep, ProxyKind};
+use crate::xds::bootstrap::EnvoyBootstrap;
+use crate::xds::XdsMode;
 
 /// What a backend needs to start a mesh.
 #[derive(Clone, Debug)]
@@ -29,6 +31,8 @@ pub struct Options {
     pub log_dir: PathBuf,
     /// Marks every process (environment) or container (label) of the run.
     pub run_id: String,
+    /// The sidecars' ADS method.
+    pub xds: XdsMode,
     /// Leave what the run created in place (docker: for debugging; `meshbench down` removes it).
     pub keep: bool,
 }
@@ -327,6 +331,83 @@ impl Mesh {
             Mesh::Local(b) => b.resources(),
             Mesh::Docker(d) => d.resources().await,
         }
+    }
+}
+
+/// Arguments of `meshbench workload` for a pod whose app listens on `addr`.
+pub(crate) fn workload_args(p: &PodPlan, addr: &str, pod_ip: &str) -> Vec<String> {
+    [
+        "workload",
+        "--service",
+        &p.service,
+        "--version",
+        &p.version,
+        "--pod",
+        &p.name,
+        "--addr",
+        addr,
+        "--sidecar",
+        &format!("{pod_ip}:15001"),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// Arguments of `meshbench proxy` as a pod's sidecar.
+pub(crate) fn sidecar_args(
+    p: &PodPlan,
+    xds: &str,
+    node_id: &str,
+    app_ip: &str,
+    mode: XdsMode,
+) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "proxy",
+        "--xds",
+        xds,
+        "--node-id",
+        node_id,
+        "--concurrency",
+        "1",
+        "--app-ip",
+        app_ip,
+        "--xds-mode",
+        &mode.to_string(),
+    ]
+    .map(String::from)
+    .to_vec();
+    for (k, v) in &p.labels {
+        a.extend(["--label".to_string(), format!("{k}={v}")]);
+    }
+    a
+}
+
+/// Envoy's command-line flags after its config, on both backends.
+pub(crate) const ENVOY_ARGS: [&str; 5] = [
+    "--concurrency",
+    "1",
+    "--use-dynamic-base-id",
+    "--log-level",
+    "warn",
+];
+
+pub(crate) fn envoy_bootstrap(
+    p: &PodPlan,
+    pod_ip: &str,
+    app_ip: &str,
+    xds: SocketAddr,
+    mode: XdsMode,
+) -> EnvoyBootstrap {
+    EnvoyBootstrap {
+        pod_ip: pod_ip.to_string(),
+        pod_name: p.name.clone(),
+        namespace: p.namespace.clone(),
+        service: p.service.clone(),
+        labels: p.labels.clone(),
+        app_ip: app_ip.to_string(),
+        admin: format!("{pod_ip}:15000").parse().expect("valid address"),
+        xds,
+        xds_mode: mode,
     }
 }
 

@@ -281,6 +281,7 @@ async fn run(cfg: Config) -> Result<Report, Error> {
             app_ip: "127.0.0.1".into(),
             admin: format!("{envoy_ip}:15000").parse().expect("valid"),
             xds,
+            xds_mode: Default::default(),
         };
         std::fs::create_dir_all(&dir).map_err(|e| Error::Environment(e.to_string()))?;
         let bootstrap = dir.join("envoy.json");

@@ -71,6 +71,9 @@ enum Command {
         /// Worker threads (Envoy's --concurrency).
         #[arg(long)]
         concurrency: Option<usize>,
+        /// ADS method: sotw (state of the world) or delta.
+        #[arg(long, value_enum, default_value = "sotw")]
+        xds_mode: XdsModeArg,
     },
     /// Fake workload: answers every request with its identity (x-meshbench-workload: SERVICE-VERSION).
     Workload {
@@ -178,6 +181,9 @@ enum Command {
         admin: SocketAddr,
         #[arg(long, default_value = pilot::DEFAULT_XDS_ADDR)]
         xds: SocketAddr,
+        /// ADS method: sotw (GRPC) or delta (DELTA_GRPC).
+        #[arg(long, value_enum, default_value = "sotw")]
+        xds_mode: XdsModeArg,
     },
 }
 
@@ -208,6 +214,21 @@ enum BenchCommand {
 enum BackendArg {
     Local,
     Docker,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum XdsModeArg {
+    Sotw,
+    Delta,
+}
+
+impl From<XdsModeArg> for xds::XdsMode {
+    fn from(m: XdsModeArg) -> Self {
+        match m {
+            XdsModeArg::Sotw => xds::XdsMode::Sotw,
+            XdsModeArg::Delta => xds::XdsMode::Delta,
+        }
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -325,6 +346,7 @@ async fn run(cmd: Command) -> ExitCode {
             cluster,
             app_ip,
             concurrency: _,
+            xds_mode,
         } => {
             let labels: model::Labels = labels.into_iter().collect();
             let admin = admin.unwrap_or_else(|| proxy::default_admin(&node_id));
@@ -342,6 +364,7 @@ async fn run(cmd: Command) -> ExitCode {
                 labels,
                 app_ip,
                 admin,
+                xds_mode: xds_mode.into(),
             };
             match proxy::run(cfg, sock, stop).await {
                 Ok(()) => ExitCode::SUCCESS,
@@ -548,6 +571,7 @@ async fn run(cmd: Command) -> ExitCode {
             app_ip,
             admin,
             xds,
+            xds_mode,
         } => {
             let b = xds::bootstrap::EnvoyBootstrap {
                 pod_ip,
@@ -558,6 +582,7 @@ async fn run(cmd: Command) -> ExitCode {
                 app_ip,
                 admin,
                 xds,
+                xds_mode: xds_mode.into(),
             };
             println!(
                 "{}",

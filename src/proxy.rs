@@ -40,6 +40,8 @@ pub struct Config {
     pub labels: Labels,
     pub app_ip: String,
     pub admin: SocketAddr,
+    /// State of the world (default) or delta ADS.
+    pub xds_mode: crate::xds::XdsMode,
 }
 
 /// Per listener stat prefix: `http.PREFIX.*`.
@@ -71,6 +73,9 @@ pub struct Received {
     pub nonce: String,
     /// Names of the resources held (subscribed names for EDS/RDS).
     pub names: Vec<String>,
+    /// Delta: the version of every resource held (sent back on a reconnect).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub versions: BTreeMap<String, String>,
     pub last_updated_ms: f64,
 }
 
@@ -78,6 +83,13 @@ pub struct Proxy {
     pub cfg: Config,
     state: RwLock<Arc<State>>,
     pub received: Mutex<BTreeMap<&'static str, Received>>,
+    /// Delta: every resource held per type, to rebuild the full CDS/LDS set from changes.
+    pub delta_held: Mutex<
+        std::collections::HashMap<
+            &'static str,
+            BTreeMap<String, (String, envoy_types::pb::google::protobuf::Any)>,
+        >,
+    >,
     pub http_stats: Mutex<BTreeMap<String, Arc<HttpStats>>>,
     pub connected: AtomicBool,
     pub initialized: AtomicBool,
@@ -198,6 +210,7 @@ pub async fn run(cfg: Config, admin: TcpListener, shutdown: Shutdown) -> Result<
         cfg,
         state: RwLock::default(),
         received: Mutex::default(),
+        delta_held: Mutex::default(),
         http_stats: Mutex::default(),
         connected: AtomicBool::new(false),
         initialized: AtomicBool::new(false),

@@ -121,6 +121,7 @@ pub async fn run(
         envoy: opts.envoy.clone(),
         log_dir: out.join("logs"),
         run_id: run_id.clone(),
+        xds: scenario.mesh.xds,
         keep: opts.keep,
     };
     // The effective scenario (defaults applied, --quick and --proxy folded in) beside the report.

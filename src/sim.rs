@@ -30,7 +30,9 @@ use tokio::task::JoinHandle;
 
 use crate::proxy::resources::{self, RouteSource};
 use crate::xds::server::unix_ms;
-use crate::xds::{node, XdsMode, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE};
+use crate::xds::{
+    node, XdsMode, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, PUSH_ORDER, ROUTE_TYPE,
+};
 
 /// Namespace of every simulated proxy (the REST API can leave them out of `/v1/proxies`).
 pub const SIM_NAMESPACE: &str = "meshbench-sim";
@@ -55,6 +57,8 @@ pub struct SimStats {
     pub responses: AtomicU64,
     pub resources: AtomicU64,
     pub bytes: AtomicU64,
+    /// Bytes per type, in `PUSH_ORDER` (CDS, EDS, LDS, RDS).
+    pub bytes_by_type: [AtomicU64; 4],
     pub nacks: AtomicU64,
     /// Holds clusters and listeners (its first full config arrived).
     pub ready: AtomicBool,
@@ -302,6 +306,9 @@ impl Sim {
         s.responses.fetch_add(1, Relaxed);
         s.resources.fetch_add(inc.resources.len() as u64, Relaxed);
         s.bytes.fetch_add(inc.bytes as u64, Relaxed);
+        if let Some(i) = PUSH_ORDER.iter().position(|t| *t == inc.type_url) {
+            s.bytes_by_type[i].fetch_add(inc.bytes as u64, Relaxed);
+        }
         let version: Option<u64> = inc.version.parse().ok();
         if let Some(v) = version {
             s.versions

@@ -28,8 +28,10 @@ use bollard::query_parameters::{
 use bollard::Docker;
 use futures::StreamExt;
 
-use super::local::{envoy_bootstrap, sidecar_args, workload_args, ENVOY_ARGS};
-use super::{find_pod, plan_pods, wait_tcp, Error, HttpClient, Options, PilotApi, PodPlan};
+use super::{
+    envoy_bootstrap, find_pod, plan_pods, sidecar_args, wait_tcp, workload_args, Error, HttpClient,
+    Options, PilotApi, PodPlan, ENVOY_ARGS,
+};
 use crate::report::{ProcessCost, Resources};
 use crate::scenario::{FaultStep, ProxyKind};
 use crate::xds::node::sidecar_id;
@@ -434,6 +436,7 @@ impl DockerBackend {
                     &self.pilot_xds().to_string(),
                     &p.node_id,
                     "127.0.0.1",
+                    self.opts.xds,
                 );
                 self.run(
                     &sidecar_name,
@@ -446,7 +449,13 @@ impl DockerBackend {
                 .await?
             }
             Some(envoy_image) => {
-                let bootstrap = envoy_bootstrap(&p.plan, &p.pod_ip, "127.0.0.1", self.pilot_xds());
+                let bootstrap = envoy_bootstrap(
+                    &p.plan,
+                    &p.pod_ip,
+                    "127.0.0.1",
+                    self.pilot_xds(),
+                    self.opts.xds,
+                );
                 let mut args = vec!["--config-yaml".to_string(), bootstrap.to_json().to_string()];
                 args.extend(ENVOY_ARGS.map(String::from));
                 self.run(

@@ -13,11 +13,13 @@ use std::time::Duration;
 
 use tokio::process::{Child, Command};
 
-use super::{find_pod, plan_pods, wait_tcp, Error, Options, PilotApi, PodPlan};
+use super::{
+    envoy_bootstrap, find_pod, plan_pods, sidecar_args, wait_tcp, workload_args, Error, Options,
+    PilotApi, PodPlan, ENVOY_ARGS,
+};
 use crate::measure::proc_stats;
 use crate::report::{ProcessCost, Resources};
 use crate::scenario::{FaultStep, ProxyKind};
-use crate::xds::bootstrap::EnvoyBootstrap;
 use crate::xds::node::sidecar_id;
 
 /// One pod: a workload and its sidecar (the load client has only a sidecar).
@@ -205,6 +207,7 @@ impl LocalBackend {
                     &self.pilot_xds().to_string(),
                     &p.node_id,
                     &p.app_ip,
+                    self.opts.xds,
                 ));
                 c.stdout(Stdio::null()).stderr(log);
                 c.spawn().map_err(|e| {
@@ -217,7 +220,13 @@ impl LocalBackend {
                         "Envoy not found: set MESHBENCH_ENVOY or put envoy on PATH".into(),
                     )
                 })?;
-                let b = envoy_bootstrap(&p.plan, &p.pod_ip, &p.app_ip, self.pilot_xds());
+                let b = envoy_bootstrap(
+                    &p.plan,
+                    &p.pod_ip,
+                    &p.app_ip,
+                    self.pilot_xds(),
+                    self.opts.xds,
+                );
                 let path = self
                     .opts
                     .log_dir
@@ -351,73 +360,6 @@ impl LocalBackend {
                 .map(|p| cost(&p.plan.name, p.sidecar_pid()))
                 .collect(),
         }
-    }
-}
-
-/// Arguments of `meshbench workload` for a pod whose app listens on `addr`.
-pub(crate) fn workload_args(p: &PodPlan, addr: &str, pod_ip: &str) -> Vec<String> {
-    [
-        "workload",
-        "--service",
-        &p.service,
-        "--version",
-        &p.version,
-        "--pod",
-        &p.name,
-        "--addr",
-        addr,
-        "--sidecar",
-        &format!("{pod_ip}:15001"),
-    ]
-    .map(String::from)
-    .to_vec()
-}
-
-/// Arguments of `meshbench proxy` as a pod's sidecar.
-pub(crate) fn sidecar_args(p: &PodPlan, xds: &str, node_id: &str, app_ip: &str) -> Vec<String> {
-    let mut a: Vec<String> = [
-        "proxy",
-        "--xds",
-        xds,
-        "--node-id",
-        node_id,
-        "--concurrency",
-        "1",
-        "--app-ip",
-        app_ip,
-    ]
-    .map(String::from)
-    .to_vec();
-    for (k, v) in &p.labels {
-        a.extend(["--label".to_string(), format!("{k}={v}")]);
-    }
-    a
-}
-
-/// Envoy's command-line flags after its config, on both backends.
-pub(crate) const ENVOY_ARGS: [&str; 5] = [
-    "--concurrency",
-    "1",
-    "--use-dynamic-base-id",
-    "--log-level",
-    "warn",
-];
-
-pub(crate) fn envoy_bootstrap(
-    p: &PodPlan,
-    pod_ip: &str,
-    app_ip: &str,
-    xds: SocketAddr,
-) -> EnvoyBootstrap {
-    EnvoyBootstrap {
-        pod_ip: pod_ip.to_string(),
-        pod_name: p.name.clone(),
-        namespace: p.namespace.clone(),
-        service: p.service.clone(),
-        labels: p.labels.clone(),
-        app_ip: app_ip.to_string(),
-        admin: format!("{pod_ip}:15000").parse().expect("valid address"),
-        xds,
     }
 }
 

@@ -1,10 +1,10 @@
-//! The proxy's ADS client (state of the world). Subscribes as Envoy does: CDS, then EDS for the
+//! The proxy's ADS client (state of the world or delta, `--xds-mode`). Subscribes as Envoy does: CDS, then EDS for the
 //! EDS clusters, then LDS once clusters have endpoints, then RDS for the route names the
 //! listeners use. ACKs what it applied, NACKs what it cannot apply with the reason, and keeps
 //! serving the last good config when the control plane goes away, reconnecting with jittered
 //! exponential back-off and resuming from the versions it holds.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -15,9 +15,10 @@ use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener as PbListener;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use envoy_types::pb::envoy::service::discovery::v3::{
-    aggregated_discovery_service_client::AggregatedDiscoveryServiceClient, DiscoveryRequest,
-    DiscoveryResponse,
+    aggregated_discovery_service_client::AggregatedDiscoveryServiceClient, DeltaDiscoveryRequest,
+    DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
+use envoy_types::pb::google::protobuf::Any;
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use rand::Rng;
 use serde::Serialize;
@@ -27,7 +28,9 @@ use super::resources::{self, decode, Discovery, Reject, RouteSource};
 use super::upstream::Cluster;
 use super::{Proxy, Received, State};
 use crate::shutdown::Shutdown;
-use crate::xds::{node, type_short, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE};
+use crate::xds::{
+    node, type_short, XdsMode, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE,
+};
 
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -81,9 +84,26 @@ pub async fn run(proxy: Arc<Proxy>, shutdown: Shutdown) {
     }
 }
 
+/// Where requests go, whichever the ADS method.
+enum Wire {
+    Sotw(mpsc::Sender<DiscoveryRequest>),
+    Delta(mpsc::Sender<DeltaDiscoveryRequest>),
+}
+
+/// One response, whichever the ADS method. For delta, CDS and LDS are merged with what is
+/// held so `resources` is the full set, as SotW sends it.
+struct Incoming {
+    type_url: String,
+    version: String,
+    nonce: String,
+    resources: Vec<Any>,
+    /// Delta: the full set held after this response (name -> (version, resource)).
+    held: Option<BTreeMap<String, (String, Any)>>,
+}
+
 struct Session<'a> {
     proxy: &'a Arc<Proxy>,
-    tx: mpsc::Sender<DiscoveryRequest>,
+    tx: Wire,
     node_sent: bool,
     /// EDS and RDS names currently subscribed.
     eds_names: BTreeSet<String>,
@@ -102,73 +122,80 @@ async fn session(proxy: &Arc<Proxy>) -> Result<(), String> {
         .map_err(|e| format!("connect: {e}"))?;
     let mut client =
         AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(256 << 20);
-    let (tx, rx) = mpsc::channel(16);
     let received = proxy.received.lock().unwrap().clone();
+    let resuming = received.contains_key("lds");
+    let held = |t: &str| received.get(type_short(t)).cloned().unwrap_or_default();
+    let mode = proxy.cfg.xds_mode;
+    let (sotw_tx, sotw_rx) = mpsc::channel(16);
+    let (delta_tx, delta_rx) = mpsc::channel(16);
     let mut s = Session {
         proxy,
-        tx,
+        tx: match mode {
+            XdsMode::Sotw => Wire::Sotw(sotw_tx),
+            XdsMode::Delta => Wire::Delta(delta_tx),
+        },
         node_sent: false,
         eds_names: BTreeSet::new(),
         rds_names: BTreeSet::new(),
         lds_requested: false,
     };
-    // Resume: every type we hold, with its last accepted version and an empty nonce.
-    let held = |t: &str| received.get(type_short(t)).cloned().unwrap_or_default();
-    s.send(
-        CLUSTER_TYPE,
-        &held(CLUSTER_TYPE).version_info,
-        "",
-        vec![],
-        None,
-    )
-    .await;
-    let resuming = received.contains_key("lds");
+    // Resume: every type we hold (SotW: with its last accepted version and an empty nonce;
+    // delta: with the version of every resource held).
+    s.subscribe(CLUSTER_TYPE, &held(CLUSTER_TYPE), vec![]).await;
     if resuming {
         s.eds_names = held(ENDPOINT_TYPE).names.into_iter().collect();
         s.rds_names = held(ROUTE_TYPE).names.into_iter().collect();
         if !s.eds_names.is_empty() {
-            s.send(
-                ENDPOINT_TYPE,
-                &held(ENDPOINT_TYPE).version_info,
-                "",
-                s.eds_names.iter().cloned().collect(),
-                None,
-            )
-            .await;
+            let names = s.eds_names.iter().cloned().collect();
+            s.subscribe(ENDPOINT_TYPE, &held(ENDPOINT_TYPE), names)
+                .await;
         }
-        s.send(
-            LISTENER_TYPE,
-            &held(LISTENER_TYPE).version_info,
-            "",
-            vec![],
-            None,
-        )
-        .await;
+        s.subscribe(LISTENER_TYPE, &held(LISTENER_TYPE), vec![])
+            .await;
         s.lds_requested = true;
         if !s.rds_names.is_empty() {
-            s.send(
-                ROUTE_TYPE,
-                &held(ROUTE_TYPE).version_info,
-                "",
-                s.rds_names.iter().cloned().collect(),
-                None,
-            )
-            .await;
+            let names = s.rds_names.iter().cloned().collect();
+            s.subscribe(ROUTE_TYPE, &held(ROUTE_TYPE), names).await;
         }
     }
-    let mut stream = client
-        .stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .map_err(|e| format!("open stream: {e}"))?
-        .into_inner();
-    proxy.connected.store(true, Relaxed);
-    proxy.xds_stats.connects.fetch_add(1, Relaxed);
-    tracing::info!(xds = %proxy.cfg.xds, resuming, "ADS stream open");
-    while let Some(resp) = stream.message().await.map_err(|e| e.to_string())? {
-        proxy.xds_stats.responses.fetch_add(1, Relaxed);
-        s.on_response(resp).await;
+    match mode {
+        XdsMode::Sotw => {
+            let mut stream = client
+                .stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(sotw_rx))
+                .await
+                .map_err(|e| format!("open stream: {e}"))?
+                .into_inner();
+            s.opened(resuming);
+            while let Some(resp) = stream.message().await.map_err(|e| e.to_string())? {
+                proxy.xds_stats.responses.fetch_add(1, Relaxed);
+                s.on_response(sotw_incoming(resp)).await;
+            }
+        }
+        XdsMode::Delta => {
+            let mut stream = client
+                .delta_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(delta_rx))
+                .await
+                .map_err(|e| format!("open delta stream: {e}"))?
+                .into_inner();
+            s.opened(resuming);
+            while let Some(resp) = stream.message().await.map_err(|e| e.to_string())? {
+                proxy.xds_stats.responses.fetch_add(1, Relaxed);
+                let inc = s.delta_incoming(resp);
+                s.on_response(inc).await;
+            }
+        }
     }
     Ok(())
+}
+
+fn sotw_incoming(r: DiscoveryResponse) -> Incoming {
+    Incoming {
+        type_url: r.type_url,
+        version: r.version_info,
+        nonce: r.nonce,
+        resources: r.resources,
+        held: None,
+    }
 }
 
 impl Session<'_> {
@@ -183,6 +210,28 @@ impl Session<'_> {
         }
     }
 
+    fn opened(&self, resuming: bool) {
+        self.proxy.connected.store(true, Relaxed);
+        self.proxy.xds_stats.connects.fetch_add(1, Relaxed);
+        tracing::info!(xds = %self.proxy.cfg.xds, mode = %self.proxy.cfg.xds_mode, resuming, "ADS stream open");
+    }
+
+    /// A first request for a type (also after a reconnect), with what is held of it.
+    async fn subscribe(&mut self, type_url: &str, held: &Received, names: Vec<String>) {
+        match self.tx {
+            Wire::Sotw(_) => {
+                self.send(type_url, &held.version_info, "", names, None)
+                    .await
+            }
+            Wire::Delta(_) => {
+                let initial = held.versions.clone().into_iter().collect();
+                self.send_delta(type_url, "", names, vec![], initial, None)
+                    .await
+            }
+        }
+    }
+
+    /// A SotW request (also the ACK/NACK of a response), or the ACK/NACK under delta.
     async fn send(
         &mut self,
         type_url: &str,
@@ -193,20 +242,105 @@ impl Session<'_> {
     ) {
         let node = (!self.node_sent).then(|| self.node());
         self.node_sent = true;
-        let req = DiscoveryRequest {
-            version_info: version.to_string(),
-            node,
-            resource_names: names,
-            type_url: type_url.to_string(),
-            response_nonce: nonce.to_string(),
-            error_detail: error.map(|message| RpcStatus {
-                code: 13,
-                message,
-                details: vec![],
-            }),
-            ..Default::default()
-        };
-        let _ = self.tx.send(req).await;
+        let error_detail = error.map(|message| RpcStatus {
+            code: 13,
+            message,
+            details: vec![],
+        });
+        match &self.tx {
+            Wire::Sotw(tx) => {
+                let _ = tx
+                    .send(DiscoveryRequest {
+                        version_info: version.to_string(),
+                        node,
+                        resource_names: names,
+                        type_url: type_url.to_string(),
+                        response_nonce: nonce.to_string(),
+                        error_detail,
+                        ..Default::default()
+                    })
+                    .await;
+            }
+            Wire::Delta(tx) => {
+                let _ = tx
+                    .send(DeltaDiscoveryRequest {
+                        node,
+                        type_url: type_url.to_string(),
+                        response_nonce: nonce.to_string(),
+                        error_detail,
+                        ..Default::default()
+                    })
+                    .await;
+            }
+        }
+    }
+
+    /// A delta subscription change (or first request).
+    async fn send_delta(
+        &mut self,
+        type_url: &str,
+        nonce: &str,
+        subscribe: Vec<String>,
+        unsubscribe: Vec<String>,
+        initial: HashMap<String, String>,
+        error: Option<String>,
+    ) {
+        let node = (!self.node_sent).then(|| self.node());
+        self.node_sent = true;
+        if let Wire::Delta(tx) = &self.tx {
+            let _ = tx
+                .send(DeltaDiscoveryRequest {
+                    node,
+                    type_url: type_url.to_string(),
+                    resource_names_subscribe: subscribe,
+                    resource_names_unsubscribe: unsubscribe,
+                    initial_resource_versions: initial,
+                    response_nonce: nonce.to_string(),
+                    error_detail: error.map(|message| RpcStatus {
+                        code: 13,
+                        message,
+                        details: vec![],
+                    }),
+                    ..Default::default()
+                })
+                .await;
+        }
+    }
+
+    /// Merges a delta response with what is held: CDS and LDS become the full set (as SotW
+    /// sends them), EDS and RDS the resources that changed.
+    fn delta_incoming(&self, r: DeltaDiscoveryResponse) -> Incoming {
+        let type_url = r.type_url.as_str();
+        let mut held: BTreeMap<String, (String, Any)> = self
+            .proxy
+            .delta_held
+            .lock()
+            .unwrap()
+            .get(type_short(type_url))
+            .cloned()
+            .unwrap_or_default();
+        for n in &r.removed_resources {
+            held.remove(n);
+        }
+        let mut changed = Vec::new();
+        for res in r.resources {
+            if let Some(any) = res.resource {
+                changed.push(any.clone());
+                held.insert(res.name, (res.version, any));
+            }
+        }
+        let full = type_url == CLUSTER_TYPE || type_url == LISTENER_TYPE;
+        Incoming {
+            resources: if full {
+                held.values().map(|(_, a)| a.clone()).collect()
+            } else {
+                changed
+            },
+            type_url: r.type_url,
+            version: r.system_version_info,
+            nonce: r.nonce,
+            held: Some(held),
+        }
     }
 
     fn held(&self, type_url: &str) -> Received {
@@ -219,23 +353,36 @@ impl Session<'_> {
             .unwrap_or_default()
     }
 
-    async fn on_response(&mut self, resp: DiscoveryResponse) {
+    async fn on_response(&mut self, resp: Incoming) {
         let type_url = resp.type_url.as_str();
         let result = match type_url {
-            CLUSTER_TYPE => self.apply_clusters(&resp),
-            ENDPOINT_TYPE => self.apply_endpoints(&resp),
-            LISTENER_TYPE => self.apply_listeners(&resp).await,
-            ROUTE_TYPE => self.apply_routes(&resp),
+            CLUSTER_TYPE => self.apply_clusters(&resp.resources),
+            ENDPOINT_TYPE => self.apply_endpoints(&resp.resources),
+            LISTENER_TYPE => self.apply_listeners(&resp.resources).await,
+            ROUTE_TYPE => self.apply_routes(&resp.resources),
             other => Err(format!("unsupported type {other}")),
         };
         let held = self.held(type_url);
         match result {
             Ok(names) => {
                 self.proxy.xds_stats.acks.fetch_add(1, Relaxed);
+                let mut versions = BTreeMap::new();
+                if let Some(held) = resp.held {
+                    versions = held
+                        .iter()
+                        .map(|(n, (v, _))| (n.clone(), v.clone()))
+                        .collect();
+                    self.proxy
+                        .delta_held
+                        .lock()
+                        .unwrap()
+                        .insert(type_short(type_url), held);
+                }
                 let rec = Received {
-                    version_info: resp.version_info.clone(),
+                    version_info: resp.version.clone(),
                     nonce: resp.nonce.clone(),
                     names,
+                    versions,
                     last_updated_ms: now_ms(),
                 };
                 self.proxy
@@ -244,11 +391,11 @@ impl Session<'_> {
                     .unwrap()
                     .insert(type_short(type_url), rec);
                 let names = self.names(type_url);
-                self.send(type_url, &resp.version_info, &resp.nonce, names, None)
+                self.send(type_url, &resp.version, &resp.nonce, names, None)
                     .await;
             }
             Err(reason) => {
-                tracing::warn!(r#type = type_short(type_url), version = %resp.version_info, "NACK: {reason}");
+                tracing::warn!(r#type = type_short(type_url), version = %resp.version, "NACK: {reason}");
                 self.proxy.xds_stats.nacks.fetch_add(1, Relaxed);
                 *self.proxy.xds_stats.last_nack.lock().unwrap() = Some(reason.clone());
                 let names = self.names(type_url);
@@ -320,17 +467,28 @@ impl Session<'_> {
         if *current == names {
             return;
         }
+        let added: Vec<String> = names.difference(current).cloned().collect();
+        let removed: Vec<String> = current.difference(&names).cloned().collect();
         *current = names;
-        let held = self.held(type_url);
-        let list = self.names(type_url);
-        self.send(type_url, &held.version_info, &held.nonce, list, None)
-            .await;
+        match self.tx {
+            Wire::Sotw(_) => {
+                let held = self.held(type_url);
+                let list = self.names(type_url);
+                self.send(type_url, &held.version_info, &held.nonce, list, None)
+                    .await;
+            }
+            Wire::Delta(_) => {
+                self.send_delta(type_url, "", added, removed, HashMap::new(), None)
+                    .await
+            }
+        }
     }
 
     async fn request_lds(&mut self) {
         if !self.lds_requested {
             self.lds_requested = true;
-            self.send(LISTENER_TYPE, "", "", vec![], None).await;
+            self.subscribe(LISTENER_TYPE, &Received::default(), vec![])
+                .await;
         }
     }
 
@@ -340,11 +498,11 @@ impl Session<'_> {
         }
     }
 
-    fn apply_clusters(&self, resp: &DiscoveryResponse) -> Result<Vec<String>, Reject> {
+    fn apply_clusters(&self, resources: &[Any]) -> Result<Vec<String>, Reject> {
         let mut cfgs = Vec::new();
         let mut errors = Vec::new();
         let mut seen = BTreeSet::new();
-        for any in &resp.resources {
+        for any in resources {
             match decode::<PbCluster>(any).and_then(|c| resources::cluster(&c)) {
                 Ok(c) if !seen.insert(c.name.clone()) => {
                     errors.push(format!("duplicate cluster {} found", c.name))
@@ -377,9 +535,9 @@ impl Session<'_> {
         Ok(names)
     }
 
-    fn apply_endpoints(&self, resp: &DiscoveryResponse) -> Result<Vec<String>, Reject> {
+    fn apply_endpoints(&self, resources: &[Any]) -> Result<Vec<String>, Reject> {
         let mut updates = Vec::new();
-        for any in &resp.resources {
+        for any in resources {
             let cla = decode::<ClusterLoadAssignment>(any)?;
             updates.push((cla.cluster_name.clone(), resources::endpoints(&cla)?));
         }
@@ -394,10 +552,10 @@ impl Session<'_> {
         Ok(self.eds_names.iter().cloned().collect())
     }
 
-    async fn apply_listeners(&self, resp: &DiscoveryResponse) -> Result<Vec<String>, Reject> {
+    async fn apply_listeners(&self, resources: &[Any]) -> Result<Vec<String>, Reject> {
         let mut listeners = HashMap::new();
         let mut errors = Vec::new();
-        for any in &resp.resources {
+        for any in resources {
             match decode::<PbListener>(any).and_then(|l| resources::listener(&l)) {
                 Ok(l) => {
                     if listeners.insert(l.name.clone(), l).is_some() {
@@ -428,10 +586,10 @@ impl Session<'_> {
         Ok(listeners.keys().cloned().collect())
     }
 
-    fn apply_routes(&self, resp: &DiscoveryResponse) -> Result<Vec<String>, Reject> {
+    fn apply_routes(&self, resources: &[Any]) -> Result<Vec<String>, Reject> {
         let state = self.proxy.state();
         let mut tables = Vec::new();
-        for any in &resp.resources {
+        for any in resources {
             let rc = decode::<RouteConfiguration>(any)?;
             let t = resources::route_table(&rc)?;
             if let Some(c) = t.clusters().find(|c| !state.clusters.contains_key(*c)) {

@@ -21,6 +21,8 @@ pub struct EnvoyBootstrap {
     pub app_ip: String,
     pub admin: SocketAddr,
     pub xds: SocketAddr,
+    /// ADS method: SotW (`GRPC`) or delta (`DELTA_GRPC`).
+    pub xds_mode: super::XdsMode,
 }
 
 impl EnvoyBootstrap {
@@ -41,7 +43,10 @@ impl EnvoyBootstrap {
             },
             "dynamic_resources": {
                 "ads_config": {
-                    "api_type": "GRPC",
+                    "api_type": match self.xds_mode {
+                        super::XdsMode::Sotw => "GRPC",
+                        super::XdsMode::Delta => "DELTA_GRPC",
+                    },
                     "transport_api_version": "V3",
                     "grpc_services": [{"envoy_grpc": {"cluster_name": "xds_cluster"}}],
                 },

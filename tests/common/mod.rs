@@ -136,6 +136,26 @@ pub async fn start_envoy(
     pod: &str,
     labels: &[(&str, &str)],
 ) -> Envoy {
+    start_envoy_with(
+        binary,
+        xds,
+        service,
+        pod,
+        labels,
+        meshbench::xds::XdsMode::Sotw,
+    )
+    .await
+}
+
+/// As [`start_envoy`], with the ADS method.
+pub async fn start_envoy_with(
+    binary: &PathBuf,
+    xds: SocketAddr,
+    service: &str,
+    pod: &str,
+    labels: &[(&str, &str)],
+    xds_mode: meshbench::xds::XdsMode,
+) -> Envoy {
     let dir = TempDir::new("envoy");
     let pod_ip = unique_loopback();
     let b = EnvoyBootstrap {
@@ -150,6 +170,7 @@ pub async fn start_envoy(
         app_ip: "127.0.0.1".into(),
         admin: "127.0.0.1:0".parse().unwrap(),
         xds,
+        xds_mode,
     };
     let config = dir.0.join("bootstrap.json");
     std::fs::write(&config, b.to_json().to_string()).unwrap();
@@ -396,6 +417,16 @@ pub async fn start_mesh_proxy(
     pod: &str,
     labels: &[(&str, &str)],
 ) -> MeshProxy {
+    start_mesh_proxy_with(xds, service, pod, labels, meshbench::xds::XdsMode::Sotw).await
+}
+
+pub async fn start_mesh_proxy_with(
+    xds: SocketAddr,
+    service: &str,
+    pod: &str,
+    labels: &[(&str, &str)],
+    xds_mode: meshbench::xds::XdsMode,
+) -> MeshProxy {
     let pod_ip = unique_loopback();
     let admin_sock = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = admin_sock.local_addr().unwrap();
@@ -410,6 +441,7 @@ pub async fn start_mesh_proxy(
             .collect(),
         app_ip: "127.0.0.1".into(),
         admin,
+        xds_mode,
     };
     let (trigger, stop) = shutdown::channel();
     tokio::spawn(meshbench::proxy::run(cfg, admin_sock, stop));
