@@ -276,7 +276,9 @@ pub async fn run(
     let mut i: u32 = 0;
     loop {
         let due = start + interval * i;
-        if due >= end {
+        // Bounded by the clock too: a control plane slower than the rate ends the churn on
+        // time with fewer changes (achieved_rate says how many).
+        if due >= end || tokio::time::Instant::now() >= end {
             break;
         }
         tokio::time::sleep_until(due).await;

@@ -439,6 +439,55 @@ pub struct Mesh {
     pub warnings: Vec<ConfigError>,
 }
 
+/// Registered workloads indexed by (namespace, label key, label value), so selecting a
+/// service's workloads looks at the candidates of one selector label, not at every workload.
+pub struct SelectIndex<'a> {
+    mesh: &'a Mesh,
+    by_label: std::collections::HashMap<(&'a str, &'a str, &'a str), Vec<&'a Workload>>,
+}
+
+impl<'a> SelectIndex<'a> {
+    pub fn new(mesh: &'a Mesh) -> SelectIndex<'a> {
+        let mut by_label: std::collections::HashMap<_, Vec<&Workload>> = Default::default();
+        for w in &mesh.workloads {
+            for (k, v) in &w.entry.labels {
+                by_label
+                    .entry((w.namespace.as_str(), k.as_str(), v.as_str()))
+                    .or_default()
+                    .push(w);
+            }
+        }
+        SelectIndex { mesh, by_label }
+    }
+
+    /// As [`Mesh::selected`], in the same order.
+    pub fn selected(&self, svc: &'a MeshService) -> Vec<&'a WorkloadEntrySpec> {
+        let registered: Vec<&WorkloadEntrySpec> = match svc.selector.as_ref() {
+            Some(sel) if !sel.is_empty() => {
+                // The rarest selector label's candidates, each checked against the rest.
+                let candidates = sel
+                    .iter()
+                    .map(|(k, v)| {
+                        self.by_label
+                            .get(&(svc.namespace.as_str(), k.as_str(), v.as_str()))
+                            .map_or(&[][..], |l| l.as_slice())
+                    })
+                    .min_by_key(|l| l.len())
+                    .unwrap_or(&[]);
+                candidates
+                    .iter()
+                    .filter(|w| labels_match(sel, &w.entry.labels))
+                    .map(|w| &w.entry)
+                    .collect()
+            }
+            // An empty selector: Mesh::selected's rule, unindexed.
+            Some(_) => return self.mesh.selected(svc),
+            None => vec![],
+        };
+        svc.inline_endpoints.iter().chain(registered).collect()
+    }
+}
+
 impl Mesh {
     /// The workloads a service selects: inline endpoints first, then registered workloads
     /// whose labels match its selector in its namespace.

@@ -219,10 +219,12 @@ impl Pilot {
         }
     }
 
-    /// Adds, updates and removes REST-registered endpoints as one batch.
+    /// Adds, updates and removes REST-registered endpoints as one batch. The batch is checked
+    /// whole before anything changes; then only the workloads are rebuilt (services, routes and
+    /// policies do not depend on endpoints), so a change costs O(endpoints) copies, not a
+    /// recompilation of the config.
     pub fn update_endpoints(&self, batch: EndpointBatch) -> Result<u64, Vec<ConfigError>> {
         let mut st = self.state.lock().unwrap();
-        let mut next = st.config.clone();
         let mut errors = Vec::new();
         let err = |i: usize, field: &str, message: String| ConfigError {
             file: "request".into(),
@@ -231,9 +233,19 @@ impl Pilot {
             field: format!("{field}[{i}]"),
             message,
         };
-        for (field, list, must_exist) in [("add", batch.add, false), ("update", batch.update, true)]
+        // Check against the store as the batch would leave it, in order.
+        let mut present: std::collections::HashMap<(String, String), bool> = Default::default();
+        let exists = |present: &std::collections::HashMap<(String, String), bool>,
+                      key: &(String, String)| {
+            present
+                .get(key)
+                .copied()
+                .unwrap_or_else(|| st.config.endpoints.contains_key(key))
+        };
+        for (field, list, must_exist) in
+            [("add", &batch.add, false), ("update", &batch.update, true)]
         {
-            for (i, w) in list.into_iter().enumerate() {
+            for (i, w) in list.iter().enumerate() {
                 if w.entry.address.parse::<std::net::IpAddr>().is_err() {
                     errors.push(err(
                         i,
@@ -243,7 +255,7 @@ impl Pilot {
                     continue;
                 }
                 let key = (w.namespace.clone(), w.name.clone());
-                if must_exist && !next.endpoints.contains_key(&key) {
+                if must_exist && !exists(&present, &key) {
                     errors.push(err(
                         i,
                         field,
@@ -251,26 +263,49 @@ impl Pilot {
                     ));
                     continue;
                 }
-                next.endpoints.insert(key, w);
+                present.insert(key, true);
             }
         }
-        for (i, r) in batch.remove.into_iter().enumerate() {
-            if next
-                .endpoints
-                .remove(&(r.namespace.clone(), r.name.clone()))
-                .is_none()
-            {
+        for (i, r) in batch.remove.iter().enumerate() {
+            let key = (r.namespace.clone(), r.name.clone());
+            if !exists(&present, &key) {
                 errors.push(err(
                     i,
                     "remove",
                     format!("no endpoint {}/{} to remove", r.namespace, r.name),
                 ));
             }
+            present.insert(key, false);
         }
         if !errors.is_empty() {
             return Err(errors);
         }
-        let mesh = next.compile()?;
+        let mut next = std::mem::take(&mut st.config);
+        for w in batch.add.into_iter().chain(batch.update) {
+            next.endpoints
+                .insert((w.namespace.clone(), w.name.clone()), w);
+        }
+        for r in batch.remove {
+            next.endpoints.remove(&(r.namespace, r.name));
+        }
+        // Workloads are the WorkloadEntry objects' (first, as compiled) then the endpoints.
+        let entries = next
+            .objects
+            .values()
+            .filter(|o| matches!(o.spec, crate::model::Spec::WorkloadEntry(_)))
+            .count();
+        let old = &st.mesh;
+        let mesh = Mesh {
+            services: old.services.clone(),
+            routes: old.routes.clone(),
+            policies: old.policies.clone(),
+            warnings: old.warnings.clone(),
+            workloads: old.workloads[..entries.min(old.workloads.len())]
+                .iter()
+                .cloned()
+                .chain(next.endpoints.values().cloned())
+                .collect(),
+        };
         Ok(self.commit(&mut st, next, mesh))
     }
 

@@ -196,7 +196,7 @@ struct Sim {
     spec: FleetSpec,
     /// EDS / RDS names subscribed.
     subscribed: HashMap<&'static str, BTreeSet<String>>,
-    /// Resources held per type (name -> resource), to know the full set under delta.
+    /// Clusters and listeners held (name -> resource), to know the full set under delta.
     held: HashMap<String, BTreeMap<String, Any>>,
     /// SotW: (version, nonce) of the latest response per type, carried by later requests.
     last: HashMap<String, (String, String)>,
@@ -320,18 +320,20 @@ impl Sim {
         let type_url = inc.type_url.clone();
         self.last
             .insert(type_url.clone(), (inc.version.clone(), inc.nonce.clone()));
-        let decoded = self.decode(&inc);
-        // The full set held after this response (SotW: CDS/LDS replace, EDS/RDS add).
-        let held = self.held.entry(type_url.clone()).or_default();
-        if matches!(wire, Wire::Sotw(_)) && (type_url == CLUSTER_TYPE || type_url == LISTENER_TYPE)
-        {
-            held.clear();
-        }
-        for n in &inc.removed {
-            held.remove(n);
-        }
-        for (n, a) in &inc.resources {
-            held.insert(n.clone(), a.clone());
+        let decoded = self.decode(&inc, matches!(wire, Wire::Sotw(_)));
+        // The full CDS/LDS set held after this response (what EDS and RDS subscriptions follow
+        // from); EDS and RDS bodies are decoded and dropped, which keeps thousands affordable.
+        if type_url == CLUSTER_TYPE || type_url == LISTENER_TYPE {
+            let held = self.held.entry(type_url.clone()).or_default();
+            if matches!(wire, Wire::Sotw(_)) {
+                held.clear();
+            }
+            for n in &inc.removed {
+                held.remove(n);
+            }
+            for (n, a) in inc.resources {
+                held.insert(n, a);
+            }
         }
         let nack = decoded.is_err()
             || (self.spec.nack_fraction > 0.0
@@ -382,19 +384,18 @@ impl Sim {
         self.follow_up(wire, &type_url).await;
     }
 
-    /// Decodes every resource as the type it claims to be (as a proxy must to apply it).
-    fn decode(&self, inc: &Incoming) -> Result<(), String> {
-        for (_, any) in &inc.resources {
-            let ok = match inc.type_url.as_str() {
-                CLUSTER_TYPE => Cluster::decode(any.value.as_slice()).is_ok(),
-                ENDPOINT_TYPE => ClusterLoadAssignment::decode(any.value.as_slice()).is_ok(),
-                LISTENER_TYPE => Listener::decode(any.value.as_slice()).is_ok(),
-                ROUTE_TYPE => RouteConfiguration::decode(any.value.as_slice()).is_ok(),
-                _ => false,
-            };
-            if !ok || any.type_url != inc.type_url {
-                return Err(format!("cannot decode a {} resource", inc.type_url));
+    /// Every resource decoded as the type it claims to be (as a proxy must to apply it):
+    /// SotW names come from decoding (empty when it failed); delta resources are decoded here.
+    fn decode(&self, inc: &Incoming, sotw: bool) -> Result<(), String> {
+        let bad = |name: &str, any: &Any| {
+            if sotw {
+                name.is_empty()
+            } else {
+                resource_name(&inc.type_url, any).is_none()
             }
+        };
+        if inc.resources.iter().any(|(n, a)| bad(n, a)) {
+            return Err(format!("cannot decode a {} resource", inc.type_url));
         }
         Ok(())
     }
@@ -453,13 +454,15 @@ impl Sim {
     }
 }
 
+/// SotW resources carry no names beside them: decoding each (which a proxy must do anyway)
+/// gives the name; a resource that does not decode gets an empty one and is NACKed.
 fn sotw_incoming(r: DiscoveryResponse) -> Incoming {
     let bytes = r.encoded_len();
     Incoming {
         resources: r
             .resources
             .into_iter()
-            .map(|a| (resource_name(&r.type_url, &a), a))
+            .map(|a| (resource_name(&r.type_url, &a).unwrap_or_default(), a))
             .collect(),
         type_url: r.type_url,
         version: r.version_info,
@@ -485,18 +488,19 @@ fn delta_incoming(r: DeltaDiscoveryResponse) -> Incoming {
     }
 }
 
-/// The name of a SotW resource (SotW carries no names beside the resources).
-fn resource_name(type_url: &str, a: &Any) -> String {
+/// Decodes a resource as its type; returns its name.
+fn resource_name(type_url: &str, a: &Any) -> Option<String> {
     let v = a.value.as_slice();
+    if a.type_url != type_url {
+        return None;
+    }
     match type_url {
-        CLUSTER_TYPE => Cluster::decode(v).map(|c| c.name).unwrap_or_default(),
+        CLUSTER_TYPE => Cluster::decode(v).ok().map(|c| c.name),
         ENDPOINT_TYPE => ClusterLoadAssignment::decode(v)
-            .map(|c| c.cluster_name)
-            .unwrap_or_default(),
-        LISTENER_TYPE => Listener::decode(v).map(|l| l.name).unwrap_or_default(),
-        ROUTE_TYPE => RouteConfiguration::decode(v)
-            .map(|r| r.name)
-            .unwrap_or_default(),
-        _ => String::new(),
+            .ok()
+            .map(|c| c.cluster_name),
+        LISTENER_TYPE => Listener::decode(v).ok().map(|l| l.name),
+        ROUTE_TYPE => RouteConfiguration::decode(v).ok().map(|r| r.name),
+        _ => None,
     }
 }

@@ -199,7 +199,7 @@ impl DeltaConnection {
             .node
             .as_ref()
             .expect("snapshots are watched once the node is known");
-        self.view = Some(snap.view(node));
+        self.view = Some(snap.view_from(node, self.view.as_ref()));
         let mut changed_clusters = HashSet::new();
         for type_url in PUSH_ORDER {
             if !self.types.get(type_url).is_some_and(|t| t.started) {

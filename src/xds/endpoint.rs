@@ -7,18 +7,19 @@ use envoy_types::pb::envoy::config::core::v3 as core;
 use envoy_types::pb::envoy::config::endpoint::v3::{self as endpoint, ClusterLoadAssignment};
 
 use super::*;
-use crate::model::{port_endpoints, Mesh};
+use crate::model::{port_endpoints, Mesh, SelectIndex};
 
 /// Assignments for every outbound cluster, keyed by cluster name.
 pub fn assignments(mesh: &Mesh) -> HashMap<String, Resource> {
     let mut out = HashMap::new();
+    let index = SelectIndex::new(mesh);
     for (host, svc) in &mesh.services {
         let subsets = mesh
             .policies
             .get(host)
             .map(|p| p.subsets.as_slice())
             .unwrap_or_default();
-        let selected = mesh.selected(svc);
+        let selected = index.selected(svc);
         for port in &svc.ports {
             let mut add = |name: String, labels| {
                 let eps = port_endpoints(&selected, port, labels)
@@ -65,5 +66,54 @@ pub(crate) fn lb_endpoint(ip: &str, port: u16, weight: u32, healthy: bool) -> en
         } as i32,
         load_balancing_weight: u32v(weight.max(1)),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::model::{compile, SelectIndex, Workload, WorkloadEntrySpec};
+
+    /// The index selects exactly what the plain scan selects, in the same order.
+    #[test]
+    fn select_index_matches_the_scan() {
+        let mut text = crate::churn::services_manifest(7);
+        text.push_str("---\napiVersion: v1\nkind: Service\nmetadata: {name: two-labels, namespace: churn}\nspec:\n  selector: {app: churn-svc-1, tier: x}\n  ports: [{name: http, port: 8080}]\n");
+        let objects = crate::config::parse("t.yaml", &text).unwrap().objects;
+        let workloads: Vec<Workload> = (0..200)
+            .map(|i| Workload {
+                name: format!("w{i}"),
+                namespace: if i % 13 == 0 { "other" } else { "churn" }.into(),
+                entry: WorkloadEntrySpec {
+                    address: format!("10.0.{}.{}", i / 250, i % 250),
+                    labels: [
+                        ("app".to_string(), format!("churn-svc-{}", i % 7)),
+                        (
+                            "tier".to_string(),
+                            if i % 3 == 0 { "x" } else { "y" }.into(),
+                        ),
+                    ]
+                    .into(),
+                    ports: Default::default(),
+                    weight: 1,
+                    healthy: true,
+                },
+            })
+            .collect();
+        let mesh = compile(objects.iter(), workloads.iter()).unwrap();
+        let index = SelectIndex::new(&mesh);
+        for svc in mesh.services.values() {
+            let a: Vec<*const WorkloadEntrySpec> = mesh
+                .selected(svc)
+                .into_iter()
+                .map(|e| e as *const _)
+                .collect();
+            let b: Vec<*const WorkloadEntrySpec> = index
+                .selected(svc)
+                .into_iter()
+                .map(|e| e as *const _)
+                .collect();
+            assert!(!a.is_empty(), "{} selects nothing", svc.name);
+            assert_eq!(a, b, "{}", svc.name);
+        }
     }
 }

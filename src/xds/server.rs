@@ -632,7 +632,7 @@ impl Connection {
             .as_ref()
             .expect("snapshots are watched once the node is known");
         // The view is the state every response below is taken from; `send` reads it too.
-        self.view = Some(snap.view(node));
+        self.view = Some(snap.view_from(node, self.view.as_ref()));
         let mut changed_clusters: Vec<String> = Vec::new();
         for type_url in PUSH_ORDER {
             let view = self.view.as_ref().expect("set above");

@@ -25,6 +25,9 @@ pub struct Snapshot {
     pub clusters: Vec<Resource>,
     pub endpoints: HashMap<String, Resource>,
     pub routes: HashMap<String, Resource>,
+    /// Hash of what listeners and inbound clusters are built from (services' namespaces,
+    /// selectors and target ports): equal keys let a proxy keep its view's listeners.
+    pub listeners_key: u64,
 }
 
 impl Snapshot {
@@ -38,6 +41,7 @@ impl Snapshot {
             version,
             changed_at,
             changed_at_wall,
+            listeners_key: listeners_key(&mesh),
             clusters: cluster::outbound_clusters(&mesh),
             endpoints: endpoint::assignments(&mesh),
             routes: route::route_configs(&mesh),
@@ -53,6 +57,19 @@ impl Snapshot {
             Instant::now(),
             SystemTime::now(),
         )
+    }
+
+    /// The resources one proxy sees, keeping `prev`'s listeners and inbound clusters when
+    /// nothing they are built from changed (an endpoint churn rebuilds no listener).
+    pub fn view_from(self: &Arc<Self>, node: &NodeInfo, prev: Option<&View>) -> View {
+        match prev {
+            Some(p) if p.snapshot.listeners_key == self.listeners_key => View {
+                snapshot: self.clone(),
+                listeners: p.listeners.clone(),
+                inbound_clusters: p.inbound_clusters.clone(),
+            },
+            _ => self.view(node),
+        }
     }
 
     /// The resources one proxy sees.
@@ -71,6 +88,19 @@ impl Snapshot {
             inbound_clusters: inbound,
         }
     }
+}
+
+fn listeners_key(mesh: &Mesh) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for s in mesh.services.values() {
+        s.namespace.hash(&mut h);
+        s.selector.hash(&mut h);
+        for p in &s.ports {
+            format!("{:?}", p.target_port).hash(&mut h);
+        }
+    }
+    h.finish()
 }
 
 /// One proxy's resources for one snapshot.
