@@ -269,33 +269,40 @@ impl DeltaConnection {
         for n in &removed {
             ts.known.remove(n);
         }
-        let snap = &view.snapshot;
-        self.nonce += 1;
-        let nonce = format!("{}-{}", snap.version, self.nonce);
-        ts.nonce = nonce.clone();
+        let snap = view.snapshot.clone();
         ts.pending = true;
-        let count = send.len();
-        let response = DeltaDiscoveryResponse {
-            system_version_info: snap.version.to_string(),
-            resources: send
-                .into_iter()
-                .map(|r| PbResource {
-                    name: r.name.clone(),
-                    version: resource_version(r.hash),
-                    resource: Some(r.any.clone()),
-                    ..Default::default()
-                })
-                .collect(),
-            type_url: type_url.to_string(),
-            removed_resources: removed,
-            nonce: nonce.clone(),
-            ..Default::default()
-        };
-        let bytes = response.encoded_len() as u64;
-        self.server
-            .record_push(self.id, type_url, snap, &nonce, count, bytes);
-        tracing::debug!(conn = self.id, r#type = type_short(type_url), %nonce, count, bytes, "delta push");
-        self.tx.send(Ok(response)).await.map_err(|_| Closed)?;
+        // In responses of at most CHUNK_BYTES (see the SotW server); removals go with the first.
+        let pieces = super::server::chunks(send.into_iter().cloned().collect());
+        let mut removed = Some(removed);
+        for piece in pieces {
+            self.nonce += 1;
+            let nonce = format!("{}-{}", snap.version, self.nonce);
+            if let Some(ts) = self.types.get_mut(type_url) {
+                ts.nonce = nonce.clone();
+            }
+            let count = piece.len();
+            let response = DeltaDiscoveryResponse {
+                system_version_info: snap.version.to_string(),
+                resources: piece
+                    .into_iter()
+                    .map(|r| PbResource {
+                        version: resource_version(r.hash),
+                        name: r.name,
+                        resource: Some(r.any),
+                        ..Default::default()
+                    })
+                    .collect(),
+                type_url: type_url.to_string(),
+                removed_resources: removed.take().unwrap_or_default(),
+                nonce: nonce.clone(),
+                ..Default::default()
+            };
+            let bytes = response.encoded_len() as u64;
+            self.server
+                .record_push(self.id, type_url, &snap, &nonce, count, bytes);
+            tracing::debug!(conn = self.id, r#type = type_short(type_url), %nonce, count, bytes, "delta push");
+            self.tx.send(Ok(response)).await.map_err(|_| Closed)?;
+        }
         Ok(updated)
     }
 

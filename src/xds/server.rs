@@ -471,14 +471,35 @@ impl AggregatedDiscoveryService for AdsServer {
     }
 }
 
+/// Largest response of a named type (EDS, RDS; every type under delta), in encoded bytes of
+/// its resources; one resource larger than this goes alone.
+pub const CHUNK_BYTES: usize = 64 << 10;
+
+/// Splits resources into runs of at most [`CHUNK_BYTES`] (at least one resource each; an
+/// empty list stays one empty response).
+pub(super) fn chunks(resources: Vec<Resource>) -> Vec<Vec<Resource>> {
+    let mut out: Vec<Vec<Resource>> = vec![vec![]];
+    let mut size = 0;
+    for r in resources {
+        let len = r.any.value.len();
+        if size + len > CHUNK_BYTES && !out.last().expect("never empty").is_empty() {
+            out.push(vec![]);
+            size = 0;
+        }
+        size += len;
+        out.last_mut().expect("never empty").push(r);
+    }
+    out
+}
+
 /// Per stream and type.
 #[derive(Default)]
 struct TypeState {
     /// Names asked for (EDS, RDS); unused for wildcard types.
     subscribed: BTreeSet<String>,
-    /// name -> content hash as last sent / as last ACKed.
+    /// name -> content hash as last sent. A NACKed version stays here, so it is not resent
+    /// until it changes (no push loop on a resource the proxy rejects).
     sent: HashMap<String, u64>,
-    acked: HashMap<String, u64>,
     /// Latest nonce sent ("" before the first response).
     nonce: String,
     /// Waiting for an ACK or NACK of `nonce`.
@@ -570,7 +591,6 @@ impl Connection {
         if let Some(err) = &req.error_detail {
             ts.pending = false;
             ts.nacked = true;
-            ts.sent = ts.acked.clone();
             self.server.record_nack(
                 self.id,
                 type_url,
@@ -583,7 +603,6 @@ impl Connection {
         let first = ts.nonce.is_empty();
         if !first {
             // ACK of the latest response.
-            ts.acked = ts.sent.clone();
             if ts.pending {
                 ts.pending = false;
                 ts.nacked = false;
@@ -593,12 +612,17 @@ impl Connection {
             }
         }
         let ts = self.types.get_mut(type_url).expect("inserted above");
-        let names: BTreeSet<String> = req.resource_names.iter().cloned().collect();
         let wildcard = View::is_wildcard(type_url);
+        // Most requests are ACKs naming the same resources: nothing more to do.
+        let same = req.resource_names.len() == ts.subscribed.len()
+            && req.resource_names.iter().all(|n| ts.subscribed.contains(n));
+        if !first && (wildcard || same) {
+            return Ok(());
+        }
+        let names: BTreeSet<String> = req.resource_names.iter().cloned().collect();
         let added: Vec<String> = names.difference(&ts.subscribed).cloned().collect();
         if !wildcard {
             ts.sent.retain(|n, _| names.contains(n));
-            ts.acked.retain(|n, _| names.contains(n));
         }
         ts.subscribed = names;
         let view = self.view.as_ref().expect("view is set with the node");
@@ -684,7 +708,25 @@ impl Connection {
         Ok(())
     }
 
+    /// Sends `resources`; EDS and RDS (named types) in responses of at most [`CHUNK_BYTES`],
+    /// which bounds what each stream's encoder buffers (and keeps) to that size instead of
+    /// the whole assignment set. Only the last response's ACK counts (the earlier nonces are
+    /// stale by then), and it covers the earlier ones: a proxy applies responses in order.
     async fn send(
+        &mut self,
+        type_url: &'static str,
+        resources: Vec<Resource>,
+    ) -> Result<(), Closed> {
+        if View::is_wildcard(type_url) {
+            return self.send_one(type_url, resources).await;
+        }
+        for chunk in chunks(resources) {
+            self.send_one(type_url, chunk).await?;
+        }
+        Ok(())
+    }
+
+    async fn send_one(
         &mut self,
         type_url: &'static str,
         resources: Vec<Resource>,
@@ -732,5 +774,37 @@ impl Connection {
                 self.server.record_synced(self.id, &view.snapshot);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+
+    fn res(name: &str, pad: usize) -> Resource {
+        Resource::new(
+            name,
+            ClusterLoadAssignment {
+                cluster_name: format!("{name}{}", "x".repeat(pad)),
+                ..Default::default()
+            },
+        )
+    }
+
+    #[test]
+    fn chunks_bound_response_size_and_keep_order() {
+        let rs: Vec<Resource> = (0..10).map(|i| res(&format!("r{i}"), 20_000)).collect();
+        let c = chunks(rs);
+        assert_eq!(c.len(), 4, "3 per 64 KiB chunk");
+        for piece in &c {
+            let size: usize = piece.iter().map(|r| r.any.value.len()).sum();
+            assert!(size <= CHUNK_BYTES);
+        }
+        let names: Vec<String> = c.into_iter().flatten().map(|r| r.name).collect();
+        assert_eq!(names, (0..10).map(|i| format!("r{i}")).collect::<Vec<_>>());
+        // A resource larger than a chunk goes alone; an empty list is one empty response.
+        assert_eq!(chunks(vec![res("big", 100_000), res("small", 1)]).len(), 2);
+        assert_eq!(chunks(vec![]).len(), 1);
     }
 }
