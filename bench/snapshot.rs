@@ -39,7 +39,7 @@ fn mesh(services: usize, endpoints: usize) -> Mesh {
             },
         })
         .collect();
-    compile(objects.iter(), workloads.iter()).unwrap()
+    compile(objects.iter(), workloads.into_iter().map(Arc::new)).unwrap()
 }
 
 fn bench(c: &mut Criterion) {

@@ -16,5 +16,6 @@ pub mod run;
 pub mod scenario;
 pub mod shutdown;
 pub mod sim;
+pub mod sweep;
 pub mod workload;
 pub mod xds;

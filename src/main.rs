@@ -126,6 +126,17 @@ enum Command {
         #[arg(long)]
         keep: bool,
     },
+    /// Capacity planning: an endpoint churn for every point of a matrix (proxies x endpoints x
+    /// churn rate x debounce x ADS method), each against a fresh pilot; writes sweep.json,
+    /// sweep.md (table and fitted cost model) and SVG curves (default reports/sweep/<name>/<id>/).
+    Sweep {
+        sweep: PathBuf,
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// A tenth of the proxies and endpoints, half the time (for CI).
+        #[arg(long)]
+        quick: bool,
+    },
     /// Removes the containers and networks a docker-backend run left (labelled meshbench.run).
     Down {
         /// The run id (the report directory's name).
@@ -471,6 +482,33 @@ async fn run(cmd: Command) -> ExitCode {
         Command::Pause => {
             stop.wait().await;
             ExitCode::SUCCESS
+        }
+        Command::Sweep { sweep, out, quick } => {
+            let spec = match meshbench::sweep::SweepSpec::load(&sweep) {
+                Ok(s) => s,
+                Err(e) => return fail(EXIT_BAD_INPUT, &e),
+            };
+            let Ok(exe) = std::env::current_exe() else {
+                return fail(EXIT_ENVIRONMENT, &"cannot find the meshbench executable");
+            };
+            let opts = meshbench::sweep::SweepOptions {
+                out,
+                quick,
+                meshbench_exe: exe,
+            };
+            let work = meshbench::sweep::run(spec, &sweep, opts);
+            tokio::select! {
+                r = work => match r {
+                    Ok((report, dir)) => {
+                        print!("{}", meshbench::sweep::table(&report));
+                        println!("\nwrote {}", dir.display());
+                        ExitCode::SUCCESS
+                    }
+                    Err(e @ meshbench::backend::Error::Config(_)) => fail(EXIT_BAD_INPUT, &e),
+                    Err(e) => fail(EXIT_ENVIRONMENT, &e),
+                },
+                _ = stop.wait() => fail(EXIT_ENVIRONMENT, &"interrupted"),
+            }
         }
         Command::Gate {
             baseline,

@@ -434,7 +434,8 @@ pub struct Mesh {
     pub services: BTreeMap<String, MeshService>,
     pub routes: BTreeMap<String, HostRoutes>,
     pub policies: BTreeMap<String, HostPolicy>,
-    pub workloads: Vec<Workload>,
+    /// Shared with the config store: a change of endpoints copies pointers, not workloads.
+    pub workloads: Vec<std::sync::Arc<Workload>>,
     /// Things accepted but not acted on (gateway-only routes, unsupported kinds...).
     pub warnings: Vec<ConfigError>,
 }
@@ -450,6 +451,7 @@ impl<'a> SelectIndex<'a> {
     pub fn new(mesh: &'a Mesh) -> SelectIndex<'a> {
         let mut by_label: std::collections::HashMap<_, Vec<&Workload>> = Default::default();
         for w in &mesh.workloads {
+            let w: &Workload = w;
             for (k, v) in &w.entry.labels {
                 by_label
                     .entry((w.namespace.as_str(), k.as_str(), v.as_str()))
@@ -590,12 +592,12 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 pub struct ConfigSet {
     pub objects: BTreeMap<Key, Object>,
     /// Keyed by (namespace, name).
-    pub endpoints: BTreeMap<(String, String), Workload>,
+    pub endpoints: BTreeMap<(String, String), std::sync::Arc<Workload>>,
 }
 
 impl ConfigSet {
     pub fn compile(&self) -> Result<Mesh, Vec<ConfigError>> {
-        compile(self.objects.values(), self.endpoints.values())
+        compile(self.objects.values(), self.endpoints.values().cloned())
     }
 
     /// The set with `batch` added (objects with the same kind, namespace and name replaced),

@@ -283,7 +283,7 @@ impl Pilot {
         let mut next = std::mem::take(&mut st.config);
         for w in batch.add.into_iter().chain(batch.update) {
             next.endpoints
-                .insert((w.namespace.clone(), w.name.clone()), w);
+                .insert((w.namespace.clone(), w.name.clone()), Arc::new(w));
         }
         for r in batch.remove {
             next.endpoints.remove(&(r.namespace, r.name));
@@ -430,11 +430,8 @@ pub fn router(pilot: Arc<Pilot>) -> Router {
             "/v1/proxies",
             get(
                 |State(p): State<Arc<Pilot>>, Query(q): Query<ProxiesQuery>| async move {
-                    let mut list = p.tracker.list();
-                    if let Some(ns) = q.exclude_namespace {
-                        list.retain(|s| s.node.namespace != ns);
-                    }
-                    Json(list)
+                    let ns = q.exclude_namespace.unwrap_or_default();
+                    Json(p.tracker.list_where(|s| s.node.namespace != ns))
                 },
             ),
         )

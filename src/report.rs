@@ -179,7 +179,7 @@ const PALETTE: [RGBColor; 6] = [
 ];
 
 /// (title, x label, y label, series name -> points)
-fn line_chart(
+pub(crate) fn line_chart(
     title: &str,
     x_label: &str,
     y_label: &str,

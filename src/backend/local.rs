@@ -65,7 +65,7 @@ pub struct LocalBackend {
 pub const RUN_ENV: &str = "MESHBENCH_RUN";
 
 /// The killing of children on drop is `kill_on_drop`; this adds death-of-parent.
-fn command(program: &Path, run_id: &str) -> Command {
+pub(crate) fn command(program: &Path, run_id: &str) -> Command {
     let mut c = Command::new(program);
     c.kill_on_drop(true)
         .stdin(Stdio::null())

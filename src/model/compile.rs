@@ -8,7 +8,7 @@ use super::*;
 /// Resolves `objects` plus REST-registered `endpoints` into a mesh, or every error found.
 pub fn compile<'a>(
     objects: impl IntoIterator<Item = &'a Object>,
-    endpoints: impl IntoIterator<Item = &'a Workload>,
+    endpoints: impl IntoIterator<Item = std::sync::Arc<Workload>>,
 ) -> Result<Mesh, Vec<ConfigError>> {
     let objects: Vec<&Object> = objects.into_iter().collect();
     let mut c = Compiler {
@@ -140,10 +140,10 @@ impl Compiler {
         }
     }
 
-    fn workloads<'a>(
+    fn workloads(
         &mut self,
         objects: &[&Object],
-        endpoints: impl IntoIterator<Item = &'a Workload>,
+        endpoints: impl IntoIterator<Item = std::sync::Arc<Workload>>,
     ) {
         for o in objects {
             if let Spec::WorkloadEntry(we) = &o.spec {
@@ -157,14 +157,14 @@ impl Compiler {
                         ),
                     );
                 }
-                self.mesh.workloads.push(Workload {
+                self.mesh.workloads.push(std::sync::Arc::new(Workload {
                     name: o.name.clone(),
                     namespace: o.namespace.clone(),
                     entry: we.clone(),
-                });
+                }));
             }
         }
-        self.mesh.workloads.extend(endpoints.into_iter().cloned());
+        self.mesh.workloads.extend(endpoints);
     }
 
     fn destination_rules(&mut self, objects: &[&Object]) {

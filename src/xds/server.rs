@@ -102,7 +102,18 @@ pub struct Tracker {
 
 impl Tracker {
     pub fn list(&self) -> Vec<ProxyStatus> {
-        self.proxies.lock().unwrap().values().cloned().collect()
+        self.list_where(|_| true)
+    }
+
+    /// The proxies `keep` selects (only those are copied).
+    pub fn list_where(&self, keep: impl Fn(&ProxyStatus) -> bool) -> Vec<ProxyStatus> {
+        self.proxies
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|p| keep(p))
+            .cloned()
+            .collect()
     }
 
     fn update(&self, conn: u64, f: impl FnOnce(&mut ProxyStatus)) {
