@@ -1,5 +1,7 @@
 //! Snapshot build cost at mesh scale: 10,000 endpoints in 100 services (two subsets each),
-//! the full translation + encoding, the EDS part alone, and one proxy's view.
+//! the full translation + encoding, the EDS part alone, one proxy's view (fresh, and kept
+//! across an endpoint-only change), the delta diff of one changed assignment, and pilot's
+//! handling of one endpoint update in a 10k registry.
 //! Run: `cargo bench --bench snapshot`.
 
 use std::sync::Arc;
@@ -74,6 +76,51 @@ fn bench(c: &mut Criterion) {
         app_ip: "127.0.0.1".into(),
     };
     g.bench_function("proxy_view", |b| b.iter(|| snap.view(&node)));
+    let view = snap.view(&node);
+    g.bench_function("proxy_view_endpoint_change", |b| {
+        b.iter(|| snap.view_from(&node, Some(&view)))
+    });
+    // Delta: a client holding every assignment, one of which changed.
+    let desired: Vec<&meshbench::xds::Resource> = snap.endpoints.values().collect();
+    let mut known: std::collections::HashMap<String, u64> =
+        desired.iter().map(|r| (r.name.clone(), r.hash)).collect();
+    *known.values_mut().next().unwrap() ^= 1;
+    let forced = Default::default();
+    g.bench_function("delta_diff_one_change", |b| {
+        b.iter(|| meshbench::xds::delta::diff(&desired, &known, &forced))
+    });
+    g.finish();
+
+    // Pilot: one endpoint flipped in a 10k-endpoint registry (validation, store, mesh).
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    let pilot = meshbench::pilot::Pilot::start(&Default::default()).unwrap();
+    pilot
+        .apply("s.yaml", &meshbench::churn::services_manifest(100))
+        .unwrap();
+    let add: Vec<serde_json::Value> = (0..10_000)
+        .map(|i| meshbench::churn::endpoint(i, 100, true))
+        .collect();
+    let batch = |v: serde_json::Value| serde_json::from_value(v).unwrap();
+    pilot
+        .update_endpoints(batch(serde_json::json!({ "add": add })))
+        .unwrap();
+    let mut healthy = false;
+    let mut g = c.benchmark_group("pilot_10k_endpoints");
+    g.sample_size(30);
+    g.bench_function("endpoint_update", |b| {
+        b.iter(|| {
+            healthy = !healthy;
+            pilot
+                .update_endpoints(batch(
+                    serde_json::json!({"update": [meshbench::churn::endpoint(7, 100, healthy)]}),
+                ))
+                .unwrap()
+        })
+    });
     g.finish();
 }
 

@@ -15,6 +15,12 @@ for proxy in meshbench envoy; do
   target/release/meshbench run scenarios/bookinfo-canary.yaml --quick --proxy "$proxy" --out "$out" || status=1
   target/release/meshbench gate --baseline "ci/baseline/bookinfo-canary-quick-$proxy.json" --current "$out/report.json" "$@" || status=1
 done
+# Control-plane scale in its reduced form (a tenth of the proxies and endpoints, half the
+# time): the churn scenario (SotW, then delta) and the capacity sweep. Reports only; the
+# figures of the full runs are in the session notes.
+rm -rf reports/ci/churn reports/ci/sweep
+target/release/meshbench run scenarios/endpoint-churn-10k.yaml --quick --out reports/ci/churn || status=1
+target/release/meshbench sweep scenarios/sweeps/capacity.yaml --quick --out reports/ci/sweep || status=1
 # The same canary on the docker backend (built images, containers), where an engine answers.
 if docker info >/dev/null 2>&1; then
   rm -rf reports/ci/docker

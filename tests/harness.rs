@@ -268,3 +268,100 @@ fn gate_fails_on_a_regression() {
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Endpoint churn with simulated proxies (SotW and delta) while bookinfo serves traffic:
+/// every change reaches every simulated proxy, pilot's costs are reported, traffic sees no
+/// error, nothing is left running.
+#[test]
+fn churn_with_simulated_proxies_reports_propagation_and_cost() {
+    let _serial = serial();
+    let out = out_dir("churn");
+    let o = run(&[
+        "run",
+        root()
+            .join("tests/scenarios/churn-small.yaml")
+            .to_str()
+            .unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let churn = report["churn"].as_array().unwrap();
+    assert_eq!(churn.len(), 2, "{t}");
+    for (c, xds) in churn.iter().zip(["sotw", "delta"]) {
+        assert_eq!(c["xds"], xds);
+        assert_eq!(c["proxies"], 50);
+        assert!(c["changes"].as_u64().unwrap() >= 40, "{c}");
+        assert_eq!(c["missed"], 0, "{c}");
+        assert!(c["receive_ms"]["p99"].as_f64().unwrap() > 0.0, "{c}");
+        assert!(c["ack_ms"]["p99"].as_f64().unwrap() >= c["receive_ms"]["p50"].as_f64().unwrap());
+        // The real sidecars' history is measured too.
+        assert!(c["sidecar_ack_ms"]["p50"].as_f64().is_some(), "{c}");
+        assert!(c["pushes"].as_u64().unwrap() > 0 && c["bytes"].as_u64().unwrap() > 0);
+        assert!(c["pilot_cpu_s"].as_f64().unwrap() > 0.0);
+        assert!(c["sim_bytes"].as_u64().unwrap() > 0);
+    }
+    assert_eq!(report["phases"][0]["load"]["errors"], 0);
+    assert!(leftovers().is_empty(), "processes left: {:?}", leftovers());
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+/// A sweep writes its table, curves and cost model, one fresh pilot per point.
+#[test]
+fn sweep_writes_points_curves_and_a_cost_model() {
+    let _serial = serial();
+    let out = out_dir("sweep");
+    let o = run(&[
+        "sweep",
+        root()
+            .join("tests/scenarios/sweep-tiny.yaml")
+            .to_str()
+            .unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("sweep.json")).unwrap()).unwrap();
+    let points = r["points"].as_array().unwrap();
+    assert_eq!(points.len(), 4);
+    for p in points {
+        assert_eq!(p["churn"]["missed"], 0, "{p}");
+        assert!(p["pilot_hwm_mb"].as_f64().unwrap() > 1.0, "{p}");
+    }
+    // Per group (sotw, delta) a model over proxies for each metric.
+    let fits = r["fits"].as_array().unwrap();
+    assert_eq!(fits.len(), 8, "{fits:?}");
+    assert!(t.contains("Cost model") && t.contains("| sotw |"), "{t}");
+    for f in [
+        "sweep.md",
+        "propagation.svg",
+        "pilot-cpu.svg",
+        "pilot-rss.svg",
+        "bytes.svg",
+    ] {
+        assert!(out.join(f).exists(), "{f}");
+    }
+    assert!(leftovers().is_empty(), "processes left: {:?}", leftovers());
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn bad_sweep_file_exits_2() {
+    let dir = out_dir("badsweep");
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("bad.yaml");
+    std::fs::write(
+        &f,
+        "duration: 3s\nmatrix: {proxies: [], endpoints: [10], rate: [1]}\n",
+    )
+    .unwrap();
+    let o = run(&["sweep", f.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("bad.yaml") && text(&o).contains("at least one value"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

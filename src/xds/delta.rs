@@ -32,6 +32,49 @@ pub fn resource_version(hash: u64) -> String {
     format!("{hash:016x}")
 }
 
+/// What a delta push sends.
+#[derive(Debug)]
+pub struct Diff<'a> {
+    /// Resources the client does not hold at their current version (or forced).
+    pub send: Vec<&'a Resource>,
+    /// Names the client holds that are no longer wanted or no longer exist.
+    pub removed: Vec<String>,
+    /// Names sent that the client held at another version.
+    pub updated: HashSet<String>,
+}
+
+/// The delta between what a client should hold (`desired`) and what it holds (`known`:
+/// name -> version); `forced` names are sent even when held at the current version.
+pub fn diff<'a>(
+    desired: &[&'a Resource],
+    known: &HashMap<String, u64>,
+    forced: &HashSet<String>,
+) -> Diff<'a> {
+    let mut updated = HashSet::new();
+    let send = desired
+        .iter()
+        .copied()
+        .filter(|r| {
+            let held = known.get(&r.name);
+            if held.is_some_and(|h| *h != r.hash) {
+                updated.insert(r.name.clone());
+            }
+            held != Some(&r.hash) || forced.contains(&r.name)
+        })
+        .collect();
+    let names: HashSet<&str> = desired.iter().map(|r| r.name.as_str()).collect();
+    let removed = known
+        .keys()
+        .filter(|n| !names.contains(n.as_str()))
+        .cloned()
+        .collect();
+    Diff {
+        send,
+        removed,
+        updated,
+    }
+}
+
 /// Per stream and type.
 #[derive(Default)]
 struct TypeState {
@@ -237,28 +280,14 @@ impl DeltaConnection {
                 .filter_map(|n| view.get(type_url, n))
                 .collect()
         };
-        let mut updated = HashSet::new();
-        let mut send: Vec<&Resource> = desired
-            .iter()
-            .copied()
-            .filter(|r| {
-                let held = ts.known.get(&r.name);
-                if held.is_some_and(|h| *h != r.hash) {
-                    updated.insert(r.name.clone());
-                }
-                held != Some(&r.hash) || forced.contains(&r.name)
-            })
-            .collect();
+        let Diff {
+            mut send,
+            removed,
+            updated,
+        } = diff(&desired, &ts.known, forced);
         if self.server.full_push && type_url == ENDPOINT_TYPE && !send.is_empty() {
             send = desired.clone();
         }
-        let names: HashSet<&str> = desired.iter().map(|r| r.name.as_str()).collect();
-        let removed: Vec<String> = ts
-            .known
-            .keys()
-            .filter(|n| !names.contains(n.as_str()))
-            .cloned()
-            .collect();
         // The first response of a type goes out even when empty: the client waits for it.
         if send.is_empty() && removed.is_empty() && !ts.nonce.is_empty() {
             return Ok(updated);
