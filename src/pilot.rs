@@ -153,7 +153,8 @@ impl Pilot {
                 (st.mesh.clone(), st.version)
             };
             let t = Instant::now();
-            let snap = Snapshot::build(version, mesh, m.first.at, m.first.at_wall);
+            let prev = snap_tx.borrow().clone();
+            let snap = Snapshot::build_after(&prev, version, mesh, m.first.at, m.first.at_wall);
             metrics.snapshot_build.observe(t.elapsed().as_secs_f64());
             metrics
                 .snapshots_built

@@ -233,7 +233,7 @@ impl DeltaConnection {
             }
             ts.known.remove(n);
         }
-        self.push(type_url, &HashSet::new()).await.map(|_| ())
+        self.push(type_url, &HashSet::new(), None).await.map(|_| ())
     }
 
     /// Pushes what changed for this proxy, in make-before-break order.
@@ -242,7 +242,11 @@ impl DeltaConnection {
             .node
             .as_ref()
             .expect("snapshots are watched once the node is known");
-        self.view = Some(snap.view_from(node, self.view.as_ref()));
+        let old = self.view.take();
+        let view = snap.view_from(node, old.as_ref());
+        // A proxy that holds the previous snapshot needs at most what changed since.
+        let changes = snap.changes_for(old.as_ref(), &view).cloned();
+        self.view = Some(view);
         let mut changed_clusters = HashSet::new();
         for type_url in PUSH_ORDER {
             if !self.types.get(type_url).is_some_and(|t| t.started) {
@@ -253,7 +257,19 @@ impl DeltaConnection {
             } else {
                 HashSet::new()
             };
-            let changed = self.push(type_url, &forced).await?;
+            let only = match changes.as_ref().map(|c| c.get(type_url)) {
+                Some(None) => continue, // listeners kept
+                Some(Some(n)) if n.is_empty() && forced.is_empty() => continue,
+                // Named types: only the changed names; CDS (wildcard) is compared whole.
+                Some(Some(n)) if type_url != CLUSTER_TYPE && !self.server.full_push => Some(
+                    n.iter()
+                        .chain(forced.iter())
+                        .cloned()
+                        .collect::<HashSet<String>>(),
+                ),
+                _ => None,
+            };
+            let changed = self.push(type_url, &forced, only.as_ref()).await?;
             if type_url == CLUSTER_TYPE {
                 changed_clusters = changed;
             }
@@ -265,26 +281,62 @@ impl DeltaConnection {
     /// Sends the resources of `type_url` the client does not hold at their current version
     /// (and those in `forced`), and the names of the ones it holds that are gone. Returns the
     /// names sent that the client already held at another version.
+    /// `only`: compare just these names (the snapshot says nothing else changed).
     async fn push(
         &mut self,
         type_url: &'static str,
         forced: &HashSet<String>,
+        only: Option<&HashSet<String>>,
     ) -> Result<HashSet<String>, Closed> {
         let view = self.view.as_ref().expect("view is set with the node");
         let ts = self.types.get_mut(type_url).expect("type state exists");
-        let desired: Vec<&Resource> = if ts.wildcard {
-            view.all(type_url)
-        } else {
-            ts.subscribed
-                .iter()
-                .filter_map(|n| view.get(type_url, n))
-                .collect()
+        let (
+            desired,
+            Diff {
+                mut send,
+                removed,
+                updated,
+            },
+        ) = match only {
+            Some(names) if !ts.wildcard => {
+                let wanted: Vec<&String> = names
+                    .iter()
+                    .filter(|n| ts.subscribed.contains(*n))
+                    .collect();
+                let desired: Vec<&Resource> = wanted
+                    .iter()
+                    .filter_map(|n| view.get(type_url, n))
+                    .collect();
+                let mut d = diff(&desired, &HashMap::new(), &HashSet::new());
+                d.send
+                    .retain(|r| ts.known.get(&r.name) != Some(&r.hash) || forced.contains(&r.name));
+                d.updated = d
+                    .send
+                    .iter()
+                    .filter(|r| ts.known.contains_key(&r.name))
+                    .map(|r| r.name.clone())
+                    .collect();
+                // Held names that vanished from the snapshot.
+                d.removed = wanted
+                    .iter()
+                    .filter(|n| ts.known.contains_key(**n) && view.get(type_url, n).is_none())
+                    .map(|n| n.to_string())
+                    .collect();
+                (desired, d)
+            }
+            _ => {
+                let desired: Vec<&Resource> = if ts.wildcard {
+                    view.all(type_url)
+                } else {
+                    ts.subscribed
+                        .iter()
+                        .filter_map(|n| view.get(type_url, n))
+                        .collect()
+                };
+                let d = diff(&desired, &ts.known, forced);
+                (desired, d)
+            }
         };
-        let Diff {
-            mut send,
-            removed,
-            updated,
-        } = diff(&desired, &ts.known, forced);
         if self.server.full_push && type_url == ENDPOINT_TYPE && !send.is_empty() {
             send = desired.clone();
         }

@@ -667,7 +667,11 @@ impl Connection {
             .as_ref()
             .expect("snapshots are watched once the node is known");
         // The view is the state every response below is taken from; `send` reads it too.
-        self.view = Some(snap.view_from(node, self.view.as_ref()));
+        let old = self.view.take();
+        let view = snap.view_from(node, old.as_ref());
+        // A proxy that holds the previous snapshot needs at most what changed since.
+        let changes = snap.changes_for(old.as_ref(), &view).cloned();
+        self.view = Some(view);
         let mut changed_clusters: Vec<String> = Vec::new();
         for type_url in PUSH_ORDER {
             let view = self.view.as_ref().expect("set above");
@@ -677,7 +681,35 @@ impl Connection {
             if ts.nonce.is_empty() {
                 continue;
             }
-            let resources: Vec<Resource> = if View::is_wildcard(type_url) {
+            let changed_names = changes.as_ref().map(|c| c.get(type_url));
+            match changed_names {
+                // Listeners kept; clusters unchanged: nothing to compare.
+                Some(None) if type_url == LISTENER_TYPE => continue,
+                Some(Some(n)) if n.is_empty() && changed_clusters.is_empty() => continue,
+                _ => {}
+            }
+            let resources: Vec<Resource> = if let (Some(Some(names)), false) = (
+                changed_names,
+                View::is_wildcard(type_url) || self.server.full_push,
+            ) {
+                // Only the changed names this proxy subscribes to (and clusters CDS changed).
+                let mut out: Vec<Resource> = names
+                    .iter()
+                    .chain(changed_clusters.iter())
+                    .filter(|n| ts.subscribed.contains(*n))
+                    .filter_map(|n| view.get(type_url, n))
+                    .filter(|r| {
+                        ts.sent.get(&r.name) != Some(&r.hash) || changed_clusters.contains(&r.name)
+                    })
+                    .cloned()
+                    .collect();
+                out.sort_by(|a, b| a.name.cmp(&b.name));
+                out.dedup_by(|a, b| a.name == b.name);
+                if out.is_empty() {
+                    continue;
+                }
+                out
+            } else if View::is_wildcard(type_url) {
                 let all = view.all(type_url);
                 let same = all.len() == ts.sent.len()
                     && all.iter().all(|r| ts.sent.get(&r.name) == Some(&r.hash));

@@ -25,6 +25,10 @@ pub struct Snapshot {
     pub clusters: Vec<Resource>,
     pub endpoints: HashMap<String, Resource>,
     pub routes: HashMap<String, Resource>,
+    /// The snapshot this one was compared with, and per type the names that differ from it
+    /// (changed, added or removed): a proxy that holds that one needs at most these.
+    pub prev_version: Option<u64>,
+    pub changed: HashMap<&'static str, std::collections::HashSet<String>>,
     /// Hash of what listeners and inbound clusters are built from (services' namespaces,
     /// selectors and target ports): equal keys let a proxy keep its view's listeners.
     pub listeners_key: u64,
@@ -42,11 +46,67 @@ impl Snapshot {
             changed_at,
             changed_at_wall,
             listeners_key: listeners_key(&mesh),
+            prev_version: None,
+            changed: HashMap::new(),
             clusters: cluster::outbound_clusters(&mesh),
             endpoints: endpoint::assignments(&mesh),
             routes: route::route_configs(&mesh),
             mesh,
         }
+    }
+
+    /// As [`Snapshot::build`], recording what differs from `prev`.
+    pub fn build_after(
+        prev: &Snapshot,
+        version: u64,
+        mesh: Arc<Mesh>,
+        changed_at: Instant,
+        changed_at_wall: SystemTime,
+    ) -> Snapshot {
+        let mut s = Snapshot::build(version, mesh, changed_at, changed_at_wall);
+        fn differ<'a>(
+            a: impl Iterator<Item = &'a Resource> + Clone,
+            b: impl Iterator<Item = &'a Resource> + Clone,
+        ) -> std::collections::HashSet<String> {
+            let index = |it: &mut dyn Iterator<Item = &'a Resource>| -> HashMap<&'a str, u64> {
+                it.map(|r| (r.name.as_str(), r.hash)).collect()
+            };
+            let (ia, ib) = (index(&mut a.clone()), index(&mut b.clone()));
+            ia.iter()
+                .filter(|(n, h)| ib.get(*n) != Some(*h))
+                .map(|(n, _)| n.to_string())
+                .chain(
+                    ib.keys()
+                        .filter(|n| !ia.contains_key(*n))
+                        .map(|n| n.to_string()),
+                )
+                .collect()
+        }
+        s.changed.insert(
+            CLUSTER_TYPE,
+            differ(prev.clusters.iter(), s.clusters.iter()),
+        );
+        s.changed.insert(
+            ENDPOINT_TYPE,
+            differ(prev.endpoints.values(), s.endpoints.values()),
+        );
+        s.changed
+            .insert(ROUTE_TYPE, differ(prev.routes.values(), s.routes.values()));
+        s.prev_version = Some(prev.version);
+        s
+    }
+
+    /// What differs for a proxy whose previous view is `old` and new view `new`: the names
+    /// per type, when `old` was built on the snapshot this one was compared with and the
+    /// listeners were kept; `None` means compare everything.
+    pub fn changes_for(
+        &self,
+        old: Option<&View>,
+        new: &View,
+    ) -> Option<&HashMap<&'static str, std::collections::HashSet<String>>> {
+        let old = old?;
+        (self.prev_version == Some(old.snapshot.version) && new.kept_listeners)
+            .then_some(&self.changed)
     }
 
     /// An empty snapshot (version 0) for a control plane with no config yet.
@@ -67,6 +127,7 @@ impl Snapshot {
                 snapshot: self.clone(),
                 listeners: p.listeners.clone(),
                 inbound_clusters: p.inbound_clusters.clone(),
+                kept_listeners: true,
             },
             _ => self.view(node),
         }
@@ -86,6 +147,7 @@ impl Snapshot {
             snapshot: self.clone(),
             listeners,
             inbound_clusters: inbound,
+            kept_listeners: false,
         }
     }
 }
@@ -109,6 +171,8 @@ pub struct View {
     pub snapshot: Arc<Snapshot>,
     pub listeners: Vec<Resource>,
     pub inbound_clusters: Vec<Resource>,
+    /// Listeners and inbound clusters are the previous view's (nothing they depend on changed).
+    pub kept_listeners: bool,
 }
 
 impl View {
