@@ -310,6 +310,16 @@ impl Mesh {
             Mesh::Docker(d) => d.pilot_pid,
         }
     }
+    /// Admin addresses (POD_IP:15000) of every running sidecar.
+    pub fn sidecar_admins(&self) -> Vec<SocketAddr> {
+        let ips: Vec<String> = match self {
+            Mesh::Local(b) => b.running_pod_ips(),
+            Mesh::Docker(d) => d.running_pod_ips(),
+        };
+        ips.iter()
+            .filter_map(|ip| format!("{ip}:15000").parse().ok())
+            .collect()
+    }
     /// Node ids of every running sidecar.
     pub fn node_ids(&self) -> Vec<String> {
         match self {

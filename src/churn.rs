@@ -84,6 +84,13 @@ pub struct ChurnResult {
     /// The simulated proxies' side: responses and bytes received.
     pub sim_responses: u64,
     pub sim_bytes: u64,
+    /// Real sidecars' data plane after the churn, from their admin `/clusters`: hosts of the
+    /// churned services still there after their removal (stale), registered but absent
+    /// (missing), or with a health status other than the registry's.
+    pub sidecars_checked: usize,
+    pub sidecar_stale_hosts: usize,
+    pub sidecar_missing_hosts: usize,
+    pub sidecar_health_mismatches: usize,
 }
 
 /// The synthetic services, as a Kubernetes manifest: `churn-svc-K`, port 8080, selector
@@ -116,6 +123,9 @@ pub struct Target<'a> {
     pub xds: SocketAddr,
     /// Pilot's (cpu_s, rss_mb) now.
     pub usage: &'a (dyn Fn() -> Option<(f64, f64)> + Sync),
+    /// Admin addresses of the real sidecars (Envoy-style `/clusters?format=json`), whose
+    /// endpoint tables are checked against the registry after the churn.
+    pub sidecar_admins: Vec<SocketAddr>,
 }
 
 /// The synthetic mesh registered so far (kept across churn steps of one run).
@@ -306,6 +316,13 @@ pub async fn run(
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     merge_history(api, &mut history).await;
+    let check = check_sidecars(t, reg, spec.services).await;
+    if check.1 + check.2 + check.3 > 0 {
+        say(format!(
+            "warning: sidecars' endpoint tables differ from the registry: {} stale, {} missing, {} with another health",
+            check.1, check.2, check.3
+        ));
+    }
     let usage1 = (t.usage)();
     if let Some(u) = usage1 {
         peak_rss = peak_rss.max(u.1);
@@ -380,9 +397,92 @@ pub async fn run(
         pilot_peak_rss_mb: peak_rss,
         sim_responses: fleet.responses(),
         sim_bytes: fleet.bytes(),
+        sidecars_checked: check.0,
+        sidecar_stale_hosts: check.1,
+        sidecar_missing_hosts: check.2,
+        sidecar_health_mismatches: check.3,
     };
     fleet.stop().await;
     Ok(result)
+}
+
+/// Waits until every real sidecar ACKed the churn's last version, then compares each one's
+/// endpoint table for the churned services with the registry. Returns (sidecars checked,
+/// stale hosts, missing hosts, health mismatches).
+async fn check_sidecars(
+    t: &Target<'_>,
+    reg: &Registered,
+    services: usize,
+) -> (usize, usize, usize, usize) {
+    if t.sidecar_admins.is_empty() {
+        return (0, 0, 0, 0);
+    }
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(30) {
+        let synced = t.pilot.proxies().await.ok().is_some_and(|v| {
+            v.as_array().into_iter().flatten().all(|p| {
+                p["synced_version"]
+                    .as_u64()
+                    .is_some_and(|s| s >= reg.version)
+            })
+        });
+        if synced {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Service k -> address -> healthy, as registered now.
+    let mut want: Vec<HashMap<String, bool>> = vec![HashMap::new(); services];
+    for (&i, &healthy) in &reg.present {
+        let ip = endpoint(i, services, healthy)["address"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        want[i % services].insert(ip, healthy);
+    }
+    let (mut checked, mut stale, mut missing, mut health) = (0, 0, 0, 0);
+    for admin in &t.sidecar_admins {
+        let Ok((200, _, body)) = HttpClient
+            .request(*admin, "GET", "/clusters?format=json", &[], "")
+            .await
+            .map(|(s, h, b)| (s, h, b))
+        else {
+            continue;
+        };
+        let Ok(v) = serde_json::from_slice::<Value>(&body) else {
+            continue;
+        };
+        checked += 1;
+        for c in v["cluster_statuses"].as_array().into_iter().flatten() {
+            let name = c["name"].as_str().unwrap_or("");
+            let Some(k) = name
+                .strip_prefix("outbound|8080||churn-svc-")
+                .and_then(|r| r.strip_suffix(&format!(".{NAMESPACE}.svc.cluster.local")))
+                .and_then(|k| k.parse::<usize>().ok())
+                .filter(|k| *k < services)
+            else {
+                continue;
+            };
+            let mut seen = 0;
+            for h in c["host_statuses"].as_array().into_iter().flatten() {
+                let ip = h["address"]["socket_address"]["address"]
+                    .as_str()
+                    .unwrap_or("");
+                let healthy = h["health_status"]["eds_health_status"].as_str() == Some("HEALTHY");
+                match want[k].get(ip) {
+                    None => stale += 1,
+                    Some(w) => {
+                        seen += 1;
+                        if *w != healthy {
+                            health += 1;
+                        }
+                    }
+                }
+            }
+            missing += want[k].len().saturating_sub(seen);
+        }
+    }
+    (checked, stale, missing, health)
 }
 
 /// One random change: remove a present endpoint, add an absent one back, or flip health.

@@ -291,10 +291,12 @@ impl Runner<'_> {
                 let pid = self.b.pilot_pid();
                 let usage = move || pid.and_then(proc_stats).map(|s| (s.cpu_s, s.rss_mb));
                 let xds = self.b.pilot_xds();
+                let sidecar_admins = self.b.sidecar_admins();
                 let mut target = crate::churn::Target {
                     pilot: self.b.pilot_mut(),
                     xds,
                     usage: &usage,
+                    sidecar_admins,
                 };
                 let say = |m: String| eprintln!("meshbench:   {m}");
                 let r = crate::churn::run(&mut target, c, &mut self.churn, name, &say).await?;

@@ -263,6 +263,7 @@ pub async fn run(
             pilot: &mut api,
             xds: pilot.xds,
             usage: &usage,
+            sidecar_admins: vec![],
         };
         let say = |m: String| eprintln!("meshbench sweep:   {m}");
         let result = churn::run(

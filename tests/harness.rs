@@ -303,7 +303,16 @@ fn churn_with_simulated_proxies_reports_propagation_and_cost() {
         assert!(c["pushes"].as_u64().unwrap() > 0 && c["bytes"].as_u64().unwrap() > 0);
         assert!(c["pilot_cpu_s"].as_f64().unwrap() > 0.0);
         assert!(c["sim_bytes"].as_u64().unwrap() > 0);
+        // The bookinfo sidecars' endpoint tables match the registry after the churn.
+        assert_eq!(c["sidecars_checked"], 7, "{c}");
+        assert_eq!(c["sidecar_stale_hosts"], 0, "{c}");
+        assert_eq!(c["sidecar_missing_hosts"], 0, "{c}");
+        assert_eq!(c["sidecar_health_mismatches"], 0, "{c}");
     }
+    // Simulated proxies told to ACK 20 ms late do.
+    let lag = churn[1]["ack_ms"]["p50"].as_f64().unwrap()
+        - churn[1]["receive_ms"]["p50"].as_f64().unwrap();
+    assert!(lag >= 19.0, "ACK delay not applied: {lag} ms");
     assert_eq!(report["phases"][0]["load"]["errors"], 0);
     assert!(leftovers().is_empty(), "processes left: {:?}", leftovers());
     std::fs::remove_dir_all(&out).unwrap();

@@ -193,6 +193,14 @@ impl DockerBackend {
             .parse()
             .expect("valid address")
     }
+    pub fn running_pod_ips(&self) -> Vec<String> {
+        self.pods
+            .iter()
+            .chain(std::iter::once(&self.client))
+            .filter(|p| p.running())
+            .map(|p| p.pod_ip.clone())
+            .collect()
+    }
     pub fn node_ids(&self) -> Vec<String> {
         self.pods
             .iter()

@@ -449,7 +449,7 @@ impl AggregatedDiscoveryService for AdsServer {
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
         let inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(32);
+        let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
         let conn = Connection {
             id: self.next_conn.fetch_add(1, Ordering::Relaxed),
             server: self.clone(),
@@ -469,7 +469,7 @@ impl AggregatedDiscoveryService for AdsServer {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        let (tx, rx) = mpsc::channel(32);
+        let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
         let conn = super::delta::DeltaConnection::new(
             self.next_conn.fetch_add(1, Ordering::Relaxed),
             self.clone(),
@@ -481,6 +481,10 @@ impl AggregatedDiscoveryService for AdsServer {
         )))
     }
 }
+
+/// Responses queued per stream ahead of the encoder. Small: with 64 KiB chunks a slow
+/// proxy holds at most this many chunks in pilot's memory, however large its config.
+const RESPONSE_QUEUE: usize = 4;
 
 /// Largest response of a named type (EDS, RDS; every type under delta), in encoded bytes of
 /// its resources; one resource larger than this goes alone.
