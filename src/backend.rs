@@ -73,6 +73,21 @@ impl PodPlan {
     }
 }
 
+/// What the harness reads of a pod on any backend.
+pub trait PodInfo {
+    fn pod_ip(&self) -> &str;
+    fn node_id(&self) -> &str;
+    /// Its sidecar runs.
+    fn running(&self) -> bool;
+}
+
+/// (pod IP, node id) of the pods whose sidecar runs.
+pub fn running<'a, P: PodInfo + 'a>(pods: impl Iterator<Item = &'a P>) -> Vec<(String, String)> {
+    pods.filter(|p| p.running())
+        .map(|p| (p.pod_ip().to_string(), p.node_id().to_string()))
+        .collect()
+}
+
 /// Pods from the manifests' Deployments x replicas, in file order.
 pub fn plan_pods(manifests: &[String], limit: usize) -> Result<Vec<PodPlan>, Error> {
     let mut pods = Vec::new();
@@ -310,22 +325,22 @@ impl Mesh {
             Mesh::Docker(d) => d.pilot_pid,
         }
     }
+    fn running_pods(&self) -> Vec<(String, String)> {
+        match self {
+            Mesh::Local(b) => b.running_pods(),
+            Mesh::Docker(d) => d.running_pods(),
+        }
+    }
     /// Admin addresses (POD_IP:15000) of every running sidecar.
     pub fn sidecar_admins(&self) -> Vec<SocketAddr> {
-        let ips: Vec<String> = match self {
-            Mesh::Local(b) => b.running_pod_ips(),
-            Mesh::Docker(d) => d.running_pod_ips(),
-        };
-        ips.iter()
-            .filter_map(|ip| format!("{ip}:15000").parse().ok())
+        self.running_pods()
+            .iter()
+            .filter_map(|(ip, _)| format!("{ip}:15000").parse().ok())
             .collect()
     }
     /// Node ids of every running sidecar.
     pub fn node_ids(&self) -> Vec<String> {
-        match self {
-            Mesh::Local(b) => b.node_ids(),
-            Mesh::Docker(d) => d.node_ids(),
-        }
+        self.running_pods().into_iter().map(|(_, n)| n).collect()
     }
 
     pub async fn fault(&mut self, f: &FaultStep) -> Result<(), Error> {

@@ -88,6 +88,7 @@ impl Point {
         match m {
             Metric::ReceiveP99 => c.receive_ms.as_ref().map(|d| d.p99),
             Metric::BytesPerChange => Some(c.bytes_per_change),
+            Metric::BytesPerChangePerProxy => Some(c.bytes_per_change_per_proxy),
             Metric::CpuMsPerChange => {
                 (c.changes > 0).then(|| c.pilot_cpu_s * 1000.0 / c.changes as f64)
             }
@@ -100,14 +101,17 @@ impl Point {
 enum Metric {
     ReceiveP99,
     BytesPerChange,
+    BytesPerChangePerProxy,
     CpuMsPerChange,
     PilotRss,
 }
 
 impl Metric {
-    const ALL: [Metric; 4] = [
+    /// What the cost model fits. Bytes are fitted per proxy: a push's bytes are proxies x
+    /// bytes per proxy, which a sum of terms cannot model.
+    const FITTED: [Metric; 4] = [
         Metric::ReceiveP99,
-        Metric::BytesPerChange,
+        Metric::BytesPerChangePerProxy,
         Metric::CpuMsPerChange,
         Metric::PilotRss,
     ];
@@ -115,6 +119,7 @@ impl Metric {
         match self {
             Metric::ReceiveP99 => "p99 change->proxy (ms)",
             Metric::BytesPerChange => "bytes pushed per change",
+            Metric::BytesPerChangePerProxy => "bytes per change per proxy",
             Metric::CpuMsPerChange => "pilot CPU ms per change",
             Metric::PilotRss => "pilot peak RSS (MB)",
         }
@@ -373,7 +378,7 @@ fn fits(points: &[Point]) -> Vec<Fit> {
     }
     let mut out = Vec::new();
     for (group, ps) in groups {
-        for metric in Metric::ALL {
+        for metric in Metric::FITTED {
             let rows: Vec<(f64, f64, f64)> = ps
                 .iter()
                 .filter_map(|p| {
@@ -403,6 +408,10 @@ fn fit(rows: &[(f64, f64, f64)]) -> Option<Fit> {
     }
     let use_p = varies(|r| r.0);
     let use_e = varies(|r| r.1);
+    // A group whose points differ in neither variable has nothing to fit.
+    if !use_p && !use_e {
+        return None;
+    }
     let cols: Vec<Box<dyn Fn(&(f64, f64, f64)) -> f64>> = {
         let mut c: Vec<Box<dyn Fn(&(f64, f64, f64)) -> f64>> = vec![Box::new(|_| 1.0)];
         if use_p {
@@ -654,7 +663,8 @@ mod tests {
         // One varying variable: the other term is left out.
         let f = fit(&[(0.1, 1.0, 2.0), (0.2, 1.0, 4.0)]).unwrap();
         assert!((f.per_1k_proxies - 20.0).abs() < 1e-6 && f.per_1k_endpoints == 0.0);
-        // Too few points for the terms.
+        // Too few points for the terms, or nothing varies.
         assert!(fit(&[]).is_none());
+        assert!(fit(&[(1.0, 10.0, 5.0)]).is_none());
     }
 }

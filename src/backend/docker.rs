@@ -30,7 +30,7 @@ use futures::StreamExt;
 
 use super::{
     envoy_bootstrap, find_pod, plan_pods, sidecar_args, wait_tcp, workload_args, Error, HttpClient,
-    Options, PilotApi, PodPlan, ENVOY_ARGS,
+    Options, PilotApi, PodInfo, PodPlan, ENVOY_ARGS,
 };
 use crate::report::{ProcessCost, Resources};
 use crate::scenario::{FaultStep, ProxyKind};
@@ -138,6 +138,18 @@ pub struct Pod {
     containers: Containers,
 }
 
+impl super::PodInfo for Pod {
+    fn pod_ip(&self) -> &str {
+        &self.pod_ip
+    }
+    fn node_id(&self) -> &str {
+        &self.node_id
+    }
+    fn running(&self) -> bool {
+        self.containers.sidecar.is_some()
+    }
+}
+
 impl Pod {
     fn new(plan: PodPlan, pod_ip: String) -> Pod {
         Pod {
@@ -146,9 +158,6 @@ impl Pod {
             pod_ip,
             containers: Containers::default(),
         }
-    }
-    fn running(&self) -> bool {
-        self.containers.sidecar.is_some()
     }
 }
 
@@ -193,21 +202,9 @@ impl DockerBackend {
             .parse()
             .expect("valid address")
     }
-    pub fn running_pod_ips(&self) -> Vec<String> {
-        self.pods
-            .iter()
-            .chain(std::iter::once(&self.client))
-            .filter(|p| p.running())
-            .map(|p| p.pod_ip.clone())
-            .collect()
-    }
-    pub fn node_ids(&self) -> Vec<String> {
-        self.pods
-            .iter()
-            .chain(std::iter::once(&self.client))
-            .filter(|p| p.running())
-            .map(|p| p.node_id.clone())
-            .collect()
+    /// (pod IP, node id) of every pod whose sidecar runs, the load client's included.
+    pub fn running_pods(&self) -> Vec<(String, String)> {
+        super::running(self.pods.iter().chain(std::iter::once(&self.client)))
     }
 
     /// Builds (or finds) the images, creates the network, pilot, every pod and the load

@@ -15,7 +15,7 @@ use tokio::process::{Child, Command};
 
 use super::{
     envoy_bootstrap, find_pod, plan_pods, sidecar_args, wait_tcp, workload_args, Error, Options,
-    PilotApi, PodPlan, ENVOY_ARGS,
+    PilotApi, PodInfo, PodPlan, ENVOY_ARGS,
 };
 use crate::measure::proc_stats;
 use crate::report::{ProcessCost, Resources};
@@ -33,6 +33,18 @@ pub struct Pod {
     sidecar: Option<Child>,
 }
 
+impl super::PodInfo for Pod {
+    fn pod_ip(&self) -> &str {
+        &self.pod_ip
+    }
+    fn node_id(&self) -> &str {
+        &self.node_id
+    }
+    fn running(&self) -> bool {
+        self.sidecar.is_some()
+    }
+}
+
 impl Pod {
     fn new(plan: PodPlan, pod_ip: String, app_ip: String) -> Pod {
         Pod {
@@ -46,9 +58,6 @@ impl Pod {
     }
     pub fn sidecar_pid(&self) -> Option<u32> {
         self.sidecar.as_ref().and_then(|c| c.id())
-    }
-    pub fn running(&self) -> bool {
-        self.sidecar.is_some()
     }
 }
 
@@ -101,21 +110,9 @@ impl LocalBackend {
             .parse()
             .expect("valid address")
     }
-    pub fn running_pod_ips(&self) -> Vec<String> {
-        self.pods
-            .iter()
-            .chain(std::iter::once(&self.client))
-            .filter(|p| p.running())
-            .map(|p| p.pod_ip.clone())
-            .collect()
-    }
-    pub fn node_ids(&self) -> Vec<String> {
-        self.pods
-            .iter()
-            .chain(std::iter::once(&self.client))
-            .filter(|p| p.running())
-            .map(|p| p.node_id.clone())
-            .collect()
+    /// (pod IP, node id) of every pod whose sidecar runs, the load client's included.
+    pub fn running_pods(&self) -> Vec<(String, String)> {
+        super::running(self.pods.iter().chain(std::iter::once(&self.client)))
     }
 
     /// Starts pilot, applies manifests and initial config, starts every pod and the client.

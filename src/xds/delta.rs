@@ -20,10 +20,10 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 };
 use prost::Message;
 use tokio::sync::{mpsc, watch};
-use tonic::{Status, Streaming};
+use tonic::Status;
 
 use super::node::NodeInfo;
-use super::server::AdsServer;
+use super::server::{first_node, no_node, AdsConnection, AdsServer, Closed};
 use super::snapshot::{Snapshot, View};
 use super::*;
 
@@ -100,8 +100,28 @@ pub(super) struct DeltaConnection {
     pub tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
 }
 
-/// The stream is gone; stop.
-struct Closed;
+impl AdsConnection for DeltaConnection {
+    type Request = DeltaDiscoveryRequest;
+    fn id(&self) -> u64 {
+        self.id
+    }
+    fn server(&self) -> &AdsServer {
+        &self.server
+    }
+    fn has_node(&self) -> bool {
+        self.node.is_some()
+    }
+    async fn on_request(
+        &mut self,
+        req: DeltaDiscoveryRequest,
+        snapshots: &mut watch::Receiver<Arc<Snapshot>>,
+    ) -> Result<(), Closed> {
+        DeltaConnection::on_request(self, req, snapshots).await
+    }
+    async fn on_snapshot(&mut self, snap: Arc<Snapshot>) -> Result<(), Closed> {
+        DeltaConnection::on_snapshot(self, snap).await
+    }
+}
 
 impl DeltaConnection {
     pub fn new(
@@ -120,39 +140,6 @@ impl DeltaConnection {
         }
     }
 
-    pub async fn run(
-        mut self,
-        mut inbound: Streaming<DeltaDiscoveryRequest>,
-        mut snapshots: watch::Receiver<Arc<Snapshot>>,
-    ) {
-        loop {
-            tokio::select! {
-                msg = inbound.message() => match msg {
-                    Ok(Some(req)) => {
-                        if self.on_request(req, &mut snapshots).await.is_err() {
-                            break;
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(status) => {
-                        tracing::debug!(conn = self.id, %status, "delta ADS stream ended");
-                        break;
-                    }
-                },
-                changed = snapshots.changed(), if self.node.is_some() => {
-                    if changed.is_err() {
-                        break;
-                    }
-                    let snap = snapshots.borrow_and_update().clone();
-                    if self.on_snapshot(snap).await.is_err() {
-                        break;
-                    }
-                }
-            }
-        }
-        self.server.unregister(self.id);
-    }
-
     async fn on_request(
         &mut self,
         req: DeltaDiscoveryRequest,
@@ -163,19 +150,13 @@ impl DeltaConnection {
             return Ok(());
         };
         if self.node.is_none() {
-            let Some(node) = req.node.as_ref() else {
-                let _ = self
-                    .tx
-                    .send(Err(Status::invalid_argument(
-                        "the first request on an ADS stream must carry the node",
-                    )))
-                    .await;
+            let Some((info, view)) =
+                first_node(&self.server, self.id, req.node.as_ref(), snapshots)
+            else {
+                let _ = self.tx.send(Err(no_node())).await;
                 return Err(Closed);
             };
-            let info = NodeInfo::from_node(node);
-            self.server.register(self.id, &info);
-            let snap = snapshots.borrow_and_update().clone();
-            self.view = Some(snap.view(&info));
+            self.view = Some(view);
             self.node = Some(info);
         }
         let ts = self.types.entry(type_url).or_default();

@@ -459,7 +459,7 @@ impl AggregatedDiscoveryService for AdsServer {
             nonce: 0,
             tx,
         };
-        tokio::spawn(conn.run(inbound, self.snapshots.clone()));
+        tokio::spawn(drive(conn, inbound, self.snapshots.clone()));
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
@@ -475,7 +475,7 @@ impl AggregatedDiscoveryService for AdsServer {
             self.clone(),
             tx,
         );
-        tokio::spawn(conn.run(request.into_inner(), self.snapshots.clone()));
+        tokio::spawn(drive(conn, request.into_inner(), self.snapshots.clone()));
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
@@ -534,42 +534,103 @@ struct Connection {
 }
 
 /// The stream is gone; stop.
-struct Closed;
+pub(super) struct Closed;
 
-impl Connection {
-    async fn run(
-        mut self,
-        mut inbound: Streaming<DiscoveryRequest>,
-        mut snapshots: watch::Receiver<Arc<Snapshot>>,
-    ) {
-        loop {
-            tokio::select! {
-                msg = inbound.message() => match msg {
-                    Ok(Some(req)) => {
-                        if self.on_request(req, &mut snapshots).await.is_err() {
-                            break;
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(status) => {
-                        tracing::debug!(conn = self.id, %status, "ADS stream ended");
-                        break;
-                    }
-                },
-                changed = snapshots.changed(), if self.node.is_some() => {
-                    if changed.is_err() {
-                        break;
-                    }
-                    let snap = snapshots.borrow_and_update().clone();
-                    if self.on_snapshot(snap).await.is_err() {
+/// What the SotW and the delta streams have in common: requests of their own type, and
+/// snapshots to push once the node is known. [`drive`] runs either until the stream ends.
+pub(super) trait AdsConnection: Send {
+    type Request: prost::Message + Default + Send + 'static;
+    fn id(&self) -> u64;
+    fn server(&self) -> &AdsServer;
+    fn has_node(&self) -> bool;
+    fn on_request(
+        &mut self,
+        req: Self::Request,
+        snapshots: &mut watch::Receiver<Arc<Snapshot>>,
+    ) -> impl std::future::Future<Output = Result<(), Closed>> + Send;
+    fn on_snapshot(
+        &mut self,
+        snap: Arc<Snapshot>,
+    ) -> impl std::future::Future<Output = Result<(), Closed>> + Send;
+}
+
+pub(super) async fn drive<C: AdsConnection>(
+    mut c: C,
+    mut inbound: Streaming<C::Request>,
+    mut snapshots: watch::Receiver<Arc<Snapshot>>,
+) {
+    loop {
+        tokio::select! {
+            msg = inbound.message() => match msg {
+                Ok(Some(req)) => {
+                    if c.on_request(req, &mut snapshots).await.is_err() {
                         break;
                     }
                 }
+                Ok(None) => break,
+                Err(status) => {
+                    tracing::debug!(conn = c.id(), %status, "ADS stream ended");
+                    break;
+                }
+            },
+            changed = snapshots.changed(), if c.has_node() => {
+                if changed.is_err() {
+                    break;
+                }
+                let snap = snapshots.borrow_and_update().clone();
+                if c.on_snapshot(snap).await.is_err() {
+                    break;
+                }
             }
         }
-        self.server.unregister(self.id);
     }
+    c.server().unregister(c.id());
+}
 
+/// The first request of a stream names the node: registers it and returns its first view;
+/// `None` when the node is missing (the stream is then refused).
+pub(super) fn first_node(
+    server: &AdsServer,
+    conn: u64,
+    node: Option<&envoy_types::pb::envoy::config::core::v3::Node>,
+    snapshots: &mut watch::Receiver<Arc<Snapshot>>,
+) -> Option<(NodeInfo, View)> {
+    let info = NodeInfo::from_node(node?);
+    server.register(conn, &info);
+    let snap = snapshots.borrow_and_update().clone();
+    let view = snap.view(&info);
+    Some((info, view))
+}
+
+/// The error sent when the first request lacks the node.
+pub(super) fn no_node() -> Status {
+    Status::invalid_argument("the first request on an ADS stream must carry the node")
+}
+
+impl AdsConnection for Connection {
+    type Request = DiscoveryRequest;
+    fn id(&self) -> u64 {
+        self.id
+    }
+    fn server(&self) -> &AdsServer {
+        &self.server
+    }
+    fn has_node(&self) -> bool {
+        self.node.is_some()
+    }
+    async fn on_request(
+        &mut self,
+        req: DiscoveryRequest,
+        snapshots: &mut watch::Receiver<Arc<Snapshot>>,
+    ) -> Result<(), Closed> {
+        Connection::on_request(self, req, snapshots).await
+    }
+    async fn on_snapshot(&mut self, snap: Arc<Snapshot>) -> Result<(), Closed> {
+        Connection::on_snapshot(self, snap).await
+    }
+}
+
+impl Connection {
     async fn on_request(
         &mut self,
         req: DiscoveryRequest,
@@ -580,19 +641,13 @@ impl Connection {
             return Ok(());
         };
         if self.node.is_none() {
-            let Some(node) = req.node.as_ref() else {
-                let _ = self
-                    .tx
-                    .send(Err(Status::invalid_argument(
-                        "the first request on an ADS stream must carry the node",
-                    )))
-                    .await;
+            let Some((info, view)) =
+                first_node(&self.server, self.id, req.node.as_ref(), snapshots)
+            else {
+                let _ = self.tx.send(Err(no_node())).await;
                 return Err(Closed);
             };
-            let info = NodeInfo::from_node(node);
-            self.server.register(self.id, &info);
-            let snap = snapshots.borrow_and_update().clone();
-            self.view = Some(snap.view(&info));
+            self.view = Some(view);
             self.node = Some(info);
         }
         let ts = self.types.entry(type_url).or_default();
