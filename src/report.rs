@@ -366,7 +366,10 @@ fn html_page(r: &Report, charts: &[(String, String)]) -> String {
         esc(&r.scenario),
         if r.passed { "pass" } else { "fail" },
         if r.passed { "PASSED" } else { "FAILED" },
-        r.backend,
+        match &r.engine {
+            Some(e) => format!("{} ({})", r.backend, esc(e)),
+            None => r.backend.clone(),
+        },
         r.proxy,
         r.meshbench_version,
         esc(&r.commit),
@@ -412,6 +415,32 @@ fn html_page(r: &Report, charts: &[(String, String)]) -> String {
             opt(&p.ack_ms, |d| d.max),
             opt(&p.data_plane_ms, |d| d.p50)
         ));
+    }
+    if !r.churn.is_empty() {
+        h.push_str("</table><h2>Endpoint churn</h2><table><tr><th>churn</th><th>ADS</th><th>simulated proxies</th><th>endpoints</th><th>changes</th><th>receive p50 ms</th><th>receive p99 ms</th><th>receive max ms</th><th>ACK p99 ms</th><th>last proxy p99 ms</th><th>sidecar ACK p99 ms</th><th>B/change</th><th>B/change/proxy</th><th>pilot CPU s</th><th>pilot peak RSS MB</th><th>missed</th><th>sidecar stale/missing</th></tr>\n");
+        for c in &r.churn {
+            h.push_str(&format!(
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.0}</td><td>{:.1}</td><td>{:.2}</td><td>{:.0}</td><td>{}</td><td>{}/{}</td></tr>\n",
+                esc(&c.name),
+                c.xds,
+                c.proxies,
+                c.endpoints,
+                c.changes,
+                opt(&c.receive_ms, |d| d.p50),
+                opt(&c.receive_ms, |d| d.p99),
+                opt(&c.receive_ms, |d| d.max),
+                opt(&c.ack_ms, |d| d.p99),
+                opt(&c.last_proxy_ms, |d| d.p99),
+                opt(&c.sidecar_ack_ms, |d| d.p99),
+                c.bytes_per_change,
+                c.bytes_per_change_per_proxy,
+                c.pilot_cpu_s,
+                c.pilot_peak_rss_mb,
+                c.missed,
+                c.sidecar_stale_hosts,
+                c.sidecar_missing_hosts
+            ));
+        }
     }
     h.push_str(
         "</table><h2>Cost</h2><table><tr><th>process</th><th>CPU s</th><th>peak RSS MB</th></tr>\n",
@@ -463,9 +492,12 @@ pub fn churn_line(c: &crate::churn::ChurnResult) -> String {
 
 pub fn summary(r: &Report) -> String {
     let mut s = format!(
-        "\n{} on {} with {} sidecars: {}\n",
+        "\n{} on {}{} with {} sidecars: {}\n",
         r.scenario,
         r.backend,
+        r.engine
+            .as_ref()
+            .map_or(String::new(), |e| format!(" ({e})")),
         r.proxy,
         if r.passed { "PASSED" } else { "FAILED" }
     );

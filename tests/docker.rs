@@ -123,7 +123,10 @@ fn canary(proxy: &str) {
     );
     let t = text(&o);
     assert_eq!(o.status.code(), Some(0), "{t}");
-    assert!(t.contains("PASSED") && t.contains("on docker"), "{t}");
+    assert!(
+        t.contains("PASSED") && t.contains("on docker (Docker "),
+        "{t}"
+    );
     assert_eq!(report["backend"], "docker");
     assert!(
         report["engine"].as_str().unwrap().starts_with("Docker "),

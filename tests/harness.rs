@@ -314,6 +314,8 @@ fn churn_with_simulated_proxies_reports_propagation_and_cost() {
         - churn[1]["receive_ms"]["p50"].as_f64().unwrap();
     assert!(lag >= 19.0, "ACK delay not applied: {lag} ms");
     assert_eq!(report["phases"][0]["load"]["errors"], 0);
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(html.contains("Endpoint churn") && html.contains("<td>delta</td>"));
     assert!(leftovers().is_empty(), "processes left: {:?}", leftovers());
     std::fs::remove_dir_all(&out).unwrap();
 }
