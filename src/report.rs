@@ -356,7 +356,8 @@ fn esc(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
-fn opt(d: &Option<Dist>, f: impl Fn(&Dist) -> f64) -> String {
+/// A distribution figure with one decimal, or "-" when nothing was measured.
+pub(crate) fn opt(d: &Option<Dist>, f: impl Fn(&Dist) -> f64) -> String {
     d.as_ref().map_or("-".into(), |d| format!("{:.1}", f(d)))
 }
 
@@ -462,7 +463,6 @@ fn html_page(r: &Report, charts: &[(String, String)]) -> String {
     h
 }
 
-/// The terminal summary printed at the end of a run.
 /// One line for a churn: propagation to the simulated proxies, bytes, pilot's cost.
 pub fn churn_line(c: &crate::churn::ChurnResult) -> String {
     format!(
@@ -490,6 +490,7 @@ pub fn churn_line(c: &crate::churn::ChurnResult) -> String {
     )
 }
 
+/// The terminal summary printed at the end of a run.
 pub fn summary(r: &Report) -> String {
     let mut s = format!(
         "\n{} on {}{} with {} sidecars: {}\n",

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::backend::{wait_tcp, Error, PilotApi};
 use crate::churn::{self, ChurnResult, ChurnSpec, Registered};
 use crate::measure::proc_stats;
+use crate::report::opt;
 use crate::scenario::Dur;
 use crate::xds::XdsMode;
 
@@ -493,9 +494,6 @@ pub fn table(r: &SweepReport) -> String {
         r.duration_s,
         r.machine.cores
     );
-    let d = |x: &Option<crate::report::Dist>, f: fn(&crate::report::Dist) -> f64| {
-        x.as_ref().map_or("-".into(), |d| format!("{:.1}", f(d)))
-    };
     for p in &r.points {
         let c = &p.churn;
         s.push_str(&format!(
@@ -507,10 +505,10 @@ pub fn table(r: &SweepReport) -> String {
             p.proxies,
             p.endpoints,
             c.changes,
-            d(&c.receive_ms, |d| d.p50),
-            d(&c.receive_ms, |d| d.p99),
-            d(&c.receive_ms, |d| d.max),
-            d(&c.last_proxy_ms, |d| d.p99),
+            opt(&c.receive_ms, |d| d.p50),
+            opt(&c.receive_ms, |d| d.p99),
+            opt(&c.receive_ms, |d| d.max),
+            opt(&c.last_proxy_ms, |d| d.p99),
             c.bytes_per_change,
             c.bytes_per_change_per_proxy,
             c.pilot_cpu_s,

@@ -182,8 +182,6 @@ pub struct DockerBackend {
     client: Pod,
     meshbench_image: String,
     envoy_image: Option<String>,
-    /// Seconds spent building images (0 when both were cached).
-    pub image_build_s: f64,
     /// Pilot's process as this host sees it (for CPU and memory during a churn).
     pub pilot_pid: Option<u32>,
 }
@@ -219,11 +217,9 @@ impl DockerBackend {
             Error::Environment(format!("cannot create {}: {e}", opts.log_dir.display()))
         })?;
         let plans = plan_pods(manifests, POD_LIMIT)?;
-        let mut image_build_s = 0.0;
-        let mut image = |b: image::Built| {
+        let image = |b: image::Built| {
             if let Some(s) = b.build_s {
                 eprintln!("meshbench: built image {} in {s:.1} s", b.tag);
-                image_build_s += s;
             }
             b.tag
         };
@@ -257,7 +253,6 @@ impl DockerBackend {
             pilot: None,
             meshbench_image,
             envoy_image,
-            image_build_s,
             pilot_pid: None,
         };
         b.start_pilot().await?;

@@ -111,34 +111,6 @@ impl AdsConnection for DeltaConnection {
     fn has_node(&self) -> bool {
         self.node.is_some()
     }
-    async fn on_request(
-        &mut self,
-        req: DeltaDiscoveryRequest,
-        snapshots: &mut watch::Receiver<Arc<Snapshot>>,
-    ) -> Result<(), Closed> {
-        DeltaConnection::on_request(self, req, snapshots).await
-    }
-    async fn on_snapshot(&mut self, snap: Arc<Snapshot>) -> Result<(), Closed> {
-        DeltaConnection::on_snapshot(self, snap).await
-    }
-}
-
-impl DeltaConnection {
-    pub fn new(
-        id: u64,
-        server: AdsServer,
-        tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
-    ) -> DeltaConnection {
-        DeltaConnection {
-            id,
-            server,
-            node: None,
-            view: None,
-            types: HashMap::new(),
-            nonce: 0,
-            tx,
-        }
-    }
 
     async fn on_request(
         &mut self,
@@ -226,7 +198,7 @@ impl DeltaConnection {
         let old = self.view.take();
         let view = snap.view_from(node, old.as_ref());
         // A proxy that holds the previous snapshot needs at most what changed since.
-        let changes = snap.changes_for(old.as_ref(), &view).cloned();
+        let changes = snap.changes_for(old.as_ref(), &view);
         self.view = Some(view);
         let mut changed_clusters = HashSet::new();
         for type_url in PUSH_ORDER {
@@ -257,6 +229,24 @@ impl DeltaConnection {
         }
         self.check_synced();
         Ok(())
+    }
+}
+
+impl DeltaConnection {
+    pub fn new(
+        id: u64,
+        server: AdsServer,
+        tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    ) -> DeltaConnection {
+        DeltaConnection {
+            id,
+            server,
+            node: None,
+            view: None,
+            types: HashMap::new(),
+            nonce: 0,
+            tx,
+        }
     }
 
     /// Sends the resources of `type_url` the client does not hold at their current version

@@ -618,19 +618,7 @@ impl AdsConnection for Connection {
     fn has_node(&self) -> bool {
         self.node.is_some()
     }
-    async fn on_request(
-        &mut self,
-        req: DiscoveryRequest,
-        snapshots: &mut watch::Receiver<Arc<Snapshot>>,
-    ) -> Result<(), Closed> {
-        Connection::on_request(self, req, snapshots).await
-    }
-    async fn on_snapshot(&mut self, snap: Arc<Snapshot>) -> Result<(), Closed> {
-        Connection::on_snapshot(self, snap).await
-    }
-}
 
-impl Connection {
     async fn on_request(
         &mut self,
         req: DiscoveryRequest,
@@ -729,7 +717,7 @@ impl Connection {
         let old = self.view.take();
         let view = snap.view_from(node, old.as_ref());
         // A proxy that holds the previous snapshot needs at most what changed since.
-        let changes = snap.changes_for(old.as_ref(), &view).cloned();
+        let changes = snap.changes_for(old.as_ref(), &view);
         self.view = Some(view);
         let mut changed_clusters: Vec<String> = Vec::new();
         for type_url in PUSH_ORDER {
@@ -809,7 +797,9 @@ impl Connection {
         self.check_synced();
         Ok(())
     }
+}
 
+impl Connection {
     /// Sends `resources`; EDS and RDS (named types) in responses of at most [`CHUNK_BYTES`],
     /// which bounds what each stream's encoder buffers (and keeps) to that size instead of
     /// the whole assignment set. Only the last response's ACK counts (the earlier nonces are
