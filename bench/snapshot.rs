@@ -87,7 +87,7 @@ fn bench(c: &mut Criterion) {
     *known.values_mut().next().unwrap() ^= 1;
     let forced = Default::default();
     g.bench_function("delta_diff_one_change", |b| {
-        b.iter(|| meshbench::xds::delta::diff(&desired, &known, &forced))
+        b.iter(|| meshbench::xds::ads::delta::diff(&desired, &known, &forced))
     });
     g.finish();
 

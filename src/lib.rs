@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod bench;
 pub mod churn;
+pub mod clock;
 pub mod config;
 pub mod gate;
 pub mod load;

@@ -27,8 +27,9 @@ use tokio::sync::{mpsc, watch};
 use crate::config;
 use crate::model::{ConfigError, ConfigSet, Key, Kind, Mesh, Workload};
 use crate::shutdown::Shutdown;
+use crate::xds::ads::ledger::Ledger;
+use crate::xds::ads::AdsServer;
 use crate::xds::debounce::{Change, Debounce};
-use crate::xds::server::{AdsServer, Metrics, Tracker};
 use crate::xds::snapshot::Snapshot;
 
 pub const DEFAULT_XDS_ADDR: &str = "127.0.0.1:15010";
@@ -83,8 +84,8 @@ pub struct Pilot {
     state: Mutex<State_>,
     changes: mpsc::UnboundedSender<Change>,
     snapshots: watch::Receiver<Arc<Snapshot>>,
-    pub tracker: Arc<Tracker>,
-    pub metrics: Arc<Metrics>,
+    /// Pushes, ACKs and NACKs per proxy, and the counters of `/metrics`.
+    pub ledger: Arc<Ledger>,
     full_push: bool,
 }
 
@@ -119,7 +120,7 @@ impl Pilot {
             tracing::warn!("{w}");
         }
         let mesh = Arc::new(mesh);
-        let metrics = Arc::new(Metrics::default());
+        let ledger = Arc::new(Ledger::default());
         let first = Snapshot::build(
             version,
             mesh.clone(),
@@ -137,8 +138,7 @@ impl Pilot {
             }),
             changes,
             snapshots: snap_rx,
-            tracker: Arc::new(Tracker::default()),
-            metrics: metrics.clone(),
+            ledger: ledger.clone(),
             full_push: cfg.full_push,
         });
         let weak = Arc::downgrade(&pilot);
@@ -155,8 +155,12 @@ impl Pilot {
             let t = Instant::now();
             let prev = snap_tx.borrow().clone();
             let snap = Snapshot::build_after(&prev, version, mesh, m.first.at, m.first.at_wall);
-            metrics.snapshot_build.observe(t.elapsed().as_secs_f64());
-            metrics
+            ledger
+                .metrics
+                .snapshot_build
+                .observe(t.elapsed().as_secs_f64());
+            ledger
+                .metrics
                 .snapshots_built
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::info!(
@@ -316,7 +320,7 @@ impl Pilot {
         st.version += 1;
         let change = Change::now(st.version);
         st.accepted
-            .insert(st.version, crate::xds::server::unix_ms(change.at_wall));
+            .insert(st.version, crate::clock::unix_ms(change.at_wall));
         while st.accepted.len() > 1024 {
             st.accepted.pop_first();
         }
@@ -330,11 +334,7 @@ impl Pilot {
     }
 
     pub fn ads(&self) -> AdsServer {
-        let mut ads = AdsServer::new(
-            self.snapshots.clone(),
-            self.tracker.clone(),
-            self.metrics.clone(),
-        );
+        let mut ads = AdsServer::new(Arc::new(self.snapshots.clone()), self.ledger.clone());
         ads.full_push = self.full_push;
         ads
     }
@@ -432,7 +432,7 @@ pub fn router(pilot: Arc<Pilot>) -> Router {
             get(
                 |State(p): State<Arc<Pilot>>, Query(q): Query<ProxiesQuery>| async move {
                     let ns = q.exclude_namespace.unwrap_or_default();
-                    Json(p.tracker.list_where(|s| s.node.namespace != ns))
+                    Json(p.ledger.tracker.list_where(|s| s.node.namespace != ns))
                 },
             ),
         )
@@ -533,7 +533,7 @@ async fn endpoints(State(p): State<Arc<Pilot>>, body: Bytes) -> Response {
 }
 
 async fn metrics(State(p): State<Arc<Pilot>>) -> Response {
-    let mut text = p.metrics.render();
+    let mut text = p.ledger.metrics.render();
     text.push_str(&format!(
         "# HELP meshbench_pilot_config_version Latest accepted config version\n# TYPE meshbench_pilot_config_version gauge\nmeshbench_pilot_config_version {}\n",
         p.version()

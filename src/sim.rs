@@ -28,8 +28,8 @@ use rand::Rng;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::clock::unix_ms;
 use crate::proxy::resources::{self, RouteSource};
-use crate::xds::server::unix_ms;
 use crate::xds::{
     node, XdsMode, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, PUSH_ORDER, ROUTE_TYPE,
 };

@@ -3,18 +3,17 @@
 //! front of it, and the Envoy bootstrap that points a real Envoy at it.
 //!
 //! Layering: `cluster`, `endpoint`, `route`, `listener` know the mesh and Envoy's protos but no
-//! streams; `server` knows streams, nonces and versions but nothing of the mesh; `snapshot` is
+//! streams; `ads` knows streams, nonces and versions but nothing of the mesh; `snapshot` is
 //! the seam between them.
 
+pub mod ads;
 pub mod bootstrap;
 pub mod cluster;
 pub mod debounce;
-pub mod delta;
 pub mod endpoint;
 pub mod listener;
 pub mod node;
 pub mod route;
-pub mod server;
 pub mod snapshot;
 
 use std::hash::{Hash, Hasher};

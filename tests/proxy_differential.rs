@@ -58,6 +58,9 @@ fn vs(host: &str, http: &str) -> String {
     format!("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {host}}}\nspec:\n  hosts: [{host}]\n  http:\n{http}")
 }
 
+/// How early Envoy's timers may fire (see step 10).
+const TIMER_SLACK: Duration = Duration::from_millis(5);
+
 /// What one request produced.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 struct Outcome {
@@ -402,10 +405,14 @@ async fn envoy_and_meshbench_proxy_agree_case_by_case() {
         let mut c = Client::connect(s.outbound).await.unwrap();
         let t = std::time::Instant::now();
         let r = c.get("echo:9080", "/").await.unwrap();
+        // Envoy arms its fault timer on a coarse clock: measured here, 7 of 60 delays of
+        // 150 ms took 148.4-149.9 ms end to end (meshbench proxy: 151.6 ms at least). An
+        // undelayed request takes about 1 ms, so the bound still proves the fault applies.
         assert!(
-            t.elapsed() >= Duration::from_millis(150),
-            "{}: no delay",
-            s.name
+            t.elapsed() >= Duration::from_millis(150) - TIMER_SLACK,
+            "{}: no delay ({:?})",
+            s.name,
+            t.elapsed()
         );
         assert_eq!(r.status, 200);
         let generated = r

@@ -5,7 +5,7 @@
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::google::protobuf::{value::Kind as ValueKind, Struct};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::model::{Labels, DEFAULT_NAMESPACE, DOMAIN_SUFFIX};
 
@@ -13,7 +13,7 @@ pub const APP_IP_KEY: &str = "APP_IP";
 pub const LABELS_KEY: &str = "LABELS";
 pub const DEFAULT_APP_IP: &str = "127.0.0.1";
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeInfo {
     pub id: String,
     pub cluster: String,

@@ -1,7 +1,7 @@
 //! The delta ADS stream (`DeltaAggregatedResources`): per-resource versions (the content
 //! hash), so a change sends only the resources that changed and names the ones removed.
 //!
-//! Rules (XDS-NOTES.md, "Delta specifics"):
+//! Rules (docs/xds-notes.md, "Delta specifics"):
 //! - CDS and LDS start as wildcard subscriptions (empty `resource_names_subscribe` or `*`);
 //!   EDS and RDS subscribe by name, and subscriptions change by later requests with no nonce;
 //! - `initial_resource_versions` (after a reconnect) says what the client holds: a resource it
@@ -22,10 +22,11 @@ use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
-use super::node::NodeInfo;
-use super::server::{first_node, no_node, AdsConnection, AdsServer, Closed};
-use super::snapshot::{Snapshot, View};
-use super::*;
+use super::ledger::Ledger;
+use super::stream::{chunks, first_node, no_node, AdsConnection, Closed, StreamCtx};
+use crate::xds::node::NodeInfo;
+use crate::xds::snapshot::{Snapshot, View};
+use crate::xds::{type_short, Resource, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, PUSH_ORDER};
 
 /// The version string of a resource: its content hash.
 pub fn resource_version(hash: u64) -> String {
@@ -90,23 +91,22 @@ struct TypeState {
     nacked: bool,
 }
 
-pub(super) struct DeltaConnection {
-    pub id: u64,
-    pub server: AdsServer,
-    pub node: Option<NodeInfo>,
-    pub view: Option<View>,
+pub struct DeltaConnection {
+    ctx: StreamCtx,
+    node: Option<NodeInfo>,
+    view: Option<View>,
     types: HashMap<&'static str, TypeState>,
     nonce: u64,
-    pub tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
 }
 
 impl AdsConnection for DeltaConnection {
     type Request = DeltaDiscoveryRequest;
     fn id(&self) -> u64 {
-        self.id
+        self.ctx.id
     }
-    fn server(&self) -> &AdsServer {
-        &self.server
+    fn ledger(&self) -> &Ledger {
+        &self.ctx.ledger
     }
     fn has_node(&self) -> bool {
         self.node.is_some()
@@ -118,12 +118,12 @@ impl AdsConnection for DeltaConnection {
         snapshots: &mut watch::Receiver<Arc<Snapshot>>,
     ) -> Result<(), Closed> {
         let Some(type_url) = PUSH_ORDER.iter().copied().find(|t| *t == req.type_url) else {
-            tracing::warn!(conn = self.id, type_url = %req.type_url, "delta request for an unknown type ignored");
+            tracing::warn!(conn = self.ctx.id, type_url = %req.type_url, "delta request for an unknown type ignored");
             return Ok(());
         };
         if self.node.is_none() {
             let Some((info, view)) =
-                first_node(&self.server, self.id, req.node.as_ref(), snapshots)
+                first_node(&self.ctx.ledger, self.ctx.id, req.node.as_ref(), snapshots)
             else {
                 let _ = self.tx.send(Err(no_node())).await;
                 return Err(Closed);
@@ -134,7 +134,8 @@ impl AdsConnection for DeltaConnection {
         let ts = self.types.entry(type_url).or_default();
         if !req.response_nonce.is_empty() {
             if req.response_nonce != ts.nonce {
-                self.server
+                self.ctx
+                    .ledger
                     .metrics
                     .stale_requests
                     .fetch_add(1, Ordering::Relaxed);
@@ -144,8 +145,9 @@ impl AdsConnection for DeltaConnection {
                 // `known` keeps the rejected versions: they are not resent until they change.
                 ts.pending = false;
                 ts.nacked = true;
-                self.server
-                    .record_nack(self.id, type_url, "", &req.response_nonce, err);
+                self.ctx
+                    .ledger
+                    .record_nack(self.ctx.id, type_url, "", &req.response_nonce, err);
                 return Ok(());
             }
             if ts.pending {
@@ -155,7 +157,7 @@ impl AdsConnection for DeltaConnection {
                     .view
                     .as_ref()
                     .map_or(String::new(), |v| v.snapshot.version.to_string());
-                self.server.record_ack(self.id, type_url, version);
+                self.ctx.ledger.record_ack(self.ctx.id, type_url, version);
                 self.check_synced();
             }
         }
@@ -214,7 +216,7 @@ impl AdsConnection for DeltaConnection {
                 Some(None) => continue, // listeners kept
                 Some(Some(n)) if n.is_empty() && forced.is_empty() => continue,
                 // Named types: only the changed names; CDS (wildcard) is compared whole.
-                Some(Some(n)) if type_url != CLUSTER_TYPE && !self.server.full_push => Some(
+                Some(Some(n)) if type_url != CLUSTER_TYPE && !self.ctx.full_push => Some(
                     n.iter()
                         .chain(forced.iter())
                         .cloned()
@@ -234,13 +236,11 @@ impl AdsConnection for DeltaConnection {
 
 impl DeltaConnection {
     pub fn new(
-        id: u64,
-        server: AdsServer,
+        ctx: StreamCtx,
         tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
     ) -> DeltaConnection {
         DeltaConnection {
-            id,
-            server,
+            ctx,
             node: None,
             view: None,
             types: HashMap::new(),
@@ -308,7 +308,7 @@ impl DeltaConnection {
                 (desired, d)
             }
         };
-        if self.server.full_push && type_url == ENDPOINT_TYPE && !send.is_empty() {
+        if self.ctx.full_push && type_url == ENDPOINT_TYPE && !send.is_empty() {
             send = desired.clone();
         }
         // The first response of a type goes out even when empty: the client waits for it.
@@ -324,7 +324,7 @@ impl DeltaConnection {
         let snap = view.snapshot.clone();
         ts.pending = true;
         // In responses of at most CHUNK_BYTES (see the SotW server); removals go with the first.
-        let pieces = super::server::chunks(send.into_iter().cloned().collect());
+        let pieces = chunks(send.into_iter().cloned().collect());
         let mut removed = Some(removed);
         for piece in pieces {
             self.nonce += 1;
@@ -350,9 +350,10 @@ impl DeltaConnection {
                 ..Default::default()
             };
             let bytes = response.encoded_len() as u64;
-            self.server
-                .record_push(self.id, type_url, &snap, &nonce, count, bytes);
-            tracing::debug!(conn = self.id, r#type = type_short(type_url), %nonce, count, bytes, "delta push");
+            self.ctx
+                .ledger
+                .record_push(self.ctx.id, type_url, &snap, &nonce, count, bytes);
+            tracing::debug!(conn = self.ctx.id, r#type = type_short(type_url), %nonce, count, bytes, "delta push");
             self.tx.send(Ok(response)).await.map_err(|_| Closed)?;
         }
         Ok(updated)
@@ -365,7 +366,7 @@ impl DeltaConnection {
             && !self.types.values().any(|t| t.pending || t.nacked)
         {
             if let Some(view) = &self.view {
-                self.server.record_synced(self.id, &view.snapshot);
+                self.ctx.ledger.record_synced(self.ctx.id, &view.snapshot);
             }
         }
     }
