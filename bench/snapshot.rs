@@ -101,12 +101,14 @@ fn bench(c: &mut Criterion) {
     pilot
         .apply("s.yaml", &meshbench::churn::services_manifest(100))
         .unwrap();
-    let add: Vec<serde_json::Value> = (0..10_000)
+    let add = (0..10_000)
         .map(|i| meshbench::churn::endpoint(i, 100, true))
         .collect();
-    let batch = |v: serde_json::Value| serde_json::from_value(v).unwrap();
     pilot
-        .update_endpoints(batch(serde_json::json!({ "add": add })))
+        .update_endpoints(EndpointBatch {
+            add,
+            ..Default::default()
+        })
         .unwrap();
     let mut healthy = false;
     let mut g = c.benchmark_group("pilot_10k_endpoints");
@@ -115,14 +117,17 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             healthy = !healthy;
             pilot
-                .update_endpoints(batch(
-                    serde_json::json!({"update": [meshbench::churn::endpoint(7, 100, healthy)]}),
-                ))
+                .update_endpoints(EndpointBatch {
+                    update: vec![meshbench::churn::endpoint(7, 100, healthy)],
+                    ..Default::default()
+                })
                 .unwrap()
         })
     });
     g.finish();
 }
+
+use meshbench::pilot::api::EndpointBatch;
 
 criterion_group!(benches, bench);
 criterion_main!(benches);

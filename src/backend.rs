@@ -1,30 +1,35 @@
-//! Where a scenario's mesh runs. `local` (the default) runs pilot, every pod's workload and
-//! sidecar as child processes of this binary, each pod on its own loopback addresses. `docker`
-//! runs the same mesh as a kind-style cluster of containers (one network namespace per pod).
-//! Both plan pods the same way and drive pilot through the same REST client; [`Mesh`] is what
-//! the runner holds.
+//! Where a scenario's mesh runs. A [`Backend`] knows how to start, stop, freeze and cut off
+//! pilot and pods on its substrate: `local` (child processes on loopback addresses, the
+//! default) or `docker` (a kind-style cluster of containers). [`Mesh`] is the one driver on
+//! top: it plans pods from the manifests, starts pilot and gives it the config, starts the
+//! pods, registers them as endpoints, waits until each answers through its sidecar, and turns
+//! the scenario's faults into backend calls plus what Kubernetes would do (deregister a killed
+//! pod, replay config into a restarted pilot). A new backend is one file implementing the
+//! trait; a new pod kind is a [`PodPlan`] the driver starts like any other.
 
 pub mod docker;
 pub mod local;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
-
-use serde_json::{json, Value};
+use std::time::{Duration, Instant};
 
 use crate::config;
-use crate::model::{Labels, Spec};
+use crate::model::{Labels, Spec, Workload, WorkloadEntrySpec};
+use crate::pilot_client::{HttpClient, PilotApi};
 use crate::report::Resources;
 use crate::scenario::{FaultStep, ProxyKind};
 use crate::xds::bootstrap::EnvoyBootstrap;
+use crate::xds::node::sidecar_id;
 use crate::xds::XdsMode;
+
+pub use crate::pilot_client::Error;
 
 /// What a backend needs to start a mesh.
 #[derive(Clone, Debug)]
 pub struct Options {
     pub proxy: ProxyKind,
-    pub debounce: std::time::Duration,
+    pub debounce: Duration,
     pub meshbench_exe: PathBuf,
     pub envoy: Option<PathBuf>,
     /// Where processes write their logs.
@@ -37,17 +42,16 @@ pub struct Options {
     pub keep: bool,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// Backend unreachable, binary missing, port taken: exit code 3.
-    #[error("{0}")]
-    Environment(String),
-    /// The mesh rejected the scenario's config: exit code 2.
-    #[error("{0}")]
-    Config(String),
+impl Options {
+    /// The Envoy binary, when the sidecars are Envoy.
+    pub fn envoy_binary(&self) -> Result<&Path, Error> {
+        self.envoy.as_deref().ok_or_else(|| {
+            Error::Environment("Envoy not found: set MESHBENCH_ENVOY or put envoy on PATH".into())
+        })
+    }
 }
 
-/// One pod as a Deployment asks for it; backends give it addresses.
+/// One pod as a Deployment asks for it.
 #[derive(Clone, Debug)]
 pub struct PodPlan {
     pub name: String,
@@ -73,19 +77,282 @@ impl PodPlan {
     }
 }
 
-/// What the harness reads of a pod on any backend.
-pub trait PodInfo {
-    fn pod_ip(&self) -> &str;
-    fn node_id(&self) -> &str;
-    /// Its sidecar runs.
-    fn running(&self) -> bool;
+/// A pod's addresses: the pod IP (sidecar listeners, admin) and where its app listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodAddr {
+    pub pod_ip: String,
+    pub app_ip: String,
 }
 
-/// (pod IP, node id) of the pods whose sidecar runs.
-pub fn running<'a, P: PodInfo + 'a>(pods: impl Iterator<Item = &'a P>) -> Vec<(String, String)> {
-    pods.filter(|p| p.running())
-        .map(|p| (p.pod_ip().to_string(), p.node_id().to_string()))
-        .collect()
+/// One pod of the mesh, as the driver tracks it.
+#[derive(Clone, Debug)]
+pub struct Pod {
+    pub plan: PodPlan,
+    pub addr: PodAddr,
+    pub node_id: String,
+    /// Its sidecar runs.
+    pub running: bool,
+}
+
+impl Pod {
+    pub fn new(plan: PodPlan, addr: PodAddr) -> Pod {
+        Pod {
+            node_id: sidecar_id(&addr.pod_ip, &plan.name, &plan.namespace),
+            plan,
+            addr,
+            running: false,
+        }
+    }
+
+    /// The endpoint Kubernetes would register: POD_IP with the pod's labels.
+    pub fn endpoint(&self) -> Workload {
+        Workload {
+            name: self.plan.name.clone(),
+            namespace: self.plan.namespace.clone(),
+            entry: WorkloadEntrySpec {
+                address: self.addr.pod_ip.clone(),
+                labels: self.plan.labels.clone(),
+                ports: Default::default(),
+                weight: 1,
+                healthy: true,
+            },
+        }
+    }
+
+    /// Its sidecar's admin port (POD_IP:15000).
+    pub fn admin(&self) -> SocketAddr {
+        sock(&self.addr.pod_ip, crate::proxy::DEFAULT_ADMIN_PORT)
+    }
+}
+
+fn sock(ip: &str, port: u16) -> SocketAddr {
+    format!("{ip}:{port}")
+        .parse()
+        .expect("backends give IP addresses")
+}
+
+/// What differs between substrates. Pods are named by [`PodPlan::name`]; the backend keeps
+/// its own handles (processes, containers) under that name.
+#[async_trait::async_trait]
+pub trait Backend: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// The engine behind it ("Docker 20.10.24 (API 1.41)"), if any.
+    fn engine(&self) -> Option<String> {
+        None
+    }
+    /// The most pods it runs.
+    fn pod_limit(&self) -> usize;
+    /// Addresses of the k-th planned pod, and of the load client.
+    fn pod_addr(&self, k: usize) -> PodAddr;
+    fn client_addr(&self) -> PodAddr;
+    /// Pilot's ADS and REST addresses, as the harness reaches them.
+    fn pilot_xds(&self) -> SocketAddr;
+    fn pilot_api(&self) -> SocketAddr;
+    /// Starts pilot and returns once its REST port answers.
+    async fn start_pilot(&mut self) -> Result<(), Error>;
+    async fn stop_pilot(&mut self);
+    /// Pilot's process id as this host sees it (for CPU and memory).
+    fn pilot_pid(&self) -> Option<u32>;
+    /// Starts a pod: its app (unless the plan has no port) and its sidecar.
+    async fn start_pod(&mut self, pod: &Pod) -> Result<(), Error>;
+    /// Stops a pod's processes or containers.
+    async fn stop_pod(&mut self, pod: &Pod);
+    /// Freezes (`true`) or thaws a pod.
+    async fn pause_pod(&mut self, pod: &Pod, pause: bool) -> Result<(), Error>;
+    /// Cuts a pod off the network (`true`) or connects it again on its address.
+    async fn partition(&mut self, pod: &Pod, cut: bool) -> Result<(), Error> {
+        let _ = (pod, cut);
+        Err(Error::Config(
+            "network partitions need the docker backend (--backend docker)".into(),
+        ))
+    }
+    /// CPU seconds and peak memory of pilot and of these pods' sidecars.
+    async fn resources(&self, pods: &[&Pod]) -> Resources;
+}
+
+/// How long a pod may take to answer through its sidecar after it starts.
+pub const READY_LIMIT: Duration = Duration::from_secs(30);
+
+/// The mesh a run drives, on whichever backend.
+pub struct Mesh {
+    backend: Box<dyn Backend>,
+    pilot: PilotApi,
+    pub pods: Vec<Pod>,
+    pub client: Pod,
+    log_dir: PathBuf,
+}
+
+impl Mesh {
+    /// Plans the pods, starts pilot, applies manifests then config, starts every pod and the
+    /// load client, registers the pods and waits until each answers through its sidecar.
+    pub async fn start(
+        backend: Box<dyn Backend>,
+        log_dir: PathBuf,
+        manifests: &[String],
+        config: &[String],
+    ) -> Result<Mesh, Error> {
+        std::fs::create_dir_all(&log_dir)
+            .map_err(|e| Error::Environment(format!("cannot create {}: {e}", log_dir.display())))?;
+        let plans = plan_pods(manifests, backend.pod_limit())?;
+        let mut m = Mesh {
+            pilot: PilotApi::new(backend.pilot_api()),
+            pods: plans
+                .into_iter()
+                .enumerate()
+                .map(|(k, plan)| Pod::new(plan, backend.pod_addr(k)))
+                .collect(),
+            client: Pod::new(PodPlan::load_client(), backend.client_addr()),
+            backend,
+            log_dir,
+        };
+        m.backend.start_pilot().await?;
+        m.pilot.apply_files(manifests).await?;
+        m.pilot.apply_files(config).await?;
+        for i in 0..m.pods.len() {
+            m.backend.start_pod(&m.pods[i]).await?;
+            m.pods[i].running = true;
+        }
+        m.backend.start_pod(&m.client).await?;
+        m.client.running = true;
+        m.pilot
+            .register(m.pods.iter().map(Pod::endpoint).collect())
+            .await?;
+        for p in &m.pods {
+            wait_ready(p, &m.log_dir).await?;
+        }
+        Ok(m)
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.backend.name()
+    }
+    pub fn engine(&self) -> Option<String> {
+        self.backend.engine()
+    }
+    pub fn pilot(&self) -> &PilotApi {
+        &self.pilot
+    }
+    pub fn pilot_mut(&mut self) -> &mut PilotApi {
+        &mut self.pilot
+    }
+    pub fn pilot_xds(&self) -> SocketAddr {
+        self.backend.pilot_xds()
+    }
+    pub fn pilot_pid(&self) -> Option<u32> {
+        self.backend.pilot_pid()
+    }
+    /// The load client's sidecar outbound listener: where loads and probes are sent.
+    pub fn client_outbound(&self) -> SocketAddr {
+        sock(&self.client.addr.pod_ip, crate::xds::OUTBOUND_PORT)
+    }
+
+    fn running(&self) -> impl Iterator<Item = &Pod> {
+        self.pods
+            .iter()
+            .chain(std::iter::once(&self.client))
+            .filter(|p| p.running)
+    }
+    /// Admin addresses of every running sidecar.
+    pub fn sidecar_admins(&self) -> Vec<SocketAddr> {
+        self.running().map(Pod::admin).collect()
+    }
+    /// Node ids of every running sidecar.
+    pub fn node_ids(&self) -> Vec<String> {
+        self.running().map(|p| p.node_id.clone()).collect()
+    }
+
+    fn find(&self, name: &str) -> Result<usize, Error> {
+        find_pod(self.pods.iter().map(|p| p.plan.name.as_str()), name)
+    }
+
+    /// One fault step: the backend acts, the driver does what Kubernetes would.
+    pub async fn fault(&mut self, f: &FaultStep) -> Result<(), Error> {
+        match f {
+            FaultStep::Kill(name) => {
+                let i = self.find(name)?;
+                self.kill_pod(i).await
+            }
+            FaultStep::Restart(name) => {
+                let i = self.find(name)?;
+                if self.pods[i].running {
+                    self.kill_pod(i).await?;
+                }
+                self.backend.start_pod(&self.pods[i]).await?;
+                self.pods[i].running = true;
+                self.pilot.register(vec![self.pods[i].endpoint()]).await?;
+                wait_ready(&self.pods[i], &self.log_dir).await
+            }
+            // A frozen or cut-off pod keeps its endpoint, as until a health check noticed.
+            FaultStep::Pause(name) | FaultStep::Unpause(name) => {
+                let i = self.find(name)?;
+                let pause = matches!(f, FaultStep::Pause(_));
+                self.backend.pause_pod(&self.pods[i], pause).await
+            }
+            FaultStep::Disconnect(name) | FaultStep::Reconnect(name) => {
+                let i = self.find(name)?;
+                let cut = matches!(f, FaultStep::Disconnect(_));
+                self.backend.partition(&self.pods[i], cut).await
+            }
+            FaultStep::ControlPlane(a) if a == "stop" => {
+                self.backend.stop_pilot().await;
+                Ok(())
+            }
+            FaultStep::ControlPlane(_) => {
+                self.backend.start_pilot().await?;
+                self.pilot.replay().await?;
+                let running: Vec<Workload> = self
+                    .pods
+                    .iter()
+                    .filter(|p| p.running)
+                    .map(Pod::endpoint)
+                    .collect();
+                self.pilot.register(running).await.map(|_| ())
+            }
+        }
+    }
+
+    /// Stops a pod and removes its endpoint, as Kubernetes would.
+    async fn kill_pod(&mut self, i: usize) -> Result<(), Error> {
+        self.backend.stop_pod(&self.pods[i]).await;
+        self.pods[i].running = false;
+        let p = &self.pods[i].plan;
+        self.pilot.deregister(&p.namespace, &p.name).await
+    }
+
+    /// CPU seconds and peak memory of pilot and every sidecar so far.
+    pub async fn resources(&self) -> Resources {
+        let pods: Vec<&Pod> = self
+            .pods
+            .iter()
+            .chain(std::iter::once(&self.client))
+            .collect();
+        self.backend.resources(&pods).await
+    }
+}
+
+/// Waits until the pod's app answers through its sidecar's inbound listener (the response
+/// carries the workload's identity header): the sidecar holds its config and the app listens.
+async fn wait_ready(p: &Pod, log_dir: &Path) -> Result<(), Error> {
+    let addr = sock(&p.addr.pod_ip, p.plan.port);
+    let http = HttpClient {
+        timeout: Duration::from_secs(2),
+    };
+    let start = Instant::now();
+    loop {
+        if let Ok(r) = http.request(addr, "GET", "/healthz", &[], "").await {
+            if r.headers.contains_key(crate::workload::IDENTITY_HEADER) {
+                return Ok(());
+            }
+        }
+        if start.elapsed() > READY_LIMIT {
+            return Err(Error::Environment(format!(
+                "pod {} did not answer on {addr} through its sidecar within {READY_LIMIT:?}; see its logs in {}",
+                p.plan.name,
+                log_dir.display()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Pods from the manifests' Deployments x replicas, in file order.
@@ -147,261 +414,43 @@ pub fn find_pod<'a>(
         })
 }
 
-/// Pilot's REST API as the backends use it; remembers what was applied so a restarted
-/// control plane can be given it again (pilot keeps config in memory, as a fresh istiod
-/// re-reads it from the API server).
-#[derive(Clone, Debug)]
-pub struct PilotApi {
-    pub addr: SocketAddr,
-    applied: Vec<(String, String)>,
-}
-
-impl PilotApi {
-    pub fn new(addr: SocketAddr) -> PilotApi {
-        PilotApi {
-            addr,
-            applied: vec![],
-        }
-    }
-
-    /// Applies one file's text; returns (version, accepted_at_ms).
-    pub async fn apply(&mut self, source: &str, text: &str) -> Result<(u64, f64), Error> {
-        let name = Path::new(source)
-            .file_name()
-            .map_or(source.to_string(), |n| n.to_string_lossy().into_owned());
-        let (status, body) = HttpClient
-            .json(self.addr, "POST", &format!("/v1/apply?source={name}"), text)
-            .await?;
-        if status != 200 {
-            let errors: Vec<String> = body["errors"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|e| {
-                    format!(
-                        "{}: document {}: {}: {}",
-                        e["file"].as_str().unwrap_or(""),
-                        e["document"],
-                        e["field"].as_str().unwrap_or(""),
-                        e["message"].as_str().unwrap_or("")
-                    )
-                })
-                .collect();
-            return Err(Error::Config(format!(
-                "pilot rejected {source}:\n  {}",
-                errors.join("\n  ")
-            )));
-        }
-        self.applied.push((source.to_string(), text.to_string()));
-        Ok((
-            body["version"].as_u64().unwrap_or(0),
-            body["accepted_at_ms"].as_f64().unwrap_or(0.0),
-        ))
-    }
-
-    /// Reads and applies files (manifests, then config).
-    pub async fn apply_files(&mut self, files: &[String]) -> Result<(), Error> {
-        for f in files {
-            let text = std::fs::read_to_string(f)
-                .map_err(|e| Error::Environment(format!("cannot read {f}: {e}")))?;
-            self.apply(f, &text).await?;
-        }
-        Ok(())
-    }
-
-    /// Gives a restarted pilot everything applied so far, in order.
-    pub async fn replay(&mut self) -> Result<(), Error> {
-        for (f, text) in std::mem::take(&mut self.applied) {
-            self.apply(&f, &text).await?;
-        }
-        Ok(())
-    }
-
-    /// Registers pods as endpoints (their POD_IP with their labels), as a Kubernetes
-    /// endpoints controller would.
-    pub async fn register<'a>(
-        &self,
-        pods: impl IntoIterator<Item = (&'a PodPlan, &'a str)>,
-    ) -> Result<(), Error> {
-        let add: Vec<Value> = pods
-            .into_iter()
-            .map(|(p, ip)| json!({"name": p.name, "namespace": p.namespace, "address": ip, "labels": p.labels}))
-            .collect();
-        self.endpoints(json!({ "add": add })).await
-    }
-
-    /// Removes a pod's endpoint.
-    pub async fn deregister(&self, p: &PodPlan) -> Result<(), Error> {
-        self.endpoints(json!({"remove": [{"name": p.name, "namespace": p.namespace}]}))
-            .await
-    }
-
-    async fn endpoints(&self, batch: Value) -> Result<(), Error> {
-        let (status, body) = HttpClient
-            .json(self.addr, "POST", "/v1/endpoints", &batch.to_string())
-            .await?;
-        if status != 200 {
-            return Err(Error::Config(format!(
-                "pilot refused an endpoint batch: {body}"
-            )));
-        }
-        Ok(())
-    }
-
-    /// GET /v1/proxies, without the simulated proxies.
-    pub async fn proxies(&self) -> Result<Value, Error> {
-        Ok(HttpClient.json(self.addr, "GET", PROXIES_PATH, "").await?.1)
-    }
-
-    /// The latest config version.
-    pub async fn version(&self) -> Result<u64, Error> {
-        Ok(
-            HttpClient.json(self.addr, "GET", "/healthz", "").await?.1["version"]
-                .as_u64()
-                .unwrap_or(0),
-        )
-    }
-}
-
-/// The REST path listing the real sidecars (simulated proxies left out).
-pub const PROXIES_PATH: &str = "/v1/proxies?exclude_namespace=meshbench-sim";
-
-/// The mesh a run drives, on whichever backend.
-pub enum Mesh {
-    Local(local::LocalBackend),
-    Docker(Box<docker::DockerBackend>),
-}
-
-impl Mesh {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Mesh::Local(_) => "local",
-            Mesh::Docker(_) => "docker",
-        }
-    }
-    /// The engine behind the backend ("Docker 20.10.24, API 1.41"), if any.
-    pub fn engine(&self) -> Option<String> {
-        match self {
-            Mesh::Local(_) => None,
-            Mesh::Docker(d) => Some(d.engine.clone()),
-        }
-    }
-    pub fn pods(&self) -> usize {
-        match self {
-            Mesh::Local(b) => b.pods.len(),
-            Mesh::Docker(d) => d.pods.len(),
-        }
-    }
-    pub fn pilot(&self) -> &PilotApi {
-        match self {
-            Mesh::Local(b) => &b.pilot_api,
-            Mesh::Docker(d) => &d.pilot_api,
-        }
-    }
-    pub fn pilot_mut(&mut self) -> &mut PilotApi {
-        match self {
-            Mesh::Local(b) => &mut b.pilot_api,
-            Mesh::Docker(d) => &mut d.pilot_api,
-        }
-    }
-    /// The load client's sidecar outbound listener: where loads and probes are sent.
-    pub fn client_outbound(&self) -> SocketAddr {
-        match self {
-            Mesh::Local(b) => b.client_outbound(),
-            Mesh::Docker(d) => d.client_outbound(),
-        }
-    }
-    /// Pilot's ADS address (for simulated proxies).
-    pub fn pilot_xds(&self) -> SocketAddr {
-        match self {
-            Mesh::Local(b) => b.pilot_xds(),
-            Mesh::Docker(d) => d.pilot_xds(),
-        }
-    }
-    /// Pilot's process id as this host sees it (docker: the container's init process).
-    pub fn pilot_pid(&self) -> Option<u32> {
-        match self {
-            Mesh::Local(b) => b.pilot_pid(),
-            Mesh::Docker(d) => d.pilot_pid,
-        }
-    }
-    fn running_pods(&self) -> Vec<(String, String)> {
-        match self {
-            Mesh::Local(b) => b.running_pods(),
-            Mesh::Docker(d) => d.running_pods(),
-        }
-    }
-    /// Admin addresses (POD_IP:15000) of every running sidecar.
-    pub fn sidecar_admins(&self) -> Vec<SocketAddr> {
-        self.running_pods()
-            .iter()
-            .filter_map(|(ip, _)| format!("{ip}:15000").parse().ok())
-            .collect()
-    }
-    /// Node ids of every running sidecar.
-    pub fn node_ids(&self) -> Vec<String> {
-        self.running_pods().into_iter().map(|(_, n)| n).collect()
-    }
-
-    pub async fn fault(&mut self, f: &FaultStep) -> Result<(), Error> {
-        match self {
-            Mesh::Local(b) => b.fault(f).await,
-            Mesh::Docker(d) => d.fault(f).await,
-        }
-    }
-
-    /// CPU seconds and peak memory of pilot and every sidecar so far.
-    pub async fn resources(&self) -> Resources {
-        match self {
-            Mesh::Local(b) => b.resources(),
-            Mesh::Docker(d) => d.resources().await,
-        }
-    }
-}
-
 /// Arguments of `meshbench workload` for a pod whose app listens on `addr`.
-pub(crate) fn workload_args(p: &PodPlan, addr: &str, pod_ip: &str) -> Vec<String> {
+pub(crate) fn workload_args(p: &Pod, addr: &str) -> Vec<String> {
     [
         "workload",
         "--service",
-        &p.service,
+        &p.plan.service,
         "--version",
-        &p.version,
+        &p.plan.version,
         "--pod",
-        &p.name,
+        &p.plan.name,
         "--addr",
         addr,
         "--sidecar",
-        &format!("{pod_ip}:15001"),
+        &format!("{}:{}", p.addr.pod_ip, crate::xds::OUTBOUND_PORT),
     ]
     .map(String::from)
     .to_vec()
 }
 
 /// Arguments of `meshbench proxy` as a pod's sidecar.
-pub(crate) fn sidecar_args(
-    p: &PodPlan,
-    xds: &str,
-    node_id: &str,
-    app_ip: &str,
-    mode: XdsMode,
-) -> Vec<String> {
+pub(crate) fn sidecar_args(p: &Pod, xds: &str, mode: XdsMode) -> Vec<String> {
     let mut a: Vec<String> = [
         "proxy",
         "--xds",
         xds,
         "--node-id",
-        node_id,
+        &p.node_id,
         "--concurrency",
         "1",
         "--app-ip",
-        app_ip,
+        &p.addr.app_ip,
         "--xds-mode",
         &mode.to_string(),
     ]
     .map(String::from)
     .to_vec();
-    for (k, v) in &p.labels {
+    for (k, v) in &p.plan.labels {
         a.extend(["--label".to_string(), format!("{k}={v}")]);
     }
     a
@@ -416,98 +465,16 @@ pub(crate) const ENVOY_ARGS: [&str; 5] = [
     "warn",
 ];
 
-pub(crate) fn envoy_bootstrap(
-    p: &PodPlan,
-    pod_ip: &str,
-    app_ip: &str,
-    xds: SocketAddr,
-    mode: XdsMode,
-) -> EnvoyBootstrap {
+pub(crate) fn envoy_bootstrap(p: &Pod, xds: SocketAddr, mode: XdsMode) -> EnvoyBootstrap {
     EnvoyBootstrap {
-        pod_ip: pod_ip.to_string(),
-        pod_name: p.name.clone(),
-        namespace: p.namespace.clone(),
-        service: p.service.clone(),
-        labels: p.labels.clone(),
-        app_ip: app_ip.to_string(),
-        admin: format!("{pod_ip}:15000").parse().expect("valid address"),
+        pod_ip: p.addr.pod_ip.clone(),
+        pod_name: p.plan.name.clone(),
+        namespace: p.plan.namespace.clone(),
+        service: p.plan.service.clone(),
+        labels: p.plan.labels.clone(),
+        app_ip: p.addr.app_ip.clone(),
+        admin: p.admin(),
         xds,
         xds_mode: mode,
-    }
-}
-
-/// Waits until something accepts TCP connections on `addr`.
-pub async fn wait_tcp(addr: SocketAddr, limit: Duration) -> Result<(), ()> {
-    let start = tokio::time::Instant::now();
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        if start.elapsed() > limit {
-            return Err(());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok(())
-}
-
-/// A tiny JSON-over-HTTP client for pilot's REST API.
-#[derive(Clone, Copy, Debug)]
-pub struct HttpClient;
-
-impl HttpClient {
-    pub async fn json(
-        &self,
-        addr: SocketAddr,
-        method: &str,
-        path: &str,
-        body: &str,
-    ) -> Result<(u16, Value), Error> {
-        let (status, _, bytes) = self.request(addr, method, path, &[], body).await?;
-        Ok((
-            status,
-            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        ))
-    }
-
-    /// One request on a fresh connection; returns status, headers and body.
-    pub async fn request(
-        &self,
-        addr: SocketAddr,
-        method: &str,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: &str,
-    ) -> Result<(u16, http::HeaderMap, bytes::Bytes), Error> {
-        use http_body_util::{BodyExt, Full};
-        let err = |e: String| Error::Environment(format!("HTTP to {addr}: {e}"));
-        let stream = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| err(e.to_string()))?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .map_err(|e| err(e.to_string()))?;
-        tokio::spawn(conn);
-        let mut req = hyper::Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", addr.to_string());
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        let req = req
-            .body(Full::new(bytes::Bytes::copy_from_slice(body.as_bytes())))
-            .map_err(|e| err(e.to_string()))?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| err(e.to_string()))?;
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| err(e.to_string()))?
-            .to_bytes();
-        Ok((status, headers, bytes))
     }
 }

@@ -10,12 +10,12 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::process::{Child, Command};
 
+use crate::launch::{command, PilotArgs, PilotProcess, Process};
 use crate::load::{self, LoadSpec};
-use crate::measure::proc_stats;
-use crate::pilot::{self, Pilot};
-use crate::shutdown::{self, Shutdown};
+use crate::measure::{machine, proc_stats, Machine};
+use crate::pilot_client::PilotApi;
+use crate::shutdown::Shutdown;
 use crate::xds::bootstrap::EnvoyBootstrap;
 use crate::xds::node::sidecar_id;
 
@@ -83,7 +83,7 @@ pub struct GeneratorCheck {
 /// Runs `wrk -t1 -cN` against `addr` for `duration`; requests per second, or `None` when
 /// wrk is not installed or its output has no figure.
 async fn wrk(addr: SocketAddr, host: &str, connections: usize, duration: Duration) -> Option<f64> {
-    let out = Command::new("wrk")
+    let out = tokio::process::Command::new("wrk")
         .args([
             "-t1",
             &format!("-c{connections}"),
@@ -100,28 +100,6 @@ async fn wrk(addr: SocketAddr, host: &str, connections: usize, duration: Duratio
     text.lines()
         .find_map(|l| l.strip_prefix("Requests/sec:"))
         .and_then(|v| v.trim().parse().ok())
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct Machine {
-    pub cores: usize,
-    pub memory_mb: u64,
-}
-
-pub fn machine() -> Machine {
-    let memory_mb = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb / 1024);
-    Machine {
-        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
-        memory_mb,
-    }
 }
 
 struct Target {
@@ -143,12 +121,11 @@ fn free_port(ip: &str) -> Result<u16, Error> {
         .map_err(|e| Error::Environment(format!("cannot bind {ip}: {e}")))
 }
 
-fn spawn(cmd: &mut Command, what: &str) -> Result<Child, Error> {
-    cmd.stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| Error::Environment(format!("cannot start {what}: {e}")))
+/// A child of this run (killed with it), output discarded.
+fn spawn(exe: &Path, args: &[&str], what: &str) -> Result<Process, Error> {
+    let mut c = command(exe, "bench");
+    c.args(args).stderr(Stdio::null());
+    Process::spawn(c, what).map_err(|e| Error::Environment(e.to_string()))
 }
 
 async fn wait_for<F: std::future::Future<Output = bool>>(
@@ -201,7 +178,8 @@ async fn run(cfg: Config) -> Result<Report, Error> {
         .parse()
         .expect("valid address");
     let _workload = spawn(
-        Command::new(exe).args([
+        exe,
+        &[
             "workload",
             "--service",
             "upstream",
@@ -209,7 +187,7 @@ async fn run(cfg: Config) -> Result<Report, Error> {
             "v1",
             "--addr",
             &upstream.to_string(),
-        ]),
+        ],
         "the upstream workload",
     )?;
     wait_for("upstream", Duration::from_secs(10), || async {
@@ -217,28 +195,24 @@ async fn run(cfg: Config) -> Result<Report, Error> {
     })
     .await?;
 
-    // Control plane in-process: idle during the measured runs.
-    let p = Pilot::start(&pilot::Config {
-        debounce: Duration::ZERO,
-        ..Default::default()
-    })
-    .map_err(|e| Error::Environment(e.to_string()))?;
+    // The control plane: idle during the measured runs.
+    let pilot_ip = loopback(4);
+    let free = |ip: &str| -> Result<SocketAddr, Error> {
+        Ok(format!("{ip}:{}", free_port(ip)?).parse().expect("valid"))
+    };
+    let mut args = PilotArgs::new(free(&pilot_ip)?, free(&pilot_ip)?);
+    args.debounce = Duration::ZERO;
+    let pilot = PilotProcess::start(exe, &args, "bench", Stdio::null())
+        .await
+        .map_err(|e| Error::Environment(e.to_string()))?;
     let mesh = format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: upstream}}\nspec: {{ports: [{{port: 9080, name: http}}], selector: {{app: upstream}}}}\n---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: upstream-0}}\nspec: {{address: {app_ip}, labels: {{app: upstream, version: v1}}, ports: {{http: {app_port}}}}}\n"
     );
-    p.apply("bench", &mesh)
-        .map_err(|e| Error::Environment(format!("bench mesh rejected: {e:?}")))?;
-    let xds_sock = pilot::bind("127.0.0.1:0".parse().expect("valid"))
+    PilotApi::new(pilot.api)
+        .apply("bench", &mesh)
         .await
-        .map_err(|e| Error::Environment(e.to_string()))?;
-    let api_sock = pilot::bind("127.0.0.1:0".parse().expect("valid"))
-        .await
-        .map_err(|e| Error::Environment(e.to_string()))?;
-    let xds = xds_sock
-        .local_addr()
-        .map_err(|e| Error::Environment(e.to_string()))?;
-    let (_pilot_trigger, pilot_stop) = shutdown::channel();
-    tokio::spawn(pilot::serve(p.clone(), xds_sock, api_sock, pilot_stop));
+        .map_err(|e| Error::Environment(format!("bench mesh rejected: {e}")))?;
+    let xds = pilot.xds;
 
     let mut targets = vec![Target {
         name: "direct",
@@ -247,8 +221,10 @@ async fn run(cfg: Config) -> Result<Report, Error> {
     }];
     let mesh_ip = loopback(2);
     let mesh_id = sidecar_id(&mesh_ip, "bench-meshbench", "default");
+    let concurrency = cfg.concurrency.to_string();
     let mesh_child = spawn(
-        Command::new(exe).args([
+        exe,
+        &[
             "proxy",
             "--xds",
             &xds.to_string(),
@@ -259,14 +235,14 @@ async fn run(cfg: Config) -> Result<Report, Error> {
             "--admin",
             &format!("{mesh_ip}:15000"),
             "--concurrency",
-            &cfg.concurrency.to_string(),
-        ]),
+            &concurrency,
+        ],
         "meshbench proxy",
     )?;
     targets.push(Target {
         name: "meshbench",
         addr: format!("{mesh_ip}:15001").parse().expect("valid"),
-        pid: mesh_child.id(),
+        pid: mesh_child.pid(),
     });
     let dir = std::env::temp_dir().join(format!("meshbench-bench-{}", std::process::id()));
     let mut _envoy_child = None;
@@ -287,20 +263,24 @@ async fn run(cfg: Config) -> Result<Report, Error> {
         let bootstrap = dir.join("envoy.json");
         std::fs::write(&bootstrap, b.to_json().to_string())
             .map_err(|e| Error::Environment(e.to_string()))?;
+        let bootstrap = bootstrap.display().to_string();
         let child = spawn(
-            Command::new(envoy).arg("-c").arg(&bootstrap).args([
+            envoy,
+            &[
+                "-c",
+                &bootstrap,
                 "--concurrency",
-                &cfg.concurrency.to_string(),
+                &concurrency,
                 "--use-dynamic-base-id",
                 "--log-level",
                 "error",
-            ]),
+            ],
             "Envoy",
         )?;
         targets.push(Target {
             name: "envoy",
             addr: format!("{envoy_ip}:15001").parse().expect("valid"),
-            pid: child.id(),
+            pid: child.pid(),
         });
         _envoy_child = Some(child);
     }

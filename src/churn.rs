@@ -11,87 +11,19 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde::Deserialize;
 
-use crate::backend::{Error, HttpClient, PilotApi};
-use crate::report::Dist;
+use crate::model::{Workload, WorkloadEntrySpec};
+use crate::pilot::api::{EndpointBatch, EndpointRef, EndpointsApplied};
+use crate::pilot_client::{Counters, Error, HttpClient, PilotApi};
+use crate::report::{ChurnResult, Dist};
+use crate::scenario::ChurnSpec;
 use crate::sim::{Fleet, FleetSpec, SIM_NAMESPACE};
-use crate::xds::XdsMode;
 
 /// Namespace of the synthetic services and endpoints.
 pub const NAMESPACE: &str = "churn";
 /// Endpoints registered per REST batch while setting up.
 const SETUP_BATCH: usize = 2000;
-
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct ChurnSpec {
-    /// Label in the report (default churn-N).
-    pub name: Option<String>,
-    pub services: usize,
-    pub endpoints: usize,
-    /// Changes per second (each one endpoint added, removed or flipped).
-    pub rate: f64,
-    pub duration: crate::scenario::Dur,
-    /// Simulated proxies subscribed during the churn.
-    #[serde(default)]
-    pub proxies: usize,
-    #[serde(default)]
-    pub xds: XdsMode,
-    #[serde(default)]
-    pub ack_delay: Option<crate::scenario::Dur>,
-    #[serde(default)]
-    pub nack_fraction: f64,
-}
-
-/// What a churn measured (one entry of report.json's `churn`).
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
-#[serde(default)]
-pub struct ChurnResult {
-    pub name: String,
-    pub xds: String,
-    pub proxies: usize,
-    pub services: usize,
-    pub endpoints: usize,
-    pub rate: f64,
-    pub duration_s: f64,
-    pub changes: usize,
-    pub achieved_rate: f64,
-    /// Setting up: registering endpoints and the simulated proxies' first full config.
-    pub setup_s: f64,
-    /// Change -> simulated proxy received it, over every (change, proxy) pair.
-    pub receive_ms: Option<Dist>,
-    /// Change -> simulated proxy ACKed it.
-    pub ack_ms: Option<Dist>,
-    /// Per change, change -> the last simulated proxy received it.
-    pub last_proxy_ms: Option<Dist>,
-    /// (change, proxy) pairs never received before the end.
-    pub missed: usize,
-    /// Real sidecars (pilot's history): change -> pushed, change -> ACKed.
-    pub sidecar_push_ms: Option<Dist>,
-    pub sidecar_ack_ms: Option<Dist>,
-    /// Pilot's counters over the churn (every proxy, real and simulated).
-    pub pushes: u64,
-    pub bytes: u64,
-    pub bytes_per_change: f64,
-    pub bytes_per_change_per_proxy: f64,
-    pub snapshots: u64,
-    pub nacks: u64,
-    /// Pilot's CPU seconds during the churn and its largest RSS sampled then.
-    pub pilot_cpu_s: f64,
-    pub pilot_peak_rss_mb: f64,
-    /// The simulated proxies' side: responses and bytes received.
-    pub sim_responses: u64,
-    pub sim_bytes: u64,
-    /// Real sidecars' data plane after the churn, from their admin `/clusters`: hosts of the
-    /// churned services still there after their removal (stale), registered but absent
-    /// (missing), or with a health status other than the registry's.
-    pub sidecars_checked: usize,
-    pub sidecar_stale_hosts: usize,
-    pub sidecar_missing_hosts: usize,
-    pub sidecar_health_mismatches: usize,
-}
 
 /// The synthetic services, as a Kubernetes manifest: `churn-svc-K`, port 8080, selector
 /// `app: churn-svc-K`.
@@ -106,15 +38,24 @@ pub fn services_manifest(services: usize) -> String {
         .join("---\n")
 }
 
+/// Address of endpoint `i` of the synthetic mesh.
+pub fn endpoint_ip(i: usize) -> String {
+    format!("172.{}.{}.{}", 16 + i / 65536, (i / 256) % 256, i % 256)
+}
+
 /// Endpoint `i` of the synthetic mesh (spread round-robin over the services).
-pub fn endpoint(i: usize, services: usize, healthy: bool) -> Value {
-    json!({
-        "name": format!("churn-ep-{i}"),
-        "namespace": NAMESPACE,
-        "address": format!("172.{}.{}.{}", 16 + i / 65536, (i / 256) % 256, i % 256),
-        "labels": {"app": format!("churn-svc-{}", i % services)},
-        "healthy": healthy,
-    })
+pub fn endpoint(i: usize, services: usize, healthy: bool) -> Workload {
+    Workload {
+        name: format!("churn-ep-{i}"),
+        namespace: NAMESPACE.into(),
+        entry: WorkloadEntrySpec {
+            address: endpoint_ip(i),
+            labels: [("app".to_string(), format!("churn-svc-{}", i % services))].into(),
+            ports: Default::default(),
+            weight: 1,
+            healthy,
+        },
+    }
 }
 
 /// Where the churn reaches pilot, and how to read pilot's CPU and memory.
@@ -155,84 +96,36 @@ pub async fn setup(
             reg.present.len() + reg.absent.len()
         )));
     }
-    let (v, _) = t
+    reg.version = t
         .pilot
         .apply("churn-services.yaml", &services_manifest(spec.services))
-        .await?;
-    reg.version = v;
+        .await?
+        .version;
     reg.services = spec.services;
     for start in (0..spec.endpoints).step_by(SETUP_BATCH) {
-        let add: Vec<Value> = (start..(start + SETUP_BATCH).min(spec.endpoints))
+        let add = (start..(start + SETUP_BATCH).min(spec.endpoints))
             .map(|i| endpoint(i, spec.services, true))
             .collect();
-        reg.version = batch(t.pilot.addr, json!({ "add": add })).await?.0;
+        reg.version = t.pilot.register(add).await?.version;
         reg.present
             .extend((start..(start + SETUP_BATCH).min(spec.endpoints)).map(|i| (i, true)));
     }
     Ok(())
 }
 
-/// POST /v1/endpoints; returns (version, accepted_at_ms).
-async fn batch(api: SocketAddr, body: Value) -> Result<(u64, f64), Error> {
-    let (status, v) = HttpClient
-        .json(api, "POST", "/v1/endpoints", &body.to_string())
-        .await?;
-    if status != 200 {
-        return Err(Error::Environment(format!(
-            "pilot refused an endpoint batch: {v}"
-        )));
-    }
-    Ok((
-        v["version"].as_u64().unwrap_or(0),
-        v["accepted_at_ms"].as_f64().unwrap_or(0.0),
-    ))
-}
-
-/// Pilot's counters from /metrics: (pushes, bytes, snapshots, nacks), summed over types.
-pub async fn pilot_counters(api: SocketAddr) -> (u64, u64, u64, u64) {
-    let Ok((_, _, body)) = HttpClient.request(api, "GET", "/metrics", &[], "").await else {
-        return (0, 0, 0, 0);
-    };
-    let text = String::from_utf8_lossy(&body);
-    let sum = |name: &str| -> u64 {
-        text.lines()
-            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-            .filter(|l| l[name.len()..].starts_with(['{', ' ']))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>() as u64
-    };
-    (
-        sum("meshbench_pilot_xds_pushes_total"),
-        sum("meshbench_pilot_xds_bytes_sent_total"),
-        sum("meshbench_pilot_snapshots_built_total"),
-        sum("meshbench_pilot_xds_nacks_total"),
-    )
-}
-
 /// Real sidecars' history (node -> version -> (pushed, acked)), merged from /v1/proxies.
 type History = HashMap<String, BTreeMap<u64, (f64, Option<f64>)>>;
 
-async fn merge_history(api: SocketAddr, into: &mut History) {
-    let Ok((_, v)) = HttpClient
-        .json(
-            api,
-            "GET",
-            &format!("/v1/proxies?exclude_namespace={SIM_NAMESPACE}"),
-            "",
-        )
-        .await
-    else {
+async fn merge_history(pilot: &PilotApi, into: &mut History) {
+    let Ok(proxies) = pilot.proxies(Some(SIM_NAMESPACE)).await else {
         return;
     };
-    for p in v.as_array().into_iter().flatten() {
-        let node = p["node"]["id"].as_str().unwrap_or("").to_string();
-        let h = into.entry(node).or_default();
-        for e in p["history"].as_array().into_iter().flatten() {
-            if let (Some(ver), Some(pushed)) = (e["version"].as_u64(), e["pushed_at_ms"].as_f64()) {
-                let entry = h.entry(ver).or_insert((pushed, None));
-                if let Some(a) = e["acked_at_ms"].as_f64() {
-                    entry.1 = Some(a);
-                }
+    for p in proxies {
+        let h = into.entry(p.node.id).or_default();
+        for e in p.history {
+            let entry = h.entry(e.version).or_insert((e.pushed_at_ms, None));
+            if e.acked_at_ms.is_some() {
+                entry.1 = e.acked_at_ms;
             }
         }
     }
@@ -271,11 +164,10 @@ pub async fn run(
         "{} simulated proxies ({}) hold {} endpoints in {} services after {setup_s:.1} s; churning {}/s for {:?}",
         spec.proxies, spec.xds, spec.endpoints, spec.services, spec.rate, spec.duration.0
     ));
-    let api = t.pilot.addr;
-    let counters0 = pilot_counters(api).await;
+    let counters0 = t.pilot.counters().await?;
     let usage0 = (t.usage)();
     let mut history = History::new();
-    merge_history(api, &mut history).await;
+    merge_history(t.pilot, &mut history).await;
     let mut peak_rss = usage0.map_or(0.0, |u| u.1);
     let mut changes: Vec<(u64, f64)> = Vec::new();
     let start = tokio::time::Instant::now();
@@ -293,9 +185,12 @@ pub async fn run(
         }
         tokio::time::sleep_until(due).await;
         let body = next_change(reg, spec.services);
-        let (v, at) = batch(api, body).await?;
-        reg.version = v;
-        changes.push((v, at));
+        let EndpointsApplied {
+            version,
+            accepted_at_ms,
+        } = t.pilot.endpoints(&body).await?;
+        reg.version = version;
+        changes.push((version, accepted_at_ms.unwrap_or_else(crate::clock::now_ms)));
         let now = tokio::time::Instant::now();
         if now >= next_sample {
             if let Some(u) = (t.usage)() {
@@ -304,7 +199,7 @@ pub async fn run(
             next_sample = now + Duration::from_millis(250);
         }
         if now >= next_history {
-            merge_history(api, &mut history).await;
+            merge_history(t.pilot, &mut history).await;
             next_history = now + Duration::from_secs(2);
         }
         i += 1;
@@ -315,7 +210,7 @@ pub async fn run(
         say(format!("warning: {e}"));
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    merge_history(api, &mut history).await;
+    merge_history(t.pilot, &mut history).await;
     let check = check_sidecars(t, reg, spec.services).await;
     if check.1 + check.2 + check.3 > 0 {
         say(format!(
@@ -327,7 +222,7 @@ pub async fn run(
     if let Some(u) = usage1 {
         peak_rss = peak_rss.max(u.1);
     }
-    let counters1 = pilot_counters(api).await;
+    let counters = t.pilot.counters().await?.since(&counters0);
     // Per (change, proxy): the first version at or after the change's.
     let mut receive = Vec::with_capacity(changes.len() * spec.proxies);
     let mut ack = Vec::with_capacity(changes.len() * spec.proxies);
@@ -363,8 +258,12 @@ pub async fn run(
             }
         }
     }
-    let pushes = counters1.0.saturating_sub(counters0.0);
-    let bytes = counters1.1.saturating_sub(counters0.1);
+    let Counters {
+        pushes,
+        bytes,
+        snapshots,
+        nacks,
+    } = counters;
     let n = changes.len().max(1) as f64;
     let proxies_total = (spec.proxies + history.len()).max(1) as f64;
     let result = ChurnResult {
@@ -388,8 +287,8 @@ pub async fn run(
         bytes,
         bytes_per_change: bytes as f64 / n,
         bytes_per_change_per_proxy: bytes as f64 / n / proxies_total,
-        snapshots: counters1.2.saturating_sub(counters0.2),
-        nacks: counters1.3.saturating_sub(counters0.3),
+        snapshots,
+        nacks,
         pilot_cpu_s: match (usage0, usage1) {
             (Some(a), Some(b)) => b.0 - a.0,
             _ => 0.0,
@@ -406,6 +305,46 @@ pub async fn run(
     Ok(result)
 }
 
+/// Envoy's admin `/clusters?format=json`, as far as the check reads it (our proxy serves the
+/// same shape).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct AdminClusters {
+    cluster_statuses: Vec<AdminCluster>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct AdminCluster {
+    name: String,
+    host_statuses: Vec<AdminHost>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct AdminHost {
+    address: AdminAddress,
+    health_status: AdminHealth,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct AdminAddress {
+    socket_address: AdminSocketAddress,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct AdminSocketAddress {
+    address: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct AdminHealth {
+    eds_health_status: String,
+}
+
 /// Waits until every real sidecar ACKed the churn's last version, then compares each one's
 /// endpoint table for the churned services with the registry. Returns (sidecars checked,
 /// stale hosts, missing hosts, health mismatches).
@@ -419,12 +358,9 @@ async fn check_sidecars(
     }
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(30) {
-        let synced = t.pilot.proxies().await.ok().is_some_and(|v| {
-            v.as_array().into_iter().flatten().all(|p| {
-                p["synced_version"]
-                    .as_u64()
-                    .is_some_and(|s| s >= reg.version)
-            })
+        let synced = t.pilot.proxies(Some(SIM_NAMESPACE)).await.is_ok_and(|v| {
+            v.iter()
+                .all(|p| p.synced_version.is_some_and(|s| s >= reg.version))
         });
         if synced {
             break;
@@ -434,42 +370,39 @@ async fn check_sidecars(
     // Service k -> address -> healthy, as registered now.
     let mut want: Vec<HashMap<String, bool>> = vec![HashMap::new(); services];
     for (&i, &healthy) in &reg.present {
-        let ip = endpoint(i, services, healthy)["address"]
-            .as_str()
-            .unwrap_or("")
-            .to_string();
-        want[i % services].insert(ip, healthy);
+        want[i % services].insert(endpoint_ip(i), healthy);
     }
     let (mut checked, mut stale, mut missing, mut health) = (0, 0, 0, 0);
+    let http = HttpClient::default();
     for admin in &t.sidecar_admins {
-        let Ok((200, _, body)) = HttpClient
+        let Ok(r) = http
             .request(*admin, "GET", "/clusters?format=json", &[], "")
             .await
-            .map(|(s, h, b)| (s, h, b))
         else {
             continue;
         };
-        let Ok(v) = serde_json::from_slice::<Value>(&body) else {
+        let Ok(v) = serde_json::from_slice::<AdminClusters>(&r.body) else {
             continue;
         };
+        if r.status != 200 {
+            continue;
+        }
         checked += 1;
-        for c in v["cluster_statuses"].as_array().into_iter().flatten() {
-            let name = c["name"].as_str().unwrap_or("");
-            let Some(k) = name
+        let suffix = format!(".{NAMESPACE}.svc.cluster.local");
+        for c in v.cluster_statuses {
+            let Some(k) = c
+                .name
                 .strip_prefix("outbound|8080||churn-svc-")
-                .and_then(|r| r.strip_suffix(&format!(".{NAMESPACE}.svc.cluster.local")))
+                .and_then(|r| r.strip_suffix(&suffix))
                 .and_then(|k| k.parse::<usize>().ok())
                 .filter(|k| *k < services)
             else {
                 continue;
             };
             let mut seen = 0;
-            for h in c["host_statuses"].as_array().into_iter().flatten() {
-                let ip = h["address"]["socket_address"]["address"]
-                    .as_str()
-                    .unwrap_or("");
-                let healthy = h["health_status"]["eds_health_status"].as_str() == Some("HEALTHY");
-                match want[k].get(ip) {
+            for h in c.host_statuses {
+                let healthy = h.health_status.eds_health_status == "HEALTHY";
+                match want[k].get(&h.address.socket_address.address) {
                     None => stale += 1,
                     Some(w) => {
                         seen += 1;
@@ -486,7 +419,7 @@ async fn check_sidecars(
 }
 
 /// One random change: remove a present endpoint, add an absent one back, or flip health.
-fn next_change(reg: &mut Registered, services: usize) -> Value {
+fn next_change(reg: &mut Registered, services: usize) -> EndpointBatch {
     let mut rng = rand::rng();
     let op = if reg.absent.is_empty() {
         rng.random_range(0..2)
@@ -499,7 +432,10 @@ fn next_change(reg: &mut Registered, services: usize) -> Value {
             let k = rng.random_range(0..reg.present.len());
             let (&i, healthy) = reg.present.iter_mut().nth(k).expect("in range");
             *healthy = !*healthy;
-            json!({ "update": [endpoint(i, services, *healthy)] })
+            EndpointBatch {
+                update: vec![endpoint(i, services, *healthy)],
+                ..Default::default()
+            }
         }
         // Remove a present endpoint.
         1 if !reg.present.is_empty() => {
@@ -507,14 +443,23 @@ fn next_change(reg: &mut Registered, services: usize) -> Value {
             let i = *reg.present.keys().nth(k).expect("in range");
             reg.present.remove(&i);
             reg.absent.push(i);
-            json!({ "remove": [{"namespace": NAMESPACE, "name": format!("churn-ep-{i}")}] })
+            EndpointBatch {
+                remove: vec![EndpointRef {
+                    namespace: NAMESPACE.into(),
+                    name: format!("churn-ep-{i}"),
+                }],
+                ..Default::default()
+            }
         }
         // Add an absent one back.
         _ => {
             let k = rng.random_range(0..reg.absent.len().max(1));
             let i = reg.absent.swap_remove(k);
             reg.present.insert(i, true);
-            json!({ "add": [endpoint(i, services, true)] })
+            EndpointBatch {
+                add: vec![endpoint(i, services, true)],
+                ..Default::default()
+            }
         }
     }
 }

@@ -43,3 +43,28 @@ mod tests {
         assert!(s.cpu_s >= 0.0);
     }
 }
+
+/// The machine a measurement ran on.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct Machine {
+    pub cores: usize,
+    pub memory_mb: u64,
+}
+
+/// Cores and memory of this machine (from /proc/meminfo).
+pub fn machine() -> Machine {
+    let memory_mb = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb / 1024);
+    Machine {
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        memory_mb,
+    }
+}

@@ -37,7 +37,8 @@ impl fmt::Display for Origin {
 }
 
 /// One config problem, named by file, document, object, field path and reason.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ConfigError {
     pub file: String,
     pub document: usize,

@@ -7,6 +7,10 @@
 //! - `DELETE /v1/config/{kind}/{namespace}/{name}`
 //! - `POST /v1/endpoints` `{"add": [Workload], "update": [Workload], "remove": [{namespace, name}]}`
 //! - `GET /v1/proxies[?exclude_namespace=NS]`, `GET /v1/config`, `GET /metrics`, `GET /healthz`
+//!
+//! The bodies are the types in [`api`].
+
+pub mod api;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -25,12 +29,13 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
 use crate::config;
-use crate::model::{ConfigError, ConfigSet, Key, Kind, Mesh, Workload};
+use crate::model::{ConfigError, ConfigSet, Key, Kind, Mesh};
 use crate::shutdown::Shutdown;
 use crate::xds::ads::ledger::Ledger;
 use crate::xds::ads::AdsServer;
 use crate::xds::debounce::{Change, Debounce};
 use crate::xds::snapshot::Snapshot;
+use api::{Applied, Deleted, EndpointBatch, EndpointsApplied, Errors, Health};
 
 pub const DEFAULT_XDS_ADDR: &str = "127.0.0.1:15010";
 pub const DEFAULT_API_ADDR: &str = "127.0.0.1:15080";
@@ -354,24 +359,6 @@ impl Pilot {
     }
 }
 
-#[derive(Debug, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct EndpointBatch {
-    #[serde(default)]
-    pub add: Vec<Workload>,
-    #[serde(default)]
-    pub update: Vec<Workload>,
-    #[serde(default)]
-    pub remove: Vec<EndpointRef>,
-}
-
-#[derive(Debug, Deserialize, Serialize)]
-pub struct EndpointRef {
-    #[serde(default = "crate::model::default_namespace")]
-    pub namespace: String,
-    pub name: String,
-}
-
 /// Runs the ADS server and the REST API on the given listeners until `shutdown`.
 pub async fn run(
     cfg: Config,
@@ -417,18 +404,18 @@ pub async fn serve(
 
 pub fn router(pilot: Arc<Pilot>) -> Router {
     Router::new()
-        .route("/v1/apply", post(apply))
+        .route(api::APPLY, post(apply))
         .route(
             "/v1/config/{kind}/{namespace}/{name}",
             delete(delete_object),
         )
         .route(
-            "/v1/config",
+            api::CONFIG,
             get(|State(p): State<Arc<Pilot>>| async move { Json(p.config_json()) }),
         )
-        .route("/v1/endpoints", post(endpoints))
+        .route(api::ENDPOINTS, post(endpoints))
         .route(
-            "/v1/proxies",
+            api::PROXIES,
             get(
                 |State(p): State<Arc<Pilot>>, Query(q): Query<ProxiesQuery>| async move {
                     let ns = q.exclude_namespace.unwrap_or_default();
@@ -436,11 +423,14 @@ pub fn router(pilot: Arc<Pilot>) -> Router {
                 },
             ),
         )
-        .route("/metrics", get(metrics))
+        .route(api::METRICS, get(metrics))
         .route(
-            "/healthz",
+            api::HEALTH,
             get(|State(p): State<Arc<Pilot>>| async move {
-                Json(json!({"status": "ok", "version": p.version()}))
+                Json(Health {
+                    status: "ok".into(),
+                    version: p.version(),
+                })
             }),
         )
         .fallback(|| async {
@@ -454,11 +444,11 @@ pub fn router(pilot: Arc<Pilot>) -> Router {
 }
 
 fn error(status: StatusCode, message: &str) -> Response {
-    (status, Json(json!({"errors": [{"message": message}]}))).into_response()
+    (status, Json(Errors::message(message))).into_response()
 }
 
 fn config_errors(status: StatusCode, errors: Vec<ConfigError>) -> Response {
-    (status, Json(json!({ "errors": errors }))).into_response()
+    (status, Json(Errors { errors })).into_response()
 }
 
 #[derive(Deserialize)]
@@ -481,12 +471,12 @@ async fn apply(State(p): State<Arc<Pilot>>, Query(q): Query<ApplyQuery>, body: B
     };
     let source = q.source.unwrap_or_else(|| "request".into());
     match p.apply(&source, text) {
-        Ok((version, keys, warnings)) => Json(json!({
-            "version": version,
-            "accepted_at_ms": p.accepted_at(version),
-            "applied": keys.iter().map(|k| k.to_string()).collect::<Vec<_>>(),
-            "warnings": warnings,
-        }))
+        Ok((version, keys, warnings)) => Json(Applied {
+            version,
+            accepted_at_ms: p.accepted_at(version),
+            applied: keys.iter().map(|k| k.to_string()).collect(),
+            warnings,
+        })
         .into_response(),
         Err(errors) => config_errors(StatusCode::BAD_REQUEST, errors),
     }
@@ -505,9 +495,11 @@ async fn delete_object(
         name,
     };
     match p.delete(&key) {
-        Ok(Some(version)) => {
-            Json(json!({"version": version, "deleted": key.to_string()})).into_response()
-        }
+        Ok(Some(version)) => Json(Deleted {
+            version,
+            deleted: key.to_string(),
+        })
+        .into_response(),
         Ok(None) => error(StatusCode::NOT_FOUND, &format!("{key} does not exist")),
         Err(errors) => config_errors(StatusCode::CONFLICT, errors),
     }
@@ -524,10 +516,11 @@ async fn endpoints(State(p): State<Arc<Pilot>>, body: Bytes) -> Response {
         }
     };
     match p.update_endpoints(batch) {
-        Ok(version) => {
-            Json(json!({ "version": version, "accepted_at_ms": p.accepted_at(version) }))
-                .into_response()
-        }
+        Ok(version) => Json(EndpointsApplied {
+            version,
+            accepted_at_ms: p.accepted_at(version),
+        })
+        .into_response(),
         Err(errors) => config_errors(StatusCode::BAD_REQUEST, errors),
     }
 }

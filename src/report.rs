@@ -9,6 +9,7 @@ use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::load::LoadResult;
+pub use crate::measure::Machine;
 
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -34,15 +35,8 @@ pub struct Report {
     pub resources: Resources,
     /// One entry per churn step (endpoint churn with simulated proxies).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub churn: Vec<crate::churn::ChurnResult>,
+    pub churn: Vec<ChurnResult>,
     pub passed: bool,
-}
-
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-#[serde(default)]
-pub struct Machine {
-    pub cores: usize,
-    pub memory_mb: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -134,6 +128,54 @@ impl Report {
         serde_json::from_str(&text)
             .map_err(|e| format!("{}: not a meshbench report.json: {e}", path.display()))
     }
+}
+
+/// What a churn measured (one entry of report.json's `churn`).
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct ChurnResult {
+    pub name: String,
+    pub xds: String,
+    pub proxies: usize,
+    pub services: usize,
+    pub endpoints: usize,
+    pub rate: f64,
+    pub duration_s: f64,
+    pub changes: usize,
+    pub achieved_rate: f64,
+    /// Setting up: registering endpoints and the simulated proxies' first full config.
+    pub setup_s: f64,
+    /// Change -> simulated proxy received it, over every (change, proxy) pair.
+    pub receive_ms: Option<Dist>,
+    /// Change -> simulated proxy ACKed it.
+    pub ack_ms: Option<Dist>,
+    /// Per change, change -> the last simulated proxy received it.
+    pub last_proxy_ms: Option<Dist>,
+    /// (change, proxy) pairs never received before the end.
+    pub missed: usize,
+    /// Real sidecars (pilot's history): change -> pushed, change -> ACKed.
+    pub sidecar_push_ms: Option<Dist>,
+    pub sidecar_ack_ms: Option<Dist>,
+    /// Pilot's counters over the churn (every proxy, real and simulated).
+    pub pushes: u64,
+    pub bytes: u64,
+    pub bytes_per_change: f64,
+    pub bytes_per_change_per_proxy: f64,
+    pub snapshots: u64,
+    pub nacks: u64,
+    /// Pilot's CPU seconds during the churn and its largest RSS sampled then.
+    pub pilot_cpu_s: f64,
+    pub pilot_peak_rss_mb: f64,
+    /// The simulated proxies' side: responses and bytes received.
+    pub sim_responses: u64,
+    pub sim_bytes: u64,
+    /// Real sidecars' data plane after the churn, from their admin `/clusters`: hosts of the
+    /// churned services still there after their removal (stale), registered but absent
+    /// (missing), or with a health status other than the registry's.
+    pub sidecars_checked: usize,
+    pub sidecar_stale_hosts: usize,
+    pub sidecar_missing_hosts: usize,
+    pub sidecar_health_mismatches: usize,
 }
 
 /// Writes report.json, the charts and report.html into `dir`; returns the files written.
@@ -464,7 +506,7 @@ fn html_page(r: &Report, charts: &[(String, String)]) -> String {
 }
 
 /// One line for a churn: propagation to the simulated proxies, bytes, pilot's cost.
-pub fn churn_line(c: &crate::churn::ChurnResult) -> String {
+pub fn churn_line(c: &ChurnResult) -> String {
     format!(
         "churn {:<8} {:>5} {:<5} proxies {:>6} endpoints {:>4} changes: receive p50 {} / p99 {} / max {} ms, ACK p99 {} ms, last proxy p99 {} ms; {:.0} B/change ({:.1} B/change/proxy), {} pushes; pilot {:.2} CPU s, {:.0} MB peak{}",
         c.name,

@@ -7,17 +7,20 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use serde_json::Value;
 use tokio::task::JoinHandle;
 
 use crate::backend::docker::DockerBackend;
 use crate::backend::local::LocalBackend;
-use crate::backend::{self, Mesh, Options};
+use crate::backend::{self, Backend, Mesh, Options};
+use crate::clock::now_ms;
 use crate::load::{self, Live, LoadResult, LoadSpec};
 use crate::measure::proc_stats;
+use crate::pilot::api::ProxyStatus;
+use crate::pilot_client::PilotApi;
 use crate::report::{self, Dist, Expectation, Phase, PhaseLoad, Propagation, Report};
 use crate::scenario::{BackendKind, ExpectStep, FaultStep, ProxyKind, Scenario, Step};
 use crate::shutdown::Shutdown;
+use crate::sim::SIM_NAMESPACE;
 
 /// How long a change may take to reach every proxy before the run calls the mesh stuck.
 pub const CONVERGE_LIMIT: Duration = Duration::from_secs(30);
@@ -51,13 +54,6 @@ impl From<backend::Error> for Error {
             backend::Error::Environment(m) => Error::Environment(m),
         }
     }
-}
-
-fn now_ms() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64() * 1000.0)
-        .unwrap_or(0.0)
 }
 
 struct RunningLoad {
@@ -145,17 +141,15 @@ pub async fn run(
             out.join("logs").display()
         );
         let (manifests, config) = (&scenario.topology.manifests, &scenario.topology.config);
-        let b = match backend {
-            BackendKind::Local => {
-                Mesh::Local(LocalBackend::start(backend_opts, manifests, config).await?)
-            }
-            BackendKind::Docker => Mesh::Docker(Box::new(
-                DockerBackend::start(backend_opts, manifests, config).await?,
-            )),
+        let log_dir = backend_opts.log_dir.clone();
+        let substrate: Box<dyn Backend> = match backend {
+            BackendKind::Local => Box::new(LocalBackend::new(backend_opts)),
+            BackendKind::Docker => Box::new(DockerBackend::new(backend_opts).await?),
         };
+        let b = Mesh::start(substrate, log_dir, manifests, config).await?;
         eprintln!(
             "meshbench: {} pods up in {:.1} s; running {} steps",
-            b.pods(),
+            b.pods.len(),
             started.elapsed().as_secs_f64(),
             scenario.steps.len()
         );
@@ -173,13 +167,7 @@ pub async fn run(
                 proxy: scenario.mesh.proxy.to_string(),
                 meshbench_version: env!("CARGO_PKG_VERSION").into(),
                 commit: option_env!("MESHBENCH_COMMIT").unwrap_or("unknown").into(),
-                machine: {
-                    let m = crate::bench::machine();
-                    report::Machine {
-                        cores: m.cores,
-                        memory_mb: m.memory_mb,
-                    }
-                },
+                machine: crate::measure::machine(),
                 started_at_ms: started_ms,
                 quick: opts.quick,
                 ..Default::default()
@@ -343,14 +331,18 @@ impl Runner<'_> {
         if probe.is_some() {
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
-        let (version, accepted_at) = self.b.pilot_mut().apply(file, &text).await?;
+        let applied = self.b.pilot_mut().apply(file, &text).await?;
+        let (version, accepted_at) = (
+            applied.version,
+            applied.accepted_at_ms.unwrap_or_else(now_ms),
+        );
         let change = std::path::Path::new(file)
             .file_name()
             .map_or(file.to_string(), |n| n.to_string_lossy().into_owned());
-        let api = self.b.pilot().addr;
+        let api = self.b.pilot().clone();
         let nodes = self.b.node_ids();
         self.pending.push(tokio::spawn(async move {
-            let mut p = propagation(api, nodes, change, version, accepted_at).await;
+            let mut p = propagation(&api, nodes, change, version, accepted_at).await;
             if let Some(probe) = probe {
                 if let Ok(samples) = probe.await {
                     p.data_plane_ms =
@@ -370,16 +362,11 @@ impl Runner<'_> {
         };
         let start = Instant::now();
         loop {
-            let proxies = self.b.pilot().proxies().await?;
+            let proxies = self.b.pilot().proxies(Some(SIM_NAMESPACE)).await?;
             let nodes = self.b.node_ids();
             let behind: Vec<&String> = nodes
                 .iter()
-                .filter(|n| {
-                    !proxies.as_array().into_iter().flatten().any(|p| {
-                        p["node"]["id"].as_str() == Some(n.as_str())
-                            && p["synced_version"].as_u64().is_some_and(|v| v >= version)
-                    })
-                })
+                .filter(|n| !synced(&proxies, n, version))
                 .collect();
             if behind.is_empty() {
                 return Ok(());
@@ -624,53 +611,37 @@ fn describe(step: &Step) -> String {
     }
 }
 
+/// Whether the proxy with node id `node` has ACKed `version` (or later).
+fn synced(proxies: &[ProxyStatus], node: &str, version: u64) -> bool {
+    proxies
+        .iter()
+        .any(|p| p.node.id == node && p.synced_version.is_some_and(|v| v >= version))
+}
+
 /// Per-proxy push and ACK times for `version`, from pilot's history.
 async fn propagation(
-    api: std::net::SocketAddr,
+    api: &PilotApi,
     nodes: Vec<String>,
     change: String,
     version: u64,
     accepted_at: f64,
 ) -> Propagation {
-    let http = crate::backend::HttpClient;
     let start = Instant::now();
-    let mut proxies = Value::Null;
+    let mut proxies = Vec::new();
     while start.elapsed() < CONVERGE_LIMIT {
-        proxies = http
-            .json(api, "GET", crate::backend::PROXIES_PATH, "")
-            .await
-            .map(|r| r.1)
-            .unwrap_or(Value::Null);
-        let done = nodes.iter().all(|n| {
-            proxies.as_array().into_iter().flatten().any(|p| {
-                p["node"]["id"].as_str() == Some(n)
-                    && p["synced_version"].as_u64().is_some_and(|v| v >= version)
-            })
-        });
-        if done {
+        proxies = api.proxies(Some(SIM_NAMESPACE)).await.unwrap_or_default();
+        if nodes.iter().all(|n| synced(&proxies, n, version)) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let mut push = Vec::new();
     let mut ack = Vec::new();
-    for p in proxies
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|p| nodes.iter().any(|n| p["node"]["id"].as_str() == Some(n)))
-    {
+    for p in proxies.iter().filter(|p| nodes.contains(&p.node.id)) {
         // The first version at or after this change that the proxy was sent.
-        if let Some(h) = p["history"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|h| h["version"].as_u64().is_some_and(|v| v >= version))
-        {
-            if let Some(t) = h["pushed_at_ms"].as_f64() {
-                push.push(t - accepted_at);
-            }
-            if let Some(t) = h["acked_at_ms"].as_f64() {
+        if let Some(h) = p.history.iter().find(|h| h.version >= version) {
+            push.push(h.pushed_at_ms - accepted_at);
+            if let Some(t) = h.acked_at_ms {
                 ack.push(t - accepted_at);
             }
         }

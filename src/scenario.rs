@@ -13,6 +13,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_saphyr::Spanned;
 
 use crate::model::parse_duration;
+use crate::xds::XdsMode;
 
 /// A duration written as `100ms`, `5s`, `1m`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -68,7 +69,7 @@ pub struct Mesh {
     pub debounce: Option<Dur>,
     /// The sidecars' ADS method: sotw (default) or delta.
     #[serde(default)]
-    pub xds: crate::xds::XdsMode,
+    pub xds: XdsMode,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -204,6 +205,28 @@ pub enum FaultStep {
     ControlPlane(String),
 }
 
+/// An endpoint churn with simulated proxies (`churn` step; run by `churn::run`).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChurnSpec {
+    /// Label in the report (default churn-N).
+    pub name: Option<String>,
+    pub services: usize,
+    pub endpoints: usize,
+    /// Changes per second (each one endpoint added, removed or flipped).
+    pub rate: f64,
+    pub duration: Dur,
+    /// Simulated proxies subscribed during the churn.
+    #[serde(default)]
+    pub proxies: usize,
+    #[serde(default)]
+    pub xds: XdsMode,
+    #[serde(default)]
+    pub ack_delay: Option<Dur>,
+    #[serde(default)]
+    pub nack_fraction: f64,
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub enum Step {
@@ -215,7 +238,7 @@ pub enum Step {
     Fault(FaultStep),
     WaitLoad(String),
     /// Endpoint churn with simulated proxies (see `churn`).
-    Churn(crate::churn::ChurnSpec),
+    Churn(ChurnSpec),
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -4,17 +4,18 @@
 //! scaling curves (SVG) and a fitted linear cost model per group of points, with its error.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{wait_tcp, Error, PilotApi};
-use crate::churn::{self, ChurnResult, ChurnSpec, Registered};
+use crate::churn::{self, Registered};
+use crate::launch::{log_file, PilotArgs, PilotProcess};
 use crate::measure::proc_stats;
+use crate::pilot_client::{Error, PilotApi};
 use crate::report::opt;
+use crate::report::ChurnResult;
+use crate::scenario::ChurnSpec;
 use crate::scenario::Dur;
 use crate::xds::XdsMode;
 
@@ -249,8 +250,7 @@ pub async fn run(
             grid.len(),
             if *full_push { ", full push" } else { "" }
         );
-        let pilot =
-            PilotProcess::start(&opts.meshbench_exe, *debounce, *full_push, &out, k).await?;
+        let pilot = start_pilot(&opts.meshbench_exe, *debounce, *full_push, &out, k).await?;
         let churn_spec = ChurnSpec {
             name: Some(format!("point-{}", k + 1)),
             services: spec.services,
@@ -294,17 +294,13 @@ pub async fn run(
             churn: result,
         });
     }
-    let m = crate::bench::machine();
     let report = SweepReport {
         schema_version: 1,
         name,
         quick: opts.quick,
         services: spec.services,
         duration_s: spec.duration.0.as_secs_f64(),
-        machine: crate::report::Machine {
-            cores: m.cores,
-            memory_mb: m.memory_mb,
-        },
+        machine: crate::measure::machine(),
         fits: fits(&points),
         points,
     };
@@ -313,61 +309,29 @@ pub async fn run(
     Ok((report, out))
 }
 
-/// A pilot child process on a loopback address of its own, killed when dropped.
-struct PilotProcess {
-    child: tokio::process::Child,
-    api: SocketAddr,
-    xds: SocketAddr,
-}
-
-impl PilotProcess {
-    async fn start(
-        exe: &Path,
-        debounce: Duration,
-        full_push: bool,
-        out: &Path,
-        k: usize,
-    ) -> Result<PilotProcess, Error> {
-        let pid = std::process::id();
-        let ip = format!("127.{}.{}.{}", 30 + pid % 60, (pid / 60) % 250, 1 + k % 250);
-        let api: SocketAddr = format!("{ip}:15080").parse().expect("valid address");
-        let xds: SocketAddr = format!("{ip}:15010").parse().expect("valid address");
-        let log = std::fs::File::create(out.join(format!("pilot-{}.log", k + 1)))
-            .map(Stdio::from)
-            .unwrap_or_else(|_| Stdio::null());
-        let mut c = crate::backend::local::command(exe, "sweep");
-        c.args(["pilot", "--xds-addr", &xds.to_string()])
-            .args(["--api-addr", &api.to_string()])
-            .args(["--debounce", &format!("{}ms", debounce.as_millis())])
-            .stdout(Stdio::null())
-            .stderr(log);
-        if full_push {
-            c.arg("--full-push");
-        }
-        let child = c
-            .spawn()
-            .map_err(|e| Error::Environment(format!("cannot start pilot: {e}")))?;
-        wait_tcp(api, Duration::from_secs(10))
-            .await
-            .map_err(|_| Error::Environment(format!("pilot did not answer on {api}")))?;
-        Ok(PilotProcess { child, api, xds })
-    }
-
-    fn pid(&self) -> Option<u32> {
-        self.child.id()
-    }
-}
-
-impl Drop for PilotProcess {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-        let deadline = std::time::Instant::now() + Duration::from_secs(2);
-        while !matches!(self.child.try_wait(), Ok(Some(_)) | Err(_))
-            && std::time::Instant::now() < deadline
-        {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
+/// A fresh pilot for point `k`, on a loopback address of its own.
+async fn start_pilot(
+    exe: &Path,
+    debounce: Duration,
+    full_push: bool,
+    out: &Path,
+    k: usize,
+) -> Result<PilotProcess, Error> {
+    let pid = std::process::id();
+    let ip = format!("127.{}.{}.{}", 30 + pid % 60, (pid / 60) % 250, 1 + k % 250);
+    let mut args = PilotArgs::new(
+        format!("{ip}:15010").parse().expect("valid address"),
+        format!("{ip}:15080").parse().expect("valid address"),
+    );
+    args.debounce = debounce;
+    args.full_push = full_push;
+    PilotProcess::start(
+        exe,
+        &args,
+        "sweep",
+        log_file(out, &format!("pilot-{}", k + 1)),
+    )
+    .await
 }
 
 /// Least-squares fits per group and metric; a term is left out when its variable does not

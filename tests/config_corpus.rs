@@ -218,9 +218,7 @@ spec:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_batch_changes_nothing_and_the_api_survives_garbage() {
     let p = start_pilot(Duration::ZERO).await;
-    let (s, body) = json(p.api, "POST", "/v1/apply?source=base.yaml", BASE).await;
-    assert_eq!(s, 200, "{body}");
-    let version = body["version"].as_u64().unwrap();
+    let version = apply_ok(p.api, BASE).await.version;
     eventually(Duration::from_secs(5), || {
         (p.pilot.snapshot().version == version).then_some(())
     })
@@ -230,20 +228,12 @@ async fn a_bad_batch_changes_nothing_and_the_api_survives_garbage() {
 
     // One good document and one bad one: nothing of the batch lands.
     let batch = "apiVersion: v1\nkind: Service\nmetadata: {name: ratings}\nspec: {ports: [{port: 9080, name: http}], selector: {app: ratings}}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews}\nspec:\n  hosts: [reviews]\n  http:\n  - route:\n    - destination: {host: reviews, subset: nope}\n";
-    let (s, body) = json(p.api, "POST", "/v1/apply?source=batch.yaml", batch).await;
-    assert_eq!(s, 400);
-    let e = &body["errors"][0];
+    let r = http(p.api, "POST", "/v1/apply?source=batch.yaml", batch).await;
+    assert_eq!(r.status, 400);
+    let e = &serde_json::from_str::<Errors>(&r.body).unwrap().errors[0];
     assert_eq!(
-        (
-            e["file"].as_str(),
-            e["document"].as_u64(),
-            e["field"].as_str()
-        ),
-        (
-            Some("batch.yaml"),
-            Some(2),
-            Some("spec.http[0].route[0].destination.subset")
-        )
+        (e.file.as_str(), e.document, e.field.as_str()),
+        ("batch.yaml", 2, "spec.http[0].route[0].destination.subset")
     );
     let (_, after) = json(p.api, "GET", "/v1/config", "").await;
     assert_eq!(before, after);
@@ -284,10 +274,13 @@ async fn a_bad_batch_changes_nothing_and_the_api_survives_garbage() {
     ] {
         let r = http(p.api, method, path, body).await;
         assert_eq!(r.status, want, "{method} {path}: {}", r.body);
-        let v: serde_json::Value = serde_json::from_str(&r.body)
-            .unwrap_or_else(|_| panic!("{method} {path}: not JSON: {}", r.body));
         if want >= 400 {
-            assert!(v["errors"].as_array().is_some_and(|a| !a.is_empty()), "{v}");
+            let e: Errors = serde_json::from_str(&r.body)
+                .unwrap_or_else(|_| panic!("{method} {path}: not an error body: {}", r.body));
+            assert!(!e.errors.is_empty(), "{method} {path}: {}", r.body);
+        } else {
+            let _: serde_json::Value = serde_json::from_str(&r.body)
+                .unwrap_or_else(|_| panic!("{method} {path}: not JSON: {}", r.body));
         }
     }
     // Binary garbage

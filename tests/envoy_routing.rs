@@ -47,9 +47,7 @@ fn workload_entry(name: &str, version: &str, addr: SocketAddr) -> String {
 }
 
 async fn apply(p: &TestPilot, docs: &[&str]) -> u64 {
-    let (status, body) = json(p.api, "POST", "/v1/apply", &docs.join("---\n")).await;
-    assert_eq!(status, 200, "apply failed: {body:#}");
-    body["version"].as_u64().unwrap()
+    apply_ok(p.api, &docs.join("---\n")).await.version
 }
 
 /// Sends `n` requests through Envoy's outbound listener; counts responses per workload identity.
@@ -133,21 +131,16 @@ async fn canary_flow(
     );
 
     // Every type Envoy was pushed is ACKed at the version it was pushed.
-    let (_, proxies) = json(p.api, "GET", "/v1/proxies", "").await;
-    let me = proxies
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|x| x["node"]["id"] == envoy.node_id.as_str())
-        .unwrap();
-    for (t, st) in me["types"].as_object().unwrap() {
+    let proxies = proxies(p.api).await;
+    let me = proxies.iter().find(|x| x.node.id == envoy.node_id).unwrap();
+    for (t, st) in &me.types {
         assert_eq!(
-            st["acked_version"], st["pushed_version"],
-            "{t} not ACKed: {st:#}"
+            st.acked_version, st.pushed_version,
+            "{t} not ACKed: {st:#?}"
         );
-        assert!(st["last_nack"].is_null(), "{t} NACKed: {st:#}");
+        assert!(st.last_nack.is_none(), "{t} NACKed: {st:#?}");
     }
-    assert_eq!(me["types"]["rds"]["acked_version"], v_all.to_string());
+    assert_eq!(me.types["rds"].acked_version, Some(v_all.to_string()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,9 +182,7 @@ async fn envoy_follows_endpoints_registered_through_the_rest_batch() {
         {"name": "reviews-v1-0", "namespace": "default", "address": "127.0.0.1", "labels": {"app": "reviews", "version": "v1"}, "ports": {"http": v1.port()}},
         {"name": "reviews-v3-0", "namespace": "default", "address": "127.0.0.1", "labels": {"app": "reviews", "version": "v3"}, "ports": {"http": v3.port()}},
     ]});
-    let (status, body) = json(p.api, "POST", "/v1/endpoints", &batch.to_string()).await;
-    assert_eq!(status, 200, "{body:#}");
-    let version = body["version"].as_u64().unwrap();
+    let version = endpoints_ok(p.api, &batch.to_string()).await.version;
     let envoy = start_envoy(
         &bin,
         p.xds,
@@ -206,15 +197,10 @@ async fn envoy_follows_endpoints_registered_through_the_rest_batch() {
     // v1-only routing cannot reach, so route to v3 first, then remove v1.
     let v = apply(&p, &[&vs(&[("v3", 100)])]).await;
     wait_synced(p.api, &envoy.node_id, v).await;
-    let (status, body) = json(
-        p.api,
-        "POST",
-        "/v1/endpoints",
-        r#"{"remove": [{"name": "reviews-v1-0"}]}"#,
-    )
-    .await;
-    assert_eq!(status, 200, "{body:#}");
-    wait_synced(p.api, &envoy.node_id, body["version"].as_u64().unwrap()).await;
+    let v = endpoints_ok(p.api, r#"{"remove": [{"name": "reviews-v1-0"}]}"#)
+        .await
+        .version;
+    wait_synced(p.api, &envoy.node_id, v).await;
     let clusters = http(envoy.admin, "GET", "/clusters", "").await.body;
     let v1_hosts = clusters
         .lines()

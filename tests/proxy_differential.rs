@@ -192,9 +192,7 @@ async fn envoy_and_meshbench_proxy_agree_case_by_case() {
         let api = p.api;
         let ids: Vec<String> = sidecars.iter().map(|s| s.node_id.clone()).collect();
         async move {
-            let (s, body) = json(api, "POST", "/v1/apply", &yaml).await;
-            assert_eq!(s, 200, "{body}");
-            let v = body["version"].as_u64().unwrap();
+            let v = apply_ok(api, &yaml).await.version;
             for id in &ids {
                 wait_synced(api, id, v).await;
             }

@@ -6,7 +6,9 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
+
+use meshbench::launch::{PilotArgs, PilotProcess};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -21,40 +23,22 @@ fn free_port() -> u16 {
         .port()
 }
 
-struct PilotProcess(Child);
-impl Drop for PilotProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_pilot(xds: u16, api: u16, config: &std::path::Path) -> PilotProcess {
-    let child = Command::new(env!("CARGO_BIN_EXE_meshbench"))
-        .args([
-            "pilot",
-            "--debounce",
-            "0",
-            "--xds-addr",
-            &format!("127.0.0.1:{xds}"),
-            "--api-addr",
-            &format!("127.0.0.1:{api}"),
-            "--config",
-        ])
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    PilotProcess(child)
-}
-
-async fn wait_api(api: SocketAddr) {
-    eventually(Duration::from_secs(10), || {
-        std::net::TcpStream::connect(api).ok()
-    })
+/// Pilot as a child process (the library's one way to start it), on port `api`.
+async fn spawn_pilot(xds: u16, api: u16, config: &std::path::Path) -> PilotProcess {
+    let mut args = PilotArgs::new(
+        format!("127.0.0.1:{xds}").parse().unwrap(),
+        format!("127.0.0.1:{api}").parse().unwrap(),
+    );
+    args.debounce = Duration::ZERO;
+    args.config_files = vec![config.to_path_buf()];
+    PilotProcess::start(
+        std::path::Path::new(env!("CARGO_BIN_EXE_meshbench")),
+        &args,
+        "test",
+        Stdio::null(),
+    )
     .await
-    .expect("pilot API up");
+    .expect("pilot starts")
 }
 
 fn mesh_yaml(v1: SocketAddr, v3: SocketAddr, subset: &str) -> String {
@@ -100,8 +84,7 @@ async fn proxy_keeps_serving_through_a_pilot_restart_and_resumes() {
     std::fs::write(&config, mesh_yaml(v1.addr, v3.addr, "v1")).unwrap();
     let (xds_port, api_port) = (free_port(), free_port());
     let api: SocketAddr = format!("127.0.0.1:{api_port}").parse().unwrap();
-    let pilot = spawn_pilot(xds_port, api_port, &config);
-    wait_api(api).await;
+    let pilot = spawn_pilot(xds_port, api_port, &config).await;
     let proxy = start_mesh_proxy(
         format!("127.0.0.1:{xds_port}").parse().unwrap(),
         "productpage",
@@ -128,16 +111,16 @@ async fn proxy_keeps_serving_through_a_pilot_restart_and_resumes() {
     // The last good config keeps serving while the control plane is gone.
     assert_eq!(all_from(outbound, 50).await, vec!["200 reviews-v1"]);
 
-    let _pilot = spawn_pilot(xds_port, api_port, &config);
-    wait_api(api).await;
+    let _pilot = spawn_pilot(xds_port, api_port, &config).await;
     wait_synced(api, &proxy.node_id, 1).await;
     assert_eq!(
         stat(proxy.admin, "control_plane.connected_state").await,
         Some(1)
     );
-    let (s, body) = json(api, "POST", "/v1/apply", &mesh_yaml(v1.addr, v3.addr, "v3")).await;
-    assert_eq!(s, 200, "{body}");
-    wait_synced(api, &proxy.node_id, body["version"].as_u64().unwrap()).await;
+    let v = apply_ok(api, &mesh_yaml(v1.addr, v3.addr, "v3"))
+        .await
+        .version;
+    wait_synced(api, &proxy.node_id, v).await;
     assert_eq!(all_from(outbound, 20).await, vec!["200 reviews-v3"]);
     assert!(stat(proxy.admin, "control_plane.update_rejected").await == Some(0));
 }
@@ -164,14 +147,9 @@ async fn malformed_http_gets_4xx_or_close_and_others_are_unaffected() {
     let p = start_pilot(Duration::ZERO).await;
     let v1 = start_upstream("127.0.0.1", "reviews-v1", Behavior::Ok).await;
     let v3 = start_upstream("127.0.0.1", "reviews-v3", Behavior::Ok).await;
-    let (s, body) = json(
-        p.api,
-        "POST",
-        "/v1/apply",
-        &mesh_yaml(v1.addr, v3.addr, "v1"),
-    )
-    .await;
-    assert_eq!(s, 200, "{body}");
+    let version = apply_ok(p.api, &mesh_yaml(v1.addr, v3.addr, "v1"))
+        .await
+        .version;
     let proxy = start_mesh_proxy(
         p.xds,
         "productpage",
@@ -180,7 +158,7 @@ async fn malformed_http_gets_4xx_or_close_and_others_are_unaffected() {
     )
     .await;
     let outbound: SocketAddr = format!("{}:15001", proxy.pod_ip).parse().unwrap();
-    wait_synced(p.api, &proxy.node_id, body["version"].as_u64().unwrap()).await;
+    wait_synced(p.api, &proxy.node_id, version).await;
 
     // Slowloris: many connections holding half-sent headers.
     let mut held = Vec::new();

@@ -21,15 +21,11 @@ use meshbench::sim::{Fleet, FleetSpec};
 use meshbench::xds::{XdsMode, CLUSTER_TYPE};
 
 async fn apply(p: &TestPilot, text: &str) -> u64 {
-    let (status, body) = json(p.api, "POST", "/v1/apply", text).await;
-    assert_eq!(status, 200, "apply failed: {body:#}");
-    body["version"].as_u64().unwrap()
+    apply_ok(p.api, text).await.version
 }
 
 async fn endpoints(p: &TestPilot, batch: serde_json::Value) -> u64 {
-    let (status, body) = json(p.api, "POST", "/v1/endpoints", &batch.to_string()).await;
-    assert_eq!(status, 200, "endpoints failed: {body:#}");
-    body["version"].as_u64().unwrap()
+    endpoints_ok(p.api, &batch.to_string()).await.version
 }
 
 fn spec(mode: XdsMode, proxies: usize) -> FleetSpec {
@@ -198,21 +194,15 @@ async fn nacking_proxies_cause_no_push_loop() {
         .iter()
         .chain(&delta.sims)
         .all(|s| s.nacks.load(Relaxed) >= 1));
-    let (_, proxies) = json(p.api, "GET", "/v1/proxies", "").await;
+    let proxies = proxies(p.api).await;
     let nacks: u64 = proxies
-        .as_array()
-        .unwrap()
         .iter()
-        .flat_map(|p| p["types"].as_object().unwrap().values())
-        .map(|t| t["nacks"].as_u64().unwrap_or(0))
+        .flat_map(|p| p.types.values())
+        .map(|t| t.nacks)
         .sum();
     assert!(nacks >= 4, "pilot recorded {nacks} NACKs");
     // The simulated proxies never reach "synced" (they NACKed).
-    assert!(proxies
-        .as_array()
-        .unwrap()
-        .iter()
-        .all(|p| p["synced_version"].is_null()));
+    assert!(proxies.iter().all(|p| p.synced_version.is_none()));
 }
 
 /// A delta client that reconnects with the versions it holds is sent nothing new for them.

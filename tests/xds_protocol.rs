@@ -104,9 +104,7 @@ impl Stream {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nack_is_recorded_and_not_answered_with_a_resend_loop() {
     let p = start_pilot(Duration::ZERO).await;
-    let (s, body) = json(p.api, "POST", "/v1/apply", MESH).await;
-    assert_eq!(s, 200, "{body}");
-    let version = body["version"].as_u64().unwrap();
+    let version = apply_ok(p.api, MESH).await.version;
     // Wait for the snapshot to carry the config.
     eventually(Duration::from_secs(5), || {
         (p.pilot.snapshot().version == version).then_some(())
@@ -131,20 +129,19 @@ async fn nack_is_recorded_and_not_answered_with_a_resend_loop() {
     .await;
     st.quiet(Duration::from_millis(500)).await;
 
-    let (_, proxies) = json(p.api, "GET", "/v1/proxies", "").await;
-    let me = &proxies
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|x| x["node"]["pod"] == "nacker")
-        .unwrap()["types"]["cds"];
-    assert_eq!(me["nacks"], 1);
-    assert_eq!(
-        me["last_nack"]["message"],
-        "test: cluster rejected on purpose"
-    );
-    assert_eq!(me["last_nack"]["nonce"], cds.nonce.as_str());
-    assert!(me["acked_version"].is_null());
+    let cds_status = |proxies: Vec<ProxyStatus>| {
+        let me = proxies
+            .into_iter()
+            .find(|x| x.node.pod == "nacker")
+            .unwrap();
+        me.types["cds"].clone()
+    };
+    let me = cds_status(proxies(p.api).await);
+    assert_eq!(me.nacks, 1);
+    let nack = me.last_nack.as_ref().unwrap();
+    assert_eq!(nack.message, "test: cluster rejected on purpose");
+    assert_eq!(nack.nonce, cds.nonce);
+    assert!(me.acked_version.is_none());
     let metrics = http(p.api, "GET", "/metrics", "").await.body;
     assert!(
         metrics.contains("meshbench_pilot_xds_nacks_total{type=\"cds\"} 1"),
@@ -152,30 +149,21 @@ async fn nack_is_recorded_and_not_answered_with_a_resend_loop() {
     );
 
     // A new config is pushed once, and its ACK is recorded.
-    let (s, body) = json(p.api, "POST", "/v1/apply", "apiVersion: v1\nkind: Service\nmetadata: {name: ratings}\nspec: {ports: [{port: 9080, name: http}], selector: {app: ratings}}\n").await;
-    assert_eq!(s, 200);
-    let v2 = body["version"].as_u64().unwrap();
+    let v2 = apply_ok(p.api, "apiVersion: v1\nkind: Service\nmetadata: {name: ratings}\nspec: {ports: [{port: 9080, name: http}], selector: {app: ratings}}\n").await.version;
     let cds2 = st.recv().await;
     assert_eq!(cds2.version_info, v2.to_string());
     assert!(cds2.resources.len() > cds.resources.len());
     st.send(CLUSTER_TYPE, &cds2.version_info, &cds2.nonce, &[], None)
         .await;
     st.quiet(Duration::from_millis(300)).await;
-    let (_, proxies) = json(p.api, "GET", "/v1/proxies", "").await;
-    let me = &proxies
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|x| x["node"]["pod"] == "nacker")
-        .unwrap()["types"]["cds"];
-    assert_eq!(me["acked_version"], v2.to_string());
+    let me = cds_status(proxies(p.api).await);
+    assert_eq!(me.acked_version, Some(v2.to_string()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_nonces_are_ignored_and_eds_is_incremental() {
     let p = start_pilot(Duration::ZERO).await;
-    let (_, body) = json(p.api, "POST", "/v1/apply", MESH).await;
-    let version = body["version"].as_u64().unwrap();
+    let version = apply_ok(p.api, MESH).await.version;
     eventually(Duration::from_secs(5), || {
         (p.pilot.snapshot().version == version).then_some(())
     })

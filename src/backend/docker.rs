@@ -13,9 +13,12 @@
 
 mod image;
 
+use image::engine_error;
+pub use image::IMAGE_LABEL;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bollard::models::{
     ContainerCreateBody, EndpointIpamConfig, EndpointSettings, HostConfig, Ipam, IpamConfig,
@@ -29,23 +32,15 @@ use bollard::Docker;
 use futures::StreamExt;
 
 use super::{
-    envoy_bootstrap, find_pod, plan_pods, sidecar_args, wait_tcp, workload_args, Error, HttpClient,
-    Options, PilotApi, PodInfo, PodPlan, ENVOY_ARGS,
+    envoy_bootstrap, sidecar_args, workload_args, Backend, Error, Options, Pod, PodAddr, ENVOY_ARGS,
 };
+use crate::launch::{wait_tcp, PilotArgs, PILOT_START_LIMIT, RUN_ENV};
 use crate::report::{ProcessCost, Resources};
-use crate::scenario::{FaultStep, ProxyKind};
-use crate::xds::node::sidecar_id;
+use crate::scenario::ProxyKind;
 
 /// Label on every container and network of a run; its value is the run id.
 pub const RUN_LABEL: &str = "meshbench.run";
-/// Label on the images meshbench builds (kept between runs as a cache).
-pub const IMAGE_LABEL: &str = "meshbench.image";
-
 const POD_LIMIT: usize = 200;
-
-pub(crate) fn engine_error(what: &str, e: bollard::errors::Error) -> Error {
-    Error::Environment(format!("docker: {what}: {e}"))
-}
 
 /// Connects to the engine (DOCKER_HOST or the local socket) at a version both speak; returns
 /// the client and a description of the engine.
@@ -130,37 +125,6 @@ impl Containers {
     }
 }
 
-#[derive(Debug)]
-pub struct Pod {
-    pub plan: PodPlan,
-    pub pod_ip: String,
-    pub node_id: String,
-    containers: Containers,
-}
-
-impl super::PodInfo for Pod {
-    fn pod_ip(&self) -> &str {
-        &self.pod_ip
-    }
-    fn node_id(&self) -> &str {
-        &self.node_id
-    }
-    fn running(&self) -> bool {
-        self.containers.sidecar.is_some()
-    }
-}
-
-impl Pod {
-    fn new(plan: PodPlan, pod_ip: String) -> Pod {
-        Pod {
-            node_id: sidecar_id(&pod_ip, &plan.name, &plan.namespace),
-            plan,
-            pod_ip,
-            containers: Containers::default(),
-        }
-    }
-}
-
 /// How a container joins the network.
 enum Net<'a> {
     /// Its own namespace on the run's network, at `ip`, with DNS aliases.
@@ -173,50 +137,22 @@ pub struct DockerBackend {
     docker: Docker,
     opts: Options,
     /// "Docker 20.10.24 (API 1.41)".
-    pub engine: String,
+    engine: String,
     network: String,
     base: String,
     pilot: Option<String>,
-    pub pilot_api: PilotApi,
-    pub pods: Vec<Pod>,
-    client: Pod,
+    /// Pilot's process as this host sees it (for CPU and memory during a churn).
+    pilot_pid: Option<u32>,
+    /// Pod name -> its containers, with the names their logs are saved under.
+    pods: HashMap<String, Containers>,
     meshbench_image: String,
     envoy_image: Option<String>,
-    /// Pilot's process as this host sees it (for CPU and memory during a churn).
-    pub pilot_pid: Option<u32>,
 }
 
 impl DockerBackend {
-    fn pilot_ip(&self) -> String {
-        format!("{}.2", self.base)
-    }
-    pub fn pilot_xds(&self) -> SocketAddr {
-        format!("{}:15010", self.pilot_ip())
-            .parse()
-            .expect("valid address")
-    }
-    pub fn client_outbound(&self) -> SocketAddr {
-        format!("{}:15001", self.client.pod_ip)
-            .parse()
-            .expect("valid address")
-    }
-    /// (pod IP, node id) of every pod whose sidecar runs, the load client's included.
-    pub fn running_pods(&self) -> Vec<(String, String)> {
-        super::running(self.pods.iter().chain(std::iter::once(&self.client)))
-    }
-
-    /// Builds (or finds) the images, creates the network, pilot, every pod and the load
-    /// client, registers the pods and waits until each app answers through its sidecar.
-    pub async fn start(
-        opts: Options,
-        manifests: &[String],
-        config: &[String],
-    ) -> Result<DockerBackend, Error> {
+    /// Connects to the engine, builds (or finds) the images and creates the run's network.
+    pub async fn new(opts: Options) -> Result<DockerBackend, Error> {
         let (docker, engine) = connect().await?;
-        std::fs::create_dir_all(&opts.log_dir).map_err(|e| {
-            Error::Environment(format!("cannot create {}: {e}", opts.log_dir.display()))
-        })?;
-        let plans = plan_pods(manifests, POD_LIMIT)?;
         let image = |b: image::Built| {
             if let Some(s) = b.build_s {
                 eprintln!("meshbench: built image {} in {s:.1} s", b.tag);
@@ -228,90 +164,27 @@ impl DockerBackend {
         let envoy_image = match opts.proxy {
             ProxyKind::Meshbench => None,
             ProxyKind::Envoy => {
-                let envoy = opts.envoy.as_ref().ok_or_else(|| {
-                    Error::Environment(
-                        "Envoy not found: set MESHBENCH_ENVOY or put envoy on PATH".into(),
-                    )
-                })?;
-                Some(image(image::ensure(&docker, "envoy", envoy).await?))
+                let envoy = opts.envoy_binary()?.to_path_buf();
+                Some(image(image::ensure(&docker, "envoy", &envoy).await?))
             }
         };
         let (network, base) = create_network(&docker, &opts.run_id).await?;
-        let mut b = DockerBackend {
-            pilot_api: PilotApi::new(format!("{base}.2:15080").parse().expect("valid address")),
-            pods: plans
-                .into_iter()
-                .enumerate()
-                .map(|(k, plan)| Pod::new(plan, format!("{base}.{}", 10 + k)))
-                .collect(),
-            client: Pod::new(PodPlan::load_client(), format!("{base}.8")),
+        Ok(DockerBackend {
             docker,
             opts,
             engine,
             network,
             base,
             pilot: None,
+            pilot_pid: None,
+            pods: HashMap::new(),
             meshbench_image,
             envoy_image,
-            pilot_pid: None,
-        };
-        b.start_pilot().await?;
-        b.pilot_api.apply_files(manifests).await?;
-        b.pilot_api.apply_files(config).await?;
-        for i in 0..b.pods.len() {
-            b.start_pod(i).await?;
-        }
-        b.client.containers = b.create_pod(&b.client).await?;
-        b.pilot_api
-            .register(b.pods.iter().map(|p| (&p.plan, p.pod_ip.as_str())))
-            .await?;
-        for i in 0..b.pods.len() {
-            b.wait_ready(i).await?;
-        }
-        Ok(b)
+        })
     }
 
-    async fn start_pilot(&mut self) -> Result<(), Error> {
-        let debounce = format!("{}ms", self.opts.debounce.as_millis());
-        let cmd = [
-            "pilot",
-            "--xds-addr",
-            "0.0.0.0:15010",
-            "--api-addr",
-            "0.0.0.0:15080",
-            "--debounce",
-            &debounce,
-        ];
-        let ip = self.pilot_ip();
-        let id = self
-            .run(
-                "pilot",
-                "pilot",
-                &self.meshbench_image,
-                "/meshbench",
-                &cmd.map(String::from),
-                Net::Own {
-                    ip: &ip,
-                    aliases: vec!["pilot".into(), "istiod".into()],
-                },
-            )
-            .await?;
-        self.pilot_pid = self
-            .docker
-            .inspect_container(&id, None)
-            .await
-            .ok()
-            .and_then(|c| c.state?.pid)
-            .and_then(|p| u32::try_from(p).ok())
-            .filter(|p| *p > 0 && std::path::Path::new(&format!("/proc/{p}")).exists());
-        self.pilot = Some(id);
-        let api = self.pilot_api.addr;
-        wait_tcp(api, Duration::from_secs(20)).await.map_err(|_| {
-            Error::Environment(format!(
-                "pilot's container did not answer on {api} (is {} reachable from this host?)",
-                self.network
-            ))
-        })
+    fn pilot_ip(&self) -> String {
+        format!("{}.2", self.base)
     }
 
     /// Creates and starts one container of the run; returns its id.
@@ -355,11 +228,7 @@ impl DockerBackend {
             entrypoint: Some(vec![entrypoint.to_string()]),
             cmd: Some(cmd.to_vec()),
             hostname,
-            env: Some(vec![format!(
-                "{}={}",
-                super::local::RUN_ENV,
-                self.opts.run_id
-            )]),
+            env: Some(vec![format!("{}={}", RUN_ENV, self.opts.run_id)]),
             labels: Some(labels),
             host_config: Some(HostConfig {
                 network_mode: Some(network_mode),
@@ -387,8 +256,126 @@ impl DockerBackend {
         Ok(created.id)
     }
 
-    /// Creates a pod's infra container, then its workload (unless the load client) and sidecar.
-    async fn create_pod(&self, p: &Pod) -> Result<Containers, Error> {
+    /// One container's CPU seconds and peak memory (its cgroup), from the engine's stats.
+    async fn cost(&self, name: String, id: Option<&String>) -> ProcessCost {
+        let mut c = ProcessCost {
+            name,
+            ..Default::default()
+        };
+        let Some(id) = id else { return c };
+        let mut s = self.docker.stats(
+            id,
+            Some(
+                StatsOptionsBuilder::default()
+                    .stream(false)
+                    .one_shot(true)
+                    .build(),
+            ),
+        );
+        if let Some(Ok(s)) = s.next().await {
+            c.cpu_s = s
+                .cpu_stats
+                .and_then(|c| c.cpu_usage)
+                .and_then(|u| u.total_usage)
+                .unwrap_or(0) as f64
+                / 1e9;
+            c.peak_rss_mb = s
+                .memory_stats
+                .and_then(|m| m.max_usage.or(m.usage))
+                .unwrap_or(0) as f64
+                / (1024.0 * 1024.0);
+        }
+        c
+    }
+}
+
+#[async_trait::async_trait]
+impl Backend for DockerBackend {
+    fn name(&self) -> &'static str {
+        "docker"
+    }
+    fn engine(&self) -> Option<String> {
+        Some(self.engine.clone())
+    }
+    fn pod_limit(&self) -> usize {
+        POD_LIMIT
+    }
+    fn pod_addr(&self, k: usize) -> PodAddr {
+        PodAddr {
+            pod_ip: format!("{}.{}", self.base, 10 + k),
+            app_ip: "127.0.0.1".into(),
+        }
+    }
+    fn client_addr(&self) -> PodAddr {
+        PodAddr {
+            pod_ip: format!("{}.8", self.base),
+            app_ip: "127.0.0.1".into(),
+        }
+    }
+    fn pilot_xds(&self) -> SocketAddr {
+        format!("{}:15010", self.pilot_ip())
+            .parse()
+            .expect("valid address")
+    }
+    fn pilot_api(&self) -> SocketAddr {
+        format!("{}:15080", self.pilot_ip())
+            .parse()
+            .expect("valid address")
+    }
+
+    async fn start_pilot(&mut self) -> Result<(), Error> {
+        let mut args = PilotArgs::new(
+            "0.0.0.0:15010".parse().expect("valid"),
+            "0.0.0.0:15080".parse().expect("valid"),
+        );
+        args.debounce = self.opts.debounce;
+        let ip = self.pilot_ip();
+        let id = self
+            .run(
+                "pilot",
+                "pilot",
+                &self.meshbench_image,
+                "/meshbench",
+                &args.to_args(),
+                Net::Own {
+                    ip: &ip,
+                    aliases: vec!["pilot".into(), "istiod".into()],
+                },
+            )
+            .await?;
+        self.pilot_pid = self
+            .docker
+            .inspect_container(&id, None)
+            .await
+            .ok()
+            .and_then(|c| c.state?.pid)
+            .and_then(|p| u32::try_from(p).ok())
+            .filter(|p| *p > 0 && std::path::Path::new(&format!("/proc/{p}")).exists());
+        self.pilot = Some(id);
+        let api = self.pilot_api();
+        wait_tcp(api, PILOT_START_LIMIT).await.map_err(|_| {
+            Error::Environment(format!(
+                "pilot's container did not answer on {api} (is {} reachable from this host?)",
+                self.network
+            ))
+        })
+    }
+
+    async fn stop_pilot(&mut self) {
+        if let Some(id) = self.pilot.take() {
+            save_logs(&self.docker, &id, self.opts.log_dir.join("pilot.log")).await;
+            remove(&self.docker, &id).await;
+        }
+        self.pilot_pid = None;
+    }
+
+    fn pilot_pid(&self) -> Option<u32> {
+        self.pilot_pid
+    }
+
+    /// An infra container that owns the pod's network namespace and DNS aliases, then the
+    /// workload (unless the load client) and the sidecar joined to it.
+    async fn start_pod(&mut self, p: &Pod) -> Result<(), Error> {
         let name = &p.plan.name;
         let s = &p.plan.service;
         let ns = &p.plan.namespace;
@@ -400,7 +387,7 @@ impl DockerBackend {
                 "/meshbench",
                 &["pause".to_string()],
                 Net::Own {
-                    ip: &p.pod_ip,
+                    ip: &p.addr.pod_ip,
                     aliases: vec![
                         name.clone(),
                         s.clone(),
@@ -415,7 +402,7 @@ impl DockerBackend {
             ..Default::default()
         };
         if p.plan.port != 0 {
-            let args = workload_args(&p.plan, &format!("127.0.0.1:{}", p.plan.port), &p.pod_ip);
+            let args = workload_args(p, &format!("{}:{}", p.addr.app_ip, p.plan.port));
             c.workload = Some(
                 self.run(
                     &format!("{name}-app"),
@@ -431,13 +418,7 @@ impl DockerBackend {
         let sidecar_name = format!("{name}-sidecar");
         c.sidecar = Some(match &self.envoy_image {
             None => {
-                let args = sidecar_args(
-                    &p.plan,
-                    &self.pilot_xds().to_string(),
-                    &p.node_id,
-                    "127.0.0.1",
-                    self.opts.xds,
-                );
+                let args = sidecar_args(p, &self.pilot_xds().to_string(), self.opts.xds);
                 self.run(
                     &sidecar_name,
                     "sidecar",
@@ -449,13 +430,7 @@ impl DockerBackend {
                 .await?
             }
             Some(envoy_image) => {
-                let bootstrap = envoy_bootstrap(
-                    &p.plan,
-                    &p.pod_ip,
-                    "127.0.0.1",
-                    self.pilot_xds(),
-                    self.opts.xds,
-                );
+                let bootstrap = envoy_bootstrap(p, self.pilot_xds(), self.opts.xds);
                 let mut args = vec!["--config-yaml".to_string(), bootstrap.to_json().to_string()];
                 args.extend(ENVOY_ARGS.map(String::from));
                 self.run(
@@ -469,81 +444,54 @@ impl DockerBackend {
                 .await?
             }
         });
-        Ok(c)
-    }
-
-    async fn start_pod(&mut self, i: usize) -> Result<(), Error> {
-        let c = self.create_pod(&self.pods[i]).await?;
-        self.pods[i].containers = c;
+        self.pods.insert(name.clone(), c);
         Ok(())
     }
 
-    /// Waits until the pod's app answers through its sidecar's inbound listener (the
-    /// response carries the workload's identity header), which needs the sidecar to hold
-    /// its config and the app to listen.
-    async fn wait_ready(&self, i: usize) -> Result<(), Error> {
-        let p = &self.pods[i];
-        let addr: SocketAddr = format!("{}:{}", p.pod_ip, p.plan.port)
-            .parse()
-            .expect("valid address");
-        let start = Instant::now();
-        loop {
-            if let Ok((_, headers, _)) = HttpClient.request(addr, "GET", "/healthz", &[], "").await
-            {
-                if headers.contains_key(crate::workload::IDENTITY_HEADER) {
-                    return Ok(());
-                }
+    async fn stop_pod(&mut self, p: &Pod) {
+        if let Some(c) = self.pods.remove(&p.plan.name) {
+            for id in c.all() {
+                remove(&self.docker, id).await;
             }
-            if start.elapsed() > Duration::from_secs(30) {
-                return Err(Error::Environment(format!(
-                    "pod {} did not answer on {addr} through its sidecar within 30 s; see its logs in {}",
-                    p.plan.name,
-                    self.opts.log_dir.display()
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
-    fn find(&self, name: &str) -> Result<usize, Error> {
-        find_pod(self.pods.iter().map(|p| p.plan.name.as_str()), name)
+    async fn pause_pod(&mut self, p: &Pod, pause: bool) -> Result<(), Error> {
+        let Some(c) = self.pods.get(&p.plan.name) else {
+            return Ok(());
+        };
+        for id in c.all() {
+            let r = if pause {
+                self.docker.pause_container(id).await
+            } else {
+                self.docker.unpause_container(id).await
+            };
+            r.map_err(|e| {
+                engine_error(
+                    &format!(
+                        "{} {}",
+                        if pause { "pausing" } else { "unpausing" },
+                        p.plan.name
+                    ),
+                    e,
+                )
+            })?;
+        }
+        Ok(())
     }
 
-    pub async fn fault(&mut self, f: &FaultStep) -> Result<(), Error> {
-        let d = &self.docker;
-        match f {
-            FaultStep::Kill(name) => {
-                let i = self.find(name)?;
-                self.kill_pod(i).await
-            }
-            FaultStep::Restart(name) => {
-                let i = self.find(name)?;
-                if self.pods[i].running() {
-                    self.kill_pod(i).await?;
-                }
-                self.start_pod(i).await?;
-                let p = &self.pods[i];
-                self.pilot_api
-                    .register([(&p.plan, p.pod_ip.as_str())])
-                    .await?;
-                self.wait_ready(i).await
-            }
-            FaultStep::Pause(name) | FaultStep::Unpause(name) => {
-                let p = &self.pods[self.find(name)?];
-                for id in p.containers.all() {
-                    let r = if matches!(f, FaultStep::Pause(_)) {
-                        d.pause_container(id).await
-                    } else {
-                        d.unpause_container(id).await
-                    };
-                    r.map_err(|e| engine_error(&format!("{f:?}"), e))?;
-                }
-                Ok(())
-            }
-            FaultStep::Disconnect(name) => {
-                let p = &self.pods[self.find(name)?];
-                let infra = p.containers.infra.clone().unwrap_or_default();
-                d.disconnect_network(
+    /// Disconnects the pod's infra container from the run's network, or connects it again on
+    /// the same address (so its endpoint and node id stay valid).
+    async fn partition(&mut self, p: &Pod, cut: bool) -> Result<(), Error> {
+        let infra = self
+            .pods
+            .get(&p.plan.name)
+            .and_then(|c| c.infra.clone())
+            .unwrap_or_default();
+        let name = &p.plan.name;
+        if cut {
+            self.docker
+                .disconnect_network(
                     &self.network,
                     NetworkDisconnectRequest {
                         container: infra,
@@ -552,97 +500,36 @@ impl DockerBackend {
                 )
                 .await
                 .map_err(|e| engine_error(&format!("disconnecting {name}"), e))
-            }
-            FaultStep::Reconnect(name) => {
-                let p = &self.pods[self.find(name)?];
-                let infra = p.containers.infra.clone().unwrap_or_default();
-                d.connect_network(
+        } else {
+            self.docker
+                .connect_network(
                     &self.network,
                     NetworkConnectRequest {
                         container: infra,
                         endpoint_config: Some(EndpointSettings {
                             ipam_config: Some(EndpointIpamConfig {
-                                ipv4_address: Some(p.pod_ip.clone()),
+                                ipv4_address: Some(p.addr.pod_ip.clone()),
                                 ..Default::default()
                             }),
-                            aliases: Some(vec![p.plan.name.clone(), p.plan.service.clone()]),
+                            aliases: Some(vec![name.clone(), p.plan.service.clone()]),
                             ..Default::default()
                         }),
                     },
                 )
                 .await
                 .map_err(|e| engine_error(&format!("reconnecting {name}"), e))
-            }
-            FaultStep::ControlPlane(a) if a == "stop" => {
-                if let Some(id) = self.pilot.take() {
-                    save_logs(d, &id, self.opts.log_dir.join("pilot.log")).await;
-                    remove(d, &id).await;
-                }
-                Ok(())
-            }
-            FaultStep::ControlPlane(_) => {
-                self.start_pilot().await?;
-                self.pilot_api.replay().await?;
-                self.pilot_api
-                    .register(
-                        self.pods
-                            .iter()
-                            .filter(|p| p.running())
-                            .map(|p| (&p.plan, p.pod_ip.as_str())),
-                    )
-                    .await
-            }
         }
     }
 
-    /// Removes a pod's containers and its endpoint, as Kubernetes would.
-    async fn kill_pod(&mut self, i: usize) -> Result<(), Error> {
-        let c = std::mem::take(&mut self.pods[i].containers);
-        for id in c.all() {
-            remove(&self.docker, id).await;
-        }
-        self.pilot_api.deregister(&self.pods[i].plan).await
-    }
-
-    /// CPU seconds and peak memory (the container's cgroup) of pilot and every sidecar.
-    pub async fn resources(&self) -> Resources {
-        let cost = |name: String, id: Option<String>| async move {
-            let mut c = ProcessCost {
-                name,
-                ..Default::default()
-            };
-            let Some(id) = id else { return c };
-            let mut s = self.docker.stats(
-                &id,
-                Some(
-                    StatsOptionsBuilder::default()
-                        .stream(false)
-                        .one_shot(true)
-                        .build(),
-                ),
-            );
-            if let Some(Ok(s)) = s.next().await {
-                c.cpu_s = s
-                    .cpu_stats
-                    .and_then(|c| c.cpu_usage)
-                    .and_then(|u| u.total_usage)
-                    .unwrap_or(0) as f64
-                    / 1e9;
-                c.peak_rss_mb = s
-                    .memory_stats
-                    .and_then(|m| m.max_usage.or(m.usage))
-                    .unwrap_or(0) as f64
-                    / (1024.0 * 1024.0);
-            }
-            c
-        };
-        let proxies = self
-            .pods
-            .iter()
-            .chain(std::iter::once(&self.client))
-            .map(|p| cost(p.plan.name.clone(), p.containers.sidecar.clone()));
+    async fn resources(&self, pods: &[&Pod]) -> Resources {
+        let proxies = pods.iter().map(|p| {
+            self.cost(
+                p.plan.name.clone(),
+                self.pods.get(&p.plan.name).and_then(|c| c.sidecar.as_ref()),
+            )
+        });
         Resources {
-            pilot: cost("pilot".into(), self.pilot.clone()).await,
+            pilot: self.cost("pilot".into(), self.pilot.as_ref()).await,
             proxies: futures::future::join_all(proxies).await,
         }
     }
@@ -664,14 +551,10 @@ impl Drop for DockerBackend {
         let mut named: Vec<(String, String)> = self
             .pods
             .iter()
-            .chain(std::iter::once(&self.client))
-            .flat_map(|p| {
+            .flat_map(|(pod, c)| {
                 [
-                    (p.containers.workload.clone(), p.plan.name.clone()),
-                    (
-                        p.containers.sidecar.clone(),
-                        format!("{}-sidecar", p.plan.name),
-                    ),
+                    (c.workload.clone(), pod.clone()),
+                    (c.sidecar.clone(), format!("{pod}-sidecar")),
                 ]
             })
             .filter_map(|(id, n)| id.map(|id| (id, n)))

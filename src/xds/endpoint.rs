@@ -76,8 +76,10 @@ mod tests {
     /// The index selects exactly what the plain scan selects, in the same order.
     #[test]
     fn select_index_matches_the_scan() {
-        let mut text = crate::churn::services_manifest(7);
-        text.push_str("---\napiVersion: v1\nkind: Service\nmetadata: {name: two-labels, namespace: churn}\nspec:\n  selector: {app: churn-svc-1, tier: x}\n  ports: [{name: http, port: 8080}]\n");
+        let mut text: String = (0..7)
+            .map(|k| format!("apiVersion: v1\nkind: Service\nmetadata: {{name: churn-svc-{k}, namespace: churn}}\nspec:\n  selector: {{app: churn-svc-{k}}}\n  ports: [{{name: http, port: 8080}}]\n---\n"))
+            .collect();
+        text.push_str("apiVersion: v1\nkind: Service\nmetadata: {name: two-labels, namespace: churn}\nspec:\n  selector: {app: churn-svc-1, tier: x}\n  ports: [{name: http, port: 8080}]\n");
         let objects = crate::config::parse("t.yaml", &text).unwrap().objects;
         let workloads: Vec<Workload> = (0..200)
             .map(|i| Workload {

@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+#[allow(unused_imports)]
+pub use meshbench::pilot::api::{Applied, EndpointBatch, EndpointsApplied, Errors, ProxyStatus};
 use meshbench::pilot::{self, Pilot};
+use meshbench::pilot_client::PilotApi;
 use meshbench::shutdown::{self, Trigger};
 use meshbench::workload;
 use meshbench::xds::bootstrap::EnvoyBootstrap;
@@ -317,21 +320,43 @@ pub async fn json(
     (r.status, v)
 }
 
+/// `POST /v1/apply` through the typed client; panics when pilot refuses it.
+pub async fn apply_ok(api: SocketAddr, text: &str) -> Applied {
+    PilotApi::new(api)
+        .apply("request", text)
+        .await
+        .unwrap_or_else(|e| panic!("apply failed: {e}"))
+}
+
+/// `POST /v1/endpoints` with a JSON batch; panics when pilot refuses it.
+pub async fn endpoints_ok(api: SocketAddr, batch: &str) -> EndpointsApplied {
+    let batch: EndpointBatch = serde_json::from_str(batch).expect("a valid batch");
+    PilotApi::new(api)
+        .endpoints(&batch)
+        .await
+        .unwrap_or_else(|e| panic!("endpoint batch failed: {e}"))
+}
+
+/// `GET /v1/proxies`, typed.
+pub async fn proxies(api: SocketAddr) -> Vec<ProxyStatus> {
+    PilotApi::new(api).proxies(None).await.expect("/v1/proxies")
+}
+
 /// Waits until the proxy with `node_id` has ACKed config `version`; returns the pilot's
 /// change -> ACK time in ms.
 pub async fn wait_synced(api: SocketAddr, node_id: &str, version: u64) -> f64 {
     let start = Instant::now();
     loop {
-        let (_, proxies) = json(api, "GET", "/v1/proxies", "").await;
-        let hit = proxies.as_array().unwrap().iter().find(|p| {
-            p["node"]["id"] == node_id && p["synced_version"].as_u64().is_some_and(|v| v >= version)
-        });
+        let proxies = proxies(api).await;
+        let hit = proxies
+            .iter()
+            .find(|p| p.node.id == node_id && p.synced_version.is_some_and(|v| v >= version));
         if let Some(p) = hit {
-            return p["synced_ack_ms"].as_f64().unwrap_or(f64::NAN);
+            return p.synced_ack_ms.unwrap_or(f64::NAN);
         }
         assert!(
             start.elapsed() < Duration::from_secs(20),
-            "proxy {node_id} never ACKed version {version}: {proxies:#}"
+            "proxy {node_id} never ACKed version {version}: {proxies:#?}"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }

@@ -12,8 +12,14 @@ use bollard::query_parameters::{BuildImageOptionsBuilder, ListImagesOptionsBuild
 use bollard::Docker;
 use futures::StreamExt;
 
-use super::{engine_error, IMAGE_LABEL};
-use crate::backend::Error;
+use crate::pilot_client::Error;
+
+/// Label on the images meshbench builds (kept between runs as a cache).
+pub const IMAGE_LABEL: &str = "meshbench.image";
+
+pub(crate) fn engine_error(what: &str, e: bollard::errors::Error) -> Error {
+    Error::Environment(format!("docker: {what}: {e}"))
+}
 
 /// Bumped when the image layout changes, so old cached images are not reused.
 const LAYOUT: u32 = 1;

@@ -1,0 +1,95 @@
+//! Pilot's REST API contract: the paths and every request and response body, as types. Pilot
+//! serialises exactly these and the harness (`pilot_client`) deserialises exactly these, so
+//! the two cannot drift apart; docs/contracts.md lists them for people.
+
+use serde::{Deserialize, Serialize};
+
+pub use crate::model::ConfigError;
+use crate::model::Workload;
+pub use crate::xds::ads::ledger::{Nack, ProxyStatus, TypeStatus, VersionTimes};
+
+/// `POST`: YAML or JSON, multi-document; `?source=NAME` names it in errors.
+pub const APPLY: &str = "/v1/apply";
+/// `POST` an [`EndpointBatch`].
+pub const ENDPOINTS: &str = "/v1/endpoints";
+/// `GET`: `Vec<ProxyStatus>`; `?exclude_namespace=NS` leaves a namespace's proxies out.
+pub const PROXIES: &str = "/v1/proxies";
+/// `GET`: the stored config; `DELETE /v1/config/{kind}/{namespace}/{name}`: one object.
+pub const CONFIG: &str = "/v1/config";
+/// `GET`: Prometheus text.
+pub const METRICS: &str = "/metrics";
+/// `GET`: [`Health`].
+pub const HEALTH: &str = "/healthz";
+
+/// Answer to an accepted `POST /v1/apply`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Applied {
+    /// The config version this batch produced.
+    pub version: u64,
+    /// When it was accepted (wall clock ms): the start of every propagation measurement.
+    pub accepted_at_ms: Option<f64>,
+    /// `Kind/namespace/name` of every object in the batch.
+    pub applied: Vec<String>,
+    /// What was accepted but is not acted on.
+    pub warnings: Vec<ConfigError>,
+}
+
+/// Answer to an accepted `POST /v1/endpoints`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct EndpointsApplied {
+    pub version: u64,
+    pub accepted_at_ms: Option<f64>,
+}
+
+/// Answer to a `DELETE /v1/config/...` that removed an object.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Deleted {
+    pub version: u64,
+    pub deleted: String,
+}
+
+/// `GET /healthz`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Health {
+    pub status: String,
+    /// The latest accepted config version.
+    pub version: u64,
+}
+
+/// Every refusal: 400 (invalid input), 404, 409 (a delete others depend on). Errors that are
+/// not about a config document carry only `message`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Errors {
+    pub errors: Vec<ConfigError>,
+}
+
+impl Errors {
+    pub fn message(message: impl Into<String>) -> Errors {
+        Errors {
+            errors: vec![ConfigError {
+                message: message.into(),
+                ..Default::default()
+            }],
+        }
+    }
+}
+
+/// `POST /v1/endpoints`: one batch, checked whole before anything changes.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointBatch {
+    #[serde(default)]
+    pub add: Vec<Workload>,
+    #[serde(default)]
+    pub update: Vec<Workload>,
+    #[serde(default)]
+    pub remove: Vec<EndpointRef>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointRef {
+    #[serde(default = "crate::model::default_namespace")]
+    pub namespace: String,
+    pub name: String,
+}
