@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use meshbench::model::{compile, Mesh, Workload, WorkloadEntrySpec};
+use meshbench::model::compile::compile;
+use meshbench::model::{Mesh, Workload, WorkloadEntrySpec};
 use meshbench::xds::node::NodeInfo;
 use meshbench::xds::snapshot::Snapshot;
 use meshbench::xds::{cluster, endpoint};

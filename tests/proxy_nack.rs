@@ -182,7 +182,7 @@ async fn bad_resources_are_nacked_precisely_and_the_last_good_config_serves() {
         up.addr.port()
     );
     let objects = meshbench::config::parse("t.yaml", &yaml).unwrap().objects;
-    let mesh = meshbench::model::compile(objects.iter(), []).unwrap();
+    let mesh = meshbench::model::compile::compile(objects.iter(), []).unwrap();
     let snapshot = Arc::new(Snapshot::build(
         1,
         Arc::new(mesh),

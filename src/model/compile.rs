@@ -27,6 +27,53 @@ pub fn compile<'a>(
     }
 }
 
+/// Changes to the config store go through compilation: a set that does not compile is
+/// never produced.
+impl ConfigSet {
+    pub fn compile(&self) -> Result<Mesh, Vec<ConfigError>> {
+        compile(self.objects.values(), self.endpoints.values().cloned())
+    }
+
+    /// The set with `batch` added (objects with the same kind, namespace and name replaced),
+    /// and its compiled mesh; or every error. Two documents of one batch with the same key is
+    /// an error, as `kubectl apply` would report it.
+    pub fn with_applied(&self, batch: Vec<Object>) -> Result<(ConfigSet, Mesh), Vec<ConfigError>> {
+        let mut next = self.clone();
+        let mut first_seen: BTreeMap<Key, Origin> = BTreeMap::new();
+        let mut errors = Vec::new();
+        for o in batch {
+            let key = o.key();
+            if let Some(prev) = first_seen.get(&key) {
+                errors.push(ConfigError {
+                    file: o.origin.file.clone(),
+                    document: o.origin.document,
+                    object: key.to_string(),
+                    field: "metadata.name".into(),
+                    message: format!("duplicate name: {key} is also defined at {prev}"),
+                });
+                continue;
+            }
+            first_seen.insert(key.clone(), o.origin.clone());
+            next.objects.insert(key, o);
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let mesh = next.compile()?;
+        Ok((next, mesh))
+    }
+
+    /// The set without `key`, if the rest still compiles. `Ok(None)` when there is no such object.
+    pub fn without(&self, key: &Key) -> Result<Option<(ConfigSet, Mesh)>, Vec<ConfigError>> {
+        let mut next = self.clone();
+        if next.objects.remove(key).is_none() {
+            return Ok(None);
+        }
+        let mesh = next.compile()?;
+        Ok(Some((next, mesh)))
+    }
+}
+
 struct Compiler {
     mesh: Mesh,
     errors: Vec<ConfigError>,

@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
 use super::resources::{Discovery, Lb, PathMatch, RouteSource, Target};
-use super::Proxy;
+use super::state::Proxy;
 use crate::shutdown::Shutdown;
 
 pub async fn serve(proxy: Arc<Proxy>, sock: TcpListener, shutdown: Shutdown) {

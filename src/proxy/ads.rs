@@ -5,8 +5,8 @@
 //! exponential back-off and resuming from the versions it holds.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster as PbCluster;
@@ -21,12 +21,12 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 use envoy_types::pb::google::protobuf::Any;
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use rand::Rng;
-use serde::Serialize;
 use tokio::sync::mpsc;
 
+use super::dataplane::sync_listeners;
 use super::resources::{self, decode, Discovery, Reject, RouteSource};
+use super::state::{Proxy, Received, State};
 use super::upstream::Cluster;
-use super::{Proxy, Received, State};
 use crate::shutdown::Shutdown;
 use crate::xds::{
     node, type_short, XdsMode, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE,
@@ -34,16 +34,6 @@ use crate::xds::{
 
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
-
-#[derive(Debug, Default, Serialize)]
-pub struct XdsStats {
-    pub connects: AtomicU64,
-    pub disconnects: AtomicU64,
-    pub responses: AtomicU64,
-    pub acks: AtomicU64,
-    pub nacks: AtomicU64,
-    pub last_nack: Mutex<Option<String>>,
-}
 
 fn now_ms() -> f64 {
     SystemTime::now()
@@ -575,7 +565,7 @@ impl Session<'_> {
             routes: old.routes.clone(),
             clusters: old.clusters.clone(),
         });
-        if let Err(e) = self.proxy.sync_listeners(&listeners).await {
+        if let Err(e) = sync_listeners(&self.proxy, &listeners).await {
             self.proxy.set_state(State {
                 listeners: old.listeners.clone(),
                 routes: old.routes.clone(),

@@ -71,7 +71,8 @@ pub(crate) fn lb_endpoint(ip: &str, port: u16, weight: u32, healthy: bool) -> en
 
 #[cfg(test)]
 mod tests {
-    use crate::model::{compile, SelectIndex, Workload, WorkloadEntrySpec};
+    use crate::model::compile::compile;
+    use crate::model::{SelectIndex, Workload, WorkloadEntrySpec};
 
     /// The index selects exactly what the plain scan selects, in the same order.
     #[test]

@@ -1,0 +1,594 @@
+//! The request path, as layers with one job each, outermost first:
+//!
+//! 1. [`route`]: listener -> route table -> virtual host by Host -> first matching route;
+//!    generates `x-request-id`; resolves the route's (weighted) cluster. It comes first
+//!    because everything after it is configured per route.
+//! 2. [`fault`]: the fault filter (delay, abort). Before the router, as in Envoy's filter chain:
+//!    a delayed request has not used a connection or a breaker slot yet, and an abort never
+//!    reaches an upstream.
+//! 3. [`buffer`]: the body is read whole (up to [`MAX_REQUEST_BODY`]) so a retry can resend it.
+//! 4. [`route_timeout`]: the route timeout covers every attempt and back-off, as Envoy's
+//!    `timeout` does (a per-try timeout does not restart it).
+//! 5. [`retry`]: attempts and fully jittered back-off under the route's retry policy and the
+//!    cluster's retry breaker (`max_retries`).
+//! 6. [`attempt`]: one try: endpoint pick (LB, outlier ejection, panic mode), then the
+//!    circuit breakers, then the transport with the per-try timeout; the outcome feeds outlier
+//!    detection. The pick comes before the breakers because Envoy's router chooses the host
+//!    before its connection pool checks `max_requests`/`max_pending_requests`: "no healthy
+//!    upstream" never counts as an overflow.
+//! 7. [`Transport`]: one request to one host; in the proxy the cluster's connection pools
+//!    ([`Pooled`]), in tests an in-memory upstream on a paused clock.
+//!
+//! Local replies use Envoy's status codes and texts so outcomes compare 1:1 with Envoy.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use rand::Rng;
+
+use super::resources::{Fault, PathMatch, RetryPolicy, Route, RouteSource, Target};
+use super::state::{HttpStats, State};
+use super::upstream::{retry_backoff, Cluster, Host, IdleConn, Overflow, RequestGuard, SendError};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Largest request body buffered (bodies are kept for retries).
+pub const MAX_REQUEST_BODY: usize = 4 << 20;
+
+const HOP_BY_HOP: [&str; 6] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "te",
+];
+
+/// One request to one host: the innermost layer.
+pub trait Transport: Send + Sync {
+    type Body: Body<Data = Bytes> + Send + Unpin + 'static;
+    /// Sends `req` to `host`; the connection, if it can serve another request once this
+    /// response's body is read, comes back with the response.
+    fn send(
+        &self,
+        cluster: &Cluster,
+        host: &Host,
+        req: Request<Full<Bytes>>,
+    ) -> impl Future<Output = Result<(Response<Self::Body>, Option<IdleConn>), SendError>> + Send;
+}
+
+/// The cluster's connection pools (HTTP/1 keep-alive, one shared HTTP/2 connection).
+pub struct Pooled;
+
+impl Transport for Pooled {
+    type Body = Incoming;
+    async fn send(
+        &self,
+        cluster: &Cluster,
+        host: &Host,
+        req: Request<Full<Bytes>>,
+    ) -> Result<(Response<Incoming>, Option<IdleConn>), SendError> {
+        cluster.send(host, req).await
+    }
+}
+
+/// Response body: a local reply, or an upstream body that returns its connection to the pool
+/// and releases its circuit-breaker slot when it ends.
+pub enum ProxyBody<B: Body = Incoming> {
+    Local(Full<Bytes>),
+    Upstream(B, Option<Finish>),
+}
+
+/// What an upstream response holds until its body ends.
+pub struct Finish {
+    cluster: Arc<Cluster>,
+    guard: RequestGuard,
+    conn: Option<IdleConn>,
+}
+
+impl<B: Body> ProxyBody<B> {
+    /// Once the upstream body is complete, its connection can serve the next request.
+    fn finish_if_done(&mut self) {
+        if let ProxyBody::Upstream(b, finish) = self {
+            if b.is_end_stream() {
+                if let Some(f) = finish.take() {
+                    if let Some(conn) = f.conn {
+                        f.cluster.checkin(&f.guard.host, conn);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl<B: Body> Drop for ProxyBody<B> {
+    fn drop(&mut self) {
+        // hyper stops polling a body that says it has ended (and never polls an empty one).
+        self.finish_if_done();
+    }
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Body for ProxyBody<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        let r = match this {
+            ProxyBody::Local(b) => Pin::new(b).poll_frame(cx).map_err(|e| match e {}),
+            ProxyBody::Upstream(b, _) => Pin::new(b).poll_frame(cx),
+        };
+        if r.is_ready() {
+            this.finish_if_done();
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Local(b) => b.is_end_stream(),
+            ProxyBody::Upstream(b, _) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Local(b) => b.size_hint(),
+            ProxyBody::Upstream(b, _) => b.size_hint(),
+        }
+    }
+}
+
+/// A reply the proxy makes itself.
+pub fn local<B: Body>(status: u16, text: &str) -> Response<ProxyBody<B>> {
+    let mut r = Response::new(ProxyBody::Local(Full::new(Bytes::from(text.to_string()))));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    if !text.is_empty() {
+        r.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    }
+    r
+}
+
+fn overflow<B: Body>() -> Response<ProxyBody<B>> {
+    let mut r = local(
+        503,
+        "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+    );
+    r.headers_mut()
+        .insert("x-envoy-overloaded", HeaderValue::from_static("true"));
+    r
+}
+
+/// The whole path for one downstream request on `listener`.
+pub async fn serve<T: Transport, B>(
+    state: Arc<State>,
+    listener: &str,
+    stats: &HttpStats,
+    transport: &T,
+    req: Request<B>,
+) -> Response<ProxyBody<T::Body>>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let routed = match route(&state, listener, stats, req) {
+        Ok(r) => r,
+        Err(reply) => return reply,
+    };
+    // The request holds its cluster (and so its pools) from here on, not the whole state.
+    drop(state);
+    let Routed {
+        req,
+        cluster,
+        timeout,
+        retry: policy,
+        fault: f,
+    } = routed;
+    if let Some(reply) = fault(f.as_ref()).await {
+        return reply;
+    }
+    let (parts, body) = req.into_parts();
+    let body = match buffer(body).await {
+        Ok(b) => b,
+        Err(reply) => return reply,
+    };
+    route_timeout(
+        &cluster,
+        timeout,
+        retry(&cluster, &policy, || {
+            attempt(&cluster, transport, &parts, &body, policy.per_try_timeout)
+        }),
+    )
+    .await
+}
+
+/// What routing decided for a request.
+pub struct Routed<B> {
+    pub req: Request<B>,
+    pub cluster: Arc<Cluster>,
+    pub timeout: Option<Duration>,
+    pub retry: RetryPolicy,
+    pub fault: Option<Fault>,
+}
+
+fn route_matches<B>(r: &Route, req: &Request<B>) -> bool {
+    let path = req.uri().path();
+    let ok = match &r.path {
+        PathMatch::Prefix(p) => path.starts_with(p.as_str()),
+        PathMatch::Exact(p) => path == p,
+        PathMatch::Regex(re) => re.is_match(path),
+    };
+    ok && r.headers.iter().all(|h| {
+        let v = req.headers().get(&h.name).and_then(|v| v.to_str().ok());
+        h.matcher.matches(v) != h.invert
+    })
+}
+
+/// Layer 1: finds the route and its cluster, or the local reply Envoy would give (404 no
+/// route, 503 no cluster or listener draining).
+pub fn route<B, R: Body>(
+    state: &State,
+    listener: &str,
+    stats: &HttpStats,
+    mut req: Request<B>,
+) -> Result<Routed<B>, Response<ProxyBody<R>>> {
+    let Some(l) = state.listeners.get(listener) else {
+        return Err(local(503, "listener draining"));
+    };
+    let table = match &l.routes {
+        RouteSource::Inline(t) => t,
+        RouteSource::Rds(name) => match state.routes.get(name) {
+            Some(t) => t,
+            None => {
+                stats.no_route.fetch_add(1, Relaxed);
+                return Err(local(404, ""));
+            }
+        },
+    };
+    let raw_host = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
+        .unwrap_or_default();
+    // Domains are matched lowercase; most Host headers already are, so avoid the copy.
+    let lowered;
+    let host = if raw_host.bytes().any(|b| b.is_ascii_uppercase()) {
+        lowered = raw_host.to_ascii_lowercase();
+        lowered.as_str()
+    } else {
+        raw_host
+    };
+    let Some(route) = table
+        .virtual_host(host)
+        .and_then(|vh| vh.routes.iter().find(|r| route_matches(r, &req)))
+    else {
+        stats.no_route.fetch_add(1, Relaxed);
+        return Err(local(404, ""));
+    };
+    if !req.headers().contains_key("x-request-id") {
+        req.headers_mut().insert("x-request-id", request_id());
+    }
+    let cluster_name = match &route.target {
+        Target::Cluster(c) => c,
+        Target::Weighted(list, total) => weighted(list, *total),
+    };
+    let Some(cluster) = state.clusters.get(cluster_name).cloned() else {
+        stats.no_cluster.fetch_add(1, Relaxed);
+        return Err(local(503, ""));
+    };
+    Ok(Routed {
+        req,
+        cluster,
+        timeout: route.timeout,
+        retry: route.retry.clone().unwrap_or_default(),
+        fault: route.fault.clone().or_else(|| l.default_fault.clone()),
+    })
+}
+
+/// A cluster by weight (`total` is the sum of the weights, at least 1).
+fn weighted(list: &[(String, u32)], total: u32) -> &String {
+    let mut x = rand::rng().random_range(0..total.max(1));
+    for (c, w) in list {
+        if x < *w {
+            return c;
+        }
+        x -= w;
+    }
+    &list[0].0
+}
+
+fn chance(per_million: u32) -> bool {
+    per_million >= 1_000_000
+        || (per_million > 0 && rand::rng().random_range(0..1_000_000) < per_million)
+}
+
+/// A random (version 4) UUID, written without intermediate strings: this runs per request.
+pub fn request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut r: u128 = rand::rng().random();
+    let mut out = [0u8; 36];
+    for (i, b) in out.iter_mut().enumerate().rev() {
+        *b = match i {
+            8 | 13 | 18 | 23 => b'-',
+            14 => b'4',
+            19 => b'a',
+            _ => {
+                let c = HEX[(r & 0xf) as usize];
+                r >>= 4;
+                c
+            }
+        };
+    }
+    HeaderValue::from_bytes(&out).expect("hex and dashes are a valid header value")
+}
+
+/// Layer 2: the fault filter. `Some` is the abort reply.
+pub async fn fault<B: Body>(f: Option<&Fault>) -> Option<Response<ProxyBody<B>>> {
+    let f = f?;
+    if let Some((d, p)) = f.delay {
+        if chance(p) {
+            tokio::time::sleep(d).await;
+        }
+    }
+    match f.abort {
+        Some((status, p)) if chance(p) => Some(local(status, "fault filter abort")),
+        _ => None,
+    }
+}
+
+/// Layer 3: reads the body whole, so retries can resend it.
+pub async fn buffer<B, R: Body>(body: B) -> Result<Bytes, Response<ProxyBody<R>>>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    match Limited::new(body, MAX_REQUEST_BODY).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(local(413, "payload too large"))
+        }
+        Err(_) => Err(local(400, "downstream request body failed")),
+    }
+}
+
+/// Layer 4: the route timeout over all attempts (504 when it fires).
+pub async fn route_timeout<R: Body>(
+    cluster: &Cluster,
+    timeout: Option<Duration>,
+    attempts: impl Future<Output = Response<ProxyBody<R>>>,
+) -> Response<ProxyBody<R>> {
+    match timeout {
+        Some(t) => match tokio::time::timeout(t, attempts).await {
+            Ok(r) => r,
+            Err(_) => {
+                cluster.stats.upstream_rq_timeout.fetch_add(1, Relaxed);
+                local(504, "upstream request timeout")
+            }
+        },
+        None => attempts.await,
+    }
+}
+
+/// How one attempt ended.
+pub enum Outcome<R: Body> {
+    /// A response to return (upstream, or a local reply no retry can change).
+    Done(Response<ProxyBody<R>>),
+    /// The upstream answered with this status, and the response may be retried.
+    Status(u16, Response<ProxyBody<R>>),
+    /// The attempt failed before a response: the reply if it is not retried.
+    Failed(Failure),
+}
+
+/// A failure before any response headers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    ConnectFailure,
+    Reset,
+    PerTryTimeout,
+}
+
+impl Failure {
+    fn retryable(self, p: &RetryPolicy) -> bool {
+        match self {
+            Failure::ConnectFailure => p.on_connect_failure || p.on_5xx || p.on_gateway_error,
+            Failure::Reset => p.on_reset || p.on_5xx,
+            Failure::PerTryTimeout => p.on_5xx || p.on_gateway_error,
+        }
+    }
+
+    fn reply<R: Body>(self) -> Response<ProxyBody<R>> {
+        match self {
+            Failure::ConnectFailure => local(503, "upstream connect error or disconnect/reset before headers. reset reason: connection failure"),
+            Failure::Reset => local(503, "upstream connect error or disconnect/reset before headers. reset reason: connection termination"),
+            Failure::PerTryTimeout => local(504, "upstream request timeout"),
+        }
+    }
+}
+
+/// Layer 5: retries under `policy`, each retry taking a slot of the cluster's retry breaker,
+/// with Envoy's jittered back-off between attempts.
+pub async fn retry<R: Body, F, Fut>(
+    cluster: &Arc<Cluster>,
+    policy: &RetryPolicy,
+    mut try_once: F,
+) -> Response<ProxyBody<R>>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Outcome<R>>,
+{
+    let mut retries = 0u32;
+    loop {
+        let outcome = try_once().await;
+        if retries > 0 {
+            cluster.end_retry();
+        }
+        let (retryable, reply, failed) = match outcome {
+            Outcome::Done(r) => return r,
+            Outcome::Status(status, r) => (policy.retry_status(status), r, false),
+            Outcome::Failed(f) => (f.retryable(policy), f.reply(), true),
+        };
+        if !(retryable && retries < policy.num_retries && cluster.begin_retry()) {
+            // A local 503 after failed attempts counts as the cluster's 5xx, as in Envoy.
+            if failed && reply.status() == StatusCode::SERVICE_UNAVAILABLE {
+                cluster.stats.count_status(503);
+            }
+            return reply;
+        }
+        // The response not returned is dropped here: its connection is not reused half-read.
+        drop(reply);
+        retries += 1;
+        tokio::time::sleep(retry_backoff(retries - 1)).await;
+    }
+}
+
+/// Layer 6: one try: endpoint pick, circuit breakers, the transport under the per-try
+/// timeout; the outcome feeds outlier detection.
+pub async fn attempt<T: Transport>(
+    cluster: &Arc<Cluster>,
+    transport: &T,
+    parts: &http::request::Parts,
+    body: &Bytes,
+    per_try_timeout: Option<Duration>,
+) -> Outcome<T::Body> {
+    let Some(host) = cluster.pick() else {
+        return Outcome::Done(local(503, "no healthy upstream"));
+    };
+    let guard = match cluster.admit(host).await {
+        Ok(g) => g,
+        Err(Overflow) => return Outcome::Done(overflow()),
+    };
+    let host = guard.host.clone();
+    cluster.stats.upstream_rq_total.fetch_add(1, Relaxed);
+    host.stats.rq_total.fetch_add(1, Relaxed);
+    let send = transport.send(cluster, &host, upstream_request(cluster, parts, body));
+    let result = match per_try_timeout {
+        Some(t) => match tokio::time::timeout(t, send).await {
+            Ok(r) => r.map_err(Failure::from),
+            Err(_) => Err(Failure::PerTryTimeout),
+        },
+        None => send.await.map_err(Failure::from),
+    };
+    match result {
+        Ok((resp, conn)) => {
+            let status = resp.status().as_u16();
+            cluster.stats.count_status(status);
+            let failed = status >= 500;
+            if failed {
+                host.stats.rq_error.fetch_add(1, Relaxed);
+            } else {
+                host.stats.rq_success.fetch_add(1, Relaxed);
+            }
+            cluster.record_outcome(&host, failed);
+            let (mut rp, body) = resp.into_parts();
+            for h in HOP_BY_HOP {
+                rp.headers.remove(h);
+            }
+            let finish = Finish {
+                cluster: cluster.clone(),
+                guard,
+                conn,
+            };
+            Outcome::Status(
+                status,
+                Response::from_parts(rp, ProxyBody::Upstream(body, Some(finish))),
+            )
+        }
+        Err(f) => {
+            host.stats.rq_error.fetch_add(1, Relaxed);
+            cluster.record_outcome(&host, true);
+            if f == Failure::PerTryTimeout {
+                host.stats.rq_timeout.fetch_add(1, Relaxed);
+                cluster
+                    .stats
+                    .upstream_rq_per_try_timeout
+                    .fetch_add(1, Relaxed);
+            }
+            Outcome::Failed(f)
+        }
+    }
+}
+
+impl From<SendError> for Failure {
+    fn from(e: SendError) -> Failure {
+        match e {
+            SendError::ConnectFailure => Failure::ConnectFailure,
+            SendError::Reset => Failure::Reset,
+        }
+    }
+}
+
+/// The request as the upstream gets it: origin-form for HTTP/1, absolute for HTTP/2, with
+/// hop-by-hop headers removed.
+fn upstream_request(
+    cluster: &Cluster,
+    parts: &http::request::Parts,
+    body: &Bytes,
+) -> Request<Full<Bytes>> {
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let mut b = Request::builder().method(parts.method.clone());
+    if cluster.cfg.http2 {
+        let authority = parts
+            .uri
+            .authority()
+            .map(|a| a.to_string())
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(String::from)
+            })
+            .unwrap_or_default();
+        b = b
+            .uri(format!("http://{authority}{pq}"))
+            .version(http::Version::HTTP_2);
+    } else {
+        // Origin-form already (the usual HTTP/1 case): reuse it, no re-parse.
+        b = if parts.uri.authority().is_none() {
+            b.uri(parts.uri.clone())
+        } else {
+            b.uri(pq)
+        };
+    }
+    let mut req = b
+        .body(Full::new(body.clone()))
+        .expect("parts of a valid request");
+    let headers = req.headers_mut();
+    for (k, v) in &parts.headers {
+        if !HOP_BY_HOP.contains(&k.as_str()) && !(cluster.cfg.http2 && k == header::HOST) {
+            headers.append(k.clone(), v.clone());
+        }
+    }
+    if !cluster.cfg.http2 && !headers.contains_key(header::HOST) {
+        if let Some(a) = parts.uri.authority() {
+            if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+                headers.insert(header::HOST, v);
+            }
+        }
+    }
+    req
+}

@@ -1,0 +1,150 @@
+//! The proxy's run-time state: its config, what it currently runs on (listeners, routes,
+//! clusters, swapped whole on each accepted update), what it received per xDS type, and its
+//! counters. Every other part of the proxy reads from here; nothing here acts.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex, RwLock};
+
+use serde::Serialize;
+
+use super::resources::{ListenerCfg, RouteTable};
+use super::upstream::Cluster;
+use crate::model::Labels;
+use crate::shutdown::{Shutdown, Trigger};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Config {
+    /// ADS server address (host:port).
+    pub xds: String,
+    pub node_id: String,
+    /// node.cluster: the app's service name.
+    pub cluster: String,
+    pub labels: Labels,
+    pub app_ip: String,
+    pub admin: SocketAddr,
+    /// State of the world (default) or delta ADS.
+    pub xds_mode: crate::xds::XdsMode,
+}
+
+/// Per listener stat prefix: `http.PREFIX.*`.
+#[derive(Debug, Default)]
+pub struct HttpStats {
+    pub downstream_cx_total: AtomicU64,
+    pub downstream_cx_active: AtomicU64,
+    pub downstream_rq_total: AtomicU64,
+    pub downstream_rq_2xx: AtomicU64,
+    pub downstream_rq_3xx: AtomicU64,
+    pub downstream_rq_4xx: AtomicU64,
+    pub downstream_rq_5xx: AtomicU64,
+    pub no_route: AtomicU64,
+    pub no_cluster: AtomicU64,
+}
+
+/// What the proxy currently runs on.
+#[derive(Debug, Default)]
+pub struct State {
+    pub listeners: HashMap<String, ListenerCfg>,
+    pub routes: HashMap<String, Arc<RouteTable>>,
+    pub clusters: HashMap<String, Arc<Cluster>>,
+}
+
+/// Last accepted version per type, for `/config_dump` and for resuming after a reconnect.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Received {
+    pub version_info: String,
+    pub nonce: String,
+    /// Names of the resources held (subscribed names for EDS/RDS).
+    pub names: Vec<String>,
+    /// Delta: the version of every resource held (sent back on a reconnect).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub versions: BTreeMap<String, String>,
+    pub last_updated_ms: f64,
+}
+
+pub struct Proxy {
+    pub cfg: Config,
+    state: RwLock<Arc<State>>,
+    pub received: Mutex<BTreeMap<&'static str, Received>>,
+    /// Delta: every resource held per type, to rebuild the full CDS/LDS set from changes.
+    pub delta_held: Mutex<
+        std::collections::HashMap<
+            &'static str,
+            BTreeMap<String, (String, envoy_types::pb::google::protobuf::Any)>,
+        >,
+    >,
+    pub http_stats: Mutex<BTreeMap<String, Arc<HttpStats>>>,
+    pub connected: AtomicBool,
+    pub initialized: AtomicBool,
+    pub xds_stats: XdsStats,
+    /// Accept loops of the bound listeners, by name: (address, stop trigger).
+    pub(crate) bound: Mutex<HashMap<String, (SocketAddr, Trigger)>>,
+    /// Fires when the proxy stops: every accept loop and stream watches it.
+    pub(crate) shutdown: Shutdown,
+    stop_all: Mutex<Option<Trigger>>,
+}
+
+impl Proxy {
+    /// A proxy with no config yet; `stop_all` is what `/quitquitquit` fires, `shutdown` what
+    /// every task of this proxy watches.
+    pub fn new(cfg: Config, shutdown: Shutdown, stop_all: Trigger) -> Proxy {
+        Proxy {
+            cfg,
+            state: RwLock::default(),
+            received: Mutex::default(),
+            delta_held: Mutex::default(),
+            http_stats: Mutex::default(),
+            connected: AtomicBool::new(false),
+            initialized: AtomicBool::new(false),
+            xds_stats: XdsStats::default(),
+            bound: Mutex::default(),
+            shutdown,
+            stop_all: Mutex::new(Some(stop_all)),
+        }
+    }
+
+    pub fn state(&self) -> Arc<State> {
+        self.state.read().unwrap().clone()
+    }
+
+    pub fn set_state(&self, s: State) {
+        *self.state.write().unwrap() = Arc::new(s);
+    }
+
+    pub fn http_stats(&self, prefix: &str) -> Arc<HttpStats> {
+        self.http_stats
+            .lock()
+            .unwrap()
+            .entry(prefix.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Asks the whole proxy to stop (`/quitquitquit`).
+    pub fn quit(&self) {
+        if let Some(t) = self.stop_all.lock().unwrap().take() {
+            t.fire();
+        }
+    }
+
+    pub fn bound_listeners(&self) -> Vec<(String, SocketAddr)> {
+        self.bound
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(n, (a, _))| (n.clone(), *a))
+            .collect()
+    }
+}
+
+/// Counters of the xDS client (`control_plane.*` in `/stats`).
+#[derive(Debug, Default, Serialize)]
+pub struct XdsStats {
+    pub connects: AtomicU64,
+    pub disconnects: AtomicU64,
+    pub responses: AtomicU64,
+    pub acks: AtomicU64,
+    pub nacks: AtomicU64,
+    pub last_nack: Mutex<Option<String>>,
+}
