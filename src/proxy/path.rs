@@ -592,3 +592,319 @@ fn upstream_request(
     }
     req
 }
+
+/// The layers on a paused clock against an in-memory upstream: no sockets, no Envoy. The
+/// differential tests (tests/proxy_differential.rs) check the same behaviours against Envoy.
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::net::SocketAddr;
+    use std::sync::atomic::AtomicU64;
+    use std::sync::Mutex;
+
+    use tokio::time::Instant;
+
+    use super::*;
+    use crate::proxy::resources::{
+        ClusterCfg, Discovery, Endpoint, Lb, Outlier, Thresholds, DEFAULT_THRESHOLDS,
+    };
+
+    /// What a fake host does with each request: answer with a status after a delay.
+    #[derive(Clone, Copy)]
+    struct Behaviour {
+        status: u16,
+        delay: Duration,
+    }
+
+    #[derive(Default)]
+    struct FakeUpstream {
+        hosts: Mutex<HashMap<SocketAddr, Vec<Behaviour>>>,
+        hits: Mutex<HashMap<SocketAddr, u32>>,
+    }
+
+    impl FakeUpstream {
+        /// `host` answers with these behaviours in turn, the last one for ever after.
+        fn set(&self, host: SocketAddr, b: &[(u16, u64)]) {
+            let list = b
+                .iter()
+                .map(|&(status, ms)| Behaviour {
+                    status,
+                    delay: Duration::from_millis(ms),
+                })
+                .collect();
+            self.hosts.lock().unwrap().insert(host, list);
+        }
+        fn hits(&self, host: SocketAddr) -> u32 {
+            self.hits.lock().unwrap().get(&host).copied().unwrap_or(0)
+        }
+    }
+
+    impl Transport for FakeUpstream {
+        type Body = Full<Bytes>;
+        async fn send(
+            &self,
+            _cluster: &Cluster,
+            host: &Host,
+            _req: Request<Full<Bytes>>,
+        ) -> Result<(Response<Full<Bytes>>, Option<IdleConn>), SendError> {
+            let b = {
+                *self.hits.lock().unwrap().entry(host.addr).or_default() += 1;
+                let mut hosts = self.hosts.lock().unwrap();
+                let list = hosts.get_mut(&host.addr).expect("a configured host");
+                if list.len() > 1 {
+                    list.remove(0)
+                } else {
+                    list[0]
+                }
+            };
+            tokio::time::sleep(b.delay).await;
+            let mut r = Response::new(Full::new(Bytes::from_static(b"ok")));
+            *r.status_mut() = StatusCode::from_u16(b.status).unwrap();
+            Ok((r, None))
+        }
+    }
+
+    fn addr(k: u8) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, k], 9080))
+    }
+
+    fn cluster(
+        hosts: &[SocketAddr],
+        thresholds: Thresholds,
+        outlier: Option<Outlier>,
+    ) -> Arc<Cluster> {
+        let cfg = ClusterCfg {
+            name: "outbound|9080||test".into(),
+            discovery: Discovery::Static(
+                hosts
+                    .iter()
+                    .map(|a| Endpoint {
+                        addr: *a,
+                        weight: 1,
+                        healthy: true,
+                    })
+                    .collect(),
+            ),
+            lb: Lb::RoundRobin,
+            connect_timeout: Duration::from_secs(1),
+            thresholds,
+            outlier,
+            http2: false,
+            max_requests_per_connection: None,
+        };
+        Arc::new(Cluster::new(cfg, None))
+    }
+
+    fn parts() -> http::request::Parts {
+        Request::get("/").body(()).unwrap().into_parts().0
+    }
+
+    /// Retry and attempt layers under a route timeout, as `serve` composes them.
+    async fn send(
+        c: &Arc<Cluster>,
+        up: &FakeUpstream,
+        policy: &RetryPolicy,
+        timeout: Option<Duration>,
+    ) -> Response<ProxyBody<Full<Bytes>>> {
+        let (parts, body) = (parts(), Bytes::new());
+        route_timeout(
+            c,
+            timeout,
+            retry(c, policy, || {
+                attempt(c, up, &parts, &body, policy.per_try_timeout)
+            }),
+        )
+        .await
+    }
+
+    fn on_5xx(retries: u32) -> RetryPolicy {
+        RetryPolicy {
+            num_retries: retries,
+            on_5xx: true,
+            ..Default::default()
+        }
+    }
+
+    fn count(a: &AtomicU64) -> u64 {
+        a.load(Relaxed)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_count_and_back_off_within_envoys_bounds() {
+        let c = cluster(&[addr(1)], DEFAULT_THRESHOLDS, None);
+        let up = FakeUpstream::default();
+        up.set(addr(1), &[(503, 0)]);
+        let start = Instant::now();
+        let r = send(&c, &up, &on_5xx(2), None).await;
+        // 1 try + 2 retries, then the last upstream answer goes back as it is.
+        assert_eq!(r.status(), 503);
+        assert_eq!(up.hits(addr(1)), 3);
+        assert_eq!(count(&c.stats.upstream_rq_retry), 2);
+        // Fully jittered back-off: at most 25 ms before the first retry, 50 ms before the second.
+        assert!(
+            start.elapsed() <= Duration::from_millis(75),
+            "{:?}",
+            start.elapsed()
+        );
+
+        // A retry that succeeds ends the loop.
+        up.set(addr(1), &[(503, 0), (200, 0)]);
+        let r = send(&c, &up, &on_5xx(5), None).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(up.hits(addr(1)), 5);
+
+        // Not retryable under the policy (a 4xx), or no retries asked: one attempt.
+        up.set(addr(1), &[(404, 0)]);
+        assert_eq!(send(&c, &up, &on_5xx(3), None).await.status(), 404);
+        assert_eq!(up.hits(addr(1)), 6);
+        up.set(addr(1), &[(503, 0)]);
+        assert_eq!(
+            send(&c, &up, &RetryPolicy::default(), None).await.status(),
+            503
+        );
+        assert_eq!(up.hits(addr(1)), 7);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_breaker_limits_concurrent_retries() {
+        let t = Thresholds {
+            max_retries: 1,
+            ..DEFAULT_THRESHOLDS
+        };
+        let c = cluster(&[addr(1)], t, None);
+        let up = FakeUpstream::default();
+        // Every answer takes 100 ms, so the two requests' retries overlap.
+        up.set(addr(1), &[(503, 100)]);
+        let p = on_5xx(3);
+        let (a, b) = tokio::join!(send(&c, &up, &p, None), send(&c, &up, &p, None));
+        assert_eq!((a.status().as_u16(), b.status().as_u16()), (503, 503));
+        assert!(count(&c.stats.upstream_rq_retry_overflow) >= 1);
+        // Fewer attempts than 2 x (1 + 3): the breaker refused some retries.
+        assert!(up.hits(addr(1)) < 8, "{}", up.hits(addr(1)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn per_try_timeout_cuts_each_attempt_and_ends_504() {
+        let c = cluster(&[addr(1)], DEFAULT_THRESHOLDS, None);
+        let up = FakeUpstream::default();
+        up.set(addr(1), &[(200, 10_000)]);
+        let p = RetryPolicy {
+            per_try_timeout: Some(Duration::from_millis(50)),
+            ..on_5xx(2)
+        };
+        let start = Instant::now();
+        let r = send(&c, &up, &p, None).await;
+        assert_eq!(r.status(), 504);
+        assert_eq!(up.hits(addr(1)), 3);
+        assert_eq!(count(&c.stats.upstream_rq_per_try_timeout), 3);
+        let e = start.elapsed();
+        assert!(
+            e >= Duration::from_millis(150) && e <= Duration::from_millis(225),
+            "{e:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn route_timeout_covers_all_attempts() {
+        let c = cluster(&[addr(1)], DEFAULT_THRESHOLDS, None);
+        let up = FakeUpstream::default();
+        up.set(addr(1), &[(200, 5_000)]);
+        let start = Instant::now();
+        let r = send(&c, &up, &on_5xx(3), Some(Duration::from_secs(1))).await;
+        assert_eq!(r.status(), 504);
+        assert_eq!(start.elapsed(), Duration::from_secs(1));
+        assert_eq!(count(&c.stats.upstream_rq_timeout), 1);
+        assert_eq!(up.hits(addr(1)), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn circuit_breaker_overflow_is_a_503_with_the_overloaded_header() {
+        let t = Thresholds {
+            max_requests: 1,
+            ..DEFAULT_THRESHOLDS
+        };
+        let c = cluster(&[addr(1)], t, None);
+        let up = FakeUpstream::default();
+        up.set(addr(1), &[(200, 1_000)]);
+        let p = RetryPolicy::default();
+        let (a, b) = tokio::join!(send(&c, &up, &p, None), send(&c, &up, &p, None));
+        let mut statuses = [a.status().as_u16(), b.status().as_u16()];
+        statuses.sort();
+        assert_eq!(statuses, [200, 503]);
+        let refused = if a.status() == 503 { &a } else { &b };
+        assert_eq!(refused.headers()["x-envoy-overloaded"], "true");
+        assert_eq!(count(&c.stats.upstream_rq_pending_overflow), 1);
+        assert_eq!(up.hits(addr(1)), 1);
+        // Released: the next request goes through.
+        drop((a, b));
+        assert_eq!(send(&c, &up, &p, None).await.status(), 200);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn outlier_ejection_and_recovery() {
+        let od = Outlier {
+            consecutive_5xx: 2,
+            interval: Duration::from_secs(1),
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_percent: 100,
+        };
+        let c = cluster(&[addr(1), addr(2)], DEFAULT_THRESHOLDS, Some(od));
+        let up = FakeUpstream::default();
+        up.set(addr(1), &[(503, 0)]);
+        up.set(addr(2), &[(200, 0)]);
+        let p = RetryPolicy::default();
+        let mut failures = 0;
+        for _ in 0..20 {
+            if send(&c, &up, &p, None).await.status() == 503 {
+                failures += 1;
+            }
+        }
+        // Two consecutive 5xx eject the bad host; the rest go to the good one.
+        assert_eq!(failures, 2);
+        assert_eq!(up.hits(addr(1)), 2);
+        assert_eq!(c.ejections_active(), 1);
+        assert_eq!(count(&c.stats.ejections_enforced_total), 1);
+        // After the ejection time the host is back in rotation.
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert_eq!(c.ejections_active(), 0);
+        for _ in 0..4 {
+            send(&c, &up, &p, None).await;
+        }
+        assert!(up.hits(addr(1)) > 2, "{}", up.hits(addr(1)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fault_delays_exactly_and_aborts() {
+        let delay = Fault {
+            delay: Some((Duration::from_millis(150), 1_000_000)),
+            abort: None,
+        };
+        let start = Instant::now();
+        assert!(fault::<Full<Bytes>>(Some(&delay)).await.is_none());
+        assert_eq!(start.elapsed(), Duration::from_millis(150));
+        let abort = Fault {
+            delay: None,
+            abort: Some((418, 1_000_000)),
+        };
+        let r = fault::<Full<Bytes>>(Some(&abort)).await.expect("aborted");
+        assert_eq!(r.status(), 418);
+        let never = Fault {
+            delay: Some((Duration::from_secs(9), 0)),
+            abort: Some((500, 0)),
+        };
+        assert!(fault::<Full<Bytes>>(Some(&never)).await.is_none());
+        assert_eq!(start.elapsed(), Duration::from_millis(150));
+    }
+
+    #[test]
+    fn request_ids_are_uuid_v4_shaped_and_distinct() {
+        let a = request_id();
+        let b = request_id();
+        let s = a.to_str().unwrap();
+        assert_eq!(s.len(), 36);
+        assert_eq!(s.as_bytes()[14], b'4');
+        assert!(s.split('-').map(str::len).eq([8, 4, 4, 4, 12]));
+        assert!(s.bytes().all(|c| c == b'-' || c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+    }
+}
