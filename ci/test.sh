@@ -15,6 +15,8 @@ if ! command -v wrk >/dev/null 2>&1; then
 fi
 
 cargo fmt --check
+# The module import graph: no loops, no import from a higher layer (docs: ARCHITECTURE.md).
+python3 ci/modgraph.py
 cargo test --locked --all-features
 # Benchmarks must keep compiling; they run by hand (`cargo bench`), not as timed tests.
 cargo check --locked --benches

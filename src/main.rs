@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use meshbench::{model, pilot, proxy, shutdown, workload, xds};
 
-/// Exit codes shared by every command (DESIGN.md).
+/// Exit codes shared by every command (docs/contracts.md).
 const EXIT_FAILED: u8 = 1;
 const EXIT_BAD_INPUT: u8 = 2;
 const EXIT_ENVIRONMENT: u8 = 3;

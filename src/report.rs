@@ -1,4 +1,4 @@
-//! report.json (DESIGN.md's fields, `schema_version` 1), its SVG charts (plotters), a
+//! report.json (docs/contracts.md, `schema_version` 1), its SVG charts (plotters), a
 //! self-contained report.html, and the terminal summary. `meshbench report` re-renders the
 //! charts and HTML from a report.json.
 

@@ -319,6 +319,10 @@ impl Scenario {
                     msg = format!("{}{}", &msg[..i], text);
                 }
             }
+            // An unknown key is reported where its mapping starts; point at the key itself.
+            if let Some((l, c)) = unknown_key_position(text, &msg, line) {
+                (line, column) = (l, c);
+            }
             Error {
                 file: file.clone(),
                 line,
@@ -527,6 +531,25 @@ impl Scenario {
     }
 }
 
+/// Where the key named in an "unknown field `KEY`" message is, at or after line `from` (1-based):
+/// the first line holding `KEY:` as a key (also after `- ` or `{`).
+fn unknown_key_position(text: &str, msg: &str, from: u64) -> Option<(u64, u64)> {
+    let key = msg.split("unknown field `").nth(1)?.split('`').next()?;
+    let pattern = format!("{key}:");
+    text.lines()
+        .enumerate()
+        .skip(from.saturating_sub(1) as usize)
+        .find_map(|(i, l)| {
+            let col = l.find(&pattern)?;
+            let before = l[..col].trim_end();
+            let is_key = before.is_empty()
+                || before.ends_with('-')
+                || before.ends_with('{')
+                || before.ends_with(',');
+            is_key.then_some((i as u64 + 1, col as u64 + 1))
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -546,6 +569,19 @@ mod tests {
         .unwrap_err();
         assert_eq!((e.line, e.column), (5, 5), "{e}");
         assert!(e.message.contains("lod"), "{e}");
+    }
+
+    #[test]
+    fn unknown_top_level_keys_are_located_on_their_line() {
+        let e = parse(&format!("name: x\n{TOP}stepz:\n  - sleep: 1s\n")).unwrap_err();
+        assert_eq!((e.line, e.column), (4, 1), "{e}");
+        assert!(e.message.contains("stepz"), "{e}");
+        let e = parse(&format!(
+            "{TOP}steps:\n  - load: {{target: p:9080, duratoin: 1s}}\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.line, 4, "{e}");
+        assert!(e.message.contains("duratoin"), "{e}");
     }
 
     #[test]

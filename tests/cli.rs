@@ -1,4 +1,4 @@
-//! The binary's contract: exit codes and error messages as DESIGN.md gives them.
+//! The binary's contract: exit codes and error messages as docs/contracts.md gives them.
 
 use std::process::Command;
 

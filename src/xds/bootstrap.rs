@@ -76,7 +76,7 @@ impl EnvoyBootstrap {
     }
 }
 
-/// Finds Envoy as DESIGN.md says: `MESHBENCH_ENVOY`, else `envoy` on PATH.
+/// Finds Envoy as docs/contracts.md says: `MESHBENCH_ENVOY`, else `envoy` on PATH.
 pub fn find_envoy() -> Option<PathBuf> {
     std::env::var_os("MESHBENCH_ENVOY")
         .map(PathBuf::from)
