@@ -148,6 +148,8 @@ pub trait Backend: Send + Sync {
     /// Pilot's ADS and REST addresses, as the harness reaches them.
     fn pilot_xds(&self) -> SocketAddr;
     fn pilot_api(&self) -> SocketAddr;
+    /// The token pilot's REST writes need (the same across pilot restarts).
+    fn api_token(&self) -> String;
     /// Starts pilot and returns once its REST port answers.
     async fn start_pilot(&mut self) -> Result<(), Error>;
     async fn stop_pilot(&mut self);
@@ -195,7 +197,7 @@ impl Mesh {
             .map_err(|e| Error::Environment(format!("cannot create {}: {e}", log_dir.display())))?;
         let plans = plan_pods(manifests, backend.pod_limit())?;
         let mut m = Mesh {
-            pilot: PilotApi::new(backend.pilot_api()),
+            pilot: PilotApi::new(backend.pilot_api()).with_token(Some(&backend.api_token())),
             pods: plans
                 .into_iter()
                 .enumerate()

@@ -209,6 +209,7 @@ async fn run(cfg: Config) -> Result<Report, Error> {
         "apiVersion: v1\nkind: Service\nmetadata: {{name: upstream}}\nspec: {{ports: [{{port: 9080, name: http}}], selector: {{app: upstream}}}}\n---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: upstream-0}}\nspec: {{address: {app_ip}, labels: {{app: upstream, version: v1}}, ports: {{http: {app_port}}}}}\n"
     );
     PilotApi::new(pilot.api)
+        .with_token(Some(&pilot.token))
         .apply("bench", &mesh)
         .await
         .map_err(|e| Error::Environment(format!("bench mesh rejected: {e}")))?;

@@ -15,6 +15,14 @@ use serde_json::Value;
 
 use crate::model::*;
 
+/// Deepest nesting accepted (mappings + sequences). Kubernetes and Istio objects nest about a
+/// dozen levels; the bound keeps parsing, conversion and dropping far inside a thread's stack.
+pub const MAX_DEPTH: usize = 64;
+/// Nodes (scalars, mappings, sequences; aliases counted expanded) one input may hold across
+/// all its documents: about 50 MB of parsed values at most, and 30x what applying 1,000
+/// services at once needs.
+pub const MAX_NODES: usize = 500_000;
+
 /// Objects parsed from one input, plus warnings for what was accepted but not used.
 #[derive(Debug, Default)]
 pub struct Parsed {
@@ -109,6 +117,9 @@ fn split_documents(file: &str, text: &str) -> Result<Vec<(usize, Value)>, Vec<Co
                 ),
             )]
         })?;
+        if let Err(m) = check_shape(&v, MAX_NODES) {
+            return Err(vec![doc_error(file, 1, m)]);
+        }
         return Ok(flatten_lists(v).into_iter().map(|v| (1, v)).collect());
     }
     // (document number, lines before the chunk's first line, text)
@@ -141,6 +152,8 @@ fn split_documents(file: &str, text: &str) -> Result<Vec<(usize, Value)>, Vec<Co
     }
     let mut docs = Vec::new();
     let mut errors = Vec::new();
+    // One budget for the whole input: documents cannot each spend a full one.
+    let mut nodes_left = MAX_NODES;
     for (number, start_line, body) in chunks {
         if body
             .lines()
@@ -148,7 +161,36 @@ fn split_documents(file: &str, text: &str) -> Result<Vec<(usize, Value)>, Vec<Co
         {
             continue;
         }
-        match serde_saphyr::from_str::<Value>(&body) {
+        if nodes_left == 0 {
+            errors.push(doc_error(
+                file,
+                number,
+                format!("the input holds more than {MAX_NODES} nodes (aliases expanded); split it"),
+            ));
+            break;
+        }
+        let options = serde_saphyr::Options {
+            budget: Some(serde_saphyr::Budget {
+                max_depth: MAX_DEPTH,
+                max_nodes: nodes_left,
+                ..Default::default()
+            }),
+            alias_limits: serde_saphyr::options::AliasLimits {
+                max_total_replayed_events: nodes_left,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let parsed = serde_saphyr::from_str_with_options::<Value>(&body, options).and_then(|v| {
+            check_shape(&v, nodes_left)
+                .map(|n| (v, n))
+                .map_err(serde::de::Error::custom)
+        });
+        let parsed = parsed.map(|(v, n)| {
+            nodes_left -= n;
+            v
+        });
+        match parsed {
             Ok(Value::Null) => errors.push(doc_error(
                 file,
                 number,
@@ -180,6 +222,30 @@ fn split_documents(file: &str, text: &str) -> Result<Vec<(usize, Value)>, Vec<Co
     } else {
         Err(errors)
     }
+}
+
+/// Counts `v`'s nodes without recursion; an error when there are more than `limit` or it nests
+/// deeper than [`MAX_DEPTH`].
+fn check_shape(v: &Value, limit: usize) -> Result<usize, String> {
+    let mut stack = vec![(v, 1usize)];
+    let mut nodes = 0;
+    while let Some((v, depth)) = stack.pop() {
+        nodes += 1;
+        if nodes > limit {
+            return Err(format!(
+                "more than {MAX_NODES} nodes in one input (aliases expanded); split it"
+            ));
+        }
+        if depth > MAX_DEPTH {
+            return Err(format!("nested deeper than {MAX_DEPTH} levels"));
+        }
+        match v {
+            Value::Array(a) => stack.extend(a.iter().map(|c| (c, depth + 1))),
+            Value::Object(m) => stack.extend(m.values().map(|c| (c, depth + 1))),
+            _ => {}
+        }
+    }
+    Ok(nodes)
 }
 
 /// Fields meshbench accepts but does not simulate because they do not change where traffic

@@ -93,6 +93,11 @@ pub struct PilotArgs {
     pub debounce: Duration,
     pub full_push: bool,
     pub config_files: Vec<PathBuf>,
+    /// The REST token, handed over in the environment (not on the command line, where `ps`
+    /// shows it).
+    pub token: String,
+    /// `--trusted-peer` addresses.
+    pub trusted_peers: Vec<std::net::IpAddr>,
 }
 
 impl PilotArgs {
@@ -103,7 +108,14 @@ impl PilotArgs {
             debounce: crate::pilot::DEFAULT_DEBOUNCE,
             full_push: false,
             config_files: vec![],
+            token: crate::pilot::new_token(),
+            trusted_peers: vec![],
         }
+    }
+
+    /// The environment pilot needs besides its arguments.
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![(crate::pilot::TOKEN_ENV.to_string(), self.token.clone())]
     }
 
     /// The arguments after the program name.
@@ -125,6 +137,10 @@ impl PilotArgs {
             a.push("--config".into());
             a.push(f.display().to_string());
         }
+        for p in &self.trusted_peers {
+            a.push("--trusted-peer".into());
+            a.push(p.to_string());
+        }
         a
     }
 }
@@ -135,6 +151,8 @@ pub struct PilotProcess {
     pub process: Process,
     pub xds: SocketAddr,
     pub api: SocketAddr,
+    /// Its REST token.
+    pub token: String,
 }
 
 impl PilotProcess {
@@ -146,7 +164,7 @@ impl PilotProcess {
         log: Stdio,
     ) -> Result<PilotProcess, Error> {
         let mut c = command(exe, run_id);
-        c.args(args.to_args()).stderr(log);
+        c.args(args.to_args()).envs(args.env()).stderr(log);
         let process = Process::spawn(c, "pilot")?;
         wait_tcp(args.api, PILOT_START_LIMIT).await.map_err(|_| {
             Error::Environment(format!(
@@ -158,6 +176,7 @@ impl PilotProcess {
             process,
             xds: args.xds,
             api: args.api,
+            token: args.token.clone(),
         })
     }
 

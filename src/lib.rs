@@ -11,6 +11,7 @@ pub mod launch;
 pub mod load;
 pub mod measure;
 pub mod model;
+pub mod net;
 pub mod pilot;
 pub mod pilot_client;
 pub mod proxy;

@@ -38,15 +38,24 @@ enum Command {
         #[arg(long = "config")]
         config: Vec<PathBuf>,
         /// Quiet period before a config change is pushed (e.g. 100ms; 0 pushes at once).
-        #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+        #[arg(long, default_value = "100ms", value_parser = parse_debounce)]
         debounce: Duration,
         /// Longest a change waits while further changes keep arriving.
-        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        #[arg(long, default_value = "1s", value_parser = parse_debounce)]
         debounce_max: Duration,
         /// On an endpoint change push every subscribed assignment, not only the changed ones
         /// (Istio before incremental EDS; a comparison point).
         #[arg(long)]
         full_push: bool,
+        /// File holding the token REST writes need (`Authorization: Bearer TOKEN`); created
+        /// with a new token when absent. Default: meshbench-pilot-PORT.token in the temp
+        /// directory. MESHBENCH_API_TOKEN, when set, gives the token instead.
+        #[arg(long)]
+        api_token_file: Option<PathBuf>,
+        /// An address besides loopback that may use the REST API and claim any xDS identity
+        /// (the harness host on a container network; repeatable).
+        #[arg(long = "trusted-peer")]
+        trusted_peers: Vec<std::net::IpAddr>,
     },
     /// Sidecar proxy: ADS client + HTTP data plane + Envoy-style admin port (listeners come from LDS).
     Proxy {
@@ -275,6 +284,16 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     model::parse_duration(s)
 }
 
+fn parse_debounce(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    // A change must reach the proxies within minutes (Istio's default maximum is 10 s).
+    let max = meshbench::xds::debounce::MAX_DEBOUNCE;
+    if d > max {
+        return Err(format!("{s} is longer than {}s", max.as_secs()));
+    }
+    Ok(d)
+}
+
 fn parse_label(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -332,16 +351,38 @@ async fn run(cmd: Command) -> ExitCode {
             debounce,
             debounce_max,
             full_push,
+            api_token_file,
+            trusted_peers,
         } => {
+            let (xds, api) = match tokio::try_join!(pilot::bind(xds_addr), pilot::bind(api_addr)) {
+                Ok(l) => l,
+                Err(e) => return fail(EXIT_ENVIRONMENT, &e),
+            };
+            let port = api.local_addr().map_or(api_addr.port(), |a| a.port());
+            let file = api_token_file.unwrap_or_else(|| pilot::default_token_file(port));
+            let token = match pilot::api_token(&file) {
+                Ok((token, Some(f))) => {
+                    eprintln!(
+                        "meshbench pilot: REST writes need \"Authorization: Bearer {token}\" (the token is in {})",
+                        f.display()
+                    );
+                    token
+                }
+                Ok((token, None)) => token,
+                Err(e) => {
+                    return fail(
+                        EXIT_ENVIRONMENT,
+                        &format!("cannot write the API token to {}: {e}", file.display()),
+                    )
+                }
+            };
             let cfg = pilot::Config {
                 config_files: config,
                 debounce,
                 debounce_max,
                 full_push,
-            };
-            let (xds, api) = match tokio::try_join!(pilot::bind(xds_addr), pilot::bind(api_addr)) {
-                Ok(l) => l,
-                Err(e) => return fail(EXIT_ENVIRONMENT, &e),
+                api_token: Some(token),
+                trusted_peers,
             };
             match pilot::run(cfg, xds, api, stop).await {
                 Ok(()) => ExitCode::SUCCESS,
@@ -376,6 +417,9 @@ async fn run(cmd: Command) -> ExitCode {
                 app_ip,
                 admin,
                 xds_mode: xds_mode.into(),
+                admin_token: std::env::var(proxy::admin::ADMIN_TOKEN_ENV)
+                    .ok()
+                    .filter(|t| !t.is_empty()),
             };
             match proxy::run(cfg, sock, stop).await {
                 Ok(()) => ExitCode::SUCCESS,

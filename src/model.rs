@@ -581,8 +581,18 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         total += value * scale;
         rest = &rest[unit_len..];
     }
+    if !(total.is_finite() && total <= MAX_DURATION.as_secs_f64()) {
+        return Err(format!(
+            "duration {s:?} is longer than the longest meshbench accepts ({}h)",
+            MAX_DURATION.as_secs() / 3600
+        ));
+    }
     Ok(Duration::from_secs_f64(total))
 }
+
+/// The longest duration any config, scenario or flag may give: 30 days. Longer values are
+/// mistakes (or attacks) and overflow timers and Envoy's protobuf durations downstream.
+pub const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// Every stored config object plus the endpoints registered through the REST API: the
 /// control plane's whole input. Changes produce a new set; the old one stays valid until the

@@ -12,13 +12,13 @@
 
 pub mod api;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -29,7 +29,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
 use crate::config;
-use crate::model::{ConfigError, ConfigSet, Key, Kind, Mesh};
+use crate::model::{ConfigError, ConfigSet, Key, Kind, Mesh, Workload};
+use crate::net::{self, Limits};
 use crate::shutdown::Shutdown;
 use crate::xds::ads::ledger::Ledger;
 use crate::xds::ads::AdsServer;
@@ -43,8 +44,8 @@ pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(100);
 pub const DEFAULT_DEBOUNCE_MAX: Duration = Duration::from_secs(1);
 /// How long open streams get to finish after shutdown is asked for.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
-/// Largest request body the REST API reads.
-const MAX_BODY: usize = 64 << 20;
+/// Largest request body the REST API reads (churn's 2,000-endpoint batches are ~0.3 MB).
+const MAX_BODY: usize = 8 << 20;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Config {
@@ -54,6 +55,13 @@ pub struct Config {
     /// Push every subscribed assignment when any endpoint changes (Istio before incremental
     /// EDS), as a comparison point; by default only the changed ones go out.
     pub full_push: bool,
+    /// Token every REST write must carry (`Authorization: Bearer`); `None` leaves writes
+    /// open (in-process use). The command always sets one.
+    #[serde(skip)]
+    pub api_token: Option<String>,
+    /// Peers besides loopback that may use the REST API and claim any xDS identity (the
+    /// harness host on a docker network).
+    pub trusted_peers: Vec<IpAddr>,
 }
 
 impl Default for Config {
@@ -63,6 +71,8 @@ impl Default for Config {
             debounce: DEFAULT_DEBOUNCE,
             debounce_max: DEFAULT_DEBOUNCE_MAX,
             full_push: false,
+            api_token: None,
+            trusted_peers: vec![],
         }
     }
 }
@@ -92,6 +102,8 @@ pub struct Pilot {
     /// Pushes, ACKs and NACKs per proxy, and the counters of `/metrics`.
     pub ledger: Arc<Ledger>,
     full_push: bool,
+    api_token: Option<String>,
+    trusted_peers: Vec<IpAddr>,
 }
 
 impl Pilot {
@@ -145,11 +157,14 @@ impl Pilot {
             snapshots: snap_rx,
             ledger: ledger.clone(),
             full_push: cfg.full_push,
+            api_token: cfg.api_token.clone(),
+            trusted_peers: cfg.trusted_peers.clone(),
         });
         let weak = Arc::downgrade(&pilot);
+        // Bounded as the command line bounds them: a longer wait would overflow timers.
         let debounce = Debounce {
-            quiet: cfg.debounce,
-            max_delay: cfg.debounce_max,
+            quiet: cfg.debounce.min(crate::xds::debounce::MAX_DEBOUNCE),
+            max_delay: cfg.debounce_max.min(crate::xds::debounce::MAX_DEBOUNCE),
         };
         tokio::spawn(debounce.run(rx, move |m| {
             let Some(pilot) = weak.upgrade() else { return };
@@ -207,6 +222,15 @@ impl Pilot {
         }
         let keys: Vec<Key> = parsed.objects.iter().map(|o| o.key()).collect();
         let mut st = self.state.lock().unwrap();
+        // Applying what is stored already changes nothing, so it makes no new version.
+        let same = |o: &crate::model::Object| {
+            st.config.objects.get(&o.key()).is_some_and(|s| {
+                serde_json::to_value(&s.spec).ok() == serde_json::to_value(&o.spec).ok()
+            })
+        };
+        if !parsed.objects.is_empty() && parsed.objects.iter().all(same) {
+            return Ok((st.version, keys, parsed.warnings));
+        }
         let (next, mesh) = st.config.with_applied(parsed.objects)?;
         let mut warnings = parsed.warnings;
         // Only this batch's warnings; stored objects' were reported when they were applied.
@@ -252,32 +276,69 @@ impl Pilot {
                 .copied()
                 .unwrap_or_else(|| st.config.endpoints.contains_key(key))
         };
+        let mut listed = std::collections::HashSet::new();
+        let mut changes = batch.add.len() + batch.remove.len();
         for (field, list, must_exist) in
             [("add", &batch.add, false), ("update", &batch.update, true)]
         {
             for (i, w) in list.iter().enumerate() {
-                if w.entry.address.parse::<std::net::IpAddr>().is_err() {
-                    errors.push(err(
-                        i,
-                        field,
-                        format!("address {:?} is not an IP address", w.entry.address),
-                    ));
+                if let Err(m) = check_endpoint(w) {
+                    errors.push(err(i, field, m));
                     continue;
                 }
                 let key = (w.namespace.clone(), w.name.clone());
-                if must_exist && !exists(&present, &key) {
+                if !listed.insert(key.clone()) {
                     errors.push(err(
                         i,
                         field,
-                        format!("no endpoint {}/{} to update", w.namespace, w.name),
+                        format!(
+                            "endpoint {}/{} is listed twice in this batch",
+                            w.namespace, w.name
+                        ),
                     ));
                     continue;
+                }
+                match (must_exist, exists(&present, &key)) {
+                    (true, false) => {
+                        errors.push(err(
+                            i,
+                            field,
+                            format!("no endpoint {}/{} to update", w.namespace, w.name),
+                        ));
+                        continue;
+                    }
+                    (false, true) => {
+                        errors.push(err(
+                            i,
+                            field,
+                            format!(
+                                "endpoint {}/{} exists already (use update to change it)",
+                                w.namespace, w.name
+                            ),
+                        ));
+                        continue;
+                    }
+                    _ => {}
+                }
+                if must_exist && st.config.endpoints.get(&key).is_none_or(|old| **old != *w) {
+                    changes += 1;
                 }
                 present.insert(key, true);
             }
         }
         for (i, r) in batch.remove.iter().enumerate() {
             let key = (r.namespace.clone(), r.name.clone());
+            if !listed.insert(key.clone()) {
+                errors.push(err(
+                    i,
+                    "remove",
+                    format!(
+                        "endpoint {}/{} is listed twice in this batch",
+                        r.namespace, r.name
+                    ),
+                ));
+                continue;
+            }
             if !exists(&present, &key) {
                 errors.push(err(
                     i,
@@ -289,6 +350,10 @@ impl Pilot {
         }
         if !errors.is_empty() {
             return Err(errors);
+        }
+        // Updates that change nothing make no new version.
+        if changes == 0 {
+            return Ok(st.version);
         }
         let mut next = std::mem::take(&mut st.config);
         for w in batch.add.into_iter().chain(batch.update) {
@@ -341,6 +406,7 @@ impl Pilot {
     pub fn ads(&self) -> AdsServer {
         let mut ads = AdsServer::new(Arc::new(self.snapshots.clone()), self.ledger.clone());
         ads.full_push = self.full_push;
+        ads.trusted_peers = self.trusted_peers.clone();
         ads
     }
 
@@ -371,6 +437,53 @@ pub async fn run(
     serve(pilot, xds, api, shutdown).await
 }
 
+/// Checks one endpoint of a batch: names Kubernetes would accept, an IP address, real ports.
+fn check_endpoint(w: &Workload) -> Result<(), String> {
+    let dns = |what: &str, s: &str, max: usize| -> Result<(), String> {
+        let ok = !s.is_empty()
+            && s.len() <= max
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+            && !s.starts_with(['-', '.'])
+            && !s.ends_with(['-', '.']);
+        if ok {
+            Ok(())
+        } else {
+            Err(format!(
+                "{what} {s:?} must be 1 to {max} lowercase letters, digits, '-' or '.'"
+            ))
+        }
+    };
+    dns("name", &w.name, 253)?;
+    dns("namespace", &w.namespace, 63)?;
+    if w.entry.address.parse::<IpAddr>().is_err() {
+        return Err(format!(
+            "address {:?} is not an IP address",
+            w.entry.address
+        ));
+    }
+    if let Some((name, _)) = w.entry.ports.iter().find(|(_, p)| **p == 0) {
+        return Err(format!("port {name:?} is 0"));
+    }
+    if !(1..=MAX_ENDPOINT_WEIGHT).contains(&w.entry.weight) {
+        return Err(format!(
+            "weight {} is outside 1..={MAX_ENDPOINT_WEIGHT}",
+            w.entry.weight
+        ));
+    }
+    Ok(())
+}
+
+/// Largest endpoint weight (Envoy's load-balancing weights must stay summable in 32 bits).
+pub const MAX_ENDPOINT_WEIGHT: u32 = 1_000_000;
+
+/// Most xDS connections pilot keeps open (each carries up to [`MAX_STREAMS_PER_CONNECTION`]).
+pub const MAX_XDS_CONNECTIONS: usize = 30_000;
+/// Streams one HTTP/2 connection may open at once (the simulated proxies use 50).
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 100;
+/// Most REST connections open at once.
+pub const MAX_API_CONNECTIONS: usize = 256;
+
 /// Serves an already started pilot.
 pub async fn serve(
     pilot: Arc<Pilot>,
@@ -380,12 +493,31 @@ pub async fn serve(
 ) -> Result<(), Error> {
     let grpc = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .add_service(pilot.ads().into_service())
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(xds),
+            net::incoming(xds, Limits::new(MAX_XDS_CONNECTIONS), shutdown.clone()),
             shutdown.clone().wait(),
         );
-    let rest = axum::serve(api, router(pilot)).with_graceful_shutdown(shutdown.clone().wait());
+    let api_port = api.local_addr().map(|a| a.port()).unwrap_or(0);
+    let guard = Arc::new(Guard {
+        token: pilot.api_token.clone(),
+        trusted: pilot.trusted_peers.clone(),
+        port: api_port,
+    });
+    let rest = serve_rest(router(pilot.clone()), guard, api, shutdown.clone());
+    // Memory freed by closed streams goes back to the system (glibc keeps it otherwise).
+    let trim = async {
+        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        loop {
+            tick.tick().await;
+            if pilot.ledger.take_closed() {
+                // SAFETY: malloc_trim only releases free heap pages.
+                unsafe { libc::malloc_trim(0) };
+            }
+        }
+    };
     let servers = async { tokio::join!(grpc, rest) };
     // ADS streams live as long as their proxies: after the grace period, stop regardless.
     let deadline = async {
@@ -393,13 +525,166 @@ pub async fn serve(
         tokio::time::sleep(SHUTDOWN_GRACE).await;
     };
     tokio::select! {
-        (g, r) = servers => {
+        (g, ()) = servers => {
             g.map_err(|e| Error::Serve(format!("ADS: {e}")))?;
-            r.map_err(|e| Error::Serve(format!("REST API: {e}")))?;
         }
+        _ = trim => {}
         _ = deadline => tracing::info!("shutdown grace period over; closing open streams"),
     }
     Ok(())
+}
+
+/// The REST API on its own accept loop: connection limit, first-byte and header deadlines,
+/// and the peer's address handed to the [`guard`].
+async fn serve_rest(router: Router, guard: Arc<Guard>, api: TcpListener, shutdown: Shutdown) {
+    use futures::StreamExt;
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    let router = router.layer(axum::middleware::from_fn_with_state(guard, check));
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(net::FIRST_BYTE_TIMEOUT);
+    let builder = Arc::new(builder);
+    let mut conns = net::incoming(api, Limits::new(MAX_API_CONNECTIONS), shutdown);
+    while let Some(Ok(conn)) = conns.next().await {
+        let svc = hyper_util::service::TowerToHyperService::new(
+            router
+                .clone()
+                .layer(axum::Extension(ConnectInfo(conn.peer))),
+        );
+        let builder = builder.clone();
+        tokio::spawn(async move {
+            let _ = builder.serve_connection(TokioIo::new(conn), svc).await;
+        });
+    }
+}
+
+/// Who may use the REST API, and how.
+#[derive(Debug)]
+struct Guard {
+    /// Required as `Authorization: Bearer TOKEN` on every write; `None`: writes are open.
+    token: Option<String>,
+    /// Peers besides loopback (the harness host on the docker network).
+    trusted: Vec<IpAddr>,
+    port: u16,
+}
+
+/// The REST API's access rules, before any handler:
+/// - only loopback and trusted peers (on docker: the harness, not the workloads);
+/// - `Host` must name pilot (an IP literal or `localhost`, on pilot's port), and `Origin`, when
+///   a browser sends one, must be that same origin: a web page cannot drive pilot (CSRF, DNS
+///   rebinding);
+/// - writes need the token.
+async fn check(
+    State(g): State<Arc<Guard>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if !(net::is_loopback(&peer) || g.trusted.contains(&peer.ip())) {
+        return error(
+            StatusCode::FORBIDDEN,
+            "pilot's REST API answers only this host (and --trusted-peer addresses)",
+        );
+    }
+    let host = req
+        .headers()
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    if !host_is_pilot(host, g.port) {
+        return error(
+            StatusCode::FORBIDDEN,
+            &format!(
+                "Host {host:?} is not pilot's address (use IP:{} or localhost:{})",
+                g.port, g.port
+            ),
+        );
+    }
+    if let Some(origin) = req.headers().get(axum::http::header::ORIGIN) {
+        if origin.to_str().ok() != Some(format!("http://{host}").as_str()) {
+            return error(StatusCode::FORBIDDEN, "cross-origin requests are refused");
+        }
+    }
+    let write = !matches!(
+        req.method(),
+        &axum::http::Method::GET | &axum::http::Method::HEAD
+    );
+    if let (true, Some(token)) = (write, &g.token) {
+        let given = req
+            .headers()
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !same_secret(given.as_bytes(), token.as_bytes()) {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "writes need pilot's token: Authorization: Bearer TOKEN (pilot printed where the token file is)",
+            );
+        }
+    }
+    next.run(req).await
+}
+
+/// `IP:PORT` or `localhost:PORT` with pilot's port: names only a DNS rebinding attack cannot
+/// point elsewhere.
+fn host_is_pilot(host: &str, port: u16) -> bool {
+    let Some((name, p)) = host.rsplit_once(':') else {
+        return false;
+    };
+    if p.parse::<u16>().ok() != Some(port) {
+        return false;
+    }
+    let name = name.trim_start_matches('[').trim_end_matches(']');
+    name.eq_ignore_ascii_case("localhost") || name.parse::<IpAddr>().is_ok()
+}
+
+/// Compares secrets in time independent of where they differ.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Environment variable through which a harness hands pilot its REST token.
+pub const TOKEN_ENV: &str = "MESHBENCH_API_TOKEN";
+
+/// Pilot's REST token: from [`TOKEN_ENV`], else read from `file`, else generated and written
+/// to `file` (mode 0600). Returns the token and the file it is in, if any.
+pub fn api_token(file: &std::path::Path) -> std::io::Result<(String, Option<PathBuf>)> {
+    if let Ok(t) = std::env::var(TOKEN_ENV) {
+        if !t.is_empty() {
+            return Ok((t, None));
+        }
+    }
+    if let Ok(t) = std::fs::read_to_string(file) {
+        let t = t.trim().to_string();
+        if !t.is_empty() {
+            return Ok((t, Some(file.to_path_buf())));
+        }
+    }
+    let t = new_token();
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(file)?;
+    writeln!(f, "{t}")?;
+    Ok((t, Some(file.to_path_buf())))
+}
+
+/// 128 random bits, hex.
+pub fn new_token() -> String {
+    let v: u128 = rand::random();
+    format!("{v:032x}")
+}
+
+/// Where pilot keeps its token by default: the temp directory, named by the REST port.
+pub fn default_token_file(api_port: u16) -> PathBuf {
+    std::env::temp_dir().join(format!("meshbench-pilot-{api_port}.token"))
 }
 
 pub fn router(pilot: Arc<Pilot>) -> Router {
@@ -463,14 +748,21 @@ struct ApplyQuery {
 }
 
 async fn apply(State(p): State<Arc<Pilot>>, Query(q): Query<ApplyQuery>, body: Bytes) -> Response {
-    let Ok(text) = std::str::from_utf8(&body) else {
+    let Ok(text) = String::from_utf8(body.to_vec()) else {
         return error(
             StatusCode::BAD_REQUEST,
             "body is not UTF-8 text (send YAML or JSON)",
         );
     };
     let source = q.source.unwrap_or_else(|| "request".into());
-    match p.apply(&source, text) {
+    // Parsing and compiling take CPU time: off the async workers, so health checks, other
+    // requests and xDS pushes go on meanwhile.
+    let pilot = p.clone();
+    let result = tokio::task::spawn_blocking(move || pilot.apply(&source, &text)).await;
+    let Ok(result) = result else {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "apply failed");
+    };
+    match result {
         Ok((version, keys, warnings)) => Json(Applied {
             version,
             accepted_at_ms: p.accepted_at(version),
@@ -506,16 +798,23 @@ async fn delete_object(
 }
 
 async fn endpoints(State(p): State<Arc<Pilot>>, body: Bytes) -> Response {
-    let batch: EndpointBatch = match serde_json::from_slice(&body) {
-        Ok(b) => b,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                &format!("invalid endpoint batch: {e}"),
-            )
-        }
+    let pilot = p.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let batch = api::parse_batch(&body).map_err(|m| {
+            vec![ConfigError {
+                file: "request".into(),
+                document: 1,
+                message: m,
+                ..Default::default()
+            }]
+        })?;
+        pilot.update_endpoints(batch)
+    })
+    .await;
+    let Ok(result) = result else {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "endpoint batch failed");
     };
-    match p.update_endpoints(batch) {
+    match result {
         Ok(version) => Json(EndpointsApplied {
             version,
             accepted_at_ms: p.accepted_at(version),

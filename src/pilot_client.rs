@@ -117,9 +117,10 @@ impl HttpClient {
         addr: SocketAddr,
         method: &str,
         path: &str,
+        headers: &[(&str, &str)],
         body: &str,
     ) -> Result<Result<T, (u16, Errors)>, Error> {
-        let r = self.request(addr, method, path, &[], body).await?;
+        let r = self.request(addr, method, path, headers, body).await?;
         if r.status == 200 {
             serde_json::from_slice(&r.body).map(Ok).map_err(|e| {
                 Error::Environment(format!(
@@ -140,6 +141,8 @@ impl HttpClient {
 pub struct PilotApi {
     pub addr: SocketAddr,
     http: HttpClient,
+    /// `Authorization` value for writes (`Bearer TOKEN`).
+    auth: Option<String>,
     applied: Vec<(String, String)>,
 }
 
@@ -156,8 +159,23 @@ impl PilotApi {
         PilotApi {
             addr,
             http: HttpClient::default(),
+            auth: None,
             applied: vec![],
         }
+    }
+
+    /// Sends `token` with every write (pilot's `--api-token-file` / `MESHBENCH_API_TOKEN`).
+    pub fn with_token(mut self, token: Option<&str>) -> PilotApi {
+        self.auth = token.map(|t| format!("Bearer {t}"));
+        self
+    }
+
+    fn write_headers(&self) -> Vec<(&str, &str)> {
+        self.auth
+            .as_deref()
+            .map(|a| ("authorization", a))
+            .into_iter()
+            .collect()
     }
 
     /// Applies one file's text (named by `source` in errors).
@@ -166,7 +184,11 @@ impl PilotApi {
             .file_name()
             .map_or(source.to_string(), |n| n.to_string_lossy().into_owned());
         let path = format!("{}?source={}", api::APPLY, encode_query(&name));
-        match self.http.json(self.addr, "POST", &path, text).await? {
+        match self
+            .http
+            .json(self.addr, "POST", &path, &self.write_headers(), text)
+            .await?
+        {
             Ok(a) => {
                 self.applied.push((source.to_string(), text.to_string()));
                 Ok(a)
@@ -198,7 +220,13 @@ impl PilotApi {
         let body = serde_json::to_string(batch).expect("batches serialise");
         match self
             .http
-            .json(self.addr, "POST", api::ENDPOINTS, &body)
+            .json(
+                self.addr,
+                "POST",
+                api::ENDPOINTS,
+                &self.write_headers(),
+                &body,
+            )
             .await?
         {
             Ok(a) => Ok(a),
@@ -244,7 +272,7 @@ impl PilotApi {
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, Error> {
         self.http
-            .json(self.addr, "GET", path, "")
+            .json(self.addr, "GET", path, &[], "")
             .await?
             .map_err(|(status, e)| {
                 Error::Environment(format!("GET {path}: {status}: {:?}", e.errors))

@@ -38,12 +38,14 @@ pub enum Error {
     Admin(std::io::Error),
 }
 
-/// The admin address a sidecar gets (docs/contracts.md): POD_IP:15000 from the node id, else loopback.
+/// The admin address a sidecar gets (docs/contracts.md): POD_IP:15000 from the node id, else
+/// loopback. Never a wildcard address: a node id cannot open the admin port to every network.
 pub fn default_admin(node_id: &str) -> SocketAddr {
     let ip = node_id
         .split('~')
         .nth(1)
-        .and_then(|ip| ip.parse().ok())
+        .and_then(|ip| ip.parse::<std::net::IpAddr>().ok())
+        .filter(|ip| !ip.is_unspecified() && !ip.is_multicast())
         .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
     SocketAddr::new(ip, DEFAULT_ADMIN_PORT)
 }

@@ -392,10 +392,32 @@ pub fn charts(report: &Report) -> Vec<(String, String)> {
     ]
 }
 
+/// Text for HTML: every character that could open markup or end an attribute is escaped.
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// One table row. Every cell goes through [`esc`]: a value read from a report (which
+/// `meshbench report` takes from any file) cannot inject markup.
+fn row(h: &mut String, cells: &[&dyn std::fmt::Display]) {
+    h.push_str("<tr>");
+    for c in cells {
+        h.push_str("<td>");
+        h.push_str(&esc(&c.to_string()));
+        h.push_str("</td>");
+    }
+    h.push_str("</tr>\n");
 }
 
 /// A distribution figure with one decimal, or "-" when nothing was measured.
@@ -404,22 +426,27 @@ pub(crate) fn opt(d: &Option<Dist>, f: impl Fn(&Dist) -> f64) -> String {
 }
 
 fn html_page(r: &Report, charts: &[(String, String)]) -> String {
-    let mut h = format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>meshbench: {0}</title><style>body{{font-family:sans-serif;margin:24px;max-width:1000px}}table{{border-collapse:collapse;margin:8px 0 20px}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}th{{background:#f4f4f4}}td:first-child{{text-align:left}}.pass{{color:#2a7a2a}}.fail{{color:#b22;font-weight:bold}}</style></head><body>\n<h1>{0}: <span class=\"{1}\">{2}</span></h1>\n<p>backend {3}, proxy {4}, meshbench {5} ({6}), {7} cores, {8} MB; {9:.1} s{10}</p>\n",
-        esc(&r.scenario),
-        if r.passed { "pass" } else { "fail" },
-        if r.passed { "PASSED" } else { "FAILED" },
-        match &r.engine {
-            Some(e) => format!("{} ({})", r.backend, esc(e)),
-            None => r.backend.clone(),
-        },
+    let status = if r.passed { "pass" } else { "fail" };
+    let backend = match &r.engine {
+        Some(e) => format!("{} ({e})", r.backend),
+        None => r.backend.clone(),
+    };
+    let summary = format!(
+        "backend {backend}, proxy {}, meshbench {} ({}), {} cores, {} MB; {:.1} s{}",
         r.proxy,
         r.meshbench_version,
-        esc(&r.commit),
+        r.commit,
         r.machine.cores,
         r.machine.memory_mb,
         r.duration_s,
         if r.quick { " (quick)" } else { "" }
+    );
+    let mut h = format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>meshbench: {0}</title><style>body{{font-family:sans-serif;margin:24px;max-width:1000px}}table{{border-collapse:collapse;margin:8px 0 20px}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}th{{background:#f4f4f4}}td:first-child{{text-align:left}}.pass{{color:#2a7a2a}}.fail{{color:#b22;font-weight:bold}}</style></head><body>\n<h1>{0}: <span class=\"{1}\">{2}</span></h1>\n<p>{3}</p>\n",
+        esc(&r.scenario),
+        status,
+        if r.passed { "PASSED" } else { "FAILED" },
+        esc(&summary),
     );
     h.push_str("<h2>Phases</h2><table><tr><th>phase</th><th>target</th><th>rps</th><th>requests</th><th>errors</th><th>p50 ms</th><th>p99 ms</th><th>p99.9 ms</th><th>versions</th></tr>\n");
     for p in &r.phases {
@@ -430,76 +457,99 @@ fn html_page(r: &Report, charts: &[(String, String)]) -> String {
             .map(|(k, v)| format!("{k}: {v}"))
             .collect::<Vec<_>>()
             .join(", ");
-        h.push_str(&format!("<tr><td>{}</td><td>{}</td><td>{:.0}</td><td>{}</td><td>{}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{}</td></tr>\n", esc(&p.name), esc(&p.load.target), l.achieved_rps, l.requests, l.errors, l.latency_ms.p50, l.latency_ms.p99, l.latency_ms.p999, esc(&versions)));
+        row(
+            &mut h,
+            &[
+                &p.name,
+                &p.load.target,
+                &format!("{:.0}", l.achieved_rps),
+                &l.requests,
+                &l.errors,
+                &format!("{:.2}", l.latency_ms.p50),
+                &format!("{:.2}", l.latency_ms.p99),
+                &format!("{:.2}", l.latency_ms.p999),
+                &versions,
+            ],
+        );
     }
     h.push_str("</table><h2>Expectations</h2><table><tr><th>step</th><th>expectation</th><th>expected</th><th>measured</th><th>result</th></tr>\n");
     for e in &r.expectations {
-        h.push_str(&format!(
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"{}\">{}</td></tr>\n",
-            e.step,
-            esc(&e.description),
-            esc(&e.expected),
-            esc(&e.measured),
-            if e.passed { "pass" } else { "fail" },
-            if e.passed { "pass" } else { "FAIL" }
-        ));
+        row(
+            &mut h,
+            &[
+                &e.step,
+                &e.description,
+                &e.expected,
+                &e.measured,
+                &if e.passed { "pass" } else { "FAIL" },
+            ],
+        );
     }
     h.push_str("</table><h2>Propagation (ms)</h2><table><tr><th>change</th><th>version</th><th>proxies</th><th>push p50</th><th>push p99</th><th>ACK p50</th><th>ACK p99</th><th>ACK max</th><th>data plane</th></tr>\n");
     for p in &r.propagation {
-        h.push_str(&format!(
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
-            esc(&p.change),
-            p.version,
-            p.proxies,
-            opt(&p.push_ms, |d| d.p50),
-            opt(&p.push_ms, |d| d.p99),
-            opt(&p.ack_ms, |d| d.p50),
-            opt(&p.ack_ms, |d| d.p99),
-            opt(&p.ack_ms, |d| d.max),
-            opt(&p.data_plane_ms, |d| d.p50)
-        ));
+        row(
+            &mut h,
+            &[
+                &p.change,
+                &p.version,
+                &p.proxies,
+                &opt(&p.push_ms, |d| d.p50),
+                &opt(&p.push_ms, |d| d.p99),
+                &opt(&p.ack_ms, |d| d.p50),
+                &opt(&p.ack_ms, |d| d.p99),
+                &opt(&p.ack_ms, |d| d.max),
+                &opt(&p.data_plane_ms, |d| d.p50),
+            ],
+        );
     }
     if !r.churn.is_empty() {
         h.push_str("</table><h2>Endpoint churn</h2><table><tr><th>churn</th><th>ADS</th><th>simulated proxies</th><th>endpoints</th><th>changes</th><th>receive p50 ms</th><th>receive p99 ms</th><th>receive max ms</th><th>ACK p99 ms</th><th>last proxy p99 ms</th><th>sidecar ACK p99 ms</th><th>B/change</th><th>B/change/proxy</th><th>pilot CPU s</th><th>pilot peak RSS MB</th><th>missed</th><th>sidecar stale/missing</th></tr>\n");
         for c in &r.churn {
-            h.push_str(&format!(
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.0}</td><td>{:.1}</td><td>{:.2}</td><td>{:.0}</td><td>{}</td><td>{}/{}</td></tr>\n",
-                esc(&c.name),
-                c.xds,
-                c.proxies,
-                c.endpoints,
-                c.changes,
-                opt(&c.receive_ms, |d| d.p50),
-                opt(&c.receive_ms, |d| d.p99),
-                opt(&c.receive_ms, |d| d.max),
-                opt(&c.ack_ms, |d| d.p99),
-                opt(&c.last_proxy_ms, |d| d.p99),
-                opt(&c.sidecar_ack_ms, |d| d.p99),
-                c.bytes_per_change,
-                c.bytes_per_change_per_proxy,
-                c.pilot_cpu_s,
-                c.pilot_peak_rss_mb,
-                c.missed,
-                c.sidecar_stale_hosts,
-                c.sidecar_missing_hosts
-            ));
+            row(
+                &mut h,
+                &[
+                    &c.name,
+                    &c.xds,
+                    &c.proxies,
+                    &c.endpoints,
+                    &c.changes,
+                    &opt(&c.receive_ms, |d| d.p50),
+                    &opt(&c.receive_ms, |d| d.p99),
+                    &opt(&c.receive_ms, |d| d.max),
+                    &opt(&c.ack_ms, |d| d.p99),
+                    &opt(&c.last_proxy_ms, |d| d.p99),
+                    &opt(&c.sidecar_ack_ms, |d| d.p99),
+                    &format!("{:.0}", c.bytes_per_change),
+                    &format!("{:.1}", c.bytes_per_change_per_proxy),
+                    &format!("{:.2}", c.pilot_cpu_s),
+                    &format!("{:.0}", c.pilot_peak_rss_mb),
+                    &c.missed,
+                    &format!("{}/{}", c.sidecar_stale_hosts, c.sidecar_missing_hosts),
+                ],
+            );
         }
     }
     h.push_str(
         "</table><h2>Cost</h2><table><tr><th>process</th><th>CPU s</th><th>peak RSS MB</th></tr>\n",
     );
     for c in std::iter::once(&r.resources.pilot).chain(&r.resources.proxies) {
-        h.push_str(&format!(
-            "<tr><td>{}</td><td>{:.2}</td><td>{:.1}</td></tr>\n",
-            esc(&c.name),
-            c.cpu_s,
-            c.peak_rss_mb
-        ));
+        row(
+            &mut h,
+            &[
+                &c.name,
+                &format!("{:.2}", c.cpu_s),
+                &format!("{:.1}", c.peak_rss_mb),
+            ],
+        );
     }
+    // The charts are files beside the page, shown as images: SVG text drawn from report
+    // values (version names) never becomes part of this document.
     h.push_str("</table><h2>Charts</h2>\n");
-    for (_, svg) in charts {
-        h.push_str(svg);
-        h.push('\n');
+    for (name, _) in charts {
+        h.push_str(&format!(
+            "<p><img src=\"{0}.svg\" alt=\"{0}\"></p>\n",
+            esc(name)
+        ));
     }
     h.push_str("</body></html>\n");
     h

@@ -13,6 +13,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_saphyr::Spanned;
 
 use crate::model::parse_duration;
+use crate::xds::debounce::MAX_DEBOUNCE;
 use crate::xds::XdsMode;
 
 /// A duration written as `100ms`, `5s`, `1m`.
@@ -23,15 +24,30 @@ pub struct Dur(pub Duration);
 /// carry the location themselves, behind this marker, and [`Scenario::parse`] lifts it out.
 const LOCATED: &str = "@at ";
 
+/// The longest duration a scenario may give (a step, a window, a bound): one day.
+pub const MAX_SCENARIO_DURATION: Duration = Duration::from_secs(24 * 3600);
+
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = Spanned::<String>::deserialize(d)?;
-        parse_duration(&s.value).map(Dur).map_err(|e| {
-            let (l, c) = (s.referenced.line(), s.referenced.column());
-            serde::de::Error::custom(format!(
-                "{LOCATED}{l}:{c} {e}; expected a duration such as 500ms, 5s or 1m"
-            ))
-        })
+        parse_duration(&s.value)
+            .and_then(|d| {
+                if d > MAX_SCENARIO_DURATION {
+                    Err(format!(
+                        "{:?} is longer than a scenario may run (24h)",
+                        s.value
+                    ))
+                } else {
+                    Ok(d)
+                }
+            })
+            .map(Dur)
+            .map_err(|e| {
+                let (l, c) = (s.referenced.line(), s.referenced.column());
+                serde::de::Error::custom(format!(
+                    "{LOCATED}{l}:{c} {e}; expected a duration such as 500ms, 5s or 1m"
+                ))
+            })
     }
 }
 
@@ -369,6 +385,17 @@ impl Scenario {
             .iter()
             .map(|f| check_file(f).map_err(|m| top(format!("topology.config: {m}"))))
             .collect::<Result<_, _>>()?;
+        if raw
+            .mesh
+            .as_ref()
+            .and_then(|m| m.debounce)
+            .is_some_and(|d| d.0 > MAX_DEBOUNCE)
+        {
+            return Err(top(format!(
+                "mesh.debounce: at most {}s (pilot refuses longer)",
+                MAX_DEBOUNCE.as_secs()
+            )));
+        }
         if topology.manifests.is_empty() {
             return Err(top(
                 "topology.manifests: at least one manifest file is needed".into(),

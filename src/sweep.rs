@@ -264,7 +264,7 @@ pub async fn run(
         };
         let pid = pilot.pid();
         let usage = move || pid.and_then(proc_stats).map(|s| (s.cpu_s, s.rss_mb));
-        let mut api = PilotApi::new(pilot.api);
+        let mut api = PilotApi::new(pilot.api).with_token(Some(&pilot.token));
         let mut target = churn::Target {
             pilot: &mut api,
             xds: pilot.xds,

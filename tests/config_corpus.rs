@@ -286,7 +286,13 @@ async fn a_bad_batch_changes_nothing_and_the_api_survives_garbage() {
     // Binary garbage
     let mut c = Client::connect(p.api).await.unwrap();
     let r = c
-        .request("POST", "x", "/v1/apply", &[], [0xffu8, 0xfe, 0x00])
+        .request(
+            "POST",
+            &p.api.to_string(),
+            "/v1/apply",
+            &[],
+            [0xffu8, 0xfe, 0x00],
+        )
         .await
         .unwrap();
     assert_eq!(r.status, 400);

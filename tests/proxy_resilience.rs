@@ -111,13 +111,13 @@ async fn proxy_keeps_serving_through_a_pilot_restart_and_resumes() {
     // The last good config keeps serving while the control plane is gone.
     assert_eq!(all_from(outbound, 50).await, vec!["200 reviews-v1"]);
 
-    let _pilot = spawn_pilot(xds_port, api_port, &config).await;
+    let pilot = spawn_pilot(xds_port, api_port, &config).await;
     wait_synced(api, &proxy.node_id, 1).await;
     assert_eq!(
         stat(proxy.admin, "control_plane.connected_state").await,
         Some(1)
     );
-    let v = apply_ok(api, &mesh_yaml(v1.addr, v3.addr, "v3"))
+    let v = apply_as(api, Some(&pilot.token), &mesh_yaml(v1.addr, v3.addr, "v3"))
         .await
         .version;
     wait_synced(api, &proxy.node_id, v).await;

@@ -147,6 +147,7 @@ pub struct DockerBackend {
     pods: HashMap<String, Containers>,
     meshbench_image: String,
     envoy_image: Option<String>,
+    token: String,
 }
 
 impl DockerBackend {
@@ -180,6 +181,7 @@ impl DockerBackend {
             pods: HashMap::new(),
             meshbench_image,
             envoy_image,
+            token: crate::pilot::new_token(),
         })
     }
 
@@ -195,6 +197,22 @@ impl DockerBackend {
         image: &str,
         entrypoint: &str,
         cmd: &[String],
+        net: Net<'_>,
+    ) -> Result<String, Error> {
+        self.run_with_env(name, role, image, entrypoint, cmd, &[], net)
+            .await
+    }
+
+    /// As [`DockerBackend::run`], with environment variables.
+    #[allow(clippy::too_many_arguments)]
+    async fn run_with_env(
+        &self,
+        name: &str,
+        role: &str,
+        image: &str,
+        entrypoint: &str,
+        cmd: &[String],
+        env: &[(String, String)],
         net: Net<'_>,
     ) -> Result<String, Error> {
         let full_name = format!("mb-{}-{name}", self.opts.run_id);
@@ -228,7 +246,11 @@ impl DockerBackend {
             entrypoint: Some(vec![entrypoint.to_string()]),
             cmd: Some(cmd.to_vec()),
             hostname,
-            env: Some(vec![format!("{}={}", RUN_ENV, self.opts.run_id)]),
+            env: Some(
+                std::iter::once(format!("{}={}", RUN_ENV, self.opts.run_id))
+                    .chain(env.iter().map(|(k, v)| format!("{k}={v}")))
+                    .collect(),
+            ),
             labels: Some(labels),
             host_config: Some(HostConfig {
                 network_mode: Some(network_mode),
@@ -322,6 +344,9 @@ impl Backend for DockerBackend {
             .parse()
             .expect("valid address")
     }
+    fn api_token(&self) -> String {
+        self.token.clone()
+    }
 
     async fn start_pilot(&mut self) -> Result<(), Error> {
         let mut args = PilotArgs::new(
@@ -329,14 +354,19 @@ impl Backend for DockerBackend {
             "0.0.0.0:15080".parse().expect("valid"),
         );
         args.debounce = self.opts.debounce;
+        args.token = self.token.clone();
+        // The harness reaches the network from the host through the bridge's gateway: only
+        // that address (and no workload container) may use the REST API.
+        args.trusted_peers = vec![format!("{}.1", self.base).parse().expect("valid address")];
         let ip = self.pilot_ip();
         let id = self
-            .run(
+            .run_with_env(
                 "pilot",
                 "pilot",
                 &self.meshbench_image,
                 "/meshbench",
                 &args.to_args(),
+                &args.env(),
                 Net::Own {
                     ip: &ip,
                     aliases: vec!["pilot".into(), "istiod".into()],

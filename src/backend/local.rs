@@ -26,6 +26,7 @@ struct Procs {
 pub struct LocalBackend {
     opts: Options,
     base: String,
+    token: String,
     pilot: Option<PilotProcess>,
     pods: HashMap<String, Procs>,
 }
@@ -35,6 +36,7 @@ impl LocalBackend {
         let pid = std::process::id();
         LocalBackend {
             base: format!("127.{}.{}", 30 + pid % 60, (pid / 60) % 250),
+            token: crate::pilot::new_token(),
             opts,
             pilot: None,
             pods: HashMap::new(),
@@ -100,10 +102,14 @@ impl Backend for LocalBackend {
     fn pilot_api(&self) -> SocketAddr {
         self.addr(1, 15080)
     }
+    fn api_token(&self) -> String {
+        self.token.clone()
+    }
 
     async fn start_pilot(&mut self) -> Result<(), Error> {
         let mut args = PilotArgs::new(self.pilot_xds(), self.pilot_api());
         args.debounce = self.opts.debounce;
+        args.token = self.token.clone();
         let log = log_file(&self.opts.log_dir, "pilot");
         let p = PilotProcess::start(&self.opts.meshbench_exe, &args, &self.opts.run_id, log)
             .await

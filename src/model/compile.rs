@@ -59,7 +59,15 @@ impl ConfigSet {
         if !errors.is_empty() {
             return Err(errors);
         }
-        let mesh = next.compile()?;
+        // Stored objects first, the batch last: a conflict between them is reported on the
+        // batch's object (the one being applied), not on the one already accepted.
+        let in_batch = |o: &&Object| first_seen.contains_key(&o.key());
+        let ordered = next
+            .objects
+            .values()
+            .filter(|o| !in_batch(o))
+            .chain(next.objects.values().filter(in_batch));
+        let mesh = compile(ordered, next.endpoints.values().cloned())?;
         Ok((next, mesh))
     }
 
@@ -556,7 +564,8 @@ pub fn check_weights(weights: &[Option<u32>]) -> Vec<String> {
             if weights.iter().any(Option::is_none) {
                 return vec!["every destination needs a weight when there are several".into()];
             }
-            let sum: u32 = weights.iter().flatten().sum();
+            // Summed wide: 32-bit weights must not wrap into a false 100.
+            let sum: u64 = weights.iter().flatten().map(|w| u64::from(*w)).sum();
             if sum != 100 {
                 vec![format!("destination weights sum to {sum}, not 100")]
             } else {

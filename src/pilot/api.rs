@@ -93,3 +93,38 @@ pub struct EndpointRef {
     pub namespace: String,
     pub name: String,
 }
+
+/// An endpoint as a batch may give it: every field `Workload` reads, and no other (a typo
+/// such as `adress` is an error, not a silently defaulted field).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // read only to check the shape
+struct StrictEndpoint {
+    name: String,
+    namespace: Option<String>,
+    address: String,
+    labels: Option<std::collections::BTreeMap<String, String>>,
+    ports: Option<std::collections::BTreeMap<String, u16>>,
+    weight: Option<u32>,
+    healthy: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // read only to check the shape
+struct StrictBatch {
+    #[serde(default)]
+    add: Vec<StrictEndpoint>,
+    #[serde(default)]
+    update: Vec<StrictEndpoint>,
+    #[serde(default)]
+    remove: Vec<EndpointRef>,
+}
+
+/// Parses a `POST /v1/endpoints` body strictly; the error names the field path.
+pub fn parse_batch(body: &[u8]) -> Result<EndpointBatch, String> {
+    let strict = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize::<_, StrictBatch>(strict)
+        .map_err(|e| format!("invalid endpoint batch at {}: {}", e.path(), e.inner()))?;
+    serde_json::from_slice(body).map_err(|e| format!("invalid endpoint batch: {e}"))
+}

@@ -17,28 +17,53 @@ use tokio::net::TcpListener;
 
 use super::resources::{Discovery, Lb, PathMatch, RouteSource, Target};
 use super::state::Proxy;
+use crate::net::{self, Limits};
 use crate::shutdown::Shutdown;
+use std::net::SocketAddr;
+
+/// Most admin connections open at once.
+pub const MAX_ADMIN_CONNECTIONS: usize = 64;
+/// Environment variable carrying the token `POST /quitquitquit` needs from other hosts.
+pub const ADMIN_TOKEN_ENV: &str = "MESHBENCH_ADMIN_TOKEN";
 
 pub async fn serve(proxy: Arc<Proxy>, sock: TcpListener, shutdown: Shutdown) {
+    use futures::StreamExt;
     let started = Instant::now();
-    let stop = shutdown.wait();
-    tokio::pin!(stop);
-    loop {
-        let (stream, _) = tokio::select! {
-            r = sock.accept() => match r { Ok(c) => c, Err(_) => continue },
-            _ = &mut stop => return,
-        };
+    let mut conns = net::incoming(sock, Limits::new(MAX_ADMIN_CONNECTIONS), shutdown);
+    while let Some(Ok(conn)) = conns.next().await {
         let proxy = proxy.clone();
+        let peer = conn.peer;
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let proxy = proxy.clone();
-                async move { Ok::<_, Infallible>(handle(&proxy, started, req)) }
+                async move { Ok::<_, Infallible>(handle(&proxy, started, peer, req)) }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
+                .serve_connection(TokioIo::new(conn), svc)
                 .await;
         });
     }
+}
+
+/// `/quitquitquit` stops the proxy: only from this host, or with the admin token.
+fn may_quit(proxy: &Proxy, peer: SocketAddr, req: &Request<hyper::body::Incoming>) -> bool {
+    if net::is_loopback(&peer) {
+        return true;
+    }
+    let Some(token) = proxy.cfg.admin_token.as_deref() else {
+        return false;
+    };
+    req.headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .is_some_and(|t| {
+            t.len() == token.len()
+                && t.bytes()
+                    .zip(token.bytes())
+                    .fold(0u8, |a, (x, y)| a | (x ^ y))
+                    == 0
+        })
 }
 
 fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
@@ -52,6 +77,7 @@ fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<
 fn handle(
     proxy: &Proxy,
     started: Instant,
+    peer: SocketAddr,
     req: Request<hyper::body::Incoming>,
 ) -> Response<Full<Bytes>> {
     let json_format = req
@@ -93,6 +119,7 @@ fn handle(
             }
             reply(StatusCode::OK, "text/plain", out)
         }
+        (&Method::POST, "/quitquitquit") if !may_quit(proxy, peer, &req) => reply(StatusCode::FORBIDDEN, "text/plain", "quitquitquit needs a loopback peer or the admin token\n".into()),
         (&Method::POST, "/quitquitquit") => {
             proxy.quit();
             reply(StatusCode::OK, "text/plain", "OK\n".into())

@@ -17,7 +17,13 @@ use tokio::net::TcpListener;
 use super::path::{self, Pooled, ProxyBody};
 use super::resources::ListenerCfg;
 use super::state::{HttpStats, Proxy};
+use crate::net::{self, Limits};
 use crate::shutdown::{self, Shutdown};
+use futures::StreamExt;
+
+/// Most downstream connections one listener keeps open (Envoy has no default limit; this
+/// one stays below the fd limit, see `net::Limits`).
+pub const MAX_CONNECTIONS: usize = 16_384;
 
 /// Slowloris guard: a request's headers must arrive within this.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -100,23 +106,11 @@ pub async fn serve_listener(
         .timer(TokioTimer::new())
         .max_header_list_size(MAX_HEADER_BYTES as u32);
     let builder = Arc::new(builder);
-    let stop = stop.wait();
-    let all = all.wait();
-    tokio::pin!(stop, all);
-    loop {
-        let (stream, _) = tokio::select! {
-            r = sock.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(listener = %name, "accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = &mut stop => return,
-            _ = &mut all => return,
-        };
-        let _ = stream.set_nodelay(true);
+    // Stopping the proxy fires every listener's own trigger too (`proxy::run`).
+    drop(all);
+    let mut conns = net::incoming(sock, Limits::new(MAX_CONNECTIONS), stop);
+    while let Some(Ok(stream)) = conns.next().await {
+        let _ = stream.stream.set_nodelay(true);
         stats.downstream_cx_total.fetch_add(1, Relaxed);
         stats.downstream_cx_active.fetch_add(1, Relaxed);
         let (proxy, name, stats, builder) =

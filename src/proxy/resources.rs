@@ -53,8 +53,13 @@ pub fn decode<T: Message + Default + Name>(any: &Any) -> Result<T, Reject> {
     T::decode(any.value.as_slice()).map_err(|e| format!("cannot decode {}: {e}", T::full_name()))
 }
 
+/// A protobuf duration, clamped to [0, `MAX_DURATION`] (timers downstream add it to now).
 fn duration(d: &protobuf::Duration) -> Duration {
-    Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32)
+    Duration::new(
+        d.seconds.max(0) as u64,
+        d.nanos.clamp(0, 999_999_999) as u32,
+    )
+    .min(crate::model::MAX_DURATION)
 }
 
 /// A proportion in parts per million.

@@ -26,6 +26,9 @@ pub struct Config {
     pub admin: SocketAddr,
     /// State of the world (default) or delta ADS.
     pub xds_mode: crate::xds::XdsMode,
+    /// Token `POST /quitquitquit` needs from a non-loopback peer (none: loopback only).
+    #[serde(skip)]
+    pub admin_token: Option<String>,
 }
 
 /// Per listener stat prefix: `http.PREFIX.*`.

@@ -4,6 +4,10 @@
 //!
 //! Time comes from `tokio::time`, so tests drive it with a paused clock.
 
+/// Longest quiet period or maximum delay pilot accepts: a change must reach the proxies
+/// within minutes (Istio's default maximum is 10 s), and longer waits overflow timers.
+pub const MAX_DEBOUNCE: std::time::Duration = std::time::Duration::from_secs(600);
+
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::mpsc;

@@ -35,7 +35,12 @@ impl NodeInfo {
     pub fn from_node(node: &Node) -> NodeInfo {
         let parts: Vec<&str> = node.id.split('~').collect();
         let (ip, pod, namespace) = match parts.as_slice() {
-            [_, ip, pod_ns, _] if ip.parse::<std::net::IpAddr>().is_ok() => {
+            // A wildcard or multicast "pod IP" would make listeners bind every interface.
+            [_, ip, pod_ns, _]
+                if ip
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|a| !a.is_unspecified() && !a.is_multicast()) =>
+            {
                 let (pod, ns) = pod_ns
                     .split_once('.')
                     .unwrap_or((pod_ns, DEFAULT_NAMESPACE));

@@ -322,7 +322,13 @@ pub async fn json(
 
 /// `POST /v1/apply` through the typed client; panics when pilot refuses it.
 pub async fn apply_ok(api: SocketAddr, text: &str) -> Applied {
+    apply_as(api, None, text).await
+}
+
+/// As [`apply_ok`], sending pilot's REST token.
+pub async fn apply_as(api: SocketAddr, token: Option<&str>, text: &str) -> Applied {
     PilotApi::new(api)
+        .with_token(token)
         .apply("request", text)
         .await
         .unwrap_or_else(|e| panic!("apply failed: {e}"))
@@ -467,6 +473,7 @@ pub async fn start_mesh_proxy_with(
         app_ip: "127.0.0.1".into(),
         admin,
         xds_mode,
+        admin_token: None,
     };
     let (trigger, stop) = shutdown::channel();
     tokio::spawn(meshbench::proxy::run(cfg, admin_sock, stop));
@@ -474,6 +481,47 @@ pub async fn start_mesh_proxy_with(
         admin,
         pod_ip,
         node_id,
+        _trigger: trigger,
+    }
+}
+
+/// A meshbench proxy whose admin port listens on `ip` (any free port); returns that address.
+/// The proxy runs until the test's runtime ends.
+pub async fn start_mesh_proxy_on(xds: SocketAddr, ip: &str) -> SocketAddr {
+    let admin_sock = TcpListener::bind((ip, 0)).await.unwrap();
+    let admin = admin_sock.local_addr().unwrap();
+    let cfg = meshbench::proxy::Config {
+        xds: xds.to_string(),
+        node_id: meshbench::xds::node::sidecar_id(&unique_loopback(), "on-ip", "default"),
+        cluster: "on-ip".into(),
+        labels: Default::default(),
+        app_ip: "127.0.0.1".into(),
+        admin,
+        xds_mode: Default::default(),
+        admin_token: None,
+    };
+    let (trigger, stop) = shutdown::channel();
+    std::mem::forget(trigger);
+    tokio::spawn(meshbench::proxy::run(cfg, admin_sock, stop));
+    admin
+}
+
+/// An in-process pilot on the given listen addresses (e.g. every interface, as in a container).
+pub async fn start_pilot_with_listeners(xds: &str, api: &str) -> TestPilot {
+    let p = Pilot::start(&pilot::Config {
+        debounce: Duration::ZERO,
+        ..Default::default()
+    })
+    .expect("pilot starts");
+    let xds = TcpListener::bind(xds).await.unwrap();
+    let api = TcpListener::bind(api).await.unwrap();
+    let (xds_addr, api_addr) = (xds.local_addr().unwrap(), api.local_addr().unwrap());
+    let (trigger, stop) = shutdown::channel();
+    tokio::spawn(pilot::serve(p.clone(), xds, api, stop));
+    TestPilot {
+        pilot: p,
+        xds: xds_addr,
+        api: api_addr,
         _trigger: trigger,
     }
 }

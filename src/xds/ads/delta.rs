@@ -23,7 +23,9 @@ use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
 use super::ledger::Ledger;
-use super::stream::{chunks, first_node, no_node, AdsConnection, Closed, StreamCtx};
+use super::stream::{
+    chunks, first_node, too_many_names, AdsConnection, Closed, StreamCtx, MAX_NAMES,
+};
 use crate::xds::node::NodeInfo;
 use crate::xds::snapshot::{Snapshot, View};
 use crate::xds::{type_short, Resource, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, PUSH_ORDER};
@@ -98,6 +100,7 @@ pub struct DeltaConnection {
     types: HashMap<&'static str, TypeState>,
     nonce: u64,
     tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    replaced: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl AdsConnection for DeltaConnection {
@@ -111,6 +114,9 @@ impl AdsConnection for DeltaConnection {
     fn has_node(&self) -> bool {
         self.node.is_some()
     }
+    fn replaced(&self) -> Option<Arc<tokio::sync::Notify>> {
+        self.replaced.clone()
+    }
 
     async fn on_request(
         &mut self,
@@ -118,18 +124,21 @@ impl AdsConnection for DeltaConnection {
         snapshots: &mut watch::Receiver<Arc<Snapshot>>,
     ) -> Result<(), Closed> {
         let Some(type_url) = PUSH_ORDER.iter().copied().find(|t| *t == req.type_url) else {
-            tracing::warn!(conn = self.ctx.id, type_url = %req.type_url, "delta request for an unknown type ignored");
+            tracing::warn!(conn = self.ctx.id, type_url = %crate::xds::ads::ledger::peer_str(&req.type_url, 128), "delta request for an unknown type ignored");
             return Ok(());
         };
         if self.node.is_none() {
-            let Some((info, view)) =
-                first_node(&self.ctx.ledger, self.ctx.id, req.node.as_ref(), snapshots)
-            else {
-                let _ = self.tx.send(Err(no_node())).await;
-                return Err(Closed);
-            };
-            self.view = Some(view);
-            self.node = Some(info);
+            match first_node(&self.ctx, req.node.as_ref(), snapshots) {
+                Ok((info, view, replaced)) => {
+                    self.view = Some(view);
+                    self.node = Some(info);
+                    self.replaced = Some(replaced);
+                }
+                Err(status) => {
+                    let _ = self.tx.send(Err(status)).await;
+                    return Err(Closed);
+                }
+            }
         }
         let ts = self.types.entry(type_url).or_default();
         if !req.response_nonce.is_empty() {
@@ -179,6 +188,10 @@ impl AdsConnection for DeltaConnection {
             } else {
                 ts.subscribed.insert(n.clone());
             }
+        }
+        if ts.subscribed.len() > MAX_NAMES || ts.known.len() > MAX_NAMES {
+            let _ = self.tx.send(Err(too_many_names())).await;
+            return Err(Closed);
         }
         for n in &req.resource_names_unsubscribe {
             if n == "*" {
@@ -246,6 +259,7 @@ impl DeltaConnection {
             types: HashMap::new(),
             nonce: 0,
             tx,
+            replaced: None,
         }
     }
 

@@ -6,10 +6,12 @@
 //! The status types are the REST API's contract: pilot serialises them and the harness's
 //! `pilot_client` deserialises the very same types.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
-use std::sync::Mutex;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
 use std::time::SystemTime;
+use tokio::sync::Notify;
 
 use serde::{Deserialize, Serialize};
 
@@ -108,6 +110,26 @@ impl Tracker {
 pub struct Ledger {
     pub tracker: Tracker,
     pub metrics: Metrics,
+    /// Node id -> (the stream that holds it, its "replaced" signal).
+    holders: Mutex<HashMap<String, (u64, Arc<Notify>)>>,
+    /// A stream closed since the last [`Ledger::take_closed`].
+    closed: AtomicBool,
+}
+
+/// A peer-provided string as it may appear in a log line: control characters escaped (no
+/// forged lines), at most `max` characters.
+pub fn peer_str(s: &str, max: usize) -> String {
+    let mut out: String = s.chars().take(max).flat_map(char::escape_debug).collect();
+    if s.chars().nth(max).is_some() {
+        out.push_str("...");
+    }
+    out
+}
+
+/// Whether the `n`-th NACK of a type on one stream is logged: the first, then every
+/// hundredth, so a NACK loop cannot flood the log (the ledger counts every one).
+fn log_nack(n: u64) -> bool {
+    n <= 1 || n % 100 == 0
 }
 
 fn type_status<'a>(p: &'a mut ProxyStatus, type_url: &str) -> &'a mut TypeStatus {
@@ -119,8 +141,26 @@ fn type_status<'a>(p: &'a mut ProxyStatus, type_url: &str) -> &'a mut TypeStatus
 }
 
 impl Ledger {
-    pub fn register(&self, conn: u64, info: &NodeInfo) {
-        tracing::info!(conn, node = %info.id, "proxy connected");
+    /// Registers the proxy of stream `conn`. A stream already holding the same node id is
+    /// replaced: it leaves the tracker now and its signal (returned to it when it registered)
+    /// fires, so one identity is never served or counted twice.
+    pub fn register(&self, conn: u64, info: &NodeInfo) -> Arc<Notify> {
+        tracing::info!(conn, node = %peer_str(&info.id, 256), "proxy connected");
+        let replaced = Arc::new(Notify::new());
+        let old = self
+            .holders
+            .lock()
+            .unwrap()
+            .insert(info.id.clone(), (conn, replaced.clone()));
+        if let Some((old_conn, signal)) = old {
+            tracing::info!(
+                conn,
+                old_conn,
+                "stream replaces an older one with the same node id"
+            );
+            self.unregister(old_conn);
+            signal.notify_one();
+        }
         self.metrics.connected.fetch_add(1, Ordering::Relaxed);
         self.tracker.proxies.lock().unwrap().insert(
             conn,
@@ -134,12 +174,24 @@ impl Ledger {
                 types: BTreeMap::new(),
             },
         );
+        replaced
     }
 
     pub fn unregister(&self, conn: u64) {
-        if self.tracker.proxies.lock().unwrap().remove(&conn).is_some() {
+        let removed = self.tracker.proxies.lock().unwrap().remove(&conn);
+        if let Some(p) = removed {
             self.metrics.connected.fetch_sub(1, Ordering::Relaxed);
+            let mut holders = self.holders.lock().unwrap();
+            if holders.get(&p.node.id).is_some_and(|(c, _)| *c == conn) {
+                holders.remove(&p.node.id);
+            }
         }
+        self.closed.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether a stream closed since the last call.
+    pub fn take_closed(&self) -> bool {
+        self.closed.swap(false, Ordering::Relaxed)
     }
 
     pub fn record_push(
@@ -205,8 +257,20 @@ impl Ledger {
             message.truncate(cut);
             message.push_str("...");
         }
-        tracing::warn!(conn, r#type = type_short(type_url), %nonce, "NACK: {message}");
         self.metrics.nacks[type_index(type_url)].fetch_add(1, Ordering::Relaxed);
+        let mut count = 0;
+        self.tracker
+            .update(conn, |p| count = type_status(p, type_url).nacks + 1);
+        if log_nack(count) {
+            tracing::warn!(
+                conn,
+                r#type = type_short(type_url),
+                nonce = %peer_str(nonce, 64),
+                nacks = count,
+                "NACK: {}",
+                peer_str(&message, 512)
+            );
+        }
         let nack = Nack {
             version: version.to_string(),
             nonce: nonce.to_string(),

@@ -19,7 +19,9 @@ use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
 use super::ledger::Ledger;
-use super::stream::{chunks, first_node, no_node, AdsConnection, Closed, StreamCtx};
+use super::stream::{
+    chunks, first_node, too_many_names, AdsConnection, Closed, StreamCtx, MAX_NAMES,
+};
 use crate::xds::node::NodeInfo;
 use crate::xds::snapshot::{Snapshot, View};
 use crate::xds::{type_short, Resource, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, PUSH_ORDER};
@@ -47,6 +49,7 @@ pub struct SotwConnection {
     types: HashMap<&'static str, TypeState>,
     nonce: u64,
     tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    replaced: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl AdsConnection for SotwConnection {
@@ -60,6 +63,9 @@ impl AdsConnection for SotwConnection {
     fn has_node(&self) -> bool {
         self.node.is_some()
     }
+    fn replaced(&self) -> Option<Arc<tokio::sync::Notify>> {
+        self.replaced.clone()
+    }
 
     async fn on_request(
         &mut self,
@@ -67,18 +73,25 @@ impl AdsConnection for SotwConnection {
         snapshots: &mut watch::Receiver<Arc<Snapshot>>,
     ) -> Result<(), Closed> {
         let Some(type_url) = PUSH_ORDER.iter().copied().find(|t| *t == req.type_url) else {
-            tracing::warn!(conn = self.ctx.id, type_url = %req.type_url, "request for an unknown type ignored");
+            tracing::warn!(conn = self.ctx.id, type_url = %crate::xds::ads::ledger::peer_str(&req.type_url, 128), "request for an unknown type ignored");
             return Ok(());
         };
         if self.node.is_none() {
-            let Some((info, view)) =
-                first_node(&self.ctx.ledger, self.ctx.id, req.node.as_ref(), snapshots)
-            else {
-                let _ = self.tx.send(Err(no_node())).await;
-                return Err(Closed);
-            };
-            self.view = Some(view);
-            self.node = Some(info);
+            match first_node(&self.ctx, req.node.as_ref(), snapshots) {
+                Ok((info, view, replaced)) => {
+                    self.view = Some(view);
+                    self.node = Some(info);
+                    self.replaced = Some(replaced);
+                }
+                Err(status) => {
+                    let _ = self.tx.send(Err(status)).await;
+                    return Err(Closed);
+                }
+            }
+        }
+        if req.resource_names.len() > MAX_NAMES {
+            let _ = self.tx.send(Err(too_many_names())).await;
+            return Err(Closed);
         }
         let ts = self.types.entry(type_url).or_default();
         if !req.response_nonce.is_empty() && req.response_nonce != ts.nonce {
@@ -252,6 +265,7 @@ impl SotwConnection {
             types: HashMap::new(),
             nonce: 0,
             tx,
+            replaced: None,
         }
     }
 

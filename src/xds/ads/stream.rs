@@ -2,9 +2,10 @@
 //! snapshots to push), the node handshake, the response size bound, and the seam through
 //! which snapshots reach the streams ([`SnapshotSource`]).
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tonic::{Status, Streaming};
 
 use super::ledger::Ledger;
@@ -33,6 +34,36 @@ pub struct StreamCtx {
     pub ledger: Arc<Ledger>,
     /// Send every subscribed assignment when any changed (not only the changed ones).
     pub full_push: bool,
+    /// Where the stream comes from (`None` when the transport does not say).
+    pub peer: Option<SocketAddr>,
+    /// Peers besides loopback that may claim any identity.
+    pub trusted: Arc<[IpAddr]>,
+    /// Holds one of the server's stream slots while the stream lives.
+    pub _slot: Arc<StreamSlot>,
+}
+
+/// Counts an open stream (in the server's gauge) until its context is dropped.
+#[derive(Debug)]
+pub struct StreamSlot(pub Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Most resource names one stream may subscribe to per type (a sidecar of a 10,000-service
+/// mesh needs 10,000 EDS names). Beyond it the stream is closed: subscriptions are state pilot
+/// keeps per stream, and a peer must not grow it without bound.
+pub const MAX_NAMES: usize = 50_000;
+/// Longest node id accepted (Istio's are well under 256 bytes).
+pub const MAX_NODE_ID: usize = 512;
+
+/// The error that closes a stream whose subscriptions grew past [`MAX_NAMES`].
+pub fn too_many_names() -> Status {
+    Status::resource_exhausted(format!(
+        "more than {MAX_NAMES} resource names subscribed on one stream and type"
+    ))
 }
 
 /// The stream is gone; stop.
@@ -44,6 +75,8 @@ pub trait AdsConnection: Send {
     type Request: prost::Message + Default + Send + 'static;
     fn id(&self) -> u64;
     fn ledger(&self) -> &Ledger;
+    /// Fires when another stream took over this one's node identity.
+    fn replaced(&self) -> Option<Arc<Notify>>;
     fn has_node(&self) -> bool;
     fn on_request(
         &mut self,
@@ -62,7 +95,12 @@ pub async fn drive<C: AdsConnection>(
     mut snapshots: watch::Receiver<Arc<Snapshot>>,
 ) {
     loop {
+        let replaced = c.replaced();
         tokio::select! {
+            _ = async { replaced.expect("guarded").notified().await }, if replaced.is_some() => {
+                tracing::info!(conn = c.id(), "a newer stream took over this node identity; closing");
+                break;
+            }
             msg = inbound.message() => match msg {
                 Ok(Some(req)) => {
                     if c.on_request(req, &mut snapshots).await.is_err() {
@@ -89,24 +127,41 @@ pub async fn drive<C: AdsConnection>(
     c.ledger().unregister(c.id());
 }
 
-/// The first request of a stream names the node: registers it and returns its first view;
-/// `None` when the node is missing (the stream is then refused).
+/// A registered node: who it is, its first view, and the signal that a newer stream replaced it.
+pub type Registered = (NodeInfo, View, Arc<Notify>);
+
+/// The first request of a stream names the node. Checks it (present, a sane id, and, from an
+/// untrusted peer, an IP that is the stream's source address), registers it (replacing an older
+/// stream of the same identity) and returns its first view; the error closes the stream.
 pub fn first_node(
-    ledger: &Ledger,
-    conn: u64,
+    ctx: &StreamCtx,
     node: Option<&envoy_types::pb::envoy::config::core::v3::Node>,
     snapshots: &mut watch::Receiver<Arc<Snapshot>>,
-) -> Option<(NodeInfo, View)> {
-    let info = NodeInfo::from_node(node?);
-    ledger.register(conn, &info);
+) -> Result<Registered, Status> {
+    let node = node.ok_or_else(|| {
+        Status::invalid_argument("the first request on an ADS stream must carry the node")
+    })?;
+    if node.id.is_empty() || node.id.len() > MAX_NODE_ID {
+        return Err(Status::invalid_argument(format!(
+            "node id must have 1 to {MAX_NODE_ID} bytes"
+        )));
+    }
+    let info = NodeInfo::from_node(node);
+    if let Some(peer) = ctx.peer {
+        let trusted = crate::net::is_loopback(&peer) || ctx.trusted.contains(&peer.ip());
+        let claimed = info.ip.as_deref().and_then(|ip| ip.parse::<IpAddr>().ok());
+        if !trusted && claimed != Some(peer.ip()) {
+            return Err(Status::permission_denied(format!(
+                "node id claims {} but the stream comes from {}",
+                claimed.map_or("no pod IP".to_string(), |ip| ip.to_string()),
+                peer.ip()
+            )));
+        }
+    }
+    let replaced = ctx.ledger.register(ctx.id, &info);
     let snap = snapshots.borrow_and_update().clone();
     let view = snap.view(&info);
-    Some((info, view))
-}
-
-/// The error sent when the first request lacks the node.
-pub fn no_node() -> Status {
-    Status::invalid_argument("the first request on an ADS stream must carry the node")
+    Ok((info, view, replaced))
 }
 
 /// Responses queued per stream ahead of the encoder. Small: with 64 KiB chunks a slow
