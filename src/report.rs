@@ -542,14 +542,12 @@ fn html_page(r: &Report, charts: &[(String, String)]) -> String {
             ],
         );
     }
-    // The charts are files beside the page, shown as images: SVG text drawn from report
-    // values (version names) never becomes part of this document.
+    // The charts inline (one self-contained page). plotters escapes every text and attribute
+    // it writes, so version names from a report cannot become markup here either.
     h.push_str("</table><h2>Charts</h2>\n");
-    for (name, _) in charts {
-        h.push_str(&format!(
-            "<p><img src=\"{0}.svg\" alt=\"{0}\"></p>\n",
-            esc(name)
-        ));
+    for (_, svg) in charts {
+        h.push_str(svg);
+        h.push('\n');
     }
     h.push_str("</body></html>\n");
     h

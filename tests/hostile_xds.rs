@@ -6,7 +6,6 @@
 mod common;
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -328,6 +327,22 @@ fn report_html_escapes_what_a_report_json_says() {
         meshbench_version: "\"><script>alert(4)</script>".into(),
         ..Default::default()
     };
+    let mut phase = meshbench::report::Phase {
+        name: "<script>alert(6)</script>".into(),
+        ..Default::default()
+    };
+    phase
+        .load
+        .result
+        .versions
+        .insert("reviews-<script>alert(7)</script>".into(), 5);
+    let mut second = meshbench::load::Second::default();
+    second
+        .versions
+        .insert("reviews-<script>alert(8)</script>".into(), 5);
+    second.requests = 5;
+    phase.load.result.series.push(second);
+    report.phases.push(phase);
     report.churn.push(meshbench::report::ChurnResult {
         xds: "<script>alert(5)</script>".into(),
         ..Default::default()
@@ -344,5 +359,5 @@ fn report_html_escapes_what_a_report_json_says() {
     assert!(!html.contains("<script"), "{html}");
     assert!(!html.contains("<img src=x"), "{html}");
     assert!(html.contains("&lt;script&gt;alert(5)"));
-    let _ = Path::new("");
+    assert!(html.contains("<svg"), "charts are inline");
 }
