@@ -88,6 +88,10 @@ impl Fleet {
         let mut sims = Vec::new();
         let mut tasks = Vec::new();
         let mut channel = None;
+        // Pilot serves one stream per node identity: fleets started side by side get pod
+        // names of their own.
+        static FLEETS: AtomicU64 = AtomicU64::new(0);
+        let fleet = FLEETS.fetch_add(1, Relaxed);
         for i in 0..spec.proxies {
             if i % STREAMS_PER_CONNECTION == 0 {
                 let ch = tonic::transport::Endpoint::from_shared(format!("http://{xds}"))
@@ -99,7 +103,7 @@ impl Fleet {
                 channel = Some(ch);
             }
             let ip = sim_ip(i);
-            let pod = format!("sim-{i}");
+            let pod = format!("sim-{fleet}-{i}");
             let stats = Arc::new(SimStats {
                 node_id: node::sidecar_id(&ip, &pod, SIM_NAMESPACE),
                 ..Default::default()
