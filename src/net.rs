@@ -18,8 +18,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::shutdown::Shutdown;
-
 /// How long a new connection may stay silent before it is closed.
 pub const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause after a failed accept (the fd table is full, or the peer went away).
@@ -66,18 +64,17 @@ pub struct Conn {
     _permit: OwnedSemaphorePermit,
 }
 
-/// Accepts on `listener` until `shutdown`, yielding connections that spoke within the
+/// Accepts on `listener` until `stop` completes, yielding connections that spoke within the
 /// deadline. At most `limits.max_connections` are open at once: beyond that, new ones wait
 /// in the kernel's backlog.
 pub fn incoming(
     listener: TcpListener,
     limits: Limits,
-    shutdown: Shutdown,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> ReceiverStream<io::Result<Conn>> {
     let (tx, rx) = mpsc::channel(64);
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     tokio::spawn(async move {
-        let stop = shutdown.wait();
         tokio::pin!(stop);
         loop {
             let permit = tokio::select! {
@@ -154,6 +151,22 @@ impl AsyncWrite for Conn {
     fn is_write_vectored(&self) -> bool {
         self.stream.is_write_vectored()
     }
+}
+
+/// Whether `headers` carry `Authorization: Bearer TOKEN` with `token`, compared in time
+/// independent of where they differ.
+pub fn bearer_is(headers: &http::HeaderMap, token: &str) -> bool {
+    let given = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .unwrap_or("");
+    given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 /// Whether a peer address is this host's loopback.

@@ -497,7 +497,11 @@ pub async fn serve(
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .add_service(pilot.ads().into_service())
         .serve_with_incoming_shutdown(
-            net::incoming(xds, Limits::new(MAX_XDS_CONNECTIONS), shutdown.clone()),
+            net::incoming(
+                xds,
+                Limits::new(MAX_XDS_CONNECTIONS),
+                shutdown.clone().wait(),
+            ),
             shutdown.clone().wait(),
         );
     let api_port = api.local_addr().map(|a| a.port()).unwrap_or(0);
@@ -546,7 +550,7 @@ async fn serve_rest(router: Router, guard: Arc<Guard>, api: TcpListener, shutdow
         .timer(TokioTimer::new())
         .header_read_timeout(net::FIRST_BYTE_TIMEOUT);
     let builder = Arc::new(builder);
-    let mut conns = net::incoming(api, Limits::new(MAX_API_CONNECTIONS), shutdown);
+    let mut conns = net::incoming(api, Limits::new(MAX_API_CONNECTIONS), shutdown.wait());
     while let Some(Ok(conn)) = conns.next().await {
         let svc = hyper_util::service::TowerToHyperService::new(
             router
@@ -612,13 +616,7 @@ async fn check(
         &axum::http::Method::GET | &axum::http::Method::HEAD
     );
     if let (true, Some(token)) = (write, &g.token) {
-        let given = req
-            .headers()
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|h| h.to_str().ok())
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if !same_secret(given.as_bytes(), token.as_bytes()) {
+        if !net::bearer_is(req.headers(), token) {
             return error(
                 StatusCode::UNAUTHORIZED,
                 "writes need pilot's token: Authorization: Bearer TOKEN (pilot printed where the token file is)",
@@ -639,11 +637,6 @@ fn host_is_pilot(host: &str, port: u16) -> bool {
     }
     let name = name.trim_start_matches('[').trim_end_matches(']');
     name.eq_ignore_ascii_case("localhost") || name.parse::<IpAddr>().is_ok()
-}
-
-/// Compares secrets in time independent of where they differ.
-fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Environment variable through which a harness hands pilot its REST token.

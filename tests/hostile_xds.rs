@@ -128,6 +128,25 @@ async fn a_second_stream_with_the_same_identity_replaces_the_first() {
     );
 }
 
+/// One HTTP/1 request to `to` from source address `from`; its status.
+async fn request_from(from: IpAddr, to: SocketAddr, method: &str, path: &str) -> u16 {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind((from, 0).into()).unwrap();
+    let stream = sock.connect(to).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", to.to_string())
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    sender.send_request(req).await.unwrap().status().as_u16()
+}
+
 /// A local address that is not loopback (the docker bridge's, a NIC's), if this host has one.
 fn non_loopback_ip() -> Option<IpAddr> {
     let out = std::process::Command::new("hostname")
@@ -183,20 +202,8 @@ async fn identities_are_bound_to_source_addresses_and_rest_to_this_host() {
     assert!(matches!(own, Ok(Some(_))), "its own IP is served: {own:?}");
 
     // The REST API refuses that peer entirely (workload containers on a docker network).
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.bind((ip, 0).into()).unwrap();
-    let stream = sock.connect(api).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let req = hyper::Request::get("/v1/proxies")
-        .header("host", api.to_string())
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .unwrap();
-    let r = sender.send_request(req).await.unwrap();
-    assert_eq!(r.status(), 403);
+    let r = request_from(ip, api, "GET", "/v1/proxies").await;
+    assert_eq!(r, 403);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -294,26 +301,11 @@ async fn proxy_listeners_and_admin_close_silent_connections_and_guard_quit() {
         meshbench::proxy::default_admin(&node::sidecar_id("0.0.0.0", "x", "default")),
         "127.0.0.1:15000".parse().unwrap()
     );
-    // quitquitquit from a non-loopback peer without the token is refused.
+    // quitquitquit from a non-loopback peer without the token is refused (a second proxy
+    // with its admin port on that address).
     if let Some(ip) = non_loopback_ip() {
-        let admin_port = proxy.admin.port();
-        let _ = admin_port;
-        // The test proxy's admin is on loopback; the check is the same code path for any
-        // listener, so reach it through a second proxy bound on `ip`.
-        let p2 = start_mesh_proxy_on(p.xds, &ip.to_string()).await;
-        let sock = tokio::net::TcpSocket::new_v4().unwrap();
-        sock.bind((ip, 0).into()).unwrap();
-        let stream = sock.connect(p2).await.unwrap();
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .unwrap();
-        tokio::spawn(conn);
-        let req = hyper::Request::post("/quitquitquit")
-            .header("host", p2.to_string())
-            .body(http_body_util::Empty::<bytes::Bytes>::new())
-            .unwrap();
-        assert_eq!(sender.send_request(req).await.unwrap().status(), 403);
+        let admin = start_mesh_proxy_on(p.xds, &ip.to_string()).await;
+        assert_eq!(request_from(ip, admin, "POST", "/quitquitquit").await, 403);
     }
 }
 

@@ -29,7 +29,7 @@ pub const ADMIN_TOKEN_ENV: &str = "MESHBENCH_ADMIN_TOKEN";
 pub async fn serve(proxy: Arc<Proxy>, sock: TcpListener, shutdown: Shutdown) {
     use futures::StreamExt;
     let started = Instant::now();
-    let mut conns = net::incoming(sock, Limits::new(MAX_ADMIN_CONNECTIONS), shutdown);
+    let mut conns = net::incoming(sock, Limits::new(MAX_ADMIN_CONNECTIONS), shutdown.wait());
     while let Some(Ok(conn)) = conns.next().await {
         let proxy = proxy.clone();
         let peer = conn.peer;
@@ -50,20 +50,11 @@ fn may_quit(proxy: &Proxy, peer: SocketAddr, req: &Request<hyper::body::Incoming
     if net::is_loopback(&peer) {
         return true;
     }
-    let Some(token) = proxy.cfg.admin_token.as_deref() else {
-        return false;
-    };
-    req.headers()
-        .get(http::header::AUTHORIZATION)
-        .and_then(|h| h.to_str().ok())
-        .and_then(|h| h.strip_prefix("Bearer "))
-        .is_some_and(|t| {
-            t.len() == token.len()
-                && t.bytes()
-                    .zip(token.bytes())
-                    .fold(0u8, |a, (x, y)| a | (x ^ y))
-                    == 0
-        })
+    proxy
+        .cfg
+        .admin_token
+        .as_deref()
+        .is_some_and(|token| net::bearer_is(req.headers(), token))
 }
 
 fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {

@@ -106,8 +106,13 @@ pub async fn serve_listener(
         .timer(TokioTimer::new())
         .max_header_list_size(MAX_HEADER_BYTES as u32);
     let builder = Arc::new(builder);
-    // Stopping the proxy fires every listener's own trigger too (`proxy::run`).
-    drop(all);
+    // Its own stop (LDS removed it) or the proxy's.
+    let stop = async move {
+        tokio::select! {
+            _ = stop.wait() => {}
+            _ = all.wait() => {}
+        }
+    };
     let mut conns = net::incoming(sock, Limits::new(MAX_CONNECTIONS), stop);
     while let Some(Ok(stream)) = conns.next().await {
         let _ = stream.stream.set_nodelay(true);

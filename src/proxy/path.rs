@@ -298,7 +298,7 @@ pub fn route<B, R: Body>(
         cluster,
         timeout: route.timeout,
         retry: route.retry.clone().unwrap_or_default(),
-        fault: route.fault.clone().or_else(|| l.default_fault.clone()),
+        fault: route.fault.or(l.default_fault),
     })
 }
 

@@ -326,7 +326,7 @@ impl RetryPolicy {
     }
 }
 
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Fault {
     /// (delay, parts per million)
     pub delay: Option<(Duration, u32)>,

@@ -84,7 +84,7 @@ impl AdsServer {
             full_push: self.full_push,
             peer: request.remote_addr(),
             trusted: self.trusted_peers.clone().into(),
-            _slot: Arc::new(slot),
+            _slot: slot,
         })
     }
 }

@@ -66,9 +66,22 @@ pub async fn start_pilot(debounce: Duration) -> TestPilot {
 }
 
 pub async fn start_pilot_with(cfg: pilot::Config) -> TestPilot {
+    serve_pilot(cfg, "127.0.0.1:0", "127.0.0.1:0").await
+}
+
+/// An in-process pilot on the given listen addresses (e.g. every interface, as in a container).
+pub async fn start_pilot_with_listeners(xds: &str, api: &str) -> TestPilot {
+    let cfg = pilot::Config {
+        debounce: Duration::ZERO,
+        ..Default::default()
+    };
+    serve_pilot(cfg, xds, api).await
+}
+
+async fn serve_pilot(cfg: pilot::Config, xds: &str, api: &str) -> TestPilot {
     let p = Pilot::start(&cfg).expect("pilot starts");
-    let xds = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let api = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let xds = TcpListener::bind(xds).await.unwrap();
+    let api = TcpListener::bind(api).await.unwrap();
     let (xds_addr, api_addr) = (xds.local_addr().unwrap(), api.local_addr().unwrap());
     let (trigger, stop) = shutdown::channel();
     tokio::spawn(pilot::serve(p.clone(), xds, api, stop));
@@ -504,24 +517,4 @@ pub async fn start_mesh_proxy_on(xds: SocketAddr, ip: &str) -> SocketAddr {
     std::mem::forget(trigger);
     tokio::spawn(meshbench::proxy::run(cfg, admin_sock, stop));
     admin
-}
-
-/// An in-process pilot on the given listen addresses (e.g. every interface, as in a container).
-pub async fn start_pilot_with_listeners(xds: &str, api: &str) -> TestPilot {
-    let p = Pilot::start(&pilot::Config {
-        debounce: Duration::ZERO,
-        ..Default::default()
-    })
-    .expect("pilot starts");
-    let xds = TcpListener::bind(xds).await.unwrap();
-    let api = TcpListener::bind(api).await.unwrap();
-    let (xds_addr, api_addr) = (xds.local_addr().unwrap(), api.local_addr().unwrap());
-    let (trigger, stop) = shutdown::channel();
-    tokio::spawn(pilot::serve(p.clone(), xds, api, stop));
-    TestPilot {
-        pilot: p,
-        xds: xds_addr,
-        api: api_addr,
-        _trigger: trigger,
-    }
 }

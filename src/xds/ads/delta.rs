@@ -22,11 +22,7 @@ use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
-use super::ledger::Ledger;
-use super::stream::{
-    chunks, first_node, too_many_names, AdsConnection, Closed, StreamCtx, MAX_NAMES,
-};
-use crate::xds::node::NodeInfo;
+use super::stream::{chunks, too_many_names, AdsConnection, Closed, Peer, StreamCtx, MAX_NAMES};
 use crate::xds::snapshot::{Snapshot, View};
 use crate::xds::{type_short, Resource, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, PUSH_ORDER};
 
@@ -95,27 +91,19 @@ struct TypeState {
 
 pub struct DeltaConnection {
     ctx: StreamCtx,
-    node: Option<NodeInfo>,
-    view: Option<View>,
+    peer: Peer,
     types: HashMap<&'static str, TypeState>,
     nonce: u64,
     tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
-    replaced: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl AdsConnection for DeltaConnection {
     type Request = DeltaDiscoveryRequest;
-    fn id(&self) -> u64 {
-        self.ctx.id
+    fn ctx(&self) -> &StreamCtx {
+        &self.ctx
     }
-    fn ledger(&self) -> &Ledger {
-        &self.ctx.ledger
-    }
-    fn has_node(&self) -> bool {
-        self.node.is_some()
-    }
-    fn replaced(&self) -> Option<Arc<tokio::sync::Notify>> {
-        self.replaced.clone()
+    fn peer(&self) -> &Peer {
+        &self.peer
     }
 
     async fn on_request(
@@ -123,23 +111,19 @@ impl AdsConnection for DeltaConnection {
         req: DeltaDiscoveryRequest,
         snapshots: &mut watch::Receiver<Arc<Snapshot>>,
     ) -> Result<(), Closed> {
-        let Some(type_url) = PUSH_ORDER.iter().copied().find(|t| *t == req.type_url) else {
-            tracing::warn!(conn = self.ctx.id, type_url = %crate::xds::ads::ledger::peer_str(&req.type_url, 128), "delta request for an unknown type ignored");
+        let accepted = self
+            .peer
+            .accept(
+                &self.ctx,
+                &req.type_url,
+                req.node.as_ref(),
+                snapshots,
+                &self.tx,
+            )
+            .await?;
+        let Some(type_url) = accepted else {
             return Ok(());
         };
-        if self.node.is_none() {
-            match first_node(&self.ctx, req.node.as_ref(), snapshots) {
-                Ok((info, view, replaced)) => {
-                    self.view = Some(view);
-                    self.node = Some(info);
-                    self.replaced = Some(replaced);
-                }
-                Err(status) => {
-                    let _ = self.tx.send(Err(status)).await;
-                    return Err(Closed);
-                }
-            }
-        }
         let ts = self.types.entry(type_url).or_default();
         if !req.response_nonce.is_empty() {
             if req.response_nonce != ts.nonce {
@@ -163,6 +147,7 @@ impl AdsConnection for DeltaConnection {
                 ts.pending = false;
                 ts.nacked = false;
                 let version = self
+                    .peer
                     .view
                     .as_ref()
                     .map_or(String::new(), |v| v.snapshot.version.to_string());
@@ -207,14 +192,15 @@ impl AdsConnection for DeltaConnection {
     /// Pushes what changed for this proxy, in make-before-break order.
     async fn on_snapshot(&mut self, snap: Arc<Snapshot>) -> Result<(), Closed> {
         let node = self
+            .peer
             .node
             .as_ref()
             .expect("snapshots are watched once the node is known");
-        let old = self.view.take();
+        let old = self.peer.view.take();
         let view = snap.view_from(node, old.as_ref());
         // A proxy that holds the previous snapshot needs at most what changed since.
         let changes = snap.changes_for(old.as_ref(), &view);
-        self.view = Some(view);
+        self.peer.view = Some(view);
         let mut changed_clusters = HashSet::new();
         for type_url in PUSH_ORDER {
             if !self.types.get(type_url).is_some_and(|t| t.started) {
@@ -254,12 +240,10 @@ impl DeltaConnection {
     ) -> DeltaConnection {
         DeltaConnection {
             ctx,
-            node: None,
-            view: None,
+            peer: Peer::default(),
             types: HashMap::new(),
             nonce: 0,
             tx,
-            replaced: None,
         }
     }
 
@@ -273,7 +257,7 @@ impl DeltaConnection {
         forced: &HashSet<String>,
         only: Option<&HashSet<String>>,
     ) -> Result<HashSet<String>, Closed> {
-        let view = self.view.as_ref().expect("view is set with the node");
+        let view = self.peer.view.as_ref().expect("view is set with the node");
         let ts = self.types.get_mut(type_url).expect("type state exists");
         let (
             desired,
@@ -379,7 +363,7 @@ impl DeltaConnection {
             && received(LISTENER_TYPE)
             && !self.types.values().any(|t| t.pending || t.nacked)
         {
-            if let Some(view) = &self.view {
+            if let Some(view) = &self.peer.view {
                 self.ctx.ledger.record_synced(self.ctx.id, &view.snapshot);
             }
         }

@@ -258,19 +258,6 @@ impl Ledger {
             message.push_str("...");
         }
         self.metrics.nacks[type_index(type_url)].fetch_add(1, Ordering::Relaxed);
-        let mut count = 0;
-        self.tracker
-            .update(conn, |p| count = type_status(p, type_url).nacks + 1);
-        if log_nack(count) {
-            tracing::warn!(
-                conn,
-                r#type = type_short(type_url),
-                nonce = %peer_str(nonce, 64),
-                nacks = count,
-                "NACK: {}",
-                peer_str(&message, 512)
-            );
-        }
         let nack = Nack {
             version: version.to_string(),
             nonce: nonce.to_string(),
@@ -278,11 +265,25 @@ impl Ledger {
             message,
             at_ms: unix_ms(SystemTime::now()),
         };
+        // One lock: count it and keep it; the log line (rarely) is written after.
+        let mut logged = None;
         self.tracker.update(conn, |p| {
             let t = type_status(p, type_url);
             t.nacks += 1;
+            if log_nack(t.nacks) {
+                logged = Some((t.nacks, peer_str(&nack.message, 512)));
+            }
             t.last_nack = Some(nack);
         });
+        if let Some((count, message)) = logged {
+            tracing::warn!(
+                conn,
+                r#type = type_short(type_url),
+                nonce = %peer_str(nonce, 64),
+                nacks = count,
+                "NACK: {message}"
+            );
+        }
     }
 
     /// The proxy holds `snap` (every type received, nothing pending or NACKed).

@@ -18,11 +18,7 @@ use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
-use super::ledger::Ledger;
-use super::stream::{
-    chunks, first_node, too_many_names, AdsConnection, Closed, StreamCtx, MAX_NAMES,
-};
-use crate::xds::node::NodeInfo;
+use super::stream::{chunks, too_many_names, AdsConnection, Closed, Peer, StreamCtx, MAX_NAMES};
 use crate::xds::snapshot::{Snapshot, View};
 use crate::xds::{type_short, Resource, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, PUSH_ORDER};
 
@@ -44,27 +40,19 @@ struct TypeState {
 
 pub struct SotwConnection {
     ctx: StreamCtx,
-    node: Option<NodeInfo>,
-    view: Option<View>,
+    peer: Peer,
     types: HashMap<&'static str, TypeState>,
     nonce: u64,
     tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
-    replaced: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl AdsConnection for SotwConnection {
     type Request = DiscoveryRequest;
-    fn id(&self) -> u64 {
-        self.ctx.id
+    fn ctx(&self) -> &StreamCtx {
+        &self.ctx
     }
-    fn ledger(&self) -> &Ledger {
-        &self.ctx.ledger
-    }
-    fn has_node(&self) -> bool {
-        self.node.is_some()
-    }
-    fn replaced(&self) -> Option<Arc<tokio::sync::Notify>> {
-        self.replaced.clone()
+    fn peer(&self) -> &Peer {
+        &self.peer
     }
 
     async fn on_request(
@@ -72,23 +60,19 @@ impl AdsConnection for SotwConnection {
         req: DiscoveryRequest,
         snapshots: &mut watch::Receiver<Arc<Snapshot>>,
     ) -> Result<(), Closed> {
-        let Some(type_url) = PUSH_ORDER.iter().copied().find(|t| *t == req.type_url) else {
-            tracing::warn!(conn = self.ctx.id, type_url = %crate::xds::ads::ledger::peer_str(&req.type_url, 128), "request for an unknown type ignored");
+        let accepted = self
+            .peer
+            .accept(
+                &self.ctx,
+                &req.type_url,
+                req.node.as_ref(),
+                snapshots,
+                &self.tx,
+            )
+            .await?;
+        let Some(type_url) = accepted else {
             return Ok(());
         };
-        if self.node.is_none() {
-            match first_node(&self.ctx, req.node.as_ref(), snapshots) {
-                Ok((info, view, replaced)) => {
-                    self.view = Some(view);
-                    self.node = Some(info);
-                    self.replaced = Some(replaced);
-                }
-                Err(status) => {
-                    let _ = self.tx.send(Err(status)).await;
-                    return Err(Closed);
-                }
-            }
-        }
         if req.resource_names.len() > MAX_NAMES {
             let _ = self.tx.send(Err(too_many_names())).await;
             return Err(Closed);
@@ -140,7 +124,7 @@ impl AdsConnection for SotwConnection {
             ts.sent.retain(|n, _| names.contains(n));
         }
         ts.subscribed = names;
-        let view = self.view.as_ref().expect("view is set with the node");
+        let view = self.peer.view.as_ref().expect("view is set with the node");
         let resources: Vec<Resource> = if wildcard {
             if !first {
                 return Ok(());
@@ -167,18 +151,19 @@ impl AdsConnection for SotwConnection {
     /// Pushes what changed for this proxy, in make-before-break order.
     async fn on_snapshot(&mut self, snap: Arc<Snapshot>) -> Result<(), Closed> {
         let node = self
+            .peer
             .node
             .as_ref()
             .expect("snapshots are watched once the node is known");
         // The view is the state every response below is taken from; `send` reads it too.
-        let old = self.view.take();
+        let old = self.peer.view.take();
         let view = snap.view_from(node, old.as_ref());
         // A proxy that holds the previous snapshot needs at most what changed since.
         let changes = snap.changes_for(old.as_ref(), &view);
-        self.view = Some(view);
+        self.peer.view = Some(view);
         let mut changed_clusters: Vec<String> = Vec::new();
         for type_url in PUSH_ORDER {
-            let view = self.view.as_ref().expect("set above");
+            let view = self.peer.view.as_ref().expect("set above");
             let Some(ts) = self.types.get(type_url) else {
                 continue;
             };
@@ -260,12 +245,10 @@ impl SotwConnection {
     pub fn new(ctx: StreamCtx, tx: mpsc::Sender<Result<DiscoveryResponse, Status>>) -> Self {
         SotwConnection {
             ctx,
-            node: None,
-            view: None,
+            peer: Peer::default(),
             types: HashMap::new(),
             nonce: 0,
             tx,
-            replaced: None,
         }
     }
 
@@ -292,7 +275,7 @@ impl SotwConnection {
         type_url: &'static str,
         resources: Vec<Resource>,
     ) -> Result<(), Closed> {
-        let view = self.view.as_ref().expect("view is set with the node");
+        let view = self.peer.view.as_ref().expect("view is set with the node");
         let snap = &view.snapshot;
         self.nonce += 1;
         let nonce = format!("{}-{}", snap.version, self.nonce);
@@ -332,7 +315,7 @@ impl SotwConnection {
             && received(LISTENER_TYPE)
             && !self.types.values().any(|t| t.pending || t.nacked)
         {
-            if let Some(view) = &self.view {
+            if let Some(view) = &self.peer.view {
                 self.ctx.ledger.record_synced(self.ctx.id, &view.snapshot);
             }
         }

@@ -27,7 +27,7 @@ impl SnapshotSource for watch::Receiver<Arc<Snapshot>> {
 }
 
 /// One stream's identity and what it reports to.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct StreamCtx {
     /// Connection number (the REST API's `connection`).
     pub id: u64,
@@ -39,7 +39,7 @@ pub struct StreamCtx {
     /// Peers besides loopback that may claim any identity.
     pub trusted: Arc<[IpAddr]>,
     /// Holds one of the server's stream slots while the stream lives.
-    pub _slot: Arc<StreamSlot>,
+    pub _slot: StreamSlot,
 }
 
 /// Counts an open stream (in the server's gauge) until its context is dropped.
@@ -73,11 +73,8 @@ pub struct Closed;
 /// snapshots to push once the node is known. [`drive`] runs either until the stream ends.
 pub trait AdsConnection: Send {
     type Request: prost::Message + Default + Send + 'static;
-    fn id(&self) -> u64;
-    fn ledger(&self) -> &Ledger;
-    /// Fires when another stream took over this one's node identity.
-    fn replaced(&self) -> Option<Arc<Notify>>;
-    fn has_node(&self) -> bool;
+    fn ctx(&self) -> &StreamCtx;
+    fn peer(&self) -> &Peer;
     fn on_request(
         &mut self,
         req: Self::Request,
@@ -95,10 +92,10 @@ pub async fn drive<C: AdsConnection>(
     mut snapshots: watch::Receiver<Arc<Snapshot>>,
 ) {
     loop {
-        let replaced = c.replaced();
+        let replaced = c.peer().replaced.clone();
         tokio::select! {
             _ = async { replaced.expect("guarded").notified().await }, if replaced.is_some() => {
-                tracing::info!(conn = c.id(), "a newer stream took over this node identity; closing");
+                tracing::info!(conn = c.ctx().id, "a newer stream took over this node identity; closing");
                 break;
             }
             msg = inbound.message() => match msg {
@@ -109,11 +106,11 @@ pub async fn drive<C: AdsConnection>(
                 }
                 Ok(None) => break,
                 Err(status) => {
-                    tracing::debug!(conn = c.id(), %status, "ADS stream ended");
+                    tracing::debug!(conn = c.ctx().id, %status, "ADS stream ended");
                     break;
                 }
             },
-            changed = snapshots.changed(), if c.has_node() => {
+            changed = snapshots.changed(), if c.peer().node.is_some() => {
                 if changed.is_err() {
                     break;
                 }
@@ -124,11 +121,58 @@ pub async fn drive<C: AdsConnection>(
             }
         }
     }
-    c.ledger().unregister(c.id());
+    c.ctx().ledger.unregister(c.ctx().id);
 }
 
 /// A registered node: who it is, its first view, and the signal that a newer stream replaced it.
 pub type Registered = (NodeInfo, View, Arc<Notify>);
+
+/// Who is at the other end of a stream, once its first request said so.
+#[derive(Default)]
+pub struct Peer {
+    pub node: Option<NodeInfo>,
+    /// The node's view of the latest snapshot it was given.
+    pub view: Option<View>,
+    /// Fires when another stream took over this node identity.
+    replaced: Option<Arc<Notify>>,
+}
+
+impl Peer {
+    /// The start of every request, SotW and delta alike: the type URL must be one pilot
+    /// serves (`Ok(None)`: ignored), and a stream's first request must name an acceptable node
+    /// ([`first_node`]). A refusal is sent to the peer and closes the stream.
+    pub async fn accept<R>(
+        &mut self,
+        ctx: &StreamCtx,
+        type_url: &str,
+        node: Option<&envoy_types::pb::envoy::config::core::v3::Node>,
+        snapshots: &mut watch::Receiver<Arc<Snapshot>>,
+        tx: &tokio::sync::mpsc::Sender<Result<R, Status>>,
+    ) -> Result<Option<&'static str>, Closed> {
+        let Some(known) = crate::xds::PUSH_ORDER
+            .iter()
+            .copied()
+            .find(|t| *t == type_url)
+        else {
+            tracing::warn!(conn = ctx.id, type_url = %super::ledger::peer_str(type_url, 128), "request for an unknown type ignored");
+            return Ok(None);
+        };
+        if self.node.is_none() {
+            match first_node(ctx, node, snapshots) {
+                Ok((info, view, replaced)) => {
+                    self.node = Some(info);
+                    self.view = Some(view);
+                    self.replaced = Some(replaced);
+                }
+                Err(status) => {
+                    let _ = tx.send(Err(status)).await;
+                    return Err(Closed);
+                }
+            }
+        }
+        Ok(Some(known))
+    }
+}
 
 /// The first request of a stream names the node. Checks it (present, a sane id, and, from an
 /// untrusted peer, an IP that is the stream's source address), registers it (replacing an older
