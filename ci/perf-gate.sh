@@ -15,6 +15,12 @@ for proxy in meshbench envoy; do
   target/release/meshbench run scenarios/bookinfo-canary.yaml --quick --proxy "$proxy" --out "$out" || status=1
   target/release/meshbench gate --baseline "ci/baseline/bookinfo-canary-quick-$proxy.json" --current "$out/report.json" "$@" || status=1
 done
+# The load generator against wrk on a simple origin: medians of 5 alternating 2 s runs per
+# connection count must agree within 20% (p50, p99; CPU per request at most 20% above wrk's).
+# A shared machine's noise can move one set of medians: a second set decides.
+target/release/meshbench bench generator --rounds 5 --duration 2s --out reports/ci/generator.json \
+  || target/release/meshbench bench generator --rounds 5 --duration 2s --out reports/ci/generator.json \
+  || status=1
 # Control-plane scale in its reduced form (a tenth of the proxies and endpoints, half the
 # time): the churn scenario (SotW, then delta) and the capacity sweep. Reports only; the
 # figures of the full runs are in the session notes.

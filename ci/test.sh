@@ -7,12 +7,19 @@ cd "$(dirname "$0")/.."
 
 . ci/envoy.sh
 echo "Envoy: $MESHBENCH_ENVOY"
-# wrk (Debian) measures the load generator's ceiling in `meshbench bench proxy`.
-if ! command -v wrk >/dev/null 2>&1; then
+# The reference instruments of `meshbench bench`, from Debian: wrk (the reference client the
+# generator is checked against) and nginx-light (the lean C proxy beside meshbench and Envoy).
+missing=()
+command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
+if [ ${#missing[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null 2>&1; then
-    (apt-get update -qq && apt-get install -y -qq wrk) >/dev/null 2>&1 || echo "note: could not install wrk; the generator-vs-wrk figure is skipped" >&2
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}") >/dev/null 2>&1 \
+      || echo "note: could not install ${missing[*]}" >&2
   fi
 fi
+# Debian starts the packaged nginx service where it can; meshbench runs its own.
+if command -v service >/dev/null 2>&1; then service nginx stop >/dev/null 2>&1 || true; fi
 
 cargo fmt --check
 # The module import graph: no loops, no import from a higher layer (docs: ARCHITECTURE.md).

@@ -1,6 +1,8 @@
-//! `meshbench bench proxy`: direct client->upstream, client->meshbench proxy->upstream and
-//! client->Envoy->upstream in one run, same upstream, same worker thread count, HTTP/1.1
-//! keep-alive; closed loop at 16 and 64 connections, plus a fixed-rate run for added latency.
+//! `meshbench bench proxy`: direct client->upstream, client->meshbench proxy->upstream,
+//! client->Envoy->upstream and client->nginx->upstream in one run, same upstream, same worker
+//! thread count, HTTP/1.1 keep-alive; closed loop at 16 and 64 connections, plus a fixed-rate
+//! run for added latency. Every closed-loop case is also run with wrk (when installed) right
+//! after the generator, so the two instruments are compared on the same target and load.
 //! Writes JSON (`reports/bench/proxy.json` by default), a table, and an SVG chart beside it.
 
 use std::collections::BTreeMap;
@@ -29,6 +31,8 @@ pub struct Config {
     /// Worker threads of both proxies (Envoy's --concurrency).
     pub concurrency: usize,
     pub envoy: Option<PathBuf>,
+    /// nginx as a lean C reference proxy (one worker, upstream keep-alive, logging off).
+    pub nginx: Option<PathBuf>,
     pub meshbench_exe: PathBuf,
 }
 
@@ -54,6 +58,25 @@ pub struct Entry {
     pub cpu_s: Option<f64>,
     pub errors: u64,
     pub requests: u64,
+    /// CPU microseconds the generator spent per request (the whole harness process).
+    pub generator_cpu_us_per_request: Option<f64>,
+    /// Open loop: the generator's p99 lateness behind the intended send time.
+    pub send_lag_p99_ms: Option<f64>,
+    /// wrk on the same target and load, run right after the generator (closed loop only).
+    pub wrk: Option<WrkEntry>,
+}
+
+/// wrk's figures for one case and target.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct WrkEntry {
+    pub rps: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub requests: u64,
+    /// CPU microseconds wrk spent per request.
+    pub cpu_us_per_request: Option<f64>,
+    /// The proxy's CPU seconds during the wrk run.
+    pub proxy_cpu_s: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -62,44 +85,104 @@ pub struct Report {
     pub meshbench_version: String,
     pub machine: Machine,
     pub config: Config,
-    /// case -> target -> entry (`c16`, `c64`, `rate`; `direct`, `meshbench`, `envoy`)
+    /// case -> target -> entry (`c16`, `c64`, `rate`; `direct`, `meshbench`, `envoy`, `nginx`)
     pub cases: BTreeMap<String, BTreeMap<String, Entry>>,
     /// Ratios computed from this run.
     pub ratios: BTreeMap<String, f64>,
-    /// The generator's own ceiling: wrk (when installed) against the same upstream, same
-    /// connection count, beside the generator's direct c16 figure.
-    pub generator_vs_wrk: Option<GeneratorCheck>,
+    /// Whether the generator measures what wrk measures: closed-loop cases where both ran.
+    pub generator_vs_wrk: Vec<Agreement>,
 }
 
+/// The generator against wrk on one target and load, from the same run.
 #[derive(Clone, Debug, Serialize)]
-pub struct GeneratorCheck {
-    pub connections: usize,
-    pub meshbench_rps: f64,
-    pub wrk_rps: f64,
-    /// meshbench / wrk
-    pub ratio: f64,
+pub struct Agreement {
+    pub case: String,
+    pub target: String,
+    /// generator / wrk
+    pub rps_ratio: f64,
+    pub p50_ratio: f64,
+    pub p99_ratio: f64,
+    /// generator CPU per request / wrk CPU per request
+    pub cpu_per_request_ratio: Option<f64>,
 }
 
-/// Runs `wrk -t1 -cN` against `addr` for `duration`; requests per second, or `None` when
-/// wrk is not installed or its output has no figure.
-async fn wrk(addr: SocketAddr, host: &str, connections: usize, duration: Duration) -> Option<f64> {
-    let out = tokio::process::Command::new("wrk")
+impl Agreement {
+    /// The largest relative difference of p50 and p99 (0.1 = 10%).
+    pub fn worst_latency_difference(&self) -> f64 {
+        (self.p50_ratio - 1.0)
+            .abs()
+            .max((self.p99_ratio - 1.0).abs())
+    }
+}
+
+/// A wrk latency figure (`236.00us`, `3.41ms`, `1.02s`, `1.50m`) in milliseconds.
+fn wrk_ms(v: &str) -> Option<f64> {
+    let split = v.find(|c: char| c.is_ascii_alphabetic())?;
+    let (n, unit) = v.split_at(split);
+    let n: f64 = n.parse().ok()?;
+    let scale = match unit {
+        "us" => 0.001,
+        "ms" => 1.0,
+        "s" => 1000.0,
+        "m" => 60_000.0,
+        "h" => 3_600_000.0,
+        _ => return None,
+    };
+    Some(n * scale)
+}
+
+/// Reads wrk's `--latency` output: requests per second, p50, p99 and the request count.
+fn parse_wrk(text: &str) -> Option<WrkEntry> {
+    let mut e = WrkEntry::default();
+    let (mut rps, mut p50, mut p99, mut n) = (None, None, None, None);
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        match f.as_slice() {
+            ["Requests/sec:", v] => rps = v.parse().ok(),
+            ["50%", v] => p50 = wrk_ms(v),
+            ["99%", v] => p99 = wrk_ms(v),
+            [count, "requests", "in", ..] => n = count.parse().ok(),
+            _ => {}
+        }
+    }
+    e.rps = rps?;
+    e.p50_ms = p50?;
+    e.p99_ms = p99?;
+    e.requests = n?;
+    Some(e)
+}
+
+/// Runs `wrk -t1 -cN --latency` against `addr` for `duration`; `None` when wrk is not
+/// installed or its output has no figures. Its CPU is what this process's waited-for children
+/// gained meanwhile (no other child ends during a run).
+async fn wrk(
+    addr: SocketAddr,
+    host: &str,
+    connections: usize,
+    duration: Duration,
+) -> Option<WrkEntry> {
+    let before = proc_stats(std::process::id());
+    let out = command(Path::new("wrk"), "bench")
         .args([
             "-t1",
             &format!("-c{connections}"),
             &format!("-d{}s", duration.as_secs().max(1)),
+            "--latency",
             "-H",
             &format!("Host: {host}"),
             &format!("http://{addr}/"),
         ])
-        .kill_on_drop(true)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
         .output()
         .await
         .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .find_map(|l| l.strip_prefix("Requests/sec:"))
-        .and_then(|v| v.trim().parse().ok())
+    let after = proc_stats(std::process::id());
+    let mut e = parse_wrk(&String::from_utf8_lossy(&out.stdout))?;
+    e.cpu_us_per_request = before
+        .zip(after)
+        .map(|(b, a)| (a.children_cpu_s - b.children_cpu_s) * 1e6 / e.requests.max(1) as f64);
+    Some(e)
 }
 
 struct Target {
@@ -161,23 +244,55 @@ async fn answers(addr: SocketAddr, host: &str) -> bool {
     r.requests > 0 && r.status.keys().all(|s| s == "200")
 }
 
-/// Runs the comparison. Every process it starts is killed when this returns, also on error
-/// and on `shutdown`.
-pub async fn proxy(cfg: Config, shutdown: Shutdown) -> Result<Report, Error> {
-    tokio::select! {
-        r = run(cfg) => r,
-        _ = shutdown.wait() => Err(Error::Interrupted),
+/// nginx's configuration as a reference proxy: one worker in the foreground (one process, so
+/// its CPU and RSS are read like the other proxies'), logging off, HTTP/1.1 keep-alive on both
+/// sides with no request cap per connection.
+fn nginx_conf(dir: &Path, listen: SocketAddr, upstream: SocketAddr) -> String {
+    let d = dir.display();
+    format!(
+        "worker_processes 1;\ndaemon off;\nmaster_process off;\npid {d}/nginx.pid;\nerror_log stderr error;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{\n  access_log off;\n  keepalive_requests 1000000000;\n\
+         client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fastcgi;\n\
+         uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
+         upstream upstream {{ server {upstream}; keepalive 256; keepalive_requests 1000000000; }}\n\
+         server {{\n    listen {listen};\n    location / {{\n      proxy_pass http://upstream;\n\
+         proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_set_header Host $host;\n    }}\n  }}\n}}\n"
+    )
+}
+
+/// nginx from `MESHBENCH_NGINX`, else `nginx` on the PATH or in /usr/sbin (Debian's).
+pub fn find_nginx() -> Option<PathBuf> {
+    std::env::var_os("MESHBENCH_NGINX")
+        .map(PathBuf::from)
+        .filter(|p| p.exists())
+        .or_else(|| {
+            let path = std::env::var_os("PATH").unwrap_or_default();
+            std::env::split_paths(&path)
+                .chain([PathBuf::from("/usr/sbin")])
+                .map(|d| d.join("nginx"))
+                .find(|p| p.is_file())
+        })
+}
+
+/// A directory of this run, removed with it.
+struct RunDir(PathBuf);
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
-async fn run(cfg: Config) -> Result<Report, Error> {
-    let exe = &cfg.meshbench_exe;
+/// The upstream every target forwards to: a meshbench workload on a loopback address of this
+/// run; killed when the returned process drops.
+async fn start_upstream(exe: &Path) -> Result<(Process, SocketAddr), Error> {
     let app_ip = loopback(1);
     let app_port = free_port(&app_ip)?;
     let upstream: SocketAddr = format!("{app_ip}:{app_port}")
         .parse()
         .expect("valid address");
-    let _workload = spawn(
+    let workload = spawn(
         exe,
         &[
             "workload",
@@ -194,6 +309,178 @@ async fn run(cfg: Config) -> Result<Report, Error> {
         tokio::net::TcpStream::connect(upstream).await.is_ok()
     })
     .await?;
+    Ok((workload, upstream))
+}
+
+/// `meshbench bench generator`: the generator against wrk on a simple origin (the workload,
+/// no proxy, so the two clients are all that differs), alternating, `rounds` times per
+/// connection count; agreement is judged on the medians.
+#[derive(Clone, Debug, Serialize)]
+pub struct GeneratorConfig {
+    pub duration: Duration,
+    pub rounds: usize,
+    pub connections: Vec<usize>,
+    pub meshbench_exe: PathBuf,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct GeneratorReport {
+    pub schema_version: u32,
+    pub machine: Machine,
+    pub config: GeneratorConfig,
+    /// `cN` -> every round's generator and wrk figures.
+    pub rounds: BTreeMap<String, Vec<(Entry, WrkEntry)>>,
+    /// Medians of the rounds, generator / wrk.
+    pub agreement: Vec<Agreement>,
+}
+
+impl GeneratorReport {
+    /// p50 and p99 within `tolerance` of wrk's (0.2 = 20%), and CPU per request at most
+    /// `tolerance` above wrk's. Errors say which figure disagreed.
+    pub fn check(&self, tolerance: f64) -> Result<(), String> {
+        let mut bad = Vec::new();
+        for a in &self.agreement {
+            if a.worst_latency_difference() > tolerance {
+                bad.push(format!(
+                    "{}: p50 ratio {:.2}, p99 ratio {:.2}",
+                    a.case, a.p50_ratio, a.p99_ratio
+                ));
+            }
+            match a.cpu_per_request_ratio {
+                Some(c) if c > 1.0 + tolerance => {
+                    bad.push(format!("{}: CPU per request {c:.2}x wrk's", a.case))
+                }
+                Some(_) => {}
+                None => bad.push(format!("{}: no CPU figures", a.case)),
+            }
+        }
+        if self.agreement.is_empty() {
+            bad.push("nothing measured".into());
+        }
+        if bad.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "the generator disagrees with wrk beyond {:.0}%: {}",
+                tolerance * 100.0,
+                bad.join("; ")
+            ))
+        }
+    }
+
+    pub fn table(&self) -> String {
+        let mut out = String::from("generator / wrk, medians of the rounds (1.00 = the same):\n");
+        for a in &self.agreement {
+            let cpu = a
+                .cpu_per_request_ratio
+                .map_or("-".to_string(), |c| format!("{c:.2}"));
+            out.push_str(&format!(
+                "  {}: rps {:.2}, p50 {:.2}, p99 {:.2}, CPU per request {cpu}\n",
+                a.case, a.rps_ratio, a.p50_ratio, a.p99_ratio
+            ));
+        }
+        out
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// One closed-loop generator run against `addr`, with the generator's CPU per request.
+async fn generator_run(addr: SocketAddr, connections: usize, duration: Duration) -> Entry {
+    let me = std::process::id();
+    let before = proc_stats(me);
+    let r = load::run(LoadSpec {
+        target: addr,
+        host: "upstream:9080".into(),
+        path: "/".into(),
+        connections,
+        duration,
+        rate: None,
+        headers: vec![],
+        http2: false,
+        live: None,
+    })
+    .await;
+    let after = proc_stats(me);
+    Entry {
+        rps: r.achieved_rps,
+        p50_ms: r.latency_ms.p50,
+        p99_ms: r.latency_ms.p99,
+        uncorrected_p50_ms: r.uncorrected_latency_ms.p50,
+        errors: r.errors,
+        requests: r.requests,
+        generator_cpu_us_per_request: before
+            .zip(after)
+            .map(|(b, a)| (a.cpu_s - b.cpu_s) * 1e6 / r.requests.max(1) as f64),
+        ..Entry::default()
+    }
+}
+
+/// Runs the generator check. Needs wrk; every process it starts ends with it.
+pub async fn generator(cfg: GeneratorConfig, shutdown: Shutdown) -> Result<GeneratorReport, Error> {
+    tokio::select! {
+        r = run_generator(cfg) => r,
+        _ = shutdown.wait() => Err(Error::Interrupted),
+    }
+}
+
+async fn run_generator(cfg: GeneratorConfig) -> Result<GeneratorReport, Error> {
+    let (_workload, upstream) = start_upstream(&cfg.meshbench_exe).await?;
+    let host = "upstream:9080";
+    // Warm both clients' paths once.
+    generator_run(upstream, 16, Duration::from_millis(300)).await;
+    let mut report = GeneratorReport {
+        schema_version: 1,
+        machine: machine(),
+        config: cfg.clone(),
+        rounds: BTreeMap::new(),
+        agreement: Vec::new(),
+    };
+    for &c in &cfg.connections {
+        let case = format!("c{c}");
+        let mut rounds = Vec::new();
+        for _ in 0..cfg.rounds.max(1) {
+            let g = generator_run(upstream, c, cfg.duration).await;
+            let w = wrk(upstream, host, c, cfg.duration).await.ok_or_else(|| {
+                Error::Environment("wrk is not installed or printed no figures".into())
+            })?;
+            rounds.push((g, w));
+        }
+        let m = |f: &dyn Fn(&(Entry, WrkEntry)) -> f64| median(rounds.iter().map(f).collect());
+        let cpu = |f: &dyn Fn(&(Entry, WrkEntry)) -> Option<f64>| {
+            let v: Option<Vec<f64>> = rounds.iter().map(f).collect();
+            v.map(median)
+        };
+        let gen_cpu = cpu(&|(g, _)| g.generator_cpu_us_per_request);
+        let wrk_cpu = cpu(&|(_, w)| w.cpu_us_per_request);
+        report.agreement.push(Agreement {
+            case: case.clone(),
+            target: "direct".into(),
+            rps_ratio: m(&|(g, _)| g.rps) / m(&|(_, w)| w.rps),
+            p50_ratio: m(&|(g, _)| g.p50_ms) / m(&|(_, w)| w.p50_ms),
+            p99_ratio: m(&|(g, _)| g.p99_ms) / m(&|(_, w)| w.p99_ms),
+            cpu_per_request_ratio: gen_cpu.zip(wrk_cpu).map(|(g, w)| g / w),
+        });
+        report.rounds.insert(case, rounds);
+    }
+    Ok(report)
+}
+
+/// Runs the comparison. Every process it starts is killed when this returns, also on error
+/// and on `shutdown`.
+pub async fn proxy(cfg: Config, shutdown: Shutdown) -> Result<Report, Error> {
+    tokio::select! {
+        r = run(cfg) => r,
+        _ = shutdown.wait() => Err(Error::Interrupted),
+    }
+}
+
+async fn run(cfg: Config) -> Result<Report, Error> {
+    let exe = &cfg.meshbench_exe;
+    let (_workload, upstream) = start_upstream(exe).await?;
 
     // The control plane: idle during the measured runs.
     let pilot_ip = loopback(4);
@@ -206,7 +493,9 @@ async fn run(cfg: Config) -> Result<Report, Error> {
         .await
         .map_err(|e| Error::Environment(e.to_string()))?;
     let mesh = format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: upstream}}\nspec: {{ports: [{{port: 9080, name: http}}], selector: {{app: upstream}}}}\n---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: upstream-0}}\nspec: {{address: {app_ip}, labels: {{app: upstream, version: v1}}, ports: {{http: {app_port}}}}}\n"
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: upstream}}\nspec: {{ports: [{{port: 9080, name: http}}], selector: {{app: upstream}}}}\n---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: upstream-0}}\nspec: {{address: {}, labels: {{app: upstream, version: v1}}, ports: {{http: {}}}}}\n",
+        upstream.ip(),
+        upstream.port()
     );
     PilotApi::new(pilot.api)
         .with_token(Some(&pilot.token))
@@ -245,7 +534,9 @@ async fn run(cfg: Config) -> Result<Report, Error> {
         addr: format!("{mesh_ip}:15001").parse().expect("valid"),
         pid: mesh_child.pid(),
     });
-    let dir = std::env::temp_dir().join(format!("meshbench-bench-{}", std::process::id()));
+    let dir = RunDir(std::env::temp_dir().join(format!("meshbench-bench-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).map_err(|e| Error::Environment(e.to_string()))?;
+    let dir = &dir.0;
     let mut _envoy_child = None;
     if let Some(envoy) = &cfg.envoy {
         let envoy_ip = loopback(3);
@@ -260,7 +551,6 @@ async fn run(cfg: Config) -> Result<Report, Error> {
             xds,
             xds_mode: Default::default(),
         };
-        std::fs::create_dir_all(&dir).map_err(|e| Error::Environment(e.to_string()))?;
         let bootstrap = dir.join("envoy.json");
         std::fs::write(&bootstrap, b.to_json().to_string())
             .map_err(|e| Error::Environment(e.to_string()))?;
@@ -285,13 +575,32 @@ async fn run(cfg: Config) -> Result<Report, Error> {
         });
         _envoy_child = Some(child);
     }
+    let mut _nginx_child = None;
+    if let Some(nginx) = &cfg.nginx {
+        let ip = loopback(5);
+        let listen: SocketAddr = format!("{ip}:{}", free_port(&ip)?).parse().expect("valid");
+        let conf = dir.join("nginx.conf");
+        std::fs::write(&conf, nginx_conf(dir, listen, upstream))
+            .map_err(|e| Error::Environment(e.to_string()))?;
+        let (conf, prefix) = (conf.display().to_string(), format!("{}/", dir.display()));
+        let child = spawn(
+            nginx,
+            &["-p", &prefix, "-e", "stderr", "-c", &conf],
+            "nginx",
+        )?;
+        targets.push(Target {
+            name: "nginx",
+            addr: listen,
+            pid: child.pid(),
+        });
+        _nginx_child = Some(child);
+    }
     for t in &targets {
         wait_for(t.name, Duration::from_secs(20), || {
             answers(t.addr, "upstream:9080")
         })
         .await?;
     }
-    let _ = std::fs::remove_dir_all(&dir);
 
     let cases: [(&str, usize, Option<f64>); 3] = [
         ("c16", 16, None),
@@ -305,7 +614,7 @@ async fn run(cfg: Config) -> Result<Report, Error> {
         config: cfg.clone(),
         cases: BTreeMap::new(),
         ratios: BTreeMap::new(),
-        generator_vs_wrk: None,
+        generator_vs_wrk: Vec::new(),
     };
     for t in &targets {
         let spec = LoadSpec {
@@ -321,9 +630,11 @@ async fn run(cfg: Config) -> Result<Report, Error> {
         };
         load::run(spec).await;
     }
+    let me = std::process::id();
     for (case, connections, rate) in cases {
         for t in &targets {
             let before = t.pid.and_then(proc_stats);
+            let gen_before = proc_stats(me);
             let spec = LoadSpec {
                 target: t.addr,
                 host: "upstream:9080".into(),
@@ -336,8 +647,9 @@ async fn run(cfg: Config) -> Result<Report, Error> {
                 live: None,
             };
             let r = load::run(spec).await;
+            let gen_after = proc_stats(me);
             let after = t.pid.and_then(proc_stats);
-            let entry = Entry {
+            let mut entry = Entry {
                 rps: r.achieved_rps,
                 p50_ms: r.latency_ms.p50,
                 p99_ms: r.latency_ms.p99,
@@ -346,13 +658,28 @@ async fn run(cfg: Config) -> Result<Report, Error> {
                 cpu_s: before.zip(after).map(|(b, a)| a.cpu_s - b.cpu_s),
                 errors: r.errors,
                 requests: r.requests,
+                generator_cpu_us_per_request: gen_before
+                    .zip(gen_after)
+                    .map(|(b, a)| (a.cpu_s - b.cpu_s) * 1e6 / r.requests.max(1) as f64),
+                send_lag_p99_ms: rate.map(|_| r.send_lag_ms.p99),
+                wrk: None,
             };
+            if rate.is_none() {
+                let before = t.pid.and_then(proc_stats);
+                entry.wrk = wrk(t.addr, "upstream:9080", connections, cfg.duration).await;
+                let after = t.pid.and_then(proc_stats);
+                if let Some(w) = &mut entry.wrk {
+                    w.proxy_cpu_s = before.zip(after).map(|(b, a)| a.cpu_s - b.cpu_s);
+                }
+            }
             tracing::info!(
                 case,
                 target = t.name,
                 rps = entry.rps,
                 p50_ms = entry.p50_ms,
                 p99_ms = entry.p99_ms,
+                wrk_rps = entry.wrk.as_ref().map(|w| w.rps),
+                wrk_p99_ms = entry.wrk.as_ref().map(|w| w.p99_ms),
                 "measured"
             );
             report
@@ -363,61 +690,81 @@ async fn run(cfg: Config) -> Result<Report, Error> {
         }
     }
     report.ratios = ratios(&report.cases);
-    if let Some(wrk_rps) = wrk(upstream, "upstream:9080", 16, cfg.duration).await {
-        let meshbench_rps = report
-            .cases
-            .get("c16")
-            .and_then(|c| c.get("direct"))
-            .map_or(0.0, |e| e.rps);
-        report.generator_vs_wrk = Some(GeneratorCheck {
-            connections: 16,
-            meshbench_rps,
-            wrk_rps,
-            ratio: meshbench_rps / wrk_rps,
-        });
-    }
+    report.generator_vs_wrk = agreements(&report.cases);
     Ok(report)
 }
 
+/// The generator against wrk wherever both measured.
+fn agreements(cases: &BTreeMap<String, BTreeMap<String, Entry>>) -> Vec<Agreement> {
+    let mut out = Vec::new();
+    for (case, entries) in cases {
+        for (target, e) in entries {
+            let Some(w) = &e.wrk else { continue };
+            out.push(Agreement {
+                case: case.clone(),
+                target: target.clone(),
+                rps_ratio: e.rps / w.rps,
+                p50_ratio: e.p50_ms / w.p50_ms,
+                p99_ratio: e.p99_ms / w.p99_ms,
+                cpu_per_request_ratio: e
+                    .generator_cpu_us_per_request
+                    .zip(w.cpu_us_per_request)
+                    .map(|(g, w)| g / w),
+            });
+        }
+    }
+    out
+}
+
+/// The proxies of a run, and the pairs compared (the first against the second).
+const PROXIES: [&str; 3] = ["meshbench", "envoy", "nginx"];
+const PAIRS: [(&str, &str); 3] = [
+    ("meshbench", "envoy"),
+    ("meshbench", "nginx"),
+    ("envoy", "nginx"),
+];
+
 fn ratios(cases: &BTreeMap<String, BTreeMap<String, Entry>>) -> BTreeMap<String, f64> {
     let mut r = BTreeMap::new();
+    let per_request = |e: &Entry| e.cpu_s.map(|c| c / e.requests.max(1) as f64);
     for (case, e) in cases {
         let get = |t: &str| e.get(t);
-        if let (Some(d), Some(m)) = (get("direct"), get("meshbench")) {
-            r.insert(format!("{case}.meshbench_rps_vs_direct"), m.rps / d.rps);
-        }
-        if let (Some(m), Some(v)) = (get("meshbench"), get("envoy")) {
-            r.insert(format!("{case}.meshbench_rps_vs_envoy"), m.rps / v.rps);
-            r.insert(
-                format!("{case}.meshbench_p99_vs_envoy"),
-                m.p99_ms / v.p99_ms,
-            );
-            if let (Some(a), Some(b)) = (m.peak_rss_mb, v.peak_rss_mb) {
-                r.insert(format!("{case}.meshbench_rss_vs_envoy"), a / b);
+        if let Some(d) = get("direct") {
+            for t in PROXIES {
+                if let Some(x) = get(t) {
+                    r.insert(format!("{case}.{t}_rps_vs_direct"), x.rps / d.rps);
+                }
             }
-            if let (Some(a), Some(b)) = (m.cpu_s, v.cpu_s) {
-                r.insert(
-                    format!("{case}.meshbench_cpu_per_request_vs_envoy"),
-                    (a / m.requests.max(1) as f64) / (b / v.requests.max(1) as f64),
-                );
+        }
+        for (a, b) in PAIRS {
+            let (Some(m), Some(v)) = (get(a), get(b)) else {
+                continue;
+            };
+            r.insert(format!("{case}.{a}_rps_vs_{b}"), m.rps / v.rps);
+            r.insert(format!("{case}.{a}_p99_vs_{b}"), m.p99_ms / v.p99_ms);
+            if let (Some(x), Some(y)) = (m.peak_rss_mb, v.peak_rss_mb) {
+                r.insert(format!("{case}.{a}_rss_vs_{b}"), x / y);
+            }
+            if let (Some(x), Some(y)) = (per_request(m), per_request(v)) {
+                r.insert(format!("{case}.{a}_cpu_per_request_vs_{b}"), x / y);
+            }
+            if let (Some(x), Some(y)) = (&m.wrk, &v.wrk) {
+                r.insert(format!("{case}.{a}_wrk_rps_vs_{b}"), x.rps / y.rps);
+                r.insert(format!("{case}.{a}_wrk_p99_vs_{b}"), x.p99_ms / y.p99_ms);
             }
         }
         if case == "rate" {
             if let Some(d) = get("direct") {
-                for t in ["meshbench", "envoy"] {
+                let added = |x: &Entry| x.uncorrected_p50_ms - d.uncorrected_p50_ms;
+                for t in PROXIES {
                     if let Some(x) = get(t) {
-                        r.insert(
-                            format!("rate.{t}_added_p50_ms"),
-                            x.uncorrected_p50_ms - d.uncorrected_p50_ms,
-                        );
+                        r.insert(format!("rate.{t}_added_p50_ms"), added(x));
                     }
                 }
-                if let (Some(m), Some(v)) = (get("meshbench"), get("envoy")) {
-                    r.insert(
-                        "rate.meshbench_added_p50_vs_envoy".into(),
-                        (m.uncorrected_p50_ms - d.uncorrected_p50_ms)
-                            / (v.uncorrected_p50_ms - d.uncorrected_p50_ms),
-                    );
+                for (a, b) in PAIRS {
+                    if let (Some(m), Some(v)) = (get(a), get(b)) {
+                        r.insert(format!("rate.{a}_added_p50_vs_{b}"), added(m) / added(v));
+                    }
                 }
             }
         }
@@ -425,32 +772,54 @@ fn ratios(cases: &BTreeMap<String, BTreeMap<String, Entry>>) -> BTreeMap<String,
     r
 }
 
-/// The table printed at the end of a run.
+/// The table printed at the end of a run: the generator's figures, wrk's beside them.
 pub fn table(report: &Report) -> String {
     let mut out = format!(
-        "{:<6} {:<10} {:>10} {:>9} {:>9} {:>9} {:>8}\n",
-        "case", "target", "rps", "p50 ms", "p99 ms", "RSS MB", "CPU s"
+        "{:<5} {:<10} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8} {:>8} {:>8} {:>7}\n",
+        "case",
+        "target",
+        "rps",
+        "p50 ms",
+        "p99 ms",
+        "gen us/r",
+        "RSS MB",
+        "wrk rps",
+        "wrk p50",
+        "wrk p99",
+        "wrk us/r"
     );
+    let opt = |v: Option<f64>, prec: usize| v.map_or("-".to_string(), |v| format!("{v:.prec$}"));
     for (case, entries) in &report.cases {
-        for t in ["direct", "meshbench", "envoy"] {
-            if let Some(e) = entries.get(t) {
-                let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
-                out.push_str(&format!(
-                    "{case:<6} {t:<10} {:>10.0} {:>9.3} {:>9.3} {:>9} {:>8}\n",
-                    e.rps,
-                    e.p50_ms,
-                    e.p99_ms,
-                    opt(e.peak_rss_mb),
-                    opt(e.cpu_s)
-                ));
-            }
+        for t in ["direct", "meshbench", "envoy", "nginx"] {
+            let Some(e) = entries.get(t) else { continue };
+            let w = e.wrk.as_ref();
+            out.push_str(&format!(
+                "{case:<5} {t:<10} {:>8.0} {:>8.3} {:>8.3} {:>8} {:>7} {:>8} {:>8} {:>8} {:>7}\n",
+                e.rps,
+                e.p50_ms,
+                e.p99_ms,
+                opt(e.generator_cpu_us_per_request, 1),
+                opt(e.peak_rss_mb, 1),
+                opt(w.map(|w| w.rps), 0),
+                opt(w.map(|w| w.p50_ms), 3),
+                opt(w.map(|w| w.p99_ms), 3),
+                opt(w.and_then(|w| w.cpu_us_per_request), 1),
+            ));
         }
     }
-    if let Some(g) = &report.generator_vs_wrk {
-        out.push_str(&format!(
-            "generator ceiling (direct, c{}): meshbench {:.0} rps, wrk {:.0} rps (ratio {:.2})\n",
-            g.connections, g.meshbench_rps, g.wrk_rps, g.ratio
-        ));
+    if !report.generator_vs_wrk.is_empty() {
+        out.push_str("generator / wrk (same target and load):\n");
+        for a in &report.generator_vs_wrk {
+            out.push_str(&format!(
+                "  {} {}: rps {:.2}, p50 {:.2}, p99 {:.2}, CPU per request {}\n",
+                a.case,
+                a.target,
+                a.rps_ratio,
+                a.p50_ratio,
+                a.p99_ratio,
+                opt(a.cpu_per_request_ratio, 2)
+            ));
+        }
     }
     out.push_str("ratios (one run):\n");
     for (k, v) in &report.ratios {
@@ -465,6 +834,7 @@ pub fn svg(report: &Report) -> String {
         ("direct", "#888888"),
         ("meshbench", "#2a7ab8"),
         ("envoy", "#c8553d"),
+        ("nginx", "#3d9c5a"),
     ];
     let cases: Vec<&String> = report.cases.keys().collect();
     let max = report
@@ -476,7 +846,7 @@ pub fn svg(report: &Report) -> String {
     let (w, h, left, bottom, top) = (720.0, 360.0, 70.0, 40.0, 40.0);
     let plot_h = h - bottom - top;
     let group_w = (w - left - 20.0) / cases.len().max(1) as f64;
-    let bar_w = group_w / 4.0;
+    let bar_w = group_w / 5.0;
     let mut s = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n");
     s.push_str(&format!("<text x=\"{left}\" y=\"20\" font-size=\"14\">Throughput (requests/s), same upstream, {} worker thread(s)</text>\n", report.config.concurrency));
     for i in 0..=4 {
@@ -502,12 +872,12 @@ pub fn svg(report: &Report) -> String {
         }
         s.push_str(&format!(
             "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{case}</text>\n",
-            x0 + bar_w * 1.5,
+            x0 + bar_w * 2.0,
             h - bottom + 18.0
         ));
     }
     for (i, (t, color)) in colors.iter().enumerate() {
-        let x = w - 300.0 + i as f64 * 95.0;
+        let x = w - 390.0 + i as f64 * 95.0;
         s.push_str(&format!("<rect x=\"{x}\" y=\"28\" width=\"10\" height=\"10\" fill=\"{color}\"/><text x=\"{}\" y=\"37\">{t}</text>\n", x + 14.0));
     }
     s.push_str("</svg>\n");
@@ -516,14 +886,19 @@ pub fn svg(report: &Report) -> String {
 
 /// Writes `report` as JSON at `path` and the chart beside it (`.svg`).
 pub fn write(report: &Report, path: &Path) -> std::io::Result<PathBuf> {
+    write_json(report, path)?;
+    let svg_path = path.with_extension("svg");
+    std::fs::write(&svg_path, svg(report))?;
+    Ok(svg_path)
+}
+
+/// Writes `value` as pretty JSON at `path`, creating its directory.
+pub fn write_json(value: &impl Serialize, path: &Path) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
     std::fs::write(
         path,
-        serde_json::to_string_pretty(report).map_err(std::io::Error::other)?,
-    )?;
-    let svg_path = path.with_extension("svg");
-    std::fs::write(&svg_path, svg(report))?;
-    Ok(svg_path)
+        serde_json::to_string_pretty(value).map_err(std::io::Error::other)?,
+    )
 }

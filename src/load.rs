@@ -19,6 +19,8 @@ use tokio::time::Instant;
 
 use crate::workload::identities;
 
+pub mod h1;
+
 #[derive(Clone, Debug, Serialize)]
 pub struct LoadSpec {
     pub target: SocketAddr,
@@ -141,16 +143,30 @@ pub struct LoadResult {
     /// From the intended send time (open loop); same as uncorrected for a closed loop.
     pub latency_ms: Percentiles,
     pub uncorrected_latency_ms: Percentiles,
+    /// Open loop: how late requests left after their intended send time (the generator's own
+    /// slack; a saturated target shows here as well, since a busy connection sends late).
+    pub send_lag_ms: Percentiles,
     pub series: Vec<Second>,
 }
 
 struct Shard {
     corrected: Histogram<u64>,
     uncorrected: Histogram<u64>,
+    lag: Histogram<u64>,
     status: BTreeMap<u16, u64>,
     versions: BTreeMap<String, u64>,
     transport_errors: u64,
     per_second: BTreeMap<u64, (Histogram<u64>, u64, BTreeMap<String, u64>)>,
+}
+
+/// Counts `v` without a new key string when it is already there (the common case).
+fn count(m: &mut BTreeMap<String, u64>, v: &str) {
+    match m.get_mut(v) {
+        Some(n) => *n += 1,
+        None => {
+            m.insert(v.to_string(), 1);
+        }
+    }
 }
 
 fn hist() -> Histogram<u64> {
@@ -163,6 +179,7 @@ impl Shard {
         Shard {
             corrected: hist(),
             uncorrected: hist(),
+            lag: hist(),
             status: BTreeMap::new(),
             versions: BTreeMap::new(),
             transport_errors: 0,
@@ -200,103 +217,104 @@ impl Shard {
             }
         }
         for v in versions {
-            *sec.2.entry(v.clone()).or_insert(0) += 1;
-            *self.versions.entry(v).or_insert(0) += 1;
+            count(&mut sec.2, &v);
+            count(&mut self.versions, &v);
         }
     }
 }
 
-/// One client connection: HTTP/1.1 keep-alive, or HTTP/2 with prior knowledge (h2c).
+/// One client connection: HTTP/1.1 keep-alive (the generator's own client, [`h1`]), or
+/// HTTP/2 with prior knowledge (h2c, on hyper).
 enum Sender {
-    H1(hyper::client::conn::http1::SendRequest<Empty<Bytes>>),
+    H1(h1::Conn),
     H2(hyper::client::conn::http2::SendRequest<Empty<Bytes>>),
 }
 
 impl Sender {
-    fn is_closed(&self) -> bool {
+    fn usable(&self) -> bool {
         match self {
-            Sender::H1(s) => s.is_closed(),
-            Sender::H2(s) => s.is_closed(),
-        }
-    }
-
-    async fn ready(&mut self) -> Result<(), hyper::Error> {
-        match self {
-            Sender::H1(s) => s.ready().await,
-            Sender::H2(s) => s.ready().await,
-        }
-    }
-
-    async fn send_request(
-        &mut self,
-        req: hyper::Request<Empty<Bytes>>,
-    ) -> Result<hyper::Response<hyper::body::Incoming>, hyper::Error> {
-        match self {
-            Sender::H1(s) => s.send_request(req).await,
-            Sender::H2(s) => s.send_request(req).await,
+            Sender::H1(c) => c.reusable(),
+            Sender::H2(s) => !s.is_closed(),
         }
     }
 }
 
 async fn connect(addr: SocketAddr, http2: bool) -> Option<Sender> {
+    if !http2 {
+        return h1::Conn::connect(addr).await.ok().map(Sender::H1);
+    }
     let stream = TcpStream::connect(addr).await.ok()?;
     let _ = stream.set_nodelay(true);
-    let io = TokioIo::new(stream);
-    if http2 {
-        let (sender, conn) =
-            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
-                .await
-                .ok()?;
-        tokio::spawn(conn);
-        Some(Sender::H2(sender))
-    } else {
-        let (sender, conn) = hyper::client::conn::http1::handshake(io).await.ok()?;
-        tokio::spawn(conn);
-        Some(Sender::H1(sender))
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .ok()?;
+    tokio::spawn(conn);
+    Some(Sender::H2(sender))
+}
+
+/// What one connection sends: for HTTP/1.1 the request's bytes, serialized once (`None` when
+/// the spec's host, path or headers cannot be sent: every send then fails).
+enum Request {
+    H1(Option<Vec<u8>>),
+    H2,
+}
+
+impl Request {
+    fn of(spec: &LoadSpec) -> Request {
+        if spec.http2 {
+            Request::H2
+        } else {
+            Request::H1(h1::request(&spec.host, &spec.path, &spec.headers))
+        }
     }
 }
 
 /// One request: status and every workload identity the response names (the answering
 /// workload and those it called); `None` on a transport failure (the connection is then
 /// replaced).
-async fn send(sender: &mut Option<Sender>, spec: &LoadSpec) -> Option<(u16, Vec<String>)> {
-    if sender.as_ref().is_none_or(|s| s.is_closed()) {
+async fn send(
+    sender: &mut Option<Sender>,
+    spec: &LoadSpec,
+    req: &Request,
+) -> Option<(u16, Vec<String>)> {
+    if sender.as_ref().is_none_or(|s| !s.usable()) {
         *sender = connect(spec.target, spec.http2).await;
     }
-    let s = sender.as_mut()?;
-    if s.ready().await.is_err() {
-        *sender = None;
-        return None;
-    }
-    let req = if spec.http2 {
-        // h2 carries the service in :authority.
-        hyper::Request::builder()
-            .uri(format!("http://{}{}", spec.host, spec.path))
-            .version(hyper::Version::HTTP_2)
-    } else {
-        hyper::Request::builder()
-            .uri(spec.path.as_str())
-            .header("host", spec.host.as_str())
+    let r = match (sender.as_mut()?, req) {
+        (Sender::H1(c), Request::H1(bytes)) => c
+            .round_trip(bytes.as_deref()?)
+            .await
+            .ok()
+            .map(|a| (a.status, a.versions)),
+        (Sender::H2(s), _) => send_h2(s, spec).await,
+        (Sender::H1(_), Request::H2) => None,
     };
-    let mut req = req;
+    if r.is_none() {
+        *sender = None;
+    }
+    r
+}
+
+async fn send_h2(
+    s: &mut hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
+    spec: &LoadSpec,
+) -> Option<(u16, Vec<String>)> {
+    s.ready().await.ok()?;
+    // h2 carries the service in :authority.
+    let mut req = hyper::Request::builder()
+        .uri(format!("http://{}{}", spec.host, spec.path))
+        .version(hyper::Version::HTTP_2);
     for (k, v) in &spec.headers {
         req = req.header(k.as_str(), v.as_str());
     }
-    let req = req.body(Empty::new()).ok()?;
-    match s.send_request(req).await {
-        Ok(resp) => {
-            let status = resp.status().as_u16();
-            let versions: Vec<String> = identities(resp.headers()).map(String::from).collect();
-            if resp.into_body().collect().await.is_err() {
-                *sender = None;
-            }
-            Some((status, versions))
-        }
-        Err(_) => {
-            *sender = None;
-            None
-        }
-    }
+    let resp = s.send_request(req.body(Empty::new()).ok()?).await.ok()?;
+    let status = resp.status().as_u16();
+    let versions: Vec<String> = identities(resp.headers()).map(String::from).collect();
+    resp.into_body().collect().await.ok()?;
+    Some((status, versions))
 }
 
 /// Client threads of the generator. One thread with its own single-threaded runtime keeps every
@@ -308,9 +326,15 @@ pub async fn run(spec: LoadSpec) -> LoadResult {
     let start = Instant::now() + Duration::from_millis(20);
     let conns = spec.connections.max(1);
     let threads = DEFAULT_THREADS.min(conns);
+    // Open loop: one pacer thread wakes each connection at its slots.
+    let slots: Vec<Arc<tokio::sync::Notify>> = (0..conns).map(|_| Arc::default()).collect();
+    let _pacer = spec
+        .rate
+        .map(|rps| Pacer::start(start, spec.duration, rps, slots.clone()));
     let mut joins = Vec::new();
     for th in 0..threads {
         let spec = spec.clone();
+        let slots = slots.clone();
         let (tx, rx) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
             .name(format!("load-{th}"))
@@ -322,7 +346,10 @@ pub async fn run(spec: LoadSpec) -> LoadResult {
                 let shards = rt.block_on(async move {
                     let tasks: Vec<_> = (th..conns)
                         .step_by(threads)
-                        .map(|k| tokio::spawn(connection_loop(spec.clone(), k, conns, start)))
+                        .map(|k| {
+                            let slot = slots[k].clone();
+                            tokio::spawn(connection_loop(spec.clone(), k, conns, start, slot))
+                        })
                         .collect();
                     let mut out = Vec::new();
                     for t in tasks {
@@ -344,13 +371,81 @@ pub async fn run(spec: LoadSpec) -> LoadResult {
     merge(&spec, shards)
 }
 
+/// The open loop's clock. Tokio's timer rounds every deadline up to the next millisecond, so
+/// a request due at t would leave at up to t + 1 ms and the corrected latency would carry that
+/// slack. The pacer thread sleeps with the kernel's high-resolution timer (tens of
+/// microseconds late at most) and wakes the connection whose slot is due; a connection still
+/// busy at its slot finds the wake-up waiting and sends at once. Stops at the phase's end, or
+/// when dropped.
+struct Pacer {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Pacer {
+    fn start(
+        start: Instant,
+        duration: Duration,
+        rps: f64,
+        slots: Vec<Arc<tokio::sync::Notify>>,
+    ) -> Pacer {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let (start, end) = (start.into_std(), (start + duration).into_std());
+        let spawned = std::thread::Builder::new()
+            .name("load-pacer".into())
+            .spawn(move || {
+                let mut i = 0u64;
+                while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    let due = start + Duration::from_secs_f64(i as f64 / rps);
+                    if due >= end {
+                        break;
+                    }
+                    let now = std::time::Instant::now();
+                    if due > now {
+                        std::thread::sleep(due - now);
+                    }
+                    slots[(i % slots.len() as u64) as usize].notify_one();
+                    i += 1;
+                }
+            });
+        // Without the thread each connection still keeps its slots on tokio's timer.
+        if let Err(e) = spawned {
+            tracing::warn!("no pacer thread ({e}): open-loop sends may be up to 1 ms late");
+        }
+        Pacer { stop }
+    }
+}
+
+impl Drop for Pacer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// How long a request may stay open past the phase's end (or its send) before it is given up.
 pub const REQUEST_GRACE: Duration = Duration::from_secs(10);
 
+/// How much later than its slot a connection waits on tokio's own timer if the pacer's wake-up
+/// does not come (it always should).
+const PACER_FALLBACK: Duration = Duration::from_millis(5);
+
 /// Connection `k` of `conns`: sends its share of requests until the end of the phase.
-async fn connection_loop(spec: LoadSpec, k: usize, conns: usize, start: Instant) -> Shard {
+async fn connection_loop(
+    spec: LoadSpec,
+    k: usize,
+    conns: usize,
+    start: Instant,
+    slot: Arc<tokio::sync::Notify>,
+) -> Shard {
     let end = start + spec.duration;
     let mut shard = Shard::new();
+    let req = Request::of(&spec);
+    if let Request::H1(None) = req {
+        // Nothing can be sent: one transport error says so, no connection is tried.
+        tracing::warn!(host = %spec.host, path = %spec.path, "request cannot be sent as HTTP/1.1");
+        shard.record(0, Duration::ZERO, Duration::ZERO, None, vec![]);
+        return shard;
+    }
     let mut sender = connect(spec.target, spec.http2).await;
     tokio::time::sleep_until(start).await;
     let mut i = k as u64;
@@ -362,24 +457,27 @@ async fn connection_loop(spec: LoadSpec, k: usize, conns: usize, start: Instant)
         if intended >= end {
             break;
         }
-        // The timer has millisecond granularity: never sleep when the slot is already due.
-        if intended > Instant::now() {
-            tokio::time::sleep_until(intended).await;
+        // A slot already due is sent at once; otherwise the pacer wakes this connection at
+        // it (a wake-up left from a slot that was already due is skipped).
+        while intended > Instant::now() {
+            let _ = tokio::time::timeout_at(intended + PACER_FALLBACK, slot.notified()).await;
         }
         let sent = Instant::now();
         // Bounded even against a frozen or cut-off peer: a request still open REQUEST_GRACE
         // after its send (or after the phase's end) counts as a transport error and its
         // connection is dropped.
-        let r =
-            match tokio::time::timeout_at(end.max(sent) + REQUEST_GRACE, send(&mut sender, &spec))
-                .await
-            {
-                Ok(r) => r,
-                Err(_) => {
-                    sender = None;
-                    None
-                }
-            };
+        let r = match tokio::time::timeout_at(
+            end.max(sent) + REQUEST_GRACE,
+            send(&mut sender, &spec, &req),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => {
+                sender = None;
+                None
+            }
+        };
         let done = Instant::now();
         let second = done.saturating_duration_since(start).as_secs();
         let (status, versions) = match r {
@@ -389,6 +487,9 @@ async fn connection_loop(spec: LoadSpec, k: usize, conns: usize, start: Instant)
         if let Some(live) = &spec.live {
             live.record(status.is_none_or(|s| s >= 500), &versions);
         }
+        let _ = shard
+            .lag
+            .record((sent - intended).as_micros().clamp(1, 60_000_000) as u64);
         shard.record(second, done - intended, done - sent, status, versions);
         i += conns as u64;
     }
@@ -400,6 +501,7 @@ fn merge(spec: &LoadSpec, shards: Vec<Shard>) -> LoadResult {
     for s in shards {
         all.corrected.add(&s.corrected).expect("same bounds");
         all.uncorrected.add(&s.uncorrected).expect("same bounds");
+        all.lag.add(&s.lag).expect("same bounds");
         all.transport_errors += s.transport_errors;
         for (k, v) in s.status {
             *all.status.entry(k).or_insert(0) += v;
@@ -446,6 +548,11 @@ fn merge(spec: &LoadSpec, shards: Vec<Shard>) -> LoadResult {
         versions: all.versions,
         latency_ms: Percentiles::of(&all.corrected),
         uncorrected_latency_ms: Percentiles::of(&all.uncorrected),
+        send_lag_ms: if spec.rate.is_some() {
+            Percentiles::of(&all.lag)
+        } else {
+            Percentiles::default()
+        },
         series: all
             .per_second
             .into_iter()

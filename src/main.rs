@@ -77,9 +77,11 @@ enum Command {
         /// Pod-local address the app listens on, sent as node.metadata.APP_IP.
         #[arg(long, default_value = xds::node::DEFAULT_APP_IP)]
         app_ip: String,
-        /// Worker threads (Envoy's --concurrency).
-        #[arg(long)]
-        concurrency: Option<usize>,
+        /// Worker threads serving connections, each on its own single-threaded runtime beside
+        /// the main thread (xDS, admin, accept), as Envoy's --concurrency; default: one per
+        /// core. With 1, everything runs on one thread.
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
+        concurrency: Option<u16>,
         /// ADS method: sotw (state of the world) or delta.
         #[arg(long, value_enum, default_value = "sotw")]
         xds_mode: XdsModeArg,
@@ -209,6 +211,24 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// The load generator on its own, as wrk is used: closed loop over N keep-alive HTTP/1.1
+    /// connections (or a fixed rate with --rate); prints the result as JSON.
+    Load {
+        /// Target address (IP:PORT).
+        target: SocketAddr,
+        #[arg(short = 'c', long, default_value_t = 16)]
+        connections: usize,
+        #[arg(short = 'd', long, default_value = "5s", value_parser = parse_duration)]
+        duration: Duration,
+        /// Requests per second (open loop); closed loop when absent.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Host header.
+        #[arg(long, default_value = "upstream:9080")]
+        host: String,
+        #[arg(long, default_value = "/")]
+        path: String,
+    },
     /// Direct vs meshbench proxy vs Envoy (same upstream, same worker count, HTTP/1.1
     /// keep-alive): closed loop at 16 and 64 connections and a fixed-rate run.
     Proxy {
@@ -227,6 +247,23 @@ enum BenchCommand {
         /// Short runs (1 s each) for smoke tests.
         #[arg(long)]
         quick: bool,
+    },
+    /// The generator against wrk on a simple origin (a workload, no proxy), alternating runs;
+    /// exit 1 unless the medians agree: p50 and p99 within --tolerance percent, CPU per
+    /// request at most --tolerance percent above wrk's. Needs wrk.
+    Generator {
+        /// JSON output.
+        #[arg(long, default_value = "reports/bench/generator.json")]
+        out: PathBuf,
+        /// Length of each run.
+        #[arg(long, default_value = "3s", value_parser = parse_duration)]
+        duration: Duration,
+        /// Runs per client and connection count.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Percent.
+        #[arg(long, default_value_t = 20.0)]
+        tolerance: f64,
     },
 }
 
@@ -308,28 +345,17 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    // The proxy with one worker runs on a single-threaded runtime, like one Envoy worker's
-    // event loop: no cross-thread wake-ups on the request path. Fake workloads are small pods:
-    // one thread each, leaving the cores to what is measured.
+    // The proxy's main thread (xDS, admin, accept) is a single-threaded runtime; its workers
+    // have their own (proxy::workers), like Envoy's event loops: no cross-thread wake-ups on
+    // the request path. Fake workloads are small pods: one thread each, leaving the cores to
+    // what is measured.
     let mut builder = match &cli.command {
-        Command::Proxy {
-            concurrency: Some(1),
-            ..
+        Command::Proxy { .. } | Command::Workload { .. } | Command::Pause => {
+            tokio::runtime::Builder::new_current_thread()
         }
-        | Command::Workload { .. }
-        | Command::Pause => tokio::runtime::Builder::new_current_thread(),
         _ => tokio::runtime::Builder::new_multi_thread(),
     };
     builder.enable_all();
-    if let Command::Proxy {
-        concurrency: Some(n),
-        ..
-    } = &cli.command
-    {
-        if *n > 1 {
-            builder.worker_threads(*n);
-        }
-    }
     let rt = match builder.build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -397,7 +423,7 @@ async fn run(cmd: Command) -> ExitCode {
             labels,
             cluster,
             app_ip,
-            concurrency: _,
+            concurrency,
             xds_mode,
         } => {
             let labels: model::Labels = labels.into_iter().collect();
@@ -420,6 +446,10 @@ async fn run(cmd: Command) -> ExitCode {
                 admin_token: std::env::var(proxy::admin::ADMIN_TOKEN_ENV)
                     .ok()
                     .filter(|t| !t.is_empty()),
+                workers: concurrency.map_or_else(
+                    || std::thread::available_parallelism().map_or(1, |n| n.get()),
+                    usize::from,
+                ),
             };
             match proxy::run(cfg, sock, stop).await {
                 Ok(()) => ExitCode::SUCCESS,
@@ -598,6 +628,70 @@ async fn run(cmd: Command) -> ExitCode {
         }
         Command::Bench {
             what:
+                BenchCommand::Generator {
+                    out,
+                    duration,
+                    rounds,
+                    tolerance,
+                },
+        } => {
+            let Ok(exe) = std::env::current_exe() else {
+                return fail(EXIT_ENVIRONMENT, &"cannot find the meshbench executable");
+            };
+            let cfg = meshbench::bench::GeneratorConfig {
+                duration,
+                rounds,
+                connections: vec![16, 64],
+                meshbench_exe: exe,
+            };
+            let report = match meshbench::bench::generator(cfg, stop).await {
+                Ok(r) => r,
+                Err(e) => return fail(EXIT_ENVIRONMENT, &e),
+            };
+            print!("{}", report.table());
+            if let Err(e) = meshbench::bench::write_json(&report, &out) {
+                return fail(EXIT_ENVIRONMENT, &e);
+            }
+            match report.check(tolerance / 100.0) {
+                Ok(()) => {
+                    println!("the generator agrees with wrk within {tolerance}%");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(EXIT_FAILED, &e),
+            }
+        }
+        Command::Bench {
+            what:
+                BenchCommand::Load {
+                    target,
+                    connections,
+                    duration,
+                    rate,
+                    host,
+                    path,
+                },
+        } => {
+            let spec = meshbench::load::LoadSpec {
+                target,
+                host,
+                path,
+                connections,
+                duration,
+                rate,
+                headers: vec![],
+                http2: false,
+                live: None,
+            };
+            let mut r = tokio::select! {
+                r = meshbench::load::run(spec) => r,
+                _ = stop.wait() => return ExitCode::from(EXIT_ENVIRONMENT),
+            };
+            r.series.clear();
+            println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Command::Bench {
+            what:
                 BenchCommand::Proxy {
                     out,
                     duration,
@@ -628,18 +722,20 @@ async fn run(cmd: Command) -> ExitCode {
                 rate,
                 concurrency,
                 envoy,
+                nginx: meshbench::bench::find_nginx(),
                 meshbench_exe: exe,
             };
+            if cfg.nginx.is_none() {
+                eprintln!("warning: nginx not found (set MESHBENCH_NGINX); no nginx reference");
+            }
             match meshbench::bench::proxy(cfg, stop).await {
                 Ok(report) => {
                     print!("{}", meshbench::bench::table(&report));
-                    match meshbench::bench::write(&report, &out) {
-                        Ok(svg) => {
-                            println!("wrote {} and {}", out.display(), svg.display());
-                            ExitCode::SUCCESS
-                        }
-                        Err(e) => fail(EXIT_ENVIRONMENT, &e),
+                    if let Err(e) = meshbench::bench::write(&report, &out) {
+                        return fail(EXIT_ENVIRONMENT, &e);
                     }
+                    println!("wrote {}", out.display());
+                    ExitCode::SUCCESS
                 }
                 Err(e) => fail(EXIT_ENVIRONMENT, &e),
             }

@@ -6,6 +6,8 @@ const CLK_TCK: f64 = 100.0;
 #[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
 pub struct ProcStats {
     pub cpu_s: f64,
+    /// CPU seconds of the children this process has waited for (a finished wrk run, say).
+    pub children_cpu_s: f64,
     pub peak_rss_mb: f64,
     pub rss_mb: f64,
 }
@@ -18,6 +20,8 @@ pub fn proc_stats(pid: u32) -> Option<ProcStats> {
     let f: Vec<&str> = rest.split_whitespace().collect();
     let utime: f64 = f.get(11)?.parse().ok()?;
     let stime: f64 = f.get(12)?.parse().ok()?;
+    let cutime: f64 = f.get(13)?.parse().ok()?;
+    let cstime: f64 = f.get(14)?.parse().ok()?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kb = |key: &str| {
         status
@@ -29,6 +33,7 @@ pub fn proc_stats(pid: u32) -> Option<ProcStats> {
     };
     Some(ProcStats {
         cpu_s: (utime + stime) / CLK_TCK,
+        children_cpu_s: (cutime + cstime) / CLK_TCK,
         peak_rss_mb: kb("VmHWM:") / 1024.0,
         rss_mb: kb("VmRSS:") / 1024.0,
     })

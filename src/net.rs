@@ -64,6 +64,38 @@ pub struct Conn {
     _permit: OwnedSemaphorePermit,
 }
 
+/// A connection between runtimes: its socket out of the accepting runtime's reactor, with its
+/// place under the connection limit, to be registered with another's ([`Detached::attach`]).
+pub struct Detached {
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+    permit: OwnedSemaphorePermit,
+}
+
+impl Conn {
+    pub fn detach(self) -> io::Result<Detached> {
+        Ok(Detached {
+            stream: self.stream.into_std()?,
+            peer: self.peer,
+            local: self.local,
+            permit: self._permit,
+        })
+    }
+}
+
+impl Detached {
+    /// Registers the connection with the runtime this runs on.
+    pub fn attach(self) -> io::Result<Conn> {
+        Ok(Conn {
+            stream: TcpStream::from_std(self.stream)?,
+            peer: self.peer,
+            local: self.local,
+            _permit: self.permit,
+        })
+    }
+}
+
 /// Accepts on `listener` until `stop` completes, yielding connections that spoke within the
 /// deadline. At most `limits.max_connections` are open at once: beyond that, new ones wait
 /// in the kernel's backlog.

@@ -11,7 +11,8 @@
 //!
 //! Modules, inside out: `resources` (protos -> config), `upstream` (clusters, pools, LB,
 //! breakers, outlier detection), `path` (the request path as layers), `dataplane` (listeners
-//! and their connections), `state` (what the proxy runs on), `ads` (the xDS client), `admin`.
+//! and their connections), `workers` (the threads connections live on), `state` (what the
+//! proxy runs on), `ads` (the xDS client), `admin`.
 
 pub mod admin;
 pub mod ads;
@@ -20,6 +21,7 @@ pub mod path;
 pub mod resources;
 pub mod state;
 pub mod upstream;
+pub mod workers;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -36,6 +38,8 @@ pub const DEFAULT_ADMIN_PORT: u16 = 15000;
 pub enum Error {
     #[error("admin listener: {0}")]
     Admin(std::io::Error),
+    #[error("cannot start the worker threads: {0}")]
+    Workers(std::io::Error),
 }
 
 /// The admin address a sidecar gets (docs/contracts.md): POD_IP:15000 from the node id, else
@@ -55,7 +59,7 @@ pub async fn run(cfg: Config, admin: TcpListener, shutdown: Shutdown) -> Result<
     tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "proxy starting");
     let (stop_all, all_stopped) = shutdown::channel();
     let (inner_trigger, inner) = shutdown::channel();
-    let proxy = Arc::new(Proxy::new(cfg, inner.clone(), stop_all));
+    let proxy = Arc::new(Proxy::new(cfg, inner.clone(), stop_all).map_err(Error::Workers)?);
     let ads_task = tokio::spawn(ads::run(proxy.clone(), inner.clone()));
     let admin_task = tokio::spawn(admin::serve(proxy.clone(), admin, inner.clone()));
     tokio::select! {
@@ -66,6 +70,7 @@ pub async fn run(cfg: Config, admin: TcpListener, shutdown: Shutdown) -> Result<
     for (_, (_, t)) in proxy.bound.lock().unwrap().drain() {
         t.fire();
     }
+    proxy.workers.stop();
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         let _ = ads_task.await;
         let _ = admin_task.await;

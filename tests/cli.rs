@@ -88,13 +88,21 @@ fn bench_proxy_quick_writes_the_documented_report() {
     );
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
-    let targets: &[&str] = if envoy.is_some() {
-        &["direct", "meshbench", "envoy"]
-    } else {
-        &["direct", "meshbench"]
-    };
+    let mut targets = vec!["direct", "meshbench"];
+    if envoy.is_some() {
+        targets.push("envoy");
+    }
+    // ci/test.sh installs nginx (the reference proxy) and wrk (the reference client).
+    let ci = std::env::var("CI").as_deref() == Ok("true");
+    let nginx = meshbench::bench::find_nginx().is_some();
+    assert!(nginx || !ci, "nginx not found");
+    if nginx {
+        targets.push("nginx");
+    }
+    let wrk = std::process::Command::new("wrk").arg("-v").output().is_ok();
+    assert!(wrk || !ci, "wrk not found");
     for case in ["c16", "c64", "rate"] {
-        for t in targets {
+        for &t in &targets {
             let e = &report["cases"][case][t];
             for k in ["rps", "p50_ms", "p99_ms"] {
                 assert!(
@@ -103,13 +111,35 @@ fn bench_proxy_quick_writes_the_documented_report() {
                 );
             }
             assert_eq!(e["errors"], 0, "{case}.{t}: {e}");
-            if *t != "direct" {
+            // wrk beside the generator on every closed-loop case, and the ratios.
+            if wrk && case != "rate" {
+                for k in ["rps", "p50_ms", "p99_ms", "cpu_us_per_request"] {
+                    assert!(
+                        e["wrk"][k].as_f64().is_some_and(|v| v > 0.0),
+                        "{case}.{t}.wrk.{k}: {e}"
+                    );
+                }
+                assert!(
+                    report["generator_vs_wrk"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|a| a["case"] == case && a["target"] == t),
+                    "no agreement for {case}.{t}"
+                );
+            }
+            if t != "direct" {
                 assert!(
                     e["peak_rss_mb"].as_f64().is_some_and(|v| v > 0.0),
                     "{case}.{t}: {e}"
                 );
                 assert!(e["cpu_s"].as_f64().is_some(), "{case}.{t}: {e}");
             }
+        }
+    }
+    if nginx {
+        for k in ["c16.meshbench_rps_vs_nginx", "c64.meshbench_p99_vs_nginx"] {
+            assert!(report["ratios"][k].as_f64().is_some(), "{k} missing");
         }
     }
     assert!(std::fs::read_to_string(out.with_extension("svg"))
@@ -124,6 +154,15 @@ fn bench_proxy_quick_writes_the_documented_report() {
     assert!(
         ps.stdout.is_empty(),
         "leftover proxy: {}",
+        String::from_utf8_lossy(&ps.stdout)
+    );
+    let ps = std::process::Command::new("pgrep")
+        .args(["-f", "nginx -p /tmp/meshbench-bench-[0-9]"])
+        .output()
+        .unwrap();
+    assert!(
+        ps.stdout.is_empty(),
+        "leftover nginx: {}",
         String::from_utf8_lossy(&ps.stdout)
     );
 }

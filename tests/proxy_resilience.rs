@@ -125,6 +125,55 @@ async fn proxy_keeps_serving_through_a_pilot_restart_and_resumes() {
     assert!(stat(proxy.admin, "control_plane.update_rejected").await == Some(0));
 }
 
+/// With worker threads (Envoy's model: each connection on one worker, pools per worker),
+/// concurrent connections are all served, and a config change reaches every worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_with_workers_serves_every_connection_and_follows_changes() {
+    let v1 = start_upstream("127.0.0.1", "reviews-v1", Behavior::Ok).await;
+    let v3 = start_upstream("127.0.0.1", "reviews-v3", Behavior::Ok).await;
+    let dir = TempDir::new("workers");
+    let config = dir.0.join("mesh.yaml");
+    std::fs::write(&config, mesh_yaml(v1.addr, v3.addr, "v1")).unwrap();
+    let (xds_port, api_port) = (free_port(), free_port());
+    let api: SocketAddr = format!("127.0.0.1:{api_port}").parse().unwrap();
+    let pilot = spawn_pilot(xds_port, api_port, &config).await;
+    let proxy = start_mesh_proxy_threads(
+        format!("127.0.0.1:{xds_port}").parse().unwrap(),
+        "productpage",
+        "productpage-0",
+        &[("app", "productpage")],
+        meshbench::xds::XdsMode::Sotw,
+        3,
+    )
+    .await;
+    let outbound: SocketAddr = format!("{}:15001", proxy.pod_ip).parse().unwrap();
+    wait_synced(api, &proxy.node_id, 1).await;
+    let every = |version: &'static str| async move {
+        let conns: Vec<_> = (0..6)
+            .map(|_| tokio::spawn(all_from(outbound, 30)))
+            .collect();
+        for c in conns {
+            assert_eq!(c.await.unwrap(), vec![format!("200 reviews-{version}")]);
+        }
+    };
+    every("v1").await;
+    let v = apply_as(api, Some(&pilot.token), &mesh_yaml(v1.addr, v3.addr, "v3"))
+        .await
+        .version;
+    wait_synced(api, &proxy.node_id, v).await;
+    every("v3").await;
+    // Every connection was counted once, whichever worker served it.
+    let stats = http(proxy.admin, "GET", "/stats", "").await.body;
+    let accepted: u64 = stats
+        .lines()
+        .filter(|l| l.starts_with("http.") && l.contains(".downstream_cx_total: "))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(accepted, 12, "{stats}");
+    assert_eq!(v1.hits.load(std::sync::atomic::Ordering::Relaxed), 180);
+    assert_eq!(v3.hits.load(std::sync::atomic::Ordering::Relaxed), 180);
+}
+
 /// Sends raw bytes on a fresh connection; returns what came back and whether the proxy
 /// closed the connection within 2 s.
 async fn raw(addr: SocketAddr, bytes: &[u8]) -> (String, bool) {

@@ -174,20 +174,27 @@ async fn nacking_proxies_cause_no_push_loop() {
     .await;
     reached_all(&sotw, v).await;
     reached_all(&delta, v).await;
-    let after_change: Vec<u64> = sotw
-        .sims
-        .iter()
-        .chain(&delta.sims)
-        .map(|s| s.responses.load(Relaxed))
-        .collect();
+    let counts = || -> Vec<u64> {
+        sotw.sims
+            .iter()
+            .chain(&delta.sims)
+            .map(|s| s.responses.load(Relaxed))
+            .collect()
+    };
+    // A version arrives as several responses (one per type): let the change's own
+    // responses land, then a loop is what still comes a second later.
+    let start = Instant::now();
+    let mut after_change = counts();
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = counts();
+        if now == after_change || start.elapsed() > Duration::from_secs(5) {
+            break;
+        }
+        after_change = now;
+    }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let later: Vec<u64> = sotw
-        .sims
-        .iter()
-        .chain(&delta.sims)
-        .map(|s| s.responses.load(Relaxed))
-        .collect();
-    assert_eq!(after_change, later, "responses kept coming after NACKs");
+    assert_eq!(after_change, counts(), "responses kept coming after NACKs");
     // Every response was NACKed and pilot recorded it.
     assert!(sotw
         .sims

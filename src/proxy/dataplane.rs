@@ -114,21 +114,25 @@ pub async fn serve_listener(
         }
     };
     let mut conns = net::incoming(sock, Limits::new(MAX_CONNECTIONS), stop);
-    while let Some(Ok(stream)) = conns.next().await {
-        let _ = stream.stream.set_nodelay(true);
+    while let Some(Ok(conn)) = conns.next().await {
+        let _ = conn.stream.set_nodelay(true);
+        let Ok(conn) = conn.detach() else { continue };
         stats.downstream_cx_total.fetch_add(1, Relaxed);
         stats.downstream_cx_active.fetch_add(1, Relaxed);
-        let (proxy, name, stats, builder) =
+        let (p, name, stats, builder) =
             (proxy.clone(), name.clone(), stats.clone(), builder.clone());
-        tokio::spawn(async move {
-            let svc = {
-                let stats = stats.clone();
-                hyper::service::service_fn(move |req| {
-                    let (proxy, name, stats) = (proxy.clone(), name.clone(), stats.clone());
-                    async move { Ok::<_, Infallible>(handle(&proxy, &name, &stats, req).await) }
-                })
-            };
-            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+        // On the least busy worker (or here, on one thread), for the connection's whole life.
+        proxy.workers.dispatch(move || async move {
+            if let Ok(conn) = conn.attach() {
+                let svc = {
+                    let stats = stats.clone();
+                    hyper::service::service_fn(move |req| {
+                        let (proxy, name, stats) = (p.clone(), name.clone(), stats.clone());
+                        async move { Ok::<_, Infallible>(handle(&proxy, &name, &stats, req).await) }
+                    })
+                };
+                let _ = builder.serve_connection(TokioIo::new(conn), svc).await;
+            }
             stats.downstream_cx_active.fetch_sub(1, Relaxed);
         });
     }

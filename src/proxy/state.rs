@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use super::resources::{ListenerCfg, RouteTable};
 use super::upstream::Cluster;
+use super::workers::Workers;
 use crate::model::Labels;
 use crate::shutdown::{Shutdown, Trigger};
 
@@ -29,6 +30,9 @@ pub struct Config {
     /// Token `POST /quitquitquit` needs from a non-loopback peer (none: loopback only).
     #[serde(skip)]
     pub admin_token: Option<String>,
+    /// Worker threads serving connections (Envoy's --concurrency); 1 serves them on the
+    /// runtime the proxy runs on.
+    pub workers: usize,
 }
 
 /// Per listener stat prefix: `http.PREFIX.*`.
@@ -86,13 +90,16 @@ pub struct Proxy {
     /// Fires when the proxy stops: every accept loop and stream watches it.
     pub(crate) shutdown: Shutdown,
     stop_all: Mutex<Option<Trigger>>,
+    /// Where connections are served (see `workers`).
+    pub(crate) workers: Workers,
 }
 
 impl Proxy {
     /// A proxy with no config yet; `stop_all` is what `/quitquitquit` fires, `shutdown` what
     /// every task of this proxy watches.
-    pub fn new(cfg: Config, shutdown: Shutdown, stop_all: Trigger) -> Proxy {
-        Proxy {
+    pub fn new(cfg: Config, shutdown: Shutdown, stop_all: Trigger) -> std::io::Result<Proxy> {
+        Ok(Proxy {
+            workers: Workers::start(cfg.workers)?,
             cfg,
             state: RwLock::default(),
             received: Mutex::default(),
@@ -104,7 +111,7 @@ impl Proxy {
             bound: Mutex::default(),
             shutdown,
             stop_all: Mutex::new(Some(stop_all)),
-        }
+        })
     }
 
     pub fn state(&self) -> Arc<State> {

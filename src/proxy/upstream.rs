@@ -17,6 +17,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use super::resources::{ClusterCfg, Discovery, Endpoint, Lb};
+use super::workers;
 
 pub type UpstreamBody = Full<Bytes>;
 
@@ -52,7 +53,9 @@ pub struct Host {
     pub healthy: bool,
     pub stats: Arc<HostStats>,
     outlier: Mutex<OutlierState>,
-    idle: Mutex<Vec<IdleConn>>,
+    /// Idle connections per worker (`workers::current()`): a request only uses connections
+    /// of the thread it runs on, as Envoy keeps a pool per worker.
+    idle: Mutex<Vec<Vec<IdleConn>>>,
 }
 
 /// An idle HTTP/1 connection (sender, requests served) or the shared HTTP/2 connection.
@@ -74,6 +77,16 @@ impl Host {
             outlier: Mutex::default(),
             idle: Mutex::default(),
         }
+    }
+
+    /// The idle connections of the worker this runs on.
+    fn with_idle<R>(&self, f: impl FnOnce(&mut Vec<IdleConn>) -> R) -> R {
+        let w = workers::current();
+        let mut pools = self.idle.lock().unwrap();
+        if pools.len() <= w {
+            pools.resize_with(w + 1, Vec::new);
+        }
+        f(&mut pools[w])
     }
 
     pub fn ejected(&self, now: Instant) -> bool {
@@ -385,18 +398,17 @@ impl Cluster {
     /// Returns an HTTP/1 connection to the pool once its response is complete.
     pub fn checkin(&self, host: &Host, conn: IdleConn) {
         if let Idle::H1(..) = conn.0 {
-            host.idle.lock().unwrap().push(conn);
+            host.with_idle(|idle| idle.push(conn));
         }
     }
 
     async fn checkout(&self, host: &Host) -> Result<IdleConn, SendError> {
         loop {
-            let c = {
-                let mut idle = host.idle.lock().unwrap();
+            let c = host.with_idle(|idle| {
                 if self.cfg.http2 {
                     match idle.last() {
                         Some(IdleConn(Idle::H2(s))) if !s.is_closed() => {
-                            return Ok(IdleConn(Idle::H2(s.clone())))
+                            Some(IdleConn(Idle::H2(s.clone())))
                         }
                         Some(_) => {
                             idle.pop();
@@ -407,7 +419,7 @@ impl Cluster {
                 } else {
                     idle.pop()
                 }
-            };
+            });
             match c {
                 Some(IdleConn(Idle::H1(mut s, n))) => {
                     if s.is_closed() {
@@ -423,10 +435,7 @@ impl Cluster {
         }
         let conn = self.connect(host).await?;
         if let Idle::H2(s) = &conn.0 {
-            host.idle
-                .lock()
-                .unwrap()
-                .push(IdleConn(Idle::H2(s.clone())));
+            host.with_idle(|idle| idle.push(IdleConn(Idle::H2(s.clone()))));
         }
         Ok(conn)
     }

@@ -471,6 +471,18 @@ pub async fn start_mesh_proxy_with(
     labels: &[(&str, &str)],
     xds_mode: meshbench::xds::XdsMode,
 ) -> MeshProxy {
+    start_mesh_proxy_threads(xds, service, pod, labels, xds_mode, 1).await
+}
+
+/// As [`start_mesh_proxy_with`], with `workers` worker threads (Envoy's --concurrency).
+pub async fn start_mesh_proxy_threads(
+    xds: SocketAddr,
+    service: &str,
+    pod: &str,
+    labels: &[(&str, &str)],
+    xds_mode: meshbench::xds::XdsMode,
+    workers: usize,
+) -> MeshProxy {
     let pod_ip = unique_loopback();
     let admin_sock = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = admin_sock.local_addr().unwrap();
@@ -487,6 +499,7 @@ pub async fn start_mesh_proxy_with(
         admin,
         xds_mode,
         admin_token: None,
+        workers,
     };
     let (trigger, stop) = shutdown::channel();
     tokio::spawn(meshbench::proxy::run(cfg, admin_sock, stop));
@@ -512,6 +525,7 @@ pub async fn start_mesh_proxy_on(xds: SocketAddr, ip: &str) -> SocketAddr {
         admin,
         xds_mode: Default::default(),
         admin_token: None,
+        workers: 1,
     };
     let (trigger, stop) = shutdown::channel();
     std::mem::forget(trigger);
