@@ -107,11 +107,15 @@ pub struct Agreement {
 }
 
 impl Agreement {
-    /// The largest relative difference of p50 and p99 (0.1 = 10%).
-    pub fn worst_latency_difference(&self) -> f64 {
-        (self.p50_ratio - 1.0)
-            .abs()
-            .max((self.p99_ratio - 1.0).abs())
+    /// `rps R, p50 R, p99 R, CPU per request R` (generator / wrk).
+    fn summary(&self) -> String {
+        let cpu = self
+            .cpu_per_request_ratio
+            .map_or("-".to_string(), |c| format!("{c:.2}"));
+        format!(
+            "rps {:.2}, p50 {:.2}, p99 {:.2}, CPU per request {cpu}",
+            self.rps_ratio, self.p50_ratio, self.p99_ratio
+        )
     }
 }
 
@@ -155,12 +159,7 @@ fn parse_wrk(text: &str) -> Option<WrkEntry> {
 /// Runs `wrk -t1 -cN --latency` against `addr` for `duration`; `None` when wrk is not
 /// installed or its output has no figures. Its CPU is what this process's waited-for children
 /// gained meanwhile (no other child ends during a run).
-async fn wrk(
-    addr: SocketAddr,
-    host: &str,
-    connections: usize,
-    duration: Duration,
-) -> Option<WrkEntry> {
+async fn wrk(addr: SocketAddr, connections: usize, duration: Duration) -> Option<WrkEntry> {
     let before = proc_stats(std::process::id());
     let out = command(Path::new("wrk"), "bench")
         .args([
@@ -169,7 +168,7 @@ async fn wrk(
             &format!("-d{}s", duration.as_secs().max(1)),
             "--latency",
             "-H",
-            &format!("Host: {host}"),
+            &format!("Host: {HOST}"),
             &format!("http://{addr}/"),
         ])
         .stdout(Stdio::piped())
@@ -228,19 +227,26 @@ async fn wait_for<F: std::future::Future<Output = bool>>(
     Ok(())
 }
 
-async fn answers(addr: SocketAddr, host: &str) -> bool {
-    let spec = LoadSpec {
+/// The benchmark's load: GET / with the upstream's Host over HTTP/1.1 keep-alive.
+fn spec(addr: SocketAddr, connections: usize, duration: Duration, rate: Option<f64>) -> LoadSpec {
+    LoadSpec {
         target: addr,
-        host: host.into(),
+        host: HOST.into(),
         path: "/".into(),
-        connections: 1,
-        duration: Duration::from_millis(30),
-        rate: None,
+        connections,
+        duration,
+        rate,
         headers: vec![],
         http2: false,
         live: None,
-    };
-    let r = load::run(spec).await;
+    }
+}
+
+/// The Host every target routes on.
+const HOST: &str = "upstream:9080";
+
+async fn answers(addr: SocketAddr) -> bool {
+    let r = load::run(spec(addr, 1, Duration::from_millis(30), None)).await;
     r.requests > 0 && r.status.keys().all(|s| s == "200")
 }
 
@@ -394,13 +400,7 @@ impl GeneratorReport {
     pub fn table(&self) -> String {
         let mut out = String::from("generator / wrk, medians of the rounds (1.00 = the same):\n");
         for a in &self.agreement {
-            let cpu = a
-                .cpu_per_request_ratio
-                .map_or("-".to_string(), |c| format!("{c:.2}"));
-            out.push_str(&format!(
-                "  {}: rps {:.2}, p50 {:.2}, p99 {:.2}, CPU per request {cpu}\n",
-                a.case, a.rps_ratio, a.p50_ratio, a.p99_ratio
-            ));
+            out.push_str(&format!("  {}: {}\n", a.case, a.summary()));
             if let Some(((glo, ghi), (lo, hi))) = self.p99_spread(&a.case) {
                 out.push_str(&format!(
                     "    p99 over the rounds: generator {glo:.3}..{ghi:.3} ms, wrk {lo:.3}..{hi:.3} ms\n"
@@ -416,22 +416,17 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-/// One closed-loop generator run against `addr`, with the generator's CPU per request.
-async fn generator_run(addr: SocketAddr, connections: usize, duration: Duration) -> Entry {
+/// One generator run against `addr` (closed loop, or open at `rate`), with the generator's
+/// CPU per request.
+async fn generator_run(
+    addr: SocketAddr,
+    connections: usize,
+    duration: Duration,
+    rate: Option<f64>,
+) -> Entry {
     let me = std::process::id();
     let before = proc_stats(me);
-    let r = load::run(LoadSpec {
-        target: addr,
-        host: "upstream:9080".into(),
-        path: "/".into(),
-        connections,
-        duration,
-        rate: None,
-        headers: vec![],
-        http2: false,
-        live: None,
-    })
-    .await;
+    let r = load::run(spec(addr, connections, duration, rate)).await;
     let after = proc_stats(me);
     Entry {
         rps: r.achieved_rps,
@@ -443,6 +438,7 @@ async fn generator_run(addr: SocketAddr, connections: usize, duration: Duration)
         generator_cpu_us_per_request: before
             .zip(after)
             .map(|(b, a)| (a.cpu_s - b.cpu_s) * 1e6 / r.requests.max(1) as f64),
+        send_lag_p99_ms: rate.map(|_| r.send_lag_ms.p99),
         ..Entry::default()
     }
 }
@@ -457,9 +453,8 @@ pub async fn generator(cfg: GeneratorConfig, shutdown: Shutdown) -> Result<Gener
 
 async fn run_generator(cfg: GeneratorConfig) -> Result<GeneratorReport, Error> {
     let (_workload, upstream) = start_upstream(&cfg.meshbench_exe).await?;
-    let host = "upstream:9080";
     // Warm both clients' paths once.
-    generator_run(upstream, 16, Duration::from_millis(300)).await;
+    generator_run(upstream, 16, Duration::from_millis(300), None).await;
     let mut report = GeneratorReport {
         schema_version: 1,
         machine: machine(),
@@ -471,8 +466,8 @@ async fn run_generator(cfg: GeneratorConfig) -> Result<GeneratorReport, Error> {
         let case = format!("c{c}");
         let mut rounds = Vec::new();
         for _ in 0..cfg.rounds.max(1) {
-            let g = generator_run(upstream, c, cfg.duration).await;
-            let w = wrk(upstream, host, c, cfg.duration).await.ok_or_else(|| {
+            let g = generator_run(upstream, c, cfg.duration, None).await;
+            let w = wrk(upstream, c, cfg.duration).await.ok_or_else(|| {
                 Error::Environment("wrk is not installed or printed no figures".into())
             })?;
             rounds.push((g, w));
@@ -624,10 +619,7 @@ async fn run(cfg: Config) -> Result<Report, Error> {
         _nginx_child = Some(child);
     }
     for t in &targets {
-        wait_for(t.name, Duration::from_secs(20), || {
-            answers(t.addr, "upstream:9080")
-        })
-        .await?;
+        wait_for(t.name, Duration::from_secs(20), || answers(t.addr)).await?;
     }
 
     let cases: [(&str, usize, Option<f64>); 3] = [
@@ -645,56 +637,18 @@ async fn run(cfg: Config) -> Result<Report, Error> {
         generator_vs_wrk: Vec::new(),
     };
     for t in &targets {
-        let spec = LoadSpec {
-            target: t.addr,
-            host: "upstream:9080".into(),
-            path: "/".into(),
-            connections: 16,
-            duration: cfg.warmup,
-            rate: None,
-            headers: vec![],
-            http2: false,
-            live: None,
-        };
-        load::run(spec).await;
+        load::run(spec(t.addr, 16, cfg.warmup, None)).await;
     }
-    let me = std::process::id();
     for (case, connections, rate) in cases {
         for t in &targets {
             let before = t.pid.and_then(proc_stats);
-            let gen_before = proc_stats(me);
-            let spec = LoadSpec {
-                target: t.addr,
-                host: "upstream:9080".into(),
-                path: "/".into(),
-                connections,
-                duration: cfg.duration,
-                rate,
-                headers: vec![],
-                http2: false,
-                live: None,
-            };
-            let r = load::run(spec).await;
-            let gen_after = proc_stats(me);
+            let mut entry = generator_run(t.addr, connections, cfg.duration, rate).await;
             let after = t.pid.and_then(proc_stats);
-            let mut entry = Entry {
-                rps: r.achieved_rps,
-                p50_ms: r.latency_ms.p50,
-                p99_ms: r.latency_ms.p99,
-                uncorrected_p50_ms: r.uncorrected_latency_ms.p50,
-                peak_rss_mb: after.map(|a| a.peak_rss_mb),
-                cpu_s: before.zip(after).map(|(b, a)| a.cpu_s - b.cpu_s),
-                errors: r.errors,
-                requests: r.requests,
-                generator_cpu_us_per_request: gen_before
-                    .zip(gen_after)
-                    .map(|(b, a)| (a.cpu_s - b.cpu_s) * 1e6 / r.requests.max(1) as f64),
-                send_lag_p99_ms: rate.map(|_| r.send_lag_ms.p99),
-                wrk: None,
-            };
+            entry.peak_rss_mb = after.map(|a| a.peak_rss_mb);
+            entry.cpu_s = before.zip(after).map(|(b, a)| a.cpu_s - b.cpu_s);
             if rate.is_none() {
                 let before = t.pid.and_then(proc_stats);
-                entry.wrk = wrk(t.addr, "upstream:9080", connections, cfg.duration).await;
+                entry.wrk = wrk(t.addr, connections, cfg.duration).await;
                 let after = t.pid.and_then(proc_stats);
                 if let Some(w) = &mut entry.wrk {
                     w.proxy_cpu_s = before.zip(after).map(|(b, a)| a.cpu_s - b.cpu_s);
@@ -838,15 +792,7 @@ pub fn table(report: &Report) -> String {
     if !report.generator_vs_wrk.is_empty() {
         out.push_str("generator / wrk (same target and load):\n");
         for a in &report.generator_vs_wrk {
-            out.push_str(&format!(
-                "  {} {}: rps {:.2}, p50 {:.2}, p99 {:.2}, CPU per request {}\n",
-                a.case,
-                a.target,
-                a.rps_ratio,
-                a.p50_ratio,
-                a.p99_ratio,
-                opt(a.cpu_per_request_ratio, 2)
-            ));
+            out.push_str(&format!("  {} {}: {}\n", a.case, a.target, a.summary()));
         }
     }
     out.push_str("ratios (one run):\n");
