@@ -10,6 +10,7 @@
 pub mod docker;
 pub mod local;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -18,7 +19,8 @@ use crate::config;
 use crate::model::{Labels, Spec, Workload, WorkloadEntrySpec};
 use crate::pilot_client::{HttpClient, PilotApi};
 use crate::report::Resources;
-use crate::scenario::{FaultStep, ProxyKind};
+use crate::scenario::{FaultStep, ProxyKind, WorkloadPatch};
+use crate::workload::Behaviour;
 use crate::xds::bootstrap::EnvoyBootstrap;
 use crate::xds::node::sidecar_id;
 use crate::xds::XdsMode;
@@ -55,12 +57,16 @@ impl Options {
 #[derive(Clone, Debug)]
 pub struct PodPlan {
     pub name: String,
+    /// The Deployment it belongs to.
+    pub deployment: String,
     pub namespace: String,
     pub service: String,
     pub version: String,
     pub labels: Labels,
     /// The app's container port (0 for the load client, which has no app).
     pub port: u16,
+    /// What its app does per request (the harness changes it with `workload` steps).
+    pub behaviour: Behaviour,
 }
 
 impl PodPlan {
@@ -68,12 +74,20 @@ impl PodPlan {
     pub fn load_client() -> PodPlan {
         PodPlan {
             name: "loadclient-0".into(),
+            deployment: "loadclient".into(),
             namespace: "default".into(),
             service: "loadclient".into(),
             version: "v1".into(),
             labels: [("app".to_string(), "loadclient".to_string())].into(),
             port: 0,
+            behaviour: Behaviour::default(),
         }
+    }
+
+    /// Whether a scenario's workload key names this pod: its Deployment, its service (every
+    /// version) or the pod itself.
+    pub fn named_by(&self, key: &str) -> bool {
+        self.deployment == key || self.service == key || self.name == key
     }
 }
 
@@ -92,16 +106,24 @@ pub struct Pod {
     pub node_id: String,
     /// Its sidecar runs.
     pub running: bool,
+    /// The bearer token of its app's control listener (one per run).
+    pub control_token: String,
 }
 
 impl Pod {
-    pub fn new(plan: PodPlan, addr: PodAddr) -> Pod {
+    pub fn new(plan: PodPlan, addr: PodAddr, control_token: &str) -> Pod {
         Pod {
             node_id: sidecar_id(&addr.pod_ip, &plan.name, &plan.namespace),
             plan,
             addr,
             running: false,
+            control_token: control_token.into(),
         }
+    }
+
+    /// Its app's control listener (POD_IP:15098).
+    pub fn control(&self) -> SocketAddr {
+        sock(&self.addr.pod_ip, crate::workload::CONTROL_PORT)
     }
 
     /// The endpoint Kubernetes would register: POD_IP with the pod's labels.
@@ -187,23 +209,35 @@ pub struct Mesh {
 impl Mesh {
     /// Plans the pods, starts pilot, applies manifests then config, starts every pod and the
     /// load client, registers the pods and waits until each answers through its sidecar.
+    /// `workloads` changes the apps' default behaviour (keys: Deployment, service or pod).
     pub async fn start(
         backend: Box<dyn Backend>,
         log_dir: PathBuf,
         manifests: &[String],
         config: &[String],
+        workloads: &BTreeMap<String, WorkloadPatch>,
     ) -> Result<Mesh, Error> {
         std::fs::create_dir_all(&log_dir)
             .map_err(|e| Error::Environment(format!("cannot create {}: {e}", log_dir.display())))?;
-        let plans = plan_pods(manifests, backend.pod_limit())?;
+        let mut plans = plan_pods(manifests, backend.pod_limit())?;
+        for (key, patch) in workloads {
+            let mut named = plans.iter_mut().filter(|p| p.named_by(key)).peekable();
+            if named.peek().is_none() {
+                return Err(Error::Config(format!(
+                    "topology.workloads: {key:?} names no Deployment, service or pod of the manifests"
+                )));
+            }
+            named.for_each(|p| patch.apply(&mut p.behaviour));
+        }
+        let token = format!("{:032x}", rand::random::<u128>());
         let mut m = Mesh {
             pilot: PilotApi::new(backend.pilot_api()).with_token(Some(&backend.api_token())),
             pods: plans
                 .into_iter()
                 .enumerate()
-                .map(|(k, plan)| Pod::new(plan, backend.pod_addr(k)))
+                .map(|(k, plan)| Pod::new(plan, backend.pod_addr(k), &token))
                 .collect(),
-            client: Pod::new(PodPlan::load_client(), backend.client_addr()),
+            client: Pod::new(PodPlan::load_client(), backend.client_addr(), &token),
             backend,
             log_dir,
         };
@@ -313,6 +347,57 @@ impl Mesh {
         }
     }
 
+    /// A `workload` step: each named running pod's app takes its behaviour with the patch
+    /// applied (a restarted pod starts with it too).
+    pub async fn set_behaviour(
+        &mut self,
+        patches: &BTreeMap<String, WorkloadPatch>,
+    ) -> Result<(), Error> {
+        for (key, patch) in patches {
+            let named: Vec<usize> = (0..self.pods.len())
+                .filter(|&i| self.pods[i].plan.named_by(key))
+                .collect();
+            if named.is_empty() {
+                return Err(Error::Config(format!(
+                    "workload: {key:?} names no Deployment, service or pod"
+                )));
+            }
+            for i in named {
+                patch.apply(&mut self.pods[i].plan.behaviour);
+                let p = &self.pods[i];
+                if !p.running {
+                    continue;
+                }
+                let body = serde_json::to_string(&p.plan.behaviour)
+                    .map_err(|e| Error::Environment(e.to_string()))?;
+                let auth = format!("Bearer {}", p.control_token);
+                let r = HttpClient {
+                    timeout: Duration::from_secs(5),
+                }
+                .request(
+                    p.control(),
+                    "PUT",
+                    "/behaviour",
+                    &[
+                        ("authorization", &auth),
+                        ("content-type", "application/json"),
+                    ],
+                    &body,
+                )
+                .await?;
+                if r.status != 200 {
+                    return Err(Error::Environment(format!(
+                        "pod {}: the app refused its new behaviour ({}): {}",
+                        p.plan.name,
+                        r.status,
+                        String::from_utf8_lossy(&r.body).trim()
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Stops a pod and removes its endpoint, as Kubernetes would.
     async fn kill_pod(&mut self, i: usize) -> Result<(), Error> {
         self.backend.stop_pod(&self.pods[i]).await;
@@ -367,20 +452,24 @@ pub fn plan_pods(manifests: &[String], limit: usize) -> Result<Vec<PodPlan>, Err
             let Spec::Deployment(d) = &o.spec else {
                 continue;
             };
+            let service = d
+                .labels
+                .get("app")
+                .cloned()
+                .unwrap_or_else(|| o.name.clone());
+            let version = d
+                .labels
+                .get("version")
+                .cloned()
+                .unwrap_or_else(|| "v1".into());
             for i in 0..d.replicas {
                 pods.push(PodPlan {
                     name: format!("{}-{i}", o.name),
+                    deployment: o.name.clone(),
                     namespace: o.namespace.clone(),
-                    service: d
-                        .labels
-                        .get("app")
-                        .cloned()
-                        .unwrap_or_else(|| o.name.clone()),
-                    version: d
-                        .labels
-                        .get("version")
-                        .cloned()
-                        .unwrap_or_else(|| "v1".into()),
+                    behaviour: Behaviour::bookinfo(&service, &version),
+                    service: service.clone(),
+                    version: version.clone(),
                     labels: d.labels.clone(),
                     port: d.container_ports.first().map_or(9080, |p| p.1),
                 });
@@ -416,9 +505,10 @@ pub fn find_pod<'a>(
         })
 }
 
-/// Arguments of `meshbench workload` for a pod whose app listens on `addr`.
+/// Arguments of `meshbench workload` for a pod whose app listens on `addr` (its control
+/// token goes in the environment: [`workload_env`]).
 pub(crate) fn workload_args(p: &Pod, addr: &str) -> Vec<String> {
-    [
+    let mut a: Vec<String> = [
         "workload",
         "--service",
         &p.plan.service,
@@ -430,9 +520,21 @@ pub(crate) fn workload_args(p: &Pod, addr: &str) -> Vec<String> {
         addr,
         "--sidecar",
         &format!("{}:{}", p.addr.pod_ip, crate::xds::OUTBOUND_PORT),
+        "--control",
+        &p.control().to_string(),
     ]
     .map(String::from)
-    .to_vec()
+    .to_vec();
+    a.extend(p.plan.behaviour.to_args());
+    a
+}
+
+/// The environment of a pod's app.
+pub(crate) fn workload_env(p: &Pod) -> Vec<(String, String)> {
+    vec![(
+        crate::workload::CONTROL_TOKEN_ENV.to_string(),
+        p.control_token.clone(),
+    )]
 }
 
 /// Arguments of `meshbench proxy` as a pod's sidecar.

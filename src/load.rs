@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::workload::identities;
+use crate::workload::{degraded, identities};
 
 pub mod h1;
 
@@ -46,6 +46,81 @@ pub struct Counts {
     pub requests: u64,
     pub errors: u64,
     pub versions: BTreeMap<String, u64>,
+    /// Answers that named a degraded service.
+    pub degraded_requests: u64,
+    /// Per service, answers that named it degraded.
+    pub degraded: BTreeMap<String, u64>,
+    /// 429s and overflow 503s.
+    pub shed: u64,
+}
+
+impl Counts {
+    /// The totals of a finished load.
+    pub fn of(r: &LoadResult) -> Counts {
+        Counts {
+            requests: r.requests,
+            errors: r.errors,
+            versions: r.versions.clone(),
+            degraded_requests: r.degraded_requests,
+            degraded: r.degraded.clone(),
+            shed: r.shed,
+        }
+    }
+
+    fn add(&mut self, a: &Answered) {
+        self.requests += 1;
+        self.errors += u64::from(a.failed());
+        self.shed += u64::from(a.shed);
+        self.degraded_requests += u64::from(!a.degraded.is_empty());
+        for v in &a.versions {
+            count(&mut self.versions, v);
+        }
+        for d in &a.degraded {
+            count(&mut self.degraded, d);
+        }
+    }
+
+    fn merge(&mut self, c: &Counts) {
+        self.requests += c.requests;
+        self.errors += c.errors;
+        self.shed += c.shed;
+        self.degraded_requests += c.degraded_requests;
+        for (k, v) in &c.versions {
+            *self.versions.entry(k.clone()).or_insert(0) += v;
+        }
+        for (k, v) in &c.degraded {
+            *self.degraded.entry(k.clone()).or_insert(0) += v;
+        }
+    }
+}
+
+/// What one request gave: its status (`None`: a transport failure) and what the answer's
+/// headers said.
+#[derive(Debug, Default)]
+struct Answered {
+    status: Option<u16>,
+    versions: Vec<String>,
+    degraded: Vec<String>,
+    shed: bool,
+}
+
+impl Answered {
+    fn of(a: Option<h1::Answer>) -> Answered {
+        match a {
+            Some(a) => Answered {
+                status: Some(a.status),
+                versions: a.versions,
+                degraded: a.degraded,
+                shed: a.shed,
+            },
+            None => Answered::default(),
+        }
+    }
+
+    /// A transport failure or a 5xx.
+    fn failed(&self) -> bool {
+        self.status.is_none_or(|s| s >= 500)
+    }
 }
 
 /// Per-100-ms counts of a running load.
@@ -65,15 +140,9 @@ impl Default for Live {
 }
 
 impl Live {
-    fn record(&self, failed: bool, versions: &[String]) {
+    fn record(&self, a: &Answered) {
         let slot = self.start.elapsed().as_millis() as u64 / 100;
-        let mut slots = self.slots.lock().unwrap();
-        let c = slots.entry(slot).or_default();
-        c.requests += 1;
-        c.errors += u64::from(failed);
-        for v in versions {
-            *c.versions.entry(v.clone()).or_insert(0) += 1;
-        }
+        self.slots.lock().unwrap().entry(slot).or_default().add(a);
     }
 
     /// Totals over the last `window` (everything so far when `None`).
@@ -82,11 +151,7 @@ impl Live {
         let from = window.map_or(0, |w| now.saturating_sub(w.as_millis() as u64 / 100));
         let mut out = Counts::default();
         for (_, c) in self.slots.lock().unwrap().range(from..) {
-            out.requests += c.requests;
-            out.errors += c.errors;
-            for (k, v) in &c.versions {
-                *out.versions.entry(k.clone()).or_insert(0) += v;
-            }
+            out.merge(c);
         }
         out
     }
@@ -127,6 +192,8 @@ pub struct Second {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub versions: BTreeMap<String, u64>,
+    pub degraded: u64,
+    pub shed: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -140,6 +207,13 @@ pub struct LoadResult {
     pub errors: u64,
     pub status: BTreeMap<String, u64>,
     pub versions: BTreeMap<String, u64>,
+    /// Answers whose `x-meshbench-degraded` named a service (a 200 with part of it missing).
+    pub degraded_requests: u64,
+    /// Per service: answers that named it degraded.
+    pub degraded: BTreeMap<String, u64>,
+    /// Answers the mesh refused to protect itself: 429 (rate limited) and overflow 503s
+    /// (`x-envoy-overloaded`).
+    pub shed: u64,
     /// From the intended send time (open loop); same as uncorrected for a closed loop.
     pub latency_ms: Percentiles,
     pub uncorrected_latency_ms: Percentiles,
@@ -154,9 +228,9 @@ struct Shard {
     uncorrected: Histogram<u64>,
     lag: Histogram<u64>,
     status: BTreeMap<u16, u64>,
-    versions: BTreeMap<String, u64>,
     transport_errors: u64,
-    per_second: BTreeMap<u64, (Histogram<u64>, u64, BTreeMap<String, u64>)>,
+    counts: Counts,
+    per_second: BTreeMap<u64, (Histogram<u64>, Counts)>,
 }
 
 /// Counts `v` without a new key string when it is already there (the common case).
@@ -181,20 +255,13 @@ impl Shard {
             uncorrected: hist(),
             lag: hist(),
             status: BTreeMap::new(),
-            versions: BTreeMap::new(),
             transport_errors: 0,
+            counts: Counts::default(),
             per_second: BTreeMap::new(),
         }
     }
 
-    fn record(
-        &mut self,
-        second: u64,
-        corrected: Duration,
-        uncorrected: Duration,
-        status: Option<u16>,
-        versions: Vec<String>,
-    ) {
+    fn record(&mut self, second: u64, corrected: Duration, uncorrected: Duration, a: &Answered) {
         let c = corrected.as_micros().clamp(1, 60_000_000) as u64;
         let u = uncorrected.as_micros().clamp(1, 60_000_000) as u64;
         let _ = self.corrected.record(c);
@@ -202,23 +269,13 @@ impl Shard {
         let sec = self
             .per_second
             .entry(second)
-            .or_insert_with(|| (hist(), 0, BTreeMap::new()));
+            .or_insert_with(|| (hist(), Counts::default()));
         let _ = sec.0.record(c);
-        match status {
-            Some(s) => {
-                *self.status.entry(s).or_insert(0) += 1;
-                if s >= 500 {
-                    sec.1 += 1;
-                }
-            }
-            None => {
-                self.transport_errors += 1;
-                sec.1 += 1;
-            }
-        }
-        for v in versions {
-            count(&mut sec.2, &v);
-            count(&mut self.versions, &v);
+        sec.1.add(a);
+        self.counts.add(a);
+        match a.status {
+            Some(s) => *self.status.entry(s).or_insert(0) += 1,
+            None => self.transport_errors += 1,
         }
     }
 }
@@ -275,20 +332,12 @@ impl Request {
 /// One request: status and every workload identity the response names (the answering
 /// workload and those it called); `None` on a transport failure (the connection is then
 /// replaced).
-async fn send(
-    sender: &mut Option<Sender>,
-    spec: &LoadSpec,
-    req: &Request,
-) -> Option<(u16, Vec<String>)> {
+async fn send(sender: &mut Option<Sender>, spec: &LoadSpec, req: &Request) -> Option<h1::Answer> {
     if sender.as_ref().is_none_or(|s| !s.usable()) {
         *sender = connect(spec.target, spec.http2).await;
     }
     let r = match (sender.as_mut()?, req) {
-        (Sender::H1(c), Request::H1(bytes)) => c
-            .round_trip(bytes.as_deref()?)
-            .await
-            .ok()
-            .map(|a| (a.status, a.versions)),
+        (Sender::H1(c), Request::H1(bytes)) => c.round_trip(bytes.as_deref()?).await.ok(),
         (Sender::H2(s), _) => send_h2(s, spec).await,
         (Sender::H1(_), Request::H2) => None,
     };
@@ -301,7 +350,7 @@ async fn send(
 async fn send_h2(
     s: &mut hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
     spec: &LoadSpec,
-) -> Option<(u16, Vec<String>)> {
+) -> Option<h1::Answer> {
     s.ready().await.ok()?;
     // h2 carries the service in :authority.
     let mut req = hyper::Request::builder()
@@ -311,10 +360,15 @@ async fn send_h2(
         req = req.header(k.as_str(), v.as_str());
     }
     let resp = s.send_request(req.body(Empty::new()).ok()?).await.ok()?;
-    let status = resp.status().as_u16();
-    let versions: Vec<String> = identities(resp.headers()).map(String::from).collect();
+    let h = resp.headers();
+    let answer = h1::Answer {
+        status: resp.status().as_u16(),
+        versions: identities(h).map(String::from).collect(),
+        degraded: degraded(h).map(String::from).collect(),
+        shed: resp.status() == 429 || h.contains_key("x-envoy-overloaded"),
+    };
     resp.into_body().collect().await.ok()?;
-    Some((status, versions))
+    Some(answer)
 }
 
 /// Client threads of the generator. One thread with its own single-threaded runtime keeps every
@@ -443,7 +497,7 @@ async fn connection_loop(
     if let Request::H1(None) = req {
         // Nothing can be sent: one transport error says so, no connection is tried.
         tracing::warn!(host = %spec.host, path = %spec.path, "request cannot be sent as HTTP/1.1");
-        shard.record(0, Duration::ZERO, Duration::ZERO, None, vec![]);
+        shard.record(0, Duration::ZERO, Duration::ZERO, &Answered::default());
         return shard;
     }
     let mut sender = connect(spec.target, spec.http2).await;
@@ -480,17 +534,14 @@ async fn connection_loop(
         };
         let done = Instant::now();
         let second = done.saturating_duration_since(start).as_secs();
-        let (status, versions) = match r {
-            Some((s, v)) => (Some(s), v),
-            None => (None, vec![]),
-        };
+        let answered = Answered::of(r);
         if let Some(live) = &spec.live {
-            live.record(status.is_none_or(|s| s >= 500), &versions);
+            live.record(&answered);
         }
         let _ = shard
             .lag
             .record((sent - intended).as_micros().clamp(1, 60_000_000) as u64);
-        shard.record(second, done - intended, done - sent, status, versions);
+        shard.record(second, done - intended, done - sent, &answered);
         i += conns as u64;
     }
     shard
@@ -503,33 +554,21 @@ fn merge(spec: &LoadSpec, shards: Vec<Shard>) -> LoadResult {
         all.uncorrected.add(&s.uncorrected).expect("same bounds");
         all.lag.add(&s.lag).expect("same bounds");
         all.transport_errors += s.transport_errors;
+        all.counts.merge(&s.counts);
         for (k, v) in s.status {
             *all.status.entry(k).or_insert(0) += v;
         }
-        for (k, v) in s.versions {
-            *all.versions.entry(k).or_insert(0) += v;
-        }
-        for (sec, (h, e, vs)) in s.per_second {
+        for (sec, (h, c)) in s.per_second {
             let entry = all
                 .per_second
                 .entry(sec)
-                .or_insert_with(|| (hist(), 0, BTreeMap::new()));
+                .or_insert_with(|| (hist(), Counts::default()));
             entry.0.add(&h).expect("same bounds");
-            entry.1 += e;
-            for (k, v) in vs {
-                *entry.2.entry(k).or_insert(0) += v;
-            }
+            entry.1.merge(&c);
         }
     }
     let elapsed = spec.duration.as_secs_f64();
     let requests = all.corrected.len();
-    let errors = all.transport_errors
-        + all
-            .status
-            .iter()
-            .filter(|(s, _)| **s >= 500)
-            .map(|(_, n)| n)
-            .sum::<u64>();
     let mut status: BTreeMap<String, u64> = all
         .status
         .iter()
@@ -543,9 +582,12 @@ fn merge(spec: &LoadSpec, shards: Vec<Shard>) -> LoadResult {
         achieved_rps: requests as f64 / elapsed,
         duration_s: elapsed,
         requests,
-        errors,
+        errors: all.counts.errors,
         status,
-        versions: all.versions,
+        versions: all.counts.versions,
+        degraded_requests: all.counts.degraded_requests,
+        degraded: all.counts.degraded,
+        shed: all.counts.shed,
         latency_ms: Percentiles::of(&all.corrected),
         uncorrected_latency_ms: Percentiles::of(&all.uncorrected),
         send_lag_ms: if spec.rate.is_some() {
@@ -556,13 +598,15 @@ fn merge(spec: &LoadSpec, shards: Vec<Shard>) -> LoadResult {
         series: all
             .per_second
             .into_iter()
-            .map(|(t, (h, e, versions))| Second {
+            .map(|(t, (h, c))| Second {
                 t,
                 requests: h.len(),
-                errors: e,
+                errors: c.errors,
                 p50_ms: h.value_at_quantile(0.5) as f64 / 1000.0,
                 p99_ms: h.value_at_quantile(0.99) as f64 / 1000.0,
-                versions,
+                versions: c.versions,
+                degraded: c.degraded_requests,
+                shed: c.shed,
             })
             .collect(),
     }

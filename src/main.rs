@@ -101,9 +101,19 @@ enum Command {
         /// The pod's sidecar outbound listener (POD_IP:15001); outbound calls go through it.
         #[arg(long)]
         sidecar: Option<SocketAddr>,
-        /// Services to call per request, host:port (repeatable; default: bookinfo's call graph).
-        #[arg(long = "call")]
-        calls: Vec<String>,
+        /// A call per request: HOST:PORT[;timeout=D][;attempts=N][;path=P] (repeatable;
+        /// default: what bookinfo's real app of this service and version calls).
+        #[arg(long = "call", value_parser = workload::Call::parse)]
+        calls: Vec<workload::Call>,
+        /// Call nothing (instead of bookinfo's default calls).
+        #[arg(long, conflicts_with = "calls")]
+        no_calls: bool,
+        /// Calls one after the other (as bookinfo's apps) or all at once.
+        #[arg(long, value_enum, default_value_t = workload::CallMode::Sequential)]
+        mode: workload::CallMode,
+        /// A failed call degrades the answer (200, named in x-meshbench-degraded) or fails it (502).
+        #[arg(long, value_enum, default_value_t = workload::OnFailure::Degrade)]
+        on_failure: workload::OnFailure,
         /// Fixed latency added to every response.
         #[arg(long, default_value = "0", value_parser = parse_duration)]
         latency: Duration,
@@ -118,6 +128,9 @@ enum Command {
         error_rate: f64,
         #[arg(long, default_value_t = 500)]
         error_status: u16,
+        /// Control listener (PUT /behaviour); needs MESHBENCH_CONTROL_TOKEN as its bearer token.
+        #[arg(long)]
+        control: Option<SocketAddr>,
     },
     /// Runs a scenario: stands up the mesh, drives its steps, writes report.json, charts and
     /// report.html (default reports/<scenario>/<run-id>/).
@@ -463,33 +476,54 @@ async fn run(cmd: Command) -> ExitCode {
             pod,
             sidecar,
             calls,
+            no_calls,
+            mode,
+            on_failure,
             latency,
             jitter,
             response_size,
             error_rate,
             error_status,
+            control,
         } => {
             let listener = match pilot::bind(addr).await {
                 Ok(l) => l,
                 Err(e) => return fail(EXIT_ENVIRONMENT, &e),
             };
-            let calls = if calls.is_empty() {
+            let calls = if calls.is_empty() && !no_calls {
                 workload::bookinfo_calls(&service, &version)
             } else {
                 calls
             };
+            let behaviour = workload::Behaviour {
+                latency,
+                jitter,
+                response_size,
+                error_rate,
+                error_status,
+                calls,
+                mode,
+                on_failure,
+            };
+            if let Err(e) = behaviour.check() {
+                return fail(EXIT_BAD_INPUT, &e);
+            }
+            let control_token = std::env::var(workload::CONTROL_TOKEN_ENV).unwrap_or_default();
+            if control.is_some() && control_token.is_empty() {
+                return fail(
+                    EXIT_BAD_INPUT,
+                    &format!("--control needs {}", workload::CONTROL_TOKEN_ENV),
+                );
+            }
             let pod = pod.unwrap_or_else(|| format!("{service}-{version}"));
             let cfg = workload::Config {
                 service,
                 version,
                 pod,
                 sidecar,
-                calls,
-                latency,
-                jitter,
-                response_size,
-                error_rate,
-                error_status,
+                behaviour,
+                control,
+                control_token,
             };
             match workload::run(cfg, listener, stop).await {
                 Ok(()) => ExitCode::SUCCESS,

@@ -448,7 +448,7 @@ fn html_page(r: &Report, charts: &[(String, String)]) -> String {
         if r.passed { "PASSED" } else { "FAILED" },
         esc(&summary),
     );
-    h.push_str("<h2>Phases</h2><table><tr><th>phase</th><th>target</th><th>rps</th><th>requests</th><th>errors</th><th>p50 ms</th><th>p99 ms</th><th>p99.9 ms</th><th>versions</th></tr>\n");
+    h.push_str("<h2>Phases</h2><table><tr><th>phase</th><th>target</th><th>rps</th><th>requests</th><th>errors</th><th>shed</th><th>degraded</th><th>p50 ms</th><th>p99 ms</th><th>p99.9 ms</th><th>versions</th></tr>\n");
     for p in &r.phases {
         let l = &p.load.result;
         let versions = l
@@ -457,6 +457,7 @@ fn html_page(r: &Report, charts: &[(String, String)]) -> String {
             .map(|(k, v)| format!("{k}: {v}"))
             .collect::<Vec<_>>()
             .join(", ");
+        let degraded = degraded_line(l);
         row(
             &mut h,
             &[
@@ -465,6 +466,8 @@ fn html_page(r: &Report, charts: &[(String, String)]) -> String {
                 &format!("{:.0}", l.achieved_rps),
                 &l.requests,
                 &l.errors,
+                &l.shed,
+                &degraded,
                 &format!("{:.2}", l.latency_ms.p50),
                 &format!("{:.2}", l.latency_ms.p99),
                 &format!("{:.2}", l.latency_ms.p999),
@@ -580,6 +583,20 @@ pub fn churn_line(c: &ChurnResult) -> String {
     )
 }
 
+/// `N (reviews: a, ratings: b)`: answers with any degraded part, then per service.
+fn degraded_line(l: &crate::load::LoadResult) -> String {
+    if l.degraded_requests == 0 {
+        return "0".into();
+    }
+    let per = l
+        .degraded
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("{} ({per})", l.degraded_requests)
+}
+
 /// The terminal summary printed at the end of a run.
 pub fn summary(r: &Report) -> String {
     let mut s = format!(
@@ -594,7 +611,17 @@ pub fn summary(r: &Report) -> String {
     );
     for p in &r.phases {
         let l = &p.load.result;
-        s.push_str(&format!("  phase {:<12} {:>7.0} rps  {:>6} requests  {:>3} errors  p50 {:.2} ms  p99 {:.2} ms\n", p.name, l.achieved_rps, l.requests, l.errors, l.latency_ms.p50, l.latency_ms.p99));
+        s.push_str(&format!(
+            "  phase {:<12} {:>7.0} rps  {:>6} requests  {:>3} errors  p50 {:.2} ms  p99 {:.2} ms",
+            p.name, l.achieved_rps, l.requests, l.errors, l.latency_ms.p50, l.latency_ms.p99
+        ));
+        if l.shed > 0 {
+            s.push_str(&format!("  {} shed", l.shed));
+        }
+        if l.degraded_requests > 0 {
+            s.push_str(&format!("  degraded {}", degraded_line(l)));
+        }
+        s.push('\n');
     }
     for p in &r.propagation {
         s.push_str(&format!("  change v{:<3} {:<40} push p99 {} ms, ACK p50 {} / p99 {} ms over {} proxies, data plane {} ms\n", p.version, p.change, opt(&p.push_ms, |d| d.p99), opt(&p.ack_ms, |d| d.p50), opt(&p.ack_ms, |d| d.p99), p.proxies, opt(&p.data_plane_ms, |d| d.p50)));

@@ -18,7 +18,9 @@ use crate::measure::proc_stats;
 use crate::pilot::api::ProxyStatus;
 use crate::pilot_client::PilotApi;
 use crate::report::{self, Dist, Expectation, Phase, PhaseLoad, Propagation, Report};
-use crate::scenario::{BackendKind, ExpectStep, FaultStep, ProxyKind, Scenario, Step};
+use crate::scenario::{
+    BackendKind, Degraded, ExpectStep, FaultStep, ProxyKind, Scenario, Share, Step,
+};
 use crate::shutdown::Shutdown;
 use crate::sim::SIM_NAMESPACE;
 
@@ -146,7 +148,14 @@ pub async fn run(
             BackendKind::Local => Box::new(LocalBackend::new(backend_opts)),
             BackendKind::Docker => Box::new(DockerBackend::new(backend_opts).await?),
         };
-        let b = Mesh::start(substrate, log_dir, manifests, config).await?;
+        let b = Mesh::start(
+            substrate,
+            log_dir,
+            manifests,
+            config,
+            &scenario.topology.workloads,
+        )
+        .await?;
         eprintln!(
             "meshbench: {} pods up in {:.1} s; running {} steps",
             b.pods.len(),
@@ -271,6 +280,7 @@ impl Runner<'_> {
             Step::WaitLoad(name) => self.finish_load(name).await,
             Step::Expect(e) => self.expect(i, e).await,
             Step::Fault(f) => self.b.fault(f).await?,
+            Step::Workload(w) => self.b.set_behaviour(w).await?,
             Step::Churn(c) => {
                 let name = c
                     .name
@@ -407,11 +417,7 @@ impl Runner<'_> {
         if let Some(l) = name.as_ref().and_then(|n| self.loads.get(n)) {
             let n = name.as_deref().unwrap_or("");
             let counts = match (&l.result, window) {
-                (Some(r), None) => load::Counts {
-                    requests: r.requests,
-                    errors: r.errors,
-                    versions: r.versions.clone(),
-                },
+                (Some(r), None) => load::Counts::of(r),
                 _ => l.live.totals(window),
             };
             let scope = window.map_or(format!("load {n}"), |w| format!("load {n}, last {w:?}"));
@@ -476,7 +482,55 @@ impl Runner<'_> {
                     counts.requests > 0 && rate <= max,
                 );
             }
-            if let Some(lat) = &e.latency {
+            let share = |n: u64| {
+                if counts.requests == 0 {
+                    0.0
+                } else {
+                    100.0 * n as f64 / counts.requests as f64
+                }
+            };
+            let degraded: Vec<(String, Share, u64)> = match &e.degraded {
+                Some(Degraded::Any(s)) => vec![("".into(), *s, counts.degraded_requests)],
+                Some(Degraded::PerService(m)) => m
+                    .iter()
+                    .map(|(svc, s)| {
+                        (
+                            svc.clone(),
+                            *s,
+                            counts.degraded.get(svc).copied().unwrap_or(0),
+                        )
+                    })
+                    .collect(),
+                None => vec![],
+            };
+            for (svc, bound, n) in degraded {
+                let what = if svc.is_empty() {
+                    "degraded answers".to_string()
+                } else {
+                    format!("answers with {svc} degraded")
+                };
+                push(
+                    format!("{what} ({scope})"),
+                    bound.describe(),
+                    format!("{:.3}% ({n} of {})", share(n), counts.requests),
+                    counts.requests > 0 && bound.admits(share(n)),
+                );
+            }
+            if let Some(bound) = &e.shed {
+                push(
+                    format!("shed answers, 429 and overflow 503 ({scope})"),
+                    bound.describe(),
+                    format!(
+                        "{:.3}% ({} of {})",
+                        share(counts.shed),
+                        counts.shed,
+                        counts.requests
+                    ),
+                    counts.requests > 0 && bound.admits(share(counts.shed)),
+                );
+            }
+            for (lat, at_least) in [(&e.latency, false), (&e.latency_at_least, true)] {
+                let Some(lat) = lat else { continue };
                 match &l.result {
                     Some(r) => {
                         for (q, bound, got) in [
@@ -488,9 +542,16 @@ impl Runner<'_> {
                                 let bound_ms = b.0.as_secs_f64() * 1000.0;
                                 push(
                                     format!("latency {q} (load {n})"),
-                                    format!("<= {bound_ms:.1} ms"),
+                                    format!(
+                                        "{} {bound_ms:.1} ms",
+                                        if at_least { ">=" } else { "<=" }
+                                    ),
                                     format!("{got:.2} ms"),
-                                    got <= bound_ms,
+                                    if at_least {
+                                        got >= bound_ms
+                                    } else {
+                                        got <= bound_ms
+                                    },
                                 );
                             }
                         }
@@ -604,6 +665,7 @@ fn describe(step: &Step) -> String {
         Step::Expect(_) => "expect".into(),
         Step::Fault(f) => format!("fault {f:?}"),
         Step::WaitLoad(n) => format!("wait for load {n}"),
+        Step::Workload(w) => format!("workload {}", serde_json::to_string(w).unwrap_or_default()),
         Step::Churn(c) => format!(
             "churn {} endpoints in {} services, {}/s for {:?}, {} simulated proxies ({})",
             c.endpoints, c.services, c.rate, c.duration.0, c.proxies, c.xds

@@ -13,6 +13,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_saphyr::Spanned;
 
 use crate::model::parse_duration;
+use crate::workload::{Behaviour, Call, CallMode, OnFailure};
 use crate::xds::debounce::MAX_DEBOUNCE;
 use crate::xds::XdsMode;
 
@@ -96,6 +97,92 @@ pub struct Topology {
     /// Istio config applied before the first step.
     #[serde(default)]
     pub config: Vec<String>,
+    /// Workload behaviour by Deployment name, service (every version) or pod name, on top of
+    /// the default (bookinfo's real apps for bookinfo's names; an echo otherwise).
+    #[serde(default)]
+    pub workloads: BTreeMap<String, WorkloadPatch>,
+}
+
+/// Changes to a workload's [`Behaviour`]: what is given replaces that field, the rest stays.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadPatch {
+    /// Added to every response, after the calls.
+    pub latency: Option<Dur>,
+    /// Uniform extra latency in [0, jitter).
+    pub jitter: Option<Dur>,
+    pub response_size: Option<usize>,
+    /// Fraction of requests answered with `error_status`.
+    pub error_rate: Option<f64>,
+    pub error_status: Option<u16>,
+    /// Replaces the calls (an empty list calls nothing).
+    pub calls: Option<Vec<CallSpec>>,
+    pub mode: Option<CallMode>,
+    pub on_failure: Option<OnFailure>,
+}
+
+/// One outbound call of a workload, as a scenario writes it.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallSpec {
+    /// `service:port`
+    pub host: String,
+    #[serde(default = "root")]
+    pub path: String,
+    /// Per attempt (default: none).
+    pub timeout: Option<Dur>,
+    /// Attempts in all (default 1).
+    #[serde(default = "one")]
+    pub attempts: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl WorkloadPatch {
+    pub fn apply(&self, b: &mut Behaviour) {
+        if let Some(d) = self.latency {
+            b.latency = d.0;
+        }
+        if let Some(d) = self.jitter {
+            b.jitter = d.0;
+        }
+        if let Some(n) = self.response_size {
+            b.response_size = n;
+        }
+        if let Some(r) = self.error_rate {
+            b.error_rate = r;
+        }
+        if let Some(s) = self.error_status {
+            b.error_status = s;
+        }
+        if let Some(calls) = &self.calls {
+            b.calls = calls
+                .iter()
+                .map(|c| Call {
+                    host: c.host.clone(),
+                    path: c.path.clone(),
+                    timeout: c.timeout.map(|d| d.0),
+                    attempts: c.attempts,
+                    error_text: None,
+                })
+                .collect();
+        }
+        if let Some(m) = self.mode {
+            b.mode = m;
+        }
+        if let Some(f) = self.on_failure {
+            b.on_failure = f;
+        }
+    }
+
+    /// Whether the patch can be applied: a bad fraction, status or call is refused here.
+    fn check(&self) -> Result<(), String> {
+        let mut b = Behaviour::default();
+        self.apply(&mut b);
+        b.check()
+    }
 }
 
 /// Probing for data-plane propagation: after every `apply`, requests through the client
@@ -187,6 +274,63 @@ pub struct PropagationBound {
     pub data_plane: Option<Dur>,
 }
 
+/// A bound on a share of a load's answers, in percent: a number is the most allowed;
+/// `{min, max}` bounds it either way.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum Share {
+    Max(f64),
+    Range(ShareRange),
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShareRange {
+    pub min: Option<f64>,
+    pub max: Option<f64>,
+}
+
+impl Share {
+    pub fn bounds(&self) -> (f64, f64) {
+        match *self {
+            Share::Max(m) => (0.0, m),
+            Share::Range(r) => (r.min.unwrap_or(0.0), r.max.unwrap_or(100.0)),
+        }
+    }
+
+    pub fn admits(&self, pct: f64) -> bool {
+        let (lo, hi) = self.bounds();
+        pct >= lo && pct <= hi
+    }
+
+    pub fn describe(&self) -> String {
+        match self.bounds() {
+            (lo, hi) if lo <= 0.0 => format!("<= {hi}%"),
+            (lo, hi) if hi >= 100.0 => format!(">= {lo}%"),
+            (lo, hi) => format!("{lo}% to {hi}%"),
+        }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let (lo, hi) = self.bounds();
+        if !(0.0..=100.0).contains(&lo) || !(0.0..=100.0).contains(&hi) || lo > hi {
+            return Err(format!(
+                "{}: percentages between 0 and 100, min <= max",
+                self.describe()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Degraded answers: over all services, or per service.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum Degraded {
+    Any(Share),
+    PerService(BTreeMap<String, Share>),
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExpectStep {
@@ -197,7 +341,17 @@ pub struct ExpectStep {
     pub split: Option<Split>,
     /// Largest error rate in percent (0 = not one failed request).
     pub errors: Option<f64>,
+    /// Share of answers that were degraded (a number: at most that percent of all answers),
+    /// or per service (`{reviews: 0}`: reviews was never missing from an answer).
+    pub degraded: Option<Degraded>,
+    /// Share of answers the mesh shed (429 rate limited, overflow 503 with
+    /// `x-envoy-overloaded`), in percent.
+    pub shed: Option<Share>,
+    /// Upper bounds on the load's latency percentiles.
     pub latency: Option<Latency>,
+    /// Lower bounds (a timeout or a delay that must show: Istio's fault-injection task
+    /// answers after about 6 s).
+    pub latency_at_least: Option<Latency>,
     pub propagation: Option<PropagationBound>,
 }
 
@@ -255,6 +409,8 @@ pub enum Step {
     WaitLoad(String),
     /// Endpoint churn with simulated proxies (see `churn`).
     Churn(ChurnSpec),
+    /// Changes running workloads' behaviour (keys as `topology.workloads`).
+    Workload(BTreeMap<String, WorkloadPatch>),
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -396,6 +552,10 @@ impl Scenario {
                 MAX_DEBOUNCE.as_secs()
             )));
         }
+        for (name, w) in &topology.workloads {
+            w.check()
+                .map_err(|m| top(format!("topology.workloads.{name}: {m}")))?;
+        }
         if topology.manifests.is_empty() {
             return Err(top(
                 "topology.manifests: at least one manifest file is needed".into(),
@@ -444,7 +604,12 @@ impl Scenario {
                         if !loads.contains(name) {
                             return Err(at(i, format!("expect.load: no load named {name:?} before this step (loads so far: {loads:?})")));
                         }
-                    } else if (e.split.is_some() || e.errors.is_some() || e.latency.is_some())
+                    } else if (e.split.is_some()
+                        || e.errors.is_some()
+                        || e.latency.is_some()
+                        || e.latency_at_least.is_some()
+                        || e.degraded.is_some()
+                        || e.shed.is_some())
                         && loads.is_empty()
                     {
                         return Err(at(
@@ -455,13 +620,27 @@ impl Scenario {
                     if e.split.is_none()
                         && e.errors.is_none()
                         && e.latency.is_none()
+                        && e.latency_at_least.is_none()
                         && e.propagation.is_none()
+                        && e.degraded.is_none()
+                        && e.shed.is_none()
                     {
                         return Err(at(
                             i,
-                            "expect: give at least one of split, errors, latency, propagation"
+                            "expect: give at least one of split, errors, latency, latency_at_least, propagation, degraded, shed"
                                 .into(),
                         ));
+                    }
+                    let shares = e.shed.iter().map(|s| ("shed", s)).chain(match &e.degraded {
+                        Some(Degraded::Any(s)) => vec![("degraded", s)],
+                        Some(Degraded::PerService(m)) => {
+                            m.values().map(|s| ("degraded", s)).collect()
+                        }
+                        None => vec![],
+                    });
+                    for (what, s) in shares {
+                        s.check()
+                            .map_err(|m| at(i, format!("expect.{what}: {m}")))?;
                     }
                     if let Some(s) = &e.split {
                         let sum: f64 = s.versions.values().sum();
@@ -499,6 +678,16 @@ impl Scenario {
                         return Err(at(i, m.into()));
                     }
                     Step::Churn(c)
+                }
+                Step::Workload(w) => {
+                    if w.is_empty() {
+                        return Err(at(i, "workload: name at least one workload".into()));
+                    }
+                    for (name, p) in &w {
+                        p.check()
+                            .map_err(|m| at(i, format!("workload.{name}: {m}")))?;
+                    }
+                    Step::Workload(w)
                 }
                 Step::Fault(FaultStep::ControlPlane(a)) if a != "stop" && a != "start" => {
                     return Err(at(

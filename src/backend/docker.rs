@@ -32,7 +32,8 @@ use bollard::Docker;
 use futures::StreamExt;
 
 use super::{
-    envoy_bootstrap, sidecar_args, workload_args, Backend, Error, Options, Pod, PodAddr, ENVOY_ARGS,
+    envoy_bootstrap, sidecar_args, workload_args, workload_env, Backend, Error, Options, Pod,
+    PodAddr, ENVOY_ARGS,
 };
 use crate::launch::{wait_tcp, PilotArgs, PILOT_START_LIMIT, RUN_ENV};
 use crate::report::{ProcessCost, Resources};
@@ -434,12 +435,13 @@ impl Backend for DockerBackend {
         if p.plan.port != 0 {
             let args = workload_args(p, &format!("{}:{}", p.addr.app_ip, p.plan.port));
             c.workload = Some(
-                self.run(
+                self.run_with_env(
                     &format!("{name}-app"),
                     "workload",
                     &self.meshbench_image,
                     "/meshbench",
                     &args,
+                    &workload_env(p),
                     Net::Join(&infra),
                 )
                 .await?,

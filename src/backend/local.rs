@@ -9,7 +9,8 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use super::{
-    envoy_bootstrap, sidecar_args, workload_args, Backend, Error, Options, Pod, PodAddr, ENVOY_ARGS,
+    envoy_bootstrap, sidecar_args, workload_args, workload_env, Backend, Error, Options, Pod,
+    PodAddr, ENVOY_ARGS,
 };
 use crate::launch::{command, log_file, PilotArgs, PilotProcess, Process};
 use crate::measure::proc_stats;
@@ -142,6 +143,7 @@ impl Backend for LocalBackend {
                 p,
                 &format!("{}:{}", p.addr.app_ip, p.plan.port),
             ))
+            .envs(workload_env(p))
             .stderr(log_file(&self.opts.log_dir, &p.plan.name));
             Some(Process::spawn(
                 c,

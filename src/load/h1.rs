@@ -8,7 +8,7 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::workload::{IDENTITY_HEADER, UPSTREAMS_HEADER};
+use crate::workload::{DEGRADED_HEADER, IDENTITY_HEADER, UPSTREAMS_HEADER};
 
 /// Most header lines an answer may carry.
 const MAX_HEADERS: usize = 64;
@@ -39,6 +39,11 @@ pub fn request(host: &str, path: &str, headers: &[(String, String)]) -> Option<V
 pub struct Answer {
     pub status: u16,
     pub versions: Vec<String>,
+    /// The services `x-meshbench-degraded` names.
+    pub degraded: Vec<String>,
+    /// Refused by the mesh to protect itself: a 429 (rate limit) or an answer with
+    /// `x-envoy-overloaded` (a circuit breaker's overflow 503).
+    pub shed: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -207,7 +212,8 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, Error> {
     let status = resp.code.unwrap_or(0);
     let mut framing = Framing::Close;
     let mut close = resp.version == Some(0);
-    let (mut identity, mut upstreams) = (None, None);
+    let (mut identity, mut upstreams, mut degraded) = (None, None, None);
+    let mut shed = status == 429;
     for h in resp.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("content-length") {
@@ -238,21 +244,34 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, Error> {
             identity = std::str::from_utf8(h.value).ok();
         } else if name.eq_ignore_ascii_case(UPSTREAMS_HEADER) {
             upstreams = std::str::from_utf8(h.value).ok();
+        } else if name.eq_ignore_ascii_case(DEGRADED_HEADER) {
+            degraded = std::str::from_utf8(h.value).ok();
+        } else if name.eq_ignore_ascii_case("x-envoy-overloaded") {
+            shed = true;
         }
     }
     // 1xx, 204 and 304 have no body whatever the headers say.
     if status < 200 || status == 204 || status == 304 {
         framing = Framing::Length(0);
     }
-    let versions = [identity, upstreams]
-        .into_iter()
-        .flatten()
-        .flat_map(|v| v.split(','))
-        .filter(|s| !s.is_empty())
-        .map(String::from)
-        .collect();
+    let list = |vs: &[Option<&str>]| -> Vec<String> {
+        vs.iter()
+            .flatten()
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect()
+    };
+    let versions = list(&[identity, upstreams]);
+    let degraded = list(&[degraded]);
     Ok(Some((
-        Answer { status, versions },
+        Answer {
+            status,
+            versions,
+            degraded,
+            shed,
+        },
         framing,
         head_len,
         close,
@@ -295,8 +314,8 @@ mod tests {
     #[tokio::test]
     async fn reads_length_chunked_and_bodyless_answers_on_one_connection() {
         let addr = serve(vec![
-            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-meshbench-workload: reviews-v1\r\nx-meshbench-upstreams: ratings-v1,\r\n\r\nhello",
-            b"HTTP/1.1 503 Service Unavailable\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n10\r\n0123456789abcdef\r\n0\r\nx-trailer: 1\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-meshbench-workload: reviews-v1\r\nx-meshbench-upstreams: ratings-v1,\r\nx-meshbench-degraded: ratings, details\r\n\r\nhello",
+            b"HTTP/1.1 503 Service Unavailable\r\nx-envoy-overloaded: true\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n10\r\n0123456789abcdef\r\n0\r\nx-trailer: 1\r\n\r\n",
             b"HTTP/1.1 204 No Content\r\ncontent-length: 99\r\n\r\n",
             b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
         ])
@@ -306,7 +325,10 @@ mod tests {
         let a = c.round_trip(&req).await.unwrap();
         assert_eq!(a.status, 200);
         assert_eq!(a.versions, ["reviews-v1", "ratings-v1"]);
-        assert_eq!(c.round_trip(&req).await.unwrap().status, 503);
+        assert_eq!(a.degraded, ["ratings", "details"]);
+        assert!(!a.shed);
+        let overflow = c.round_trip(&req).await.unwrap();
+        assert_eq!((overflow.status, overflow.shed), (503, true));
         assert_eq!(c.round_trip(&req).await.unwrap().status, 204);
         assert_eq!(c.round_trip(&req).await.unwrap().status, 200);
         assert!(c.reusable());

@@ -103,6 +103,7 @@ pub async fn start_workload(ip: &str, service: &str, version: &str) -> SocketAdd
         service: service.into(),
         version: version.into(),
         pod: format!("{service}-{version}-0"),
+        behaviour: workload::Behaviour::bookinfo(service, version),
         ..Default::default()
     };
     tokio::spawn(workload::run(cfg, l, stop));
