@@ -494,3 +494,160 @@ async fn envoy_and_meshbench_proxy_agree_case_by_case() {
     }
     eprintln!("differential: weights v1 share {shares:?}; retries {attempts:?}; circuit breaker (ok, overflow) {results:?}; per-try {per_try:?}; ejection {ejected:?}");
 }
+
+/// A stat of a cluster from a sidecar's admin `/stats` (0 when absent).
+async fn cluster_stat(admin: SocketAddr, cluster: &str, stat: &str) -> u64 {
+    let body = http(admin, "GET", "/stats", "").await.body;
+    let prefix = format!("cluster.{cluster}.{stat}: ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Istio's default retry policy (what istiod puts on every route without `retries`), as
+/// Envoy and meshbench proxy apply it: a refused connection is retried on another host, a 503
+/// answer is not, gRPC `unavailable` is; `attempts: 0` switches retries off; HTTP status codes
+/// in `retryOn` are retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istios_default_retry_policy_agrees() {
+    let Some(bin) = envoy_binary() else { return };
+    let p = start_pilot(Duration::ZERO).await;
+    let good = start_upstream("127.0.0.1", "pair-good", Behavior::Ok).await;
+    // A port nothing listens on: connections to it are refused.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let flaky = start_upstream("127.0.0.1", "flaky-v1", Behavior::Status(503)).await;
+    let grpc = start_upstream("127.0.0.1", "grpc-v1", Behavior::Grpc(14)).await;
+    let services = ["pair", "flaky", "grpc"]
+        .map(|s| format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {s}}}\nspec: {{ports: [{{port: 9080, name: http}}], selector: {{app: {s}}}}}\n"))
+        .join("---\n");
+    let base = [
+        services,
+        entry("pair-good", "pair", "v1", good.addr),
+        entry("pair-dead", "pair", "v1", dead),
+        entry("flaky-1", "flaky", "v1", flaky.addr),
+        entry("grpc-1", "grpc", "v1", grpc.addr),
+    ]
+    .join("---\n");
+    let (s, body) = json(p.api, "POST", "/v1/apply", &base).await;
+    assert_eq!(s, 200, "{body}");
+    let envoy = start_envoy(&bin, p.xds, "client", "client-envoy", &[("app", "client")]).await;
+    let mesh = start_mesh_proxy(p.xds, "client", "client-mesh", &[("app", "client")]).await;
+    let sidecars = [
+        (
+            Sidecar {
+                name: "envoy",
+                outbound: format!("{}:15001", envoy.pod_ip).parse().unwrap(),
+                node_id: envoy.node_id.clone(),
+            },
+            envoy.admin,
+        ),
+        (
+            Sidecar {
+                name: "meshbench",
+                outbound: format!("{}:15001", mesh.pod_ip).parse().unwrap(),
+                node_id: mesh.node_id.clone(),
+            },
+            mesh.admin,
+        ),
+    ];
+    let v = apply_ok(p.api, "apiVersion: v1\nkind: Service\nmetadata: {name: marker}\nspec: {ports: [{port: 9080, name: http}], selector: {app: marker}}\n").await.version;
+    for (s, _) in &sidecars {
+        wait_synced(p.api, &s.node_id, v).await;
+    }
+    let pair = "outbound|9080||pair.default.svc.cluster.local";
+    let mut report = Vec::new();
+
+    // 1. No VirtualService: every request to the pair succeeds; the ones that picked the
+    // refusing host first were retried on the other host. Round robin makes that nearly all
+    // of them: a retried request takes two picks (refusing host, then the other), so the
+    // next request starts on the refusing host again.
+    for (s, admin) in &sidecars {
+        good.take_hits();
+        let m = run_requests(s, "pair:9080", "/", &[], 20).await;
+        assert_eq!(
+            m.keys().map(|o| o.status).collect::<Vec<_>>(),
+            vec![200],
+            "{}: {m:?}",
+            s.name
+        );
+        let retries = cluster_stat(*admin, pair, "upstream_rq_retry").await;
+        assert!(
+            (18..=20).contains(&retries),
+            "{}: {retries} retries for 20 requests over two hosts",
+            s.name
+        );
+        assert_eq!(good.take_hits(), 20, "{}", s.name);
+        report.push((s.name, "default: refused retried", retries));
+    }
+    // 2. A 503 answer is not retried by the default policy; 3. gRPC unavailable is (twice).
+    for (s, _) in &sidecars {
+        flaky.take_hits();
+        let m = run_requests(s, "flaky:9080", "/", &[], 5).await;
+        assert_eq!(
+            m.keys().map(|o| o.status).collect::<Vec<_>>(),
+            vec![503],
+            "{}",
+            s.name
+        );
+        assert_eq!(
+            flaky.take_hits(),
+            5,
+            "{}: 503 answers are not retried by default",
+            s.name
+        );
+        grpc.take_hits();
+        run_requests(
+            s,
+            "grpc:9080",
+            "/",
+            &[("content-type", "application/grpc")],
+            5,
+        )
+        .await;
+        let hits = grpc.take_hits();
+        assert_eq!(hits, 15, "{}: grpc-status 14 is retried twice", s.name);
+        report.push((s.name, "grpc unavailable attempts", hits));
+    }
+    // 4. `attempts: 0` switches retries off: refused connections surface as 503s; 5. status
+    // codes in retryOn are retried.
+    let v = apply_ok(
+        p.api,
+        &[
+            vs("pair", "  - retries: {attempts: 0}\n    route: [{destination: {host: pair}}]\n"),
+            vs("flaky", "  - retries: {attempts: 3, retryOn: \"503\"}\n    route: [{destination: {host: flaky}}]\n"),
+        ]
+        .join("---\n"),
+    )
+    .await
+    .version;
+    for (s, _) in &sidecars {
+        wait_synced(p.api, &s.node_id, v).await;
+    }
+    for (s, _) in &sidecars {
+        let m = run_requests(s, "pair:9080", "/", &[], 20).await;
+        let failed: usize = m
+            .iter()
+            .filter(|(o, _)| o.status == 503)
+            .map(|(_, n)| n)
+            .sum();
+        assert!(
+            (5..=15).contains(&failed),
+            "{}: {failed} of 20 failed without retries: {m:?}",
+            s.name
+        );
+        flaky.take_hits();
+        run_requests(s, "flaky:9080", "/", &[], 5).await;
+        assert_eq!(
+            flaky.take_hits(),
+            20,
+            "{}: retryOn 503 with 3 attempts",
+            s.name
+        );
+        report.push((s.name, "attempts 0: failures", failed as u64));
+    }
+    eprintln!("default retry policy: {report:?}");
+}

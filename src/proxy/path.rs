@@ -204,11 +204,19 @@ where
         Ok(b) => b,
         Err(reply) => return reply,
     };
+    let hosts = HostChoice::new(&policy);
     route_timeout(
         &cluster,
         timeout,
         retry(&cluster, &policy, || {
-            attempt(&cluster, transport, &parts, &body, policy.per_try_timeout)
+            attempt(
+                &cluster,
+                transport,
+                &parts,
+                &body,
+                policy.per_try_timeout,
+                &hosts,
+            )
         }),
     )
     .await
@@ -404,6 +412,7 @@ pub enum Outcome<R: Body> {
 pub enum Failure {
     ConnectFailure,
     Reset,
+    RefusedStream,
     PerTryTimeout,
 }
 
@@ -412,6 +421,7 @@ impl Failure {
         match self {
             Failure::ConnectFailure => p.on_connect_failure || p.on_5xx || p.on_gateway_error,
             Failure::Reset => p.on_reset || p.on_5xx,
+            Failure::RefusedStream => p.on_refused_stream || p.on_reset || p.on_5xx,
             Failure::PerTryTimeout => p.on_5xx || p.on_gateway_error,
         }
     }
@@ -420,6 +430,7 @@ impl Failure {
         match self {
             Failure::ConnectFailure => local(503, "upstream connect error or disconnect/reset before headers. reset reason: connection failure"),
             Failure::Reset => local(503, "upstream connect error or disconnect/reset before headers. reset reason: connection termination"),
+            Failure::RefusedStream => local(503, "upstream connect error or disconnect/reset before headers. reset reason: remote refused stream reset"),
             Failure::PerTryTimeout => local(504, "upstream request timeout"),
         }
     }
@@ -444,7 +455,7 @@ where
         }
         let (retryable, reply, failed) = match outcome {
             Outcome::Done(r) => return r,
-            Outcome::Status(status, r) => (policy.retry_status(status), r, false),
+            Outcome::Status(status, r) => (policy.retry_response(status, r.headers()), r, false),
             Outcome::Failed(f) => (f.retryable(policy), f.reply(), true),
         };
         if !(retryable && retries < policy.num_retries && cluster.begin_retry()) {
@@ -469,8 +480,9 @@ pub async fn attempt<T: Transport>(
     parts: &http::request::Parts,
     body: &Bytes,
     per_try_timeout: Option<Duration>,
+    hosts: &HostChoice,
 ) -> Outcome<T::Body> {
-    let Some(host) = cluster.pick() else {
+    let Some(host) = hosts.pick(cluster) else {
         return Outcome::Done(local(503, "no healthy upstream"));
     };
     let guard = match cluster.admit(host).await {
@@ -528,11 +540,46 @@ pub async fn attempt<T: Transport>(
     }
 }
 
+/// Host selection across a request's attempts: with the `previous_hosts` retry predicate a
+/// retry picks again (up to the policy's `host_selection_max_attempts` times) while the pick
+/// is a host already tried, then takes the last pick, as Envoy does.
+pub struct HostChoice {
+    previous_hosts: bool,
+    reselect: u32,
+    tried: std::sync::Mutex<Vec<Arc<Host>>>,
+}
+
+impl HostChoice {
+    pub fn new(policy: &RetryPolicy) -> HostChoice {
+        HostChoice {
+            previous_hosts: policy.previous_hosts,
+            reselect: policy.host_selection_max_attempts,
+            tried: Default::default(),
+        }
+    }
+
+    fn pick(&self, cluster: &Cluster) -> Option<Arc<Host>> {
+        let mut host = cluster.pick()?;
+        if self.previous_hosts {
+            let mut tried = self.tried.lock().unwrap();
+            for _ in 0..self.reselect {
+                if !tried.iter().any(|t| Arc::ptr_eq(t, &host)) {
+                    break;
+                }
+                host = cluster.pick()?;
+            }
+            tried.push(host.clone());
+        }
+        Some(host)
+    }
+}
+
 impl From<SendError> for Failure {
     fn from(e: SendError) -> Failure {
         match e {
             SendError::ConnectFailure => Failure::ConnectFailure,
             SendError::Reset => Failure::Reset,
+            SendError::RefusedStream => Failure::RefusedStream,
         }
     }
 }
@@ -620,6 +667,8 @@ mod tests {
     struct FakeUpstream {
         hosts: Mutex<HashMap<SocketAddr, Vec<Behaviour>>>,
         hits: Mutex<HashMap<SocketAddr, u32>>,
+        /// `grpc-status` added to every answer of a host.
+        grpc: Mutex<HashMap<SocketAddr, u32>>,
     }
 
     impl FakeUpstream {
@@ -638,6 +687,9 @@ mod tests {
             self.hits.lock().unwrap().get(&host).copied().unwrap_or(0)
         }
     }
+
+    /// Status 0 in a behaviour: the connection is refused.
+    const REFUSED: u16 = 0;
 
     impl Transport for FakeUpstream {
         type Body = Full<Bytes>;
@@ -658,8 +710,14 @@ mod tests {
                 }
             };
             tokio::time::sleep(b.delay).await;
+            if b.status == REFUSED {
+                return Err(SendError::ConnectFailure);
+            }
             let mut r = Response::new(Full::new(Bytes::from_static(b"ok")));
             *r.status_mut() = StatusCode::from_u16(b.status).unwrap();
+            if let Some(g) = self.grpc.lock().unwrap().get(&host.addr) {
+                r.headers_mut().insert("grpc-status", (*g).into());
+            }
             Ok((r, None))
         }
     }
@@ -673,6 +731,15 @@ mod tests {
         thresholds: Thresholds,
         outlier: Option<Outlier>,
     ) -> Arc<Cluster> {
+        cluster_lb(hosts, thresholds, outlier, Lb::RoundRobin)
+    }
+
+    fn cluster_lb(
+        hosts: &[SocketAddr],
+        thresholds: Thresholds,
+        outlier: Option<Outlier>,
+        lb: Lb,
+    ) -> Arc<Cluster> {
         let cfg = ClusterCfg {
             name: "outbound|9080||test".into(),
             discovery: Discovery::Static(
@@ -685,7 +752,7 @@ mod tests {
                     })
                     .collect(),
             ),
-            lb: Lb::RoundRobin,
+            lb,
             connect_timeout: Duration::from_secs(1),
             thresholds,
             outlier,
@@ -707,11 +774,12 @@ mod tests {
         timeout: Option<Duration>,
     ) -> Response<ProxyBody<Full<Bytes>>> {
         let (parts, body) = (parts(), Bytes::new());
+        let hosts = HostChoice::new(policy);
         route_timeout(
             c,
             timeout,
             retry(c, policy, || {
-                attempt(c, up, &parts, &body, policy.per_try_timeout)
+                attempt(c, up, &parts, &body, policy.per_try_timeout, &hosts)
             }),
         )
         .await
@@ -763,6 +831,90 @@ mod tests {
             503
         );
         assert_eq!(up.hits(addr(1)), 7);
+    }
+
+    /// What istiod puts on every route a VirtualService gives no retries.
+    fn istio_default() -> RetryPolicy {
+        let route = envoy_types::pb::envoy::config::route::v3::RetryPolicy {
+            retry_on: "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
+                .into(),
+            num_retries: Some(envoy_types::pb::google::protobuf::UInt32Value { value: 2 }),
+            host_selection_retry_max_attempts: 5,
+            retry_host_predicate: vec![
+                envoy_types::pb::envoy::config::route::v3::retry_policy::RetryHostPredicate {
+                    name: "envoy.retry_host_predicates.previous_hosts".into(),
+                    config_type: None,
+                },
+            ],
+            ..Default::default()
+        };
+        super::super::resources::retry_policy_for_test(&route).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn istios_default_policy_retries_refusals_and_grpc_unavailable_not_503s() {
+        let c = cluster(&[addr(1), addr(2)], DEFAULT_THRESHOLDS, None);
+        let up = FakeUpstream::default();
+        let p = istio_default();
+        // A refused connection is retried, on the other host.
+        up.set(addr(1), &[(REFUSED, 0)]);
+        up.set(addr(2), &[(200, 0)]);
+        for _ in 0..4 {
+            assert_eq!(send(&c, &up, &p, None).await.status(), 200);
+        }
+        assert_eq!(up.hits(addr(2)), 4);
+        // A 503 answer is not retried: retriable-status-codes has no codes.
+        up.set(addr(1), &[(503, 0)]);
+        up.set(addr(2), &[(503, 0)]);
+        let before = up.hits(addr(1)) + up.hits(addr(2));
+        assert_eq!(send(&c, &up, &p, None).await.status(), 503);
+        assert_eq!(up.hits(addr(1)) + up.hits(addr(2)), before + 1);
+        // gRPC unavailable (14) and cancelled (1) are retried, twice at most; internal (13) not.
+        for (grpc, tries) in [(14, 3), (1, 3), (13, 1)] {
+            up.set(addr(1), &[(200, 0)]);
+            up.set(addr(2), &[(200, 0)]);
+            up.grpc
+                .lock()
+                .unwrap()
+                .extend([(addr(1), grpc), (addr(2), grpc)]);
+            let before = up.hits(addr(1)) + up.hits(addr(2));
+            send(&c, &up, &p, None).await;
+            assert_eq!(
+                up.hits(addr(1)) + up.hits(addr(2)),
+                before + tries,
+                "grpc-status {grpc}"
+            );
+        }
+        // `attempts: 0` in a VirtualService leaves no policy: nothing is retried.
+        up.grpc.lock().unwrap().clear();
+        up.set(addr(1), &[(REFUSED, 0)]);
+        up.set(addr(2), &[(REFUSED, 0)]);
+        let r = send(&c, &up, &RetryPolicy::default(), None).await;
+        assert_eq!(r.status(), 503);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn previous_hosts_keeps_retries_off_the_host_that_failed() {
+        // Random picks: without the predicate a retry lands on the failing host half the time.
+        let c = cluster_lb(&[addr(1), addr(2)], DEFAULT_THRESHOLDS, None, Lb::Random);
+        let up = FakeUpstream::default();
+        up.set(addr(1), &[(REFUSED, 0)]);
+        up.set(addr(2), &[(200, 0)]);
+        let mut p = istio_default();
+        p.num_retries = 1;
+        p.host_selection_max_attempts = 60;
+        for _ in 0..60 {
+            assert_eq!(send(&c, &up, &p, None).await.status(), 200);
+        }
+        p.previous_hosts = false;
+        let mut failed = 0;
+        for _ in 0..60 {
+            failed += u32::from(send(&c, &up, &p, None).await.status() != 200);
+        }
+        assert!(
+            failed > 0,
+            "without previous_hosts some retries hit the refusing host again"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -314,15 +314,34 @@ pub struct RetryPolicy {
     pub on_connect_failure: bool,
     pub on_reset: bool,
     pub on_retriable_4xx: bool,
+    /// refused-stream: an HTTP/2 upstream's REFUSED_STREAM reset.
+    pub on_refused_stream: bool,
+    /// retriable-status-codes (the codes count only with this condition).
+    pub on_retriable_status_codes: bool,
     pub retriable_status_codes: Vec<u16>,
+    /// gRPC conditions (cancelled 1, deadline-exceeded 4, resource-exhausted 8, internal 13,
+    /// unavailable 14): the `grpc-status` of a response's headers.
+    pub grpc_statuses: Vec<u32>,
+    /// `envoy.retry_host_predicates.previous_hosts`: a retry avoids hosts already tried.
+    pub previous_hosts: bool,
+    /// How many times host selection is redone to find a host the predicate accepts (then
+    /// the last pick is used); Envoy's default is 1.
+    pub host_selection_max_attempts: u32,
 }
 
 impl RetryPolicy {
-    pub fn retry_status(&self, status: u16) -> bool {
+    /// Whether an upstream answer with `status` and `headers` is retried under the policy.
+    pub fn retry_response(&self, status: u16, headers: &http::HeaderMap) -> bool {
         (self.on_5xx && status >= 500)
             || (self.on_gateway_error && matches!(status, 502..=504))
             || (self.on_retriable_4xx && status == 409)
-            || self.retriable_status_codes.contains(&status)
+            || (self.on_retriable_status_codes && self.retriable_status_codes.contains(&status))
+            || (!self.grpc_statuses.is_empty()
+                && headers
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u32>().ok())
+                    .is_some_and(|g| self.grpc_statuses.contains(&g)))
     }
 }
 
@@ -578,6 +597,15 @@ fn convert_route(r: &route::Route) -> Result<Route, Reject> {
     })
 }
 
+/// The retry policy translation, for the request path's unit tests.
+#[cfg(test)]
+pub(crate) fn retry_policy_for_test(p: &route::RetryPolicy) -> Result<RetryPolicy, Reject> {
+    retry_policy(p)
+}
+
+const PREVIOUS_HOSTS_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate";
+
 fn retry_policy(p: &route::RetryPolicy) -> Result<RetryPolicy, Reject> {
     let mut rp = RetryPolicy {
         num_retries: p.num_retries.as_ref().map_or(1, |n| n.value),
@@ -587,6 +615,11 @@ fn retry_policy(p: &route::RetryPolicy) -> Result<RetryPolicy, Reject> {
             .map(duration)
             .filter(|d| !d.is_zero()),
         retriable_status_codes: p.retriable_status_codes.iter().map(|c| *c as u16).collect(),
+        host_selection_max_attempts: if p.host_selection_retry_max_attempts > 0 {
+            p.host_selection_retry_max_attempts.min(100) as u32
+        } else {
+            1
+        },
         ..Default::default()
     };
     for token in p
@@ -601,22 +634,40 @@ fn retry_policy(p: &route::RetryPolicy) -> Result<RetryPolicy, Reject> {
             "connect-failure" => rp.on_connect_failure = true,
             "reset" | "reset-before-request" => rp.on_reset = true,
             "retriable-4xx" => rp.on_retriable_4xx = true,
-            "retriable-status-codes" => {}
-            // HTTP/2 stream refusals and gRPC status retries: this data plane answers plain
-            // HTTP, where they never occur, so they are accepted and have no effect.
-            "refused-stream" | "cancelled" | "deadline-exceeded" | "internal"
-            | "resource-exhausted" | "unavailable" => {}
+            "refused-stream" => rp.on_refused_stream = true,
+            "retriable-status-codes" => rp.on_retriable_status_codes = true,
+            "cancelled" => rp.grpc_statuses.push(1),
+            "deadline-exceeded" => rp.grpc_statuses.push(4),
+            "resource-exhausted" => rp.grpc_statuses.push(8),
+            "internal" => rp.grpc_statuses.push(13),
+            "unavailable" => rp.grpc_statuses.push(14),
             other => return Err(format!("unsupported retry_on condition {other:?}")),
         }
     }
-    if p.retry_host_predicate.len() > 0
-        || p.retry_priority.is_some()
+    for pred in &p.retry_host_predicate {
+        // The typed config's type names the extension; the name alone is the older form.
+        let type_url = match &pred.config_type {
+            Some(route::retry_policy::retry_host_predicate::ConfigType::TypedConfig(a)) => {
+                a.type_url.as_str()
+            }
+            None => "",
+        };
+        match (pred.name.as_str(), type_url) {
+            (_, PREVIOUS_HOSTS_TYPE) | ("envoy.retry_host_predicates.previous_hosts", "") => {
+                rp.previous_hosts = true
+            }
+            (name, t) => {
+                return Err(format!(
+                    "unsupported retry host predicate {name:?} ({t:?}); only previous_hosts"
+                ))
+            }
+        }
+    }
+    if p.retry_priority.is_some()
         || !p.retriable_headers.is_empty()
         || !p.retriable_request_headers.is_empty()
     {
-        return Err(
-            "retry host predicates, priorities and header conditions are not supported".into(),
-        );
+        return Err("retry priorities and header conditions are not supported".into());
     }
     Ok(rp)
 }

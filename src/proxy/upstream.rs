@@ -386,10 +386,7 @@ impl Cluster {
                 Ok((resp, reusable.then_some(conn)))
             }
             Idle::H2(sender) => {
-                let resp = sender
-                    .send_request(req)
-                    .await
-                    .map_err(|_| SendError::Reset)?;
+                let resp = sender.send_request(req).await.map_err(send_error)?;
                 Ok((resp, Some(conn)))
             }
         }
@@ -504,6 +501,23 @@ impl Drop for CxGauge {
 pub enum SendError {
     ConnectFailure,
     Reset,
+    /// An HTTP/2 upstream refused the stream (REFUSED_STREAM): nothing of the request was
+    /// processed.
+    RefusedStream,
+}
+
+/// What a failed `send_request` was: a refused HTTP/2 stream, or any other reset.
+fn send_error(e: hyper::Error) -> SendError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(err) = source {
+        if let Some(h2e) = err.downcast_ref::<h2::Error>() {
+            if h2e.reason() == Some(h2::Reason::REFUSED_STREAM) {
+                return SendError::RefusedStream;
+            }
+        }
+        source = err.source();
+    }
+    SendError::Reset
 }
 
 /// Load-balancer pick over `hosts` (non-empty). Round robin and random honour weights only

@@ -19,6 +19,59 @@ use crate::model::{self, HttpRoute, Mesh, MeshService, ServicePort, StringMatch}
 /// Retry conditions used when a VirtualService gives attempts but no retryOn (Istio's default).
 pub const DEFAULT_RETRY_ON: &str =
     "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes";
+/// Retries of istiod's default policy (on every route a VirtualService gives no `retries`).
+pub const DEFAULT_RETRIES: u32 = 2;
+/// How often a retry's host selection is redone to avoid a host already tried (istiod's).
+pub const HOST_SELECTION_RETRY_MAX_ATTEMPTS: i64 = 5;
+
+/// The retry policy istiod gives a route: its default when the VirtualService says nothing;
+/// none for `attempts: 0`; else the attempts, per-try timeout and conditions it gives (HTTP
+/// status codes in `retryOn` become retriable status codes, as istiod parses them). Every
+/// policy avoids hosts already tried (`previous_hosts`, up to 5 re-picks).
+pub fn retry_policy(retries: Option<&model::Retries>) -> Option<route::RetryPolicy> {
+    let (attempts, per_try_timeout, retry_on) = match retries {
+        None => (DEFAULT_RETRIES, None, None),
+        Some(r) if r.attempts == 0 => return None,
+        Some(r) => (r.attempts, r.per_try_timeout, r.retry_on.as_deref()),
+    };
+    let (retry_on, retriable_status_codes) = match retry_on {
+        None => (DEFAULT_RETRY_ON.to_string(), vec![]),
+        Some(s) => parse_retry_on(s),
+    };
+    Some(route::RetryPolicy {
+        retry_on,
+        num_retries: u32v(attempts),
+        per_try_timeout: per_try_timeout.map(pb_duration),
+        retriable_status_codes,
+        retry_host_predicate: vec![route::retry_policy::RetryHostPredicate {
+            name: "envoy.retry_host_predicates.previous_hosts".into(),
+            config_type: Some(
+                route::retry_policy::retry_host_predicate::ConfigType::TypedConfig(
+                    pack_any(envoy_types::pb::envoy::extensions::retry::host::previous_hosts::v3::PreviousHostsPredicate {}),
+                ),
+            ),
+        }],
+        host_selection_retry_max_attempts: HOST_SELECTION_RETRY_MAX_ATTEMPTS,
+        ..Default::default()
+    })
+}
+
+/// Splits a `retryOn` list into Envoy conditions and HTTP status codes; codes imply
+/// `retriable-status-codes`.
+fn parse_retry_on(s: &str) -> (String, Vec<u32>) {
+    let mut conditions = Vec::new();
+    let mut codes = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.parse::<u32>() {
+            Ok(code) if (100..=599).contains(&code) => codes.push(code),
+            _ => conditions.push(part.to_string()),
+        }
+    }
+    if !codes.is_empty() && !conditions.iter().any(|c| c == "retriable-status-codes") {
+        conditions.push("retriable-status-codes".into());
+    }
+    (conditions.join(","), codes)
+}
 
 /// Route configurations shared by every sidecar, keyed by name.
 pub fn route_configs(mesh: &Mesh) -> HashMap<String, Resource> {
@@ -102,6 +155,7 @@ fn default_route(cluster: &str, host: &str) -> route::Route {
                 cluster.into(),
             )),
             timeout: Some(pb_duration(Duration::ZERO)),
+            retry_policy: retry_policy(None),
             ..Default::default()
         })),
         decorator: Some(route::Decorator {
@@ -234,19 +288,7 @@ fn route_action(mesh: &Mesh, r: &HttpRoute, host: &str, port: u16) -> route::Rou
             ..Default::default()
         })
     };
-    let retry_policy =
-        r.retries
-            .as_ref()
-            .filter(|rt| rt.attempts > 0)
-            .map(|rt| route::RetryPolicy {
-                retry_on: rt
-                    .retry_on
-                    .clone()
-                    .unwrap_or_else(|| DEFAULT_RETRY_ON.into()),
-                num_retries: u32v(rt.attempts),
-                per_try_timeout: rt.per_try_timeout.map(pb_duration),
-                ..Default::default()
-            });
+    let retry_policy = retry_policy(r.retries.as_ref());
     route::RouteAction {
         cluster_specifier: Some(cluster_specifier),
         timeout: Some(pb_duration(r.timeout.unwrap_or(Duration::ZERO))),
@@ -416,5 +458,54 @@ spec:
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn istios_default_retry_policy_unless_the_virtual_service_sets_one() {
+        // No VirtualService: istiod's default on the default route.
+        let rc = config("");
+        let rp = action(&rc.virtual_hosts[0].routes[0])
+            .retry_policy
+            .clone()
+            .unwrap();
+        assert_eq!(rp.retry_on, DEFAULT_RETRY_ON);
+        assert_eq!(rp.num_retries.unwrap().value, 2);
+        assert!(rp.retriable_status_codes.is_empty());
+        assert_eq!(rp.host_selection_retry_max_attempts, 5);
+        assert_eq!(
+            rp.retry_host_predicate[0].name,
+            "envoy.retry_host_predicates.previous_hosts"
+        );
+        let rc = config(
+            "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  http:
+  - match: [{headers: {end-user: {exact: jason}}}]
+    retries: {attempts: 0}
+    route: [{destination: {host: reviews}}]
+  - match: [{headers: {end-user: {exact: kim}}}]
+    retries: {attempts: 4, retryOn: \"gateway-error,503,429\"}
+    route: [{destination: {host: reviews}}]
+  - route: [{destination: {host: reviews}}]
+",
+        );
+        let routes = &rc.virtual_hosts[0].routes;
+        // attempts: 0 switches retries off.
+        assert!(action(&routes[0]).retry_policy.is_none());
+        // Status codes in retryOn become retriable status codes.
+        let rp = action(&routes[1]).retry_policy.clone().unwrap();
+        assert_eq!(rp.retry_on, "gateway-error,retriable-status-codes");
+        assert_eq!(rp.retriable_status_codes, [503, 429]);
+        assert_eq!(rp.num_retries.unwrap().value, 4);
+        assert_eq!(rp.host_selection_retry_max_attempts, 5);
+        // A route with no retries: the default.
+        let rp = action(&routes[2]).retry_policy.clone().unwrap();
+        assert_eq!(
+            (rp.retry_on.as_str(), rp.num_retries.unwrap().value),
+            (DEFAULT_RETRY_ON, 2)
+        );
     }
 }

@@ -388,6 +388,9 @@ pub enum Behavior {
     Ok,
     Status(u16),
     Delay(Duration),
+    /// 200 with `content-type: application/grpc` and this `grpc-status` (a trailers-only
+    /// gRPC answer).
+    Grpc(u32),
 }
 
 /// An upstream that counts the requests it receives.
@@ -420,19 +423,23 @@ pub async fn start_upstream(ip: &str, identity: &str, behavior: Behavior) -> Ups
                         async move {
                             h.fetch_add(1, Ordering::Relaxed);
                             let status = match behavior {
-                                Behavior::Ok => 200,
+                                Behavior::Ok | Behavior::Grpc(_) => 200,
                                 Behavior::Status(s) => s,
                                 Behavior::Delay(d) => {
                                     tokio::time::sleep(d).await;
                                     200
                                 }
                             };
+                            let mut r = hyper::Response::builder()
+                                .status(status)
+                                .header(workload::IDENTITY_HEADER, id);
+                            if let Behavior::Grpc(g) = behavior {
+                                r = r
+                                    .header("content-type", "application/grpc")
+                                    .header("grpc-status", g);
+                            }
                             Ok::<_, std::convert::Infallible>(
-                                hyper::Response::builder()
-                                    .status(status)
-                                    .header(workload::IDENTITY_HEADER, id)
-                                    .body(Full::new(Bytes::from_static(b"ok")))
-                                    .unwrap(),
+                                r.body(Full::new(Bytes::from_static(b"ok"))).unwrap(),
                             )
                         }
                     },
