@@ -399,13 +399,14 @@ fn parse_object(origin: &Origin, value: Value) -> Result<Option<Object>, Outcome
             Spec::WorkloadEntry(typed(origin, "spec", spec_value).map_err(Outcome::Errors)?)
         }
         "RouteRule" if api == "config.istio.io/v1alpha2" => Spec::RouteRule(route_rule(origin, spec_value)?),
+        "EnvoyFilter" if api == "networking.istio.io/v1alpha3" => Spec::EnvoyFilter(envoy_filter(origin, spec_value)?),
         k if Kind::parse(k).is_some() => {
             return Err(e("apiVersion", format!("apiVersion {api:?} is not supported for kind {k}")))
         }
         k => {
             return Err(e(
                 "kind",
-                format!("unsupported kind {k:?}: meshbench reads Service, Deployment, VirtualService, DestinationRule, ServiceEntry, WorkloadEntry and RouteRule"),
+                format!("unsupported kind {k:?}: meshbench reads Service, Deployment, VirtualService, DestinationRule, ServiceEntry, WorkloadEntry, EnvoyFilter and RouteRule"),
             ))
         }
     };
@@ -1165,6 +1166,41 @@ mod tests {
     use super::*;
 
     #[test]
+    fn envoy_filters_other_than_local_rate_limits_are_refused_by_field() {
+        let ef = |patch: &str| {
+            format!("apiVersion: networking.istio.io/v1alpha3\nkind: EnvoyFilter\nmetadata: {{name: f}}\nspec:\n  configPatches:\n{patch}")
+        };
+        let limit = "        name: envoy.filters.http.local_ratelimit\n        typed_config:\n          \"@type\": type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit\n          stat_prefix: rl\n          token_bucket: {max_tokens: 1, fill_interval: 1s}\n";
+        let ok = ef(&format!("  - applyTo: HTTP_FILTER\n    match: {{context: SIDECAR_OUTBOUND}}\n    patch:\n      operation: INSERT_FIRST\n      value:\n{limit}"));
+        let p = parse("ef.yaml", &ok).unwrap();
+        let Spec::EnvoyFilter(f) = &p.objects[0].spec else {
+            panic!()
+        };
+        assert_eq!(f.patches[0].context, PatchContext::Outbound);
+        assert_eq!(
+            f.patches[0]
+                .limit
+                .token_bucket
+                .as_ref()
+                .unwrap()
+                .tokens_per_fill,
+            1
+        );
+        for (patch, field, words) in [
+            ("  - applyTo: CLUSTER\n    patch: {operation: MERGE, value: {}}\n", "spec.configPatches[0].applyTo", "applyTo \"CLUSTER\" is not supported"),
+            ("  - applyTo: HTTP_FILTER\n    patch:\n      operation: INSERT_BEFORE\n      value: {name: envoy.filters.http.lua}\n", "spec.configPatches[0].patch.value.name", "not supported"),
+            ("  - applyTo: HTTP_FILTER\n    patch: {operation: REMOVE}\n", "spec.configPatches[0].patch.operation", "not supported"),
+            ("  - applyTo: HTTP_FILTER\n    match: {context: GATEWAY}\n    patch: {operation: INSERT_FIRST}\n", "spec.configPatches[0].match.context", "not supported"),
+            (&format!("  - applyTo: HTTP_FILTER\n    patch:\n      operation: INSERT_FIRST\n      value:\n{}          descriptors: []\n", limit), "spec.configPatches[0].patch.value.typed_config.descriptors", "not supported"),
+            (&format!("  - applyTo: HTTP_FILTER\n    patch:\n      operation: INSERT_FIRST\n      value:\n{}", limit.replace("1s", "10ms")), "spec.configPatches[0].patch.value.typed_config.token_bucket.fill_interval", "50ms"),
+        ] {
+            let e = parse("ef.yaml", &ef(patch)).unwrap_err();
+            assert_eq!(e[0].field, field, "{patch}: {}", e[0].message);
+            assert!(e[0].message.contains(words), "{patch}: {}", e[0].message);
+        }
+    }
+
+    #[test]
     fn documents_are_numbered_from_one() {
         let text = "---\napiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 80}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: b}\nspec: {ports: [{port: 80}]}\n";
         let p = parse("f.yaml", text).unwrap();
@@ -1218,4 +1254,407 @@ mod tests {
         let p = parse("l.json", text).unwrap();
         assert_eq!(p.objects[0].name, "a");
     }
+}
+
+// ---- EnvoyFilter: local rate limits ------------------------------------------------------
+
+const TYPED_STRUCT: [&str; 2] = [
+    "type.googleapis.com/udpa.type.v1.TypedStruct",
+    "type.googleapis.com/xds.type.v3.TypedStruct",
+];
+const LOCAL_RATE_LIMIT_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit";
+const LOCAL_RATE_LIMIT_NAME: &str = "envoy.filters.http.local_ratelimit";
+const HCM_NAME: &str = "envoy.filters.network.http_connection_manager";
+
+/// An EnvoyFilter whose patches insert `envoy.filters.http.local_ratelimit` (HTTP_FILTER,
+/// INSERT_BEFORE/INSERT_FIRST) or merge its per-route config into inbound routes (HTTP_ROUTE,
+/// MERGE): the shape of Istio's local rate limit task. Any other patch is refused with what
+/// is not supported; nothing is ignored.
+fn envoy_filter(origin: &Origin, spec: Value) -> Result<EnvoyFilterSpec, Outcome> {
+    let fail = |field: String, m: String| errs(origin, field, m);
+    let not_supported = |field: String, what: &str| {
+        errs(
+            origin,
+            field,
+            format!("{what} is not supported: meshbench runs EnvoyFilters that add envoy.filters.http.local_ratelimit to sidecars (HTTP_FILTER INSERT_BEFORE/INSERT_FIRST, or HTTP_ROUTE MERGE of its typed_per_filter_config on SIDECAR_INBOUND)"),
+        )
+    };
+    let obj = spec
+        .as_object()
+        .ok_or_else(|| fail("spec".into(), "spec must be a mapping".into()))?;
+    for k in obj.keys() {
+        if !matches!(
+            k.as_str(),
+            "workloadSelector" | "configPatches" | "priority"
+        ) {
+            return Err(not_supported(format!("spec.{k}"), &format!("field {k:?}")));
+        }
+    }
+    let selector = match obj.get("workloadSelector") {
+        None | Some(Value::Null) => None,
+        Some(ws) => {
+            let labels = &ws["labels"];
+            if ws
+                .as_object()
+                .is_some_and(|m| m.keys().any(|k| k != "labels"))
+            {
+                return Err(not_supported(
+                    "spec.workloadSelector".into(),
+                    "a workload selector other than labels",
+                ));
+            }
+            Some(
+                typed::<Labels>(origin, "spec.workloadSelector.labels", labels.clone())
+                    .map_err(Outcome::Errors)?,
+            )
+        }
+    };
+    let patches_v = obj
+        .get("configPatches")
+        .and_then(Value::as_array)
+        .ok_or_else(|| {
+            fail(
+                "spec.configPatches".into(),
+                "a list of patches is required".into(),
+            )
+        })?;
+    let mut patches = Vec::new();
+    for (i, p) in patches_v.iter().enumerate() {
+        let at = |f: &str| format!("spec.configPatches[{i}].{f}");
+        let apply_to = p["applyTo"].as_str().unwrap_or("");
+        let m = &p["match"];
+        let context = match m["context"].as_str().unwrap_or("ANY") {
+            "SIDECAR_INBOUND" => PatchContext::Inbound,
+            "SIDECAR_OUTBOUND" => PatchContext::Outbound,
+            "ANY" => PatchContext::Any,
+            other => {
+                return Err(not_supported(
+                    at("match.context"),
+                    &format!("context {other}"),
+                ))
+            }
+        };
+        if let Some(k) = m.as_object().and_then(|o| {
+            o.keys()
+                .find(|k| !matches!(k.as_str(), "context" | "listener" | "routeConfiguration"))
+        }) {
+            return Err(not_supported(
+                at(&format!("match.{k}")),
+                &format!("match.{k}"),
+            ));
+        }
+        let port = |v: &Value, f: &str| -> Result<Option<u16>, Outcome> {
+            match v {
+                Value::Null => Ok(None),
+                v => v
+                    .as_u64()
+                    .and_then(|n| u16::try_from(n).ok())
+                    .filter(|n| *n > 0)
+                    .map(Some)
+                    .ok_or_else(|| fail(at(f), "a port number 1 to 65535".into())),
+            }
+        };
+        let operation = p["patch"]["operation"].as_str().unwrap_or("");
+        let value = &p["patch"]["value"];
+        let (port, route, typed_config, config_field) = match apply_to {
+            "HTTP_FILTER" => {
+                let l = &m["listener"];
+                if let Some(k) = l.as_object().and_then(|o| {
+                    o.keys()
+                        .find(|k| !matches!(k.as_str(), "portNumber" | "filterChain"))
+                }) {
+                    return Err(not_supported(
+                        at(&format!("match.listener.{k}")),
+                        &format!("match.listener.{k}"),
+                    ));
+                }
+                let filter = &l["filterChain"]["filter"];
+                if filter["name"].as_str().is_some_and(|n| n != HCM_NAME) {
+                    return Err(not_supported(
+                        at("match.listener.filterChain.filter.name"),
+                        "a network filter other than the HTTP connection manager",
+                    ));
+                }
+                if !matches!(operation, "INSERT_BEFORE" | "INSERT_FIRST") {
+                    return Err(not_supported(
+                        at("patch.operation"),
+                        &format!("HTTP_FILTER operation {operation:?}"),
+                    ));
+                }
+                if value["name"].as_str() != Some(LOCAL_RATE_LIMIT_NAME) {
+                    return Err(not_supported(
+                        at("patch.value.name"),
+                        &format!("HTTP filter {:?}", value["name"].as_str().unwrap_or("")),
+                    ));
+                }
+                if let Some(k) = value.as_object().and_then(|o| {
+                    o.keys()
+                        .find(|k| !matches!(k.as_str(), "name" | "typed_config" | "typedConfig"))
+                }) {
+                    return Err(not_supported(
+                        at(&format!("patch.value.{k}")),
+                        &format!("filter field {k:?}"),
+                    ));
+                }
+                let tc = if value["typed_config"].is_null() {
+                    &value["typedConfig"]
+                } else {
+                    &value["typed_config"]
+                };
+                (
+                    port(&l["portNumber"], "match.listener.portNumber")?,
+                    None,
+                    tc.clone(),
+                    at("patch.value.typed_config"),
+                )
+            }
+            "HTTP_ROUTE" => {
+                if context != PatchContext::Inbound {
+                    return Err(not_supported(at("match.context"), "HTTP_ROUTE patches outside SIDECAR_INBOUND (the outbound route configuration is shared by every sidecar)"));
+                }
+                if operation != "MERGE" {
+                    return Err(not_supported(
+                        at("patch.operation"),
+                        &format!("HTTP_ROUTE operation {operation:?}"),
+                    ));
+                }
+                let rc = &m["routeConfiguration"];
+                if let Some(k) = rc.as_object().and_then(|o| {
+                    o.keys()
+                        .find(|k| !matches!(k.as_str(), "vhost" | "portNumber"))
+                }) {
+                    return Err(not_supported(
+                        at(&format!("match.routeConfiguration.{k}")),
+                        &format!("match.routeConfiguration.{k}"),
+                    ));
+                }
+                let vh = &rc["vhost"];
+                let action = vh["route"]["action"].as_str().unwrap_or("ANY");
+                if action != "ANY" && action != "ROUTE" {
+                    return Err(not_supported(
+                        at("match.routeConfiguration.vhost.route.action"),
+                        &format!("route action {action}"),
+                    ));
+                }
+                let route = RouteSelector {
+                    vhost: vh["name"].as_str().map(String::from),
+                    route: vh["route"]["name"].as_str().map(String::from),
+                };
+                let per_filter = value
+                    .get("typed_per_filter_config")
+                    .or_else(|| value.get("typedPerFilterConfig"));
+                let Some(pf) = per_filter.and_then(Value::as_object) else {
+                    return Err(not_supported(
+                        at("patch.value"),
+                        "an HTTP_ROUTE merge without typed_per_filter_config",
+                    ));
+                };
+                if value.as_object().is_some_and(|o| o.len() > 1) {
+                    return Err(not_supported(
+                        at("patch.value"),
+                        "route fields other than typed_per_filter_config",
+                    ));
+                }
+                if pf.len() != 1 || !pf.contains_key(LOCAL_RATE_LIMIT_NAME) {
+                    return Err(not_supported(at("patch.value.typed_per_filter_config"), "per-route config for filters other than envoy.filters.http.local_ratelimit"));
+                }
+                (
+                    port(&rc["portNumber"], "match.routeConfiguration.portNumber")?,
+                    Some(route),
+                    pf[LOCAL_RATE_LIMIT_NAME].clone(),
+                    at(&format!(
+                        "patch.value.typed_per_filter_config.{LOCAL_RATE_LIMIT_NAME}"
+                    )),
+                )
+            }
+            other => return Err(not_supported(at("applyTo"), &format!("applyTo {other:?}"))),
+        };
+        if context == PatchContext::Outbound && port.is_some() {
+            return Err(not_supported(at("match.listener.portNumber"), "an outbound listener port (meshbench's outbound listener on 15001 serves every port)"));
+        }
+        let limit = local_rate_limit(origin, &config_field, &typed_config)?;
+        patches.push(RateLimitPatch {
+            context,
+            port,
+            route,
+            limit,
+        });
+    }
+    Ok(EnvoyFilterSpec { selector, patches })
+}
+
+/// snake_case or lowerCamelCase, as Envoy's JSON reads both.
+fn field<'a>(v: &'a Value, snake: &str) -> &'a Value {
+    let camel: String = {
+        let mut out = String::new();
+        let mut up = false;
+        for c in snake.chars() {
+            if c == '_' {
+                up = true;
+            } else if up {
+                out.push(c.to_ascii_uppercase());
+                up = false;
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    };
+    match &v[snake] {
+        Value::Null => &v[camel.as_str()],
+        x => x,
+    }
+}
+
+fn local_rate_limit(origin: &Origin, at: &str, tc: &Value) -> Result<LocalRateLimitSpec, Outcome> {
+    let fail = |f: &str, m: String| errs(origin, format!("{at}{f}"), m);
+    let ty = tc["@type"].as_str().unwrap_or("");
+    let (base, v) = if TYPED_STRUCT.contains(&ty) {
+        if field(tc, "type_url").as_str() != Some(LOCAL_RATE_LIMIT_TYPE) {
+            return Err(fail(
+                ".type_url",
+                format!("expected {LOCAL_RATE_LIMIT_TYPE}"),
+            ));
+        }
+        (".value", tc["value"].clone())
+    } else if ty == LOCAL_RATE_LIMIT_TYPE {
+        let mut v = tc.clone();
+        if let Some(o) = v.as_object_mut() {
+            o.remove("@type");
+        }
+        ("", v)
+    } else {
+        return Err(fail(
+            ".@type",
+            format!("expected {LOCAL_RATE_LIMIT_TYPE} or a TypedStruct holding it, got {ty:?}"),
+        ));
+    };
+    let f = |name: &str| format!("{base}.{name}");
+    const KNOWN: [&str; 12] = [
+        "stat_prefix",
+        "statPrefix",
+        "token_bucket",
+        "tokenBucket",
+        "filter_enabled",
+        "filterEnabled",
+        "filter_enforced",
+        "filterEnforced",
+        "response_headers_to_add",
+        "responseHeadersToAdd",
+        "status",
+        "@type",
+    ];
+    let o = v
+        .as_object()
+        .ok_or_else(|| fail(base, "a mapping".into()))?;
+    if let Some(k) = o.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        return Err(fail(&f(k), format!("{k} is not supported (meshbench runs stat_prefix, token_bucket, filter_enabled, filter_enforced, response_headers_to_add and status)")));
+    }
+    let stat_prefix = field(&v, "stat_prefix")
+        .as_str()
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| fail(&f("stat_prefix"), "stat_prefix is required, a non-empty string (quote words YAML reads as booleans, such as off)".into()))?
+        .to_string();
+    let token_bucket = match field(&v, "token_bucket") {
+        Value::Null => None,
+        tb => {
+            let n = |name: &str, default: Option<u64>| -> Result<u32, Outcome> {
+                match field(tb, name) {
+                    Value::Null => default.map(|d| d as u32).ok_or_else(|| {
+                        fail(&f(&format!("token_bucket.{name}")), "required".into())
+                    }),
+                    x => x
+                        .as_u64()
+                        .or_else(|| x.as_str().and_then(|s| s.parse().ok()))
+                        .and_then(|n| u32::try_from(n).ok())
+                        .filter(|n| *n > 0)
+                        .ok_or_else(|| {
+                            fail(
+                                &f(&format!("token_bucket.{name}")),
+                                "a whole number 1 to 4294967295".into(),
+                            )
+                        }),
+                }
+            };
+            let fill = field(tb, "fill_interval")
+                .as_str()
+                .ok_or_else(|| {
+                    fail(
+                        &f("token_bucket.fill_interval"),
+                        "required (a duration such as 1s)".into(),
+                    )
+                })
+                .and_then(|s| {
+                    parse_duration(s).map_err(|m| fail(&f("token_bucket.fill_interval"), m))
+                })?;
+            if fill < std::time::Duration::from_millis(50) {
+                return Err(fail(
+                    &f("token_bucket.fill_interval"),
+                    "must be at least 50ms (Envoy refuses shorter)".into(),
+                ));
+            }
+            Some(TokenBucketSpec {
+                max_tokens: n("max_tokens", None)?,
+                tokens_per_fill: n("tokens_per_fill", Some(1))?,
+                fill_interval: fill,
+            })
+        }
+    };
+    let fraction = |name: &str| -> Result<Option<(u32, u32)>, Outcome> {
+        let fe = field(&v, name);
+        if fe.is_null() {
+            return Ok(None);
+        }
+        let dv = field(fe, "default_value");
+        let num = field(dv, "numerator").as_u64().unwrap_or(0) as u32;
+        let den = match field(dv, "denominator").as_str().unwrap_or("HUNDRED") {
+            "HUNDRED" => 100,
+            "TEN_THOUSAND" => 10_000,
+            "MILLION" => 1_000_000,
+            d => {
+                return Err(fail(
+                    &f(&format!("{name}.default_value.denominator")),
+                    format!("{d:?}: HUNDRED, TEN_THOUSAND or MILLION"),
+                ))
+            }
+        };
+        Ok(Some((num.min(den), den)))
+    };
+    let mut response_headers_to_add = Vec::new();
+    if let Some(list) = field(&v, "response_headers_to_add").as_array() {
+        for (j, h) in list.iter().enumerate() {
+            let hf = |x: &str| f(&format!("response_headers_to_add[{j}].{x}"));
+            let key = h["header"]["key"]
+                .as_str()
+                .filter(|k| !k.is_empty())
+                .ok_or_else(|| fail(&hf("header.key"), "required".into()))?;
+            let value = h["header"]["value"].as_str().unwrap_or("");
+            let append = match (&h["append"], field(h, "append_action").as_str()) {
+                (Value::Bool(b), _) => *b,
+                (_, None | Some("APPEND_IF_EXISTS_OR_ADD")) => true,
+                (_, Some("OVERWRITE_IF_EXISTS_OR_ADD")) => false,
+                (_, Some(a)) => return Err(fail(&hf("append_action"), format!("{a} is not supported (APPEND_IF_EXISTS_OR_ADD, OVERWRITE_IF_EXISTS_OR_ADD)"))),
+            };
+            response_headers_to_add.push((key.to_string(), value.to_string(), append));
+        }
+    }
+    let status = match field(&v, "status") {
+        Value::Null => None,
+        s => Some(
+            s["code"]
+                .as_u64()
+                .filter(|c| (400..=599).contains(c))
+                .ok_or_else(|| fail(&f("status.code"), "an HTTP status 400 to 599".into()))?
+                as u16,
+        ),
+    };
+    Ok(LocalRateLimitSpec {
+        stat_prefix,
+        token_bucket,
+        filter_enabled: fraction("filter_enabled")?,
+        filter_enforced: fraction("filter_enforced")?,
+        response_headers_to_add,
+        status,
+    })
 }

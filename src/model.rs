@@ -70,10 +70,11 @@ pub enum Kind {
     ServiceEntry,
     WorkloadEntry,
     RouteRule,
+    EnvoyFilter,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Service,
         Kind::Deployment,
         Kind::VirtualService,
@@ -81,6 +82,7 @@ impl Kind {
         Kind::ServiceEntry,
         Kind::WorkloadEntry,
         Kind::RouteRule,
+        Kind::EnvoyFilter,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -92,6 +94,7 @@ impl Kind {
             Kind::ServiceEntry => "ServiceEntry",
             Kind::WorkloadEntry => "WorkloadEntry",
             Kind::RouteRule => "RouteRule",
+            Kind::EnvoyFilter => "EnvoyFilter",
         }
     }
 
@@ -155,6 +158,7 @@ pub enum Spec {
     ServiceEntry(ServiceEntrySpec),
     WorkloadEntry(WorkloadEntrySpec),
     RouteRule(RouteRuleSpec),
+    EnvoyFilter(EnvoyFilterSpec),
 }
 
 impl Spec {
@@ -167,6 +171,7 @@ impl Spec {
             Spec::ServiceEntry(_) => Kind::ServiceEntry,
             Spec::WorkloadEntry(_) => Kind::WorkloadEntry,
             Spec::RouteRule(_) => Kind::RouteRule,
+            Spec::EnvoyFilter(_) => Kind::EnvoyFilter,
         }
     }
 }
@@ -437,6 +442,92 @@ pub struct Mesh {
     pub workloads: Vec<std::sync::Arc<Workload>>,
     /// Things accepted but not acted on (gateway-only routes, unsupported kinds...).
     pub warnings: Vec<ConfigError>,
+    /// EnvoyFilters by namespace (those of [`ROOT_NAMESPACE`] apply everywhere).
+    pub envoy_filters: Vec<(String, std::sync::Arc<EnvoyFilterSpec>)>,
+}
+
+impl Mesh {
+    /// The EnvoyFilters that select a workload of `namespace` with `labels`, in order.
+    pub fn envoy_filters_for<'a>(
+        &'a self,
+        namespace: &'a str,
+        labels: &'a Labels,
+    ) -> impl Iterator<Item = &'a EnvoyFilterSpec> + 'a {
+        self.envoy_filters
+            .iter()
+            .filter(move |(ns, f)| {
+                (ns == namespace || ns == ROOT_NAMESPACE)
+                    && f.selector.as_ref().is_none_or(|s| labels_match(s, labels))
+            })
+            .map(|(_, f)| &**f)
+    }
+}
+
+/// The namespace whose EnvoyFilters apply to every namespace (Istio's root namespace).
+pub const ROOT_NAMESPACE: &str = "istio-system";
+
+/// An EnvoyFilter as far as meshbench runs one: local rate limits inserted into sidecars'
+/// HTTP connection managers or merged into their inbound routes. Other patches are refused
+/// when the document is read.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct EnvoyFilterSpec {
+    /// `workloadSelector.labels`; none selects every workload of the namespace.
+    pub selector: Option<Labels>,
+    pub patches: Vec<RateLimitPatch>,
+}
+
+/// Which side of a sidecar a patch applies to (`match.context`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+pub enum PatchContext {
+    Inbound,
+    Outbound,
+    Any,
+}
+
+impl PatchContext {
+    pub fn inbound(self) -> bool {
+        matches!(self, PatchContext::Inbound | PatchContext::Any)
+    }
+    pub fn outbound(self) -> bool {
+        matches!(self, PatchContext::Outbound | PatchContext::Any)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RateLimitPatch {
+    pub context: PatchContext,
+    /// `match.listener.portNumber` / `match.routeConfiguration.portNumber`.
+    pub port: Option<u16>,
+    /// None: the filter itself (`HTTP_FILTER`); some: a route's config (`HTTP_ROUTE` MERGE).
+    pub route: Option<RouteSelector>,
+    pub limit: LocalRateLimitSpec,
+}
+
+/// `match.routeConfiguration.vhost`: a virtual host name and a route name (none: any).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct RouteSelector {
+    pub vhost: Option<String>,
+    pub route: Option<String>,
+}
+
+/// Envoy's `LocalRateLimit` fields meshbench runs.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct LocalRateLimitSpec {
+    pub stat_prefix: String,
+    pub token_bucket: Option<TokenBucketSpec>,
+    /// (numerator, denominator: 100, 10,000 or 1,000,000); none: 0%.
+    pub filter_enabled: Option<(u32, u32)>,
+    pub filter_enforced: Option<(u32, u32)>,
+    /// (name, value, append)
+    pub response_headers_to_add: Vec<(String, String, bool)>,
+    pub status: Option<u16>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TokenBucketSpec {
+    pub max_tokens: u32,
+    pub tokens_per_fill: u32,
+    pub fill_interval: Duration,
 }
 
 /// Registered workloads indexed by (namespace, label key, label value), so selecting a

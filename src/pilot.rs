@@ -375,6 +375,7 @@ impl Pilot {
             routes: old.routes.clone(),
             policies: old.policies.clone(),
             warnings: old.warnings.clone(),
+            envoy_filters: old.envoy_filters.clone(),
             workloads: old.workloads[..entries.min(old.workloads.len())]
                 .iter()
                 .cloned()

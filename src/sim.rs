@@ -424,7 +424,7 @@ impl Sim {
                 let names: BTreeSet<String> = held
                     .values()
                     .filter_map(|a| Listener::decode(a.value.as_slice()).ok())
-                    .filter_map(|l| resources::listener(&l).ok())
+                    .filter_map(|l| resources::listener(&l, &Default::default()).ok())
                     .filter_map(|l| match l.routes {
                         RouteSource::Rds(n) => Some(n),
                         RouteSource::Inline(_) => None,

@@ -68,6 +68,7 @@ pub const OUTBOUND_PORT: u16 = 15001;
 pub const OUTBOUND_ROUTE_NAME: &str = "15001";
 pub const FAULT_FILTER: &str = "envoy.filters.http.fault";
 pub const ROUTER_FILTER: &str = "envoy.filters.http.router";
+pub const LOCAL_RATE_LIMIT_FILTER: &str = "envoy.filters.http.local_ratelimit";
 pub const HCM_FILTER: &str = "envoy.filters.network.http_connection_manager";
 
 /// One encoded resource with a content hash (the per-resource version).

@@ -20,6 +20,13 @@ pub fn compile<'a>(
     c.destination_rules(&objects);
     c.virtual_services(&objects);
     c.route_rules(&objects);
+    c.mesh.envoy_filters = objects
+        .iter()
+        .filter_map(|o| match &o.spec {
+            Spec::EnvoyFilter(f) => Some((o.namespace.clone(), std::sync::Arc::new(f.clone()))),
+            _ => None,
+        })
+        .collect();
     if c.errors.is_empty() {
         Ok(c.mesh)
     } else {

@@ -386,6 +386,17 @@ pub fn stats(proxy: &Proxy) -> Vec<Stat> {
             ));
         }
     }
+    for (prefix, s) in proxy.rate_limits.all() {
+        let labels = format!("envoy_local_rate_limit_prefix=\"{prefix}\"");
+        for (k, v) in s.counters() {
+            out.push(stat(
+                format!("{prefix}.http_local_rate_limit.{k}"),
+                &format!("http_local_rate_limit_{k}"),
+                labels.clone(),
+                v,
+            ));
+        }
+    }
     let x = &proxy.xds_stats;
     out.push(stat(
         "control_plane.connected_state".into(),

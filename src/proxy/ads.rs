@@ -546,7 +546,9 @@ impl Session<'_> {
         let mut listeners = HashMap::new();
         let mut errors = Vec::new();
         for any in resources {
-            match decode::<PbListener>(any).and_then(|l| resources::listener(&l)) {
+            match decode::<PbListener>(any)
+                .and_then(|l| resources::listener(&l, &self.proxy.rate_limits))
+            {
                 Ok(l) => {
                     if listeners.insert(l.name.clone(), l).is_some() {
                         errors.push("duplicate listener name".to_string());
@@ -581,7 +583,7 @@ impl Session<'_> {
         let mut tables = Vec::new();
         for any in resources {
             let rc = decode::<RouteConfiguration>(any)?;
-            let t = resources::route_table(&rc)?;
+            let t = resources::route_table(&rc, &self.proxy.rate_limits)?;
             if let Some(c) = t.clusters().find(|c| !state.clusters.contains_key(*c)) {
                 return Err(format!("route config {}: unknown cluster '{c}'", t.name));
             }

@@ -3,6 +3,9 @@
 //! 1. [`route`]: listener -> route table -> virtual host by Host -> first matching route;
 //!    generates `x-request-id`; resolves the route's (weighted) cluster. It comes first
 //!    because everything after it is configured per route.
+//!    The local rate limit filter decides here too (429 `local_rate_limited`), with the
+//!    route's config or the listener's: it sits before the fault filter and the router, as
+//!    pilot places it.
 //! 2. [`fault`]: the fault filter (delay, abort). Before the router, as in Envoy's filter chain:
 //!    a delayed request has not used a connection or a breaker slot yet, and an abort never
 //!    reaches an upstream.
@@ -34,6 +37,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use rand::Rng;
 
+use super::ratelimit::Decision;
 use super::resources::{Fault, PathMatch, RetryPolicy, Route, RouteSource, Target};
 use super::state::{HttpStats, State};
 use super::upstream::{retry_backoff, Cluster, Host, IdleConn, Overflow, RequestGuard, SendError};
@@ -283,10 +287,24 @@ pub fn route<B, R: Body>(
     } else {
         raw_host
     };
-    let Some(route) = table
+    let found = table
         .virtual_host(host)
-        .and_then(|vh| vh.routes.iter().find(|r| route_matches(r, &req)))
-    else {
+        .and_then(|vh| vh.routes.iter().find(|r| route_matches(r, &req)));
+    // The local rate limit filter runs before the router (so also when no route matches),
+    // with the route's own config when it has one.
+    if l.has_rate_limit_filter {
+        let config = found
+            .and_then(|r| r.rate_limit.as_ref())
+            .or(l.rate_limit.as_ref());
+        if let Some(rl) = config {
+            if let Decision::Refuse(status) = rl.decide() {
+                let mut reply = local(status, "local_rate_limited");
+                rl.decorate(reply.headers_mut());
+                return Err(reply);
+            }
+        }
+    }
+    let Some(route) = found else {
         stats.no_route.fetch_add(1, Relaxed);
         return Err(local(404, ""));
     };

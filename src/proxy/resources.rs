@@ -33,13 +33,17 @@ use envoy_types::pb::envoy::r#type::v3 as types;
 use envoy_types::pb::google::protobuf::{self, Any};
 use prost::{Message, Name};
 
-use crate::xds::{FAULT_FILTER, HCM_FILTER, ROUTER_FILTER};
+use super::ratelimit::{self, LocalRateLimit, TokenBucket};
+use crate::xds::{FAULT_FILTER, HCM_FILTER, LOCAL_RATE_LIMIT_FILTER, ROUTER_FILTER};
+use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3 as local_ratelimit;
 
 /// Why a resource was rejected; becomes the NACK's error_detail.
 pub type Reject = String;
 
 const ROUTER_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
 const FAULT_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault";
+const LOCAL_RATE_LIMIT_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit";
 const HTTP_OPTIONS_KEY: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 
 pub fn decode<T: Message + Default + Name>(any: &Any) -> Result<T, Reject> {
@@ -89,9 +93,16 @@ pub struct ListenerCfg {
     pub routes: RouteSource,
     /// Filter-level fault config, used where a route has none.
     pub default_fault: Option<Fault>,
+    /// The local rate limit filter's own config (a route's replaces it); the filter comes
+    /// before the fault filter. `None`: no such filter, so per-route configs do nothing.
+    pub rate_limit: Option<Arc<LocalRateLimit>>,
+    pub has_rate_limit_filter: bool,
 }
 
-pub fn listener(l: &listener::Listener) -> Result<ListenerCfg, Reject> {
+pub fn listener(
+    l: &listener::Listener,
+    stats: &ratelimit::Registry,
+) -> Result<ListenerCfg, Reject> {
     let addr = match l.address.as_ref().and_then(|a| a.address.as_ref()) {
         Some(core::address::Address::SocketAddress(sa)) => socket_addr(sa)?,
         _ => {
@@ -143,6 +154,9 @@ pub fn listener(l: &listener::Listener) -> Result<ListenerCfg, Reject> {
     }
     let m: hcm::HttpConnectionManager = decode(any)?;
     let mut default_fault = None;
+    let mut rate_limit = None;
+    let mut has_rate_limit_filter = false;
+    let mut seen_fault = false;
     for (i, f) in m.http_filters.iter().enumerate() {
         let last = i + 1 == m.http_filters.len();
         let type_url = match &f.config_type {
@@ -157,7 +171,21 @@ pub fn listener(l: &listener::Listener) -> Result<ListenerCfg, Reject> {
                     l.name
                 ))
             }
+            (LOCAL_RATE_LIMIT_FILTER, _) | (_, LOCAL_RATE_LIMIT_TYPE) => {
+                if has_rate_limit_filter || seen_fault {
+                    return Err(format!("listener {}: one local rate limit filter, before the fault filter, is supported", l.name));
+                }
+                has_rate_limit_filter = true;
+                if let Some(hcm::http_filter::ConfigType::TypedConfig(a)) = &f.config_type {
+                    let pb = decode::<local_ratelimit::LocalRateLimit>(a)?;
+                    rate_limit = Some(
+                        local_rate_limit(&pb, stats)
+                            .map_err(|e| format!("listener {}: local rate limit: {e}", l.name))?,
+                    );
+                }
+            }
             (FAULT_FILTER, _) | (_, FAULT_TYPE) => {
+                seen_fault = true;
                 if let Some(hcm::http_filter::ConfigType::TypedConfig(a)) = &f.config_type {
                     let fc = fault_config(&decode::<fault::HttpFault>(a)?)?;
                     default_fault = Some(fc).filter(|f| f.abort.is_some() || f.delay.is_some());
@@ -188,7 +216,7 @@ pub fn listener(l: &listener::Listener) -> Result<ListenerCfg, Reject> {
             RouteSource::Rds(rds.route_config_name.clone())
         }
         Some(hcm::http_connection_manager::RouteSpecifier::RouteConfig(rc)) => {
-            RouteSource::Inline(Arc::new(route_table(rc)?))
+            RouteSource::Inline(Arc::new(route_table(rc, stats)?))
         }
         _ => {
             return Err(format!(
@@ -203,7 +231,100 @@ pub fn listener(l: &listener::Listener) -> Result<ListenerCfg, Reject> {
         stat_prefix: m.stat_prefix.clone(),
         routes,
         default_fault,
+        rate_limit,
+        has_rate_limit_filter,
     })
+}
+
+/// Envoy's local rate limit config, as far as meshbench proxy runs it; the rest is refused.
+#[allow(deprecated)] // `append` is deprecated but still sent (Istio's examples use it)
+fn local_rate_limit(
+    p: &local_ratelimit::LocalRateLimit,
+    stats: &ratelimit::Registry,
+) -> Result<Arc<LocalRateLimit>, Reject> {
+    if !p.descriptors.is_empty()
+        || !p.rate_limits.is_empty()
+        || p.local_cluster_rate_limit.is_some()
+        || p.always_consume_default_token_bucket.is_some()
+        || p.max_dynamic_descriptors.is_some()
+    {
+        return Err("descriptors and rate_limits are not supported (only the token bucket)".into());
+    }
+    if p.enable_x_ratelimit_headers != 0
+        || !p.request_headers_to_add_when_not_enforced.is_empty()
+        || p.local_rate_limit_per_downstream_connection
+        || p.rate_limited_as_resource_exhausted
+        || p.stage != 0
+    {
+        return Err("x-ratelimit headers, headers when not enforced, per-connection buckets, gRPC status and stages are not supported".into());
+    }
+    if p.stat_prefix.is_empty() {
+        return Err("stat_prefix is required".into());
+    }
+    let bucket = match &p.token_bucket {
+        None => None,
+        Some(tb) => {
+            let fill = tb.fill_interval.as_ref().map(duration).unwrap_or_default();
+            if fill < Duration::from_millis(50) {
+                return Err("token_bucket.fill_interval must be at least 50ms".into());
+            }
+            if tb.max_tokens == 0 {
+                return Err("token_bucket.max_tokens must be at least 1".into());
+            }
+            let per_fill = tb.tokens_per_fill.as_ref().map_or(1, |v| v.value);
+            if per_fill == 0 {
+                return Err("token_bucket.tokens_per_fill must be at least 1".into());
+            }
+            Some(TokenBucket::new(tb.max_tokens, per_fill, fill))
+        }
+    };
+    // A fraction that is not given is 0%: the filter is neither consulted nor enforced.
+    let fraction = |f: &Option<core::RuntimeFractionalPercent>| {
+        f.as_ref()
+            .filter(|f| f.default_value.is_some())
+            .map_or(0, |f| per_million(&f.default_value))
+    };
+    let status = match &p.status {
+        None => 429,
+        Some(s) if (400..=599).contains(&s.code) => s.code as u16,
+        Some(s) => return Err(format!("status {} must be 400 to 599", s.code)),
+    };
+    let mut response_headers = Vec::new();
+    for h in &p.response_headers_to_add {
+        let hv = h
+            .header
+            .as_ref()
+            .ok_or("response_headers_to_add: a header is required")?;
+        let name = http::HeaderName::from_bytes(hv.key.as_bytes())
+            .map_err(|_| format!("invalid header name {:?}", hv.key))?;
+        let raw = if hv.raw_value.is_empty() {
+            hv.value.as_bytes()
+        } else {
+            hv.raw_value.as_slice()
+        };
+        let value = http::HeaderValue::from_bytes(raw)
+            .map_err(|_| format!("invalid value for header {:?}", hv.key))?;
+        let append = match (&h.append, h.append_action) {
+            (Some(a), _) => a.value,
+            (None, 0) => true,
+            (None, 2) => false,
+            (None, other) => {
+                return Err(format!(
+                    "response_headers_to_add: append_action {other} is not supported (APPEND_IF_EXISTS_OR_ADD, OVERWRITE_IF_EXISTS_OR_ADD)"
+                ))
+            }
+        };
+        response_headers.push((name, value, append));
+    }
+    Ok(Arc::new(LocalRateLimit {
+        stats: stats.get(&p.stat_prefix),
+        stat_prefix: p.stat_prefix.clone(),
+        bucket,
+        enabled_ppm: fraction(&p.filter_enabled),
+        enforced_ppm: fraction(&p.filter_enforced),
+        status,
+        response_headers,
+    }))
 }
 
 fn socket_addr(sa: &core::SocketAddress) -> Result<SocketAddr, Reject> {
@@ -247,6 +368,8 @@ pub struct Route {
     pub timeout: Option<Duration>,
     pub retry: Option<RetryPolicy>,
     pub fault: Option<Fault>,
+    /// This route's local rate limit config (replaces the listener's).
+    pub rate_limit: Option<Arc<LocalRateLimit>>,
 }
 
 #[derive(Debug)]
@@ -384,7 +507,10 @@ fn fault_config(f: &fault::HttpFault) -> Result<Fault, Reject> {
     Ok(Fault { delay, abort })
 }
 
-pub fn route_table(rc: &route::RouteConfiguration) -> Result<RouteTable, Reject> {
+pub fn route_table(
+    rc: &route::RouteConfiguration,
+    stats: &ratelimit::Registry,
+) -> Result<RouteTable, Reject> {
     let mut t = RouteTable {
         name: rc.name.clone(),
         virtual_hosts: vec![],
@@ -413,7 +539,7 @@ pub fn route_table(rc: &route::RouteConfiguration) -> Result<RouteTable, Reject>
         }
         let mut routes = Vec::new();
         for r in &vh.routes {
-            routes.push(convert_route(r).map_err(|e| {
+            routes.push(convert_route(r, stats).map_err(|e| {
                 format!(
                     "route config {}, virtual host {}, route {:?}: {e}",
                     rc.name, vh.name, r.name
@@ -483,7 +609,7 @@ fn string_match(m: &matcher::StringMatcher) -> Result<StrMatch, Reject> {
 }
 
 #[allow(deprecated)] // the deprecated header matchers and fields are still sent by control planes
-fn convert_route(r: &route::Route) -> Result<Route, Reject> {
+fn convert_route(r: &route::Route, stats: &ratelimit::Registry) -> Result<Route, Reject> {
     use route::header_matcher::HeaderMatchSpecifier as H;
     use route::route_match::PathSpecifier;
     let m = r.r#match.as_ref().ok_or("route has no match")?;
@@ -580,11 +706,18 @@ fn convert_route(r: &route::Route) -> Result<Route, Reject> {
     };
     let retry = action.retry_policy.as_ref().map(retry_policy).transpose()?;
     let mut fault = None;
+    let mut rate_limit = None;
     for (name, any) in &r.typed_per_filter_config {
-        if name != FAULT_FILTER {
-            return Err(format!("per-route config for unsupported filter {name}"));
+        match name.as_str() {
+            FAULT_FILTER => fault = Some(fault_config(&decode::<fault::HttpFault>(any)?)?),
+            LOCAL_RATE_LIMIT_FILTER => {
+                let pb = decode::<local_ratelimit::LocalRateLimit>(any)?;
+                rate_limit = Some(
+                    local_rate_limit(&pb, stats).map_err(|e| format!("local rate limit: {e}"))?,
+                );
+            }
+            _ => return Err(format!("per-route config for unsupported filter {name}")),
         }
-        fault = Some(fault_config(&decode::<fault::HttpFault>(any)?)?);
     }
     Ok(Route {
         name: r.name.clone(),
@@ -594,6 +727,7 @@ fn convert_route(r: &route::Route) -> Result<Route, Reject> {
         timeout,
         retry,
         fault,
+        rate_limit,
     })
 }
 

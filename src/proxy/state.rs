@@ -82,6 +82,8 @@ pub struct Proxy {
         >,
     >,
     pub http_stats: Mutex<BTreeMap<String, Arc<HttpStats>>>,
+    /// Local rate limit stats by stat prefix.
+    pub rate_limits: super::ratelimit::Registry,
     pub connected: AtomicBool,
     pub initialized: AtomicBool,
     pub xds_stats: XdsStats,
@@ -105,6 +107,7 @@ impl Proxy {
             received: Mutex::default(),
             delta_held: Mutex::default(),
             http_stats: Mutex::default(),
+            rate_limits: Default::default(),
             connected: AtomicBool::new(false),
             initialized: AtomicBool::new(false),
             xds_stats: XdsStats::default(),

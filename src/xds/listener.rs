@@ -14,7 +14,11 @@ use envoy_types::util::pack_any;
 
 use super::node::NodeInfo;
 use super::*;
-use crate::model::{labels_match, Mesh, TargetPort};
+use crate::model::{
+    labels_match, LocalRateLimitSpec, Mesh, RateLimitPatch, RouteSelector, TargetPort,
+};
+use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
+use envoy_types::pb::envoy::r#type::v3 as types;
 
 /// Ports (targetPort) on which this proxy's pod serves some service, sorted.
 pub fn inbound_ports(mesh: &Mesh, node: &NodeInfo) -> Vec<u16> {
@@ -38,23 +42,106 @@ pub fn inbound_ports(mesh: &Mesh, node: &NodeInfo) -> Vec<u16> {
     ports
 }
 
-/// Listeners for one proxy; empty when the node id carries no pod IP.
+/// Listeners for one proxy; empty when the node id carries no pod IP. EnvoyFilters that
+/// select the proxy's workload add their local rate limits (filter and per-route configs).
 pub fn listeners(mesh: &Mesh, node: &NodeInfo) -> Vec<Resource> {
     let Some(ip) = &node.ip else { return vec![] };
-    let mut out = vec![outbound_listener(ip)];
+    let patches: Vec<&RateLimitPatch> = mesh
+        .envoy_filters_for(&node.namespace, &node.labels)
+        .flat_map(|f| f.patches.iter())
+        .collect();
+    let filter_limits = |inbound: bool, port: Option<u16>| -> Vec<&LocalRateLimitSpec> {
+        patches
+            .iter()
+            .filter(|p| p.route.is_none())
+            .filter(|p| {
+                if inbound {
+                    p.context.inbound()
+                } else {
+                    p.context.outbound()
+                }
+            })
+            .filter(|p| p.port.is_none() || p.port == port)
+            .map(|p| &p.limit)
+            .collect()
+    };
+    let mut out = vec![outbound_listener(ip, &filter_limits(false, None))];
     for port in inbound_ports(mesh, node) {
-        out.push(inbound_listener(ip, port));
+        let route_limits: Vec<(&RouteSelector, &LocalRateLimitSpec)> = patches
+            .iter()
+            .filter(|p| p.context.inbound() && (p.port.is_none() || p.port == Some(port)))
+            .filter_map(|p| p.route.as_ref().map(|r| (r, &p.limit)))
+            .collect();
+        out.push(inbound_listener(
+            ip,
+            port,
+            &filter_limits(true, Some(port)),
+            &route_limits,
+        ));
     }
     out
 }
 
-pub fn outbound_listener(ip: &str) -> Resource {
+/// Envoy's `LocalRateLimit` for a spec.
+pub fn local_rate_limit(spec: &LocalRateLimitSpec) -> LocalRateLimit {
+    let fraction = |f: Option<(u32, u32)>| {
+        f.map(|(numerator, denominator)| core::RuntimeFractionalPercent {
+            default_value: Some(types::FractionalPercent {
+                numerator,
+                denominator: match denominator {
+                    100 => types::fractional_percent::DenominatorType::Hundred,
+                    10_000 => types::fractional_percent::DenominatorType::TenThousand,
+                    _ => types::fractional_percent::DenominatorType::Million,
+                } as i32,
+            }),
+            runtime_key: String::new(),
+        })
+    };
+    #[allow(deprecated)] // `append` is what Istio's examples set
+    let response_headers_to_add = spec
+        .response_headers_to_add
+        .iter()
+        .map(|(k, v, append)| core::HeaderValueOption {
+            header: Some(core::HeaderValue {
+                key: k.clone(),
+                value: v.clone(),
+                ..Default::default()
+            }),
+            append_action: if *append {
+                core::header_value_option::HeaderAppendAction::AppendIfExistsOrAdd
+            } else {
+                core::header_value_option::HeaderAppendAction::OverwriteIfExistsOrAdd
+            } as i32,
+            ..Default::default()
+        })
+        .collect();
+    LocalRateLimit {
+        stat_prefix: spec.stat_prefix.clone(),
+        token_bucket: spec.token_bucket.as_ref().map(|tb| types::TokenBucket {
+            max_tokens: tb.max_tokens,
+            tokens_per_fill: Some(envoy_types::pb::google::protobuf::UInt32Value {
+                value: tb.tokens_per_fill,
+            }),
+            fill_interval: Some(pb_duration(tb.fill_interval)),
+        }),
+        filter_enabled: fraction(spec.filter_enabled),
+        filter_enforced: fraction(spec.filter_enforced),
+        response_headers_to_add,
+        status: spec
+            .status
+            .map(|code| types::HttpStatus { code: code as i32 }),
+        ..Default::default()
+    }
+}
+
+pub fn outbound_listener(ip: &str, limits: &[&LocalRateLimitSpec]) -> Resource {
     let manager = http_connection_manager(
         "outbound",
         hcm::http_connection_manager::RouteSpecifier::Rds(hcm::Rds {
             config_source: Some(ads_source()),
             route_config_name: OUTBOUND_ROUTE_NAME.to_string(),
         }),
+        limits,
     );
     listener(
         format!("{ip}_{OUTBOUND_PORT}"),
@@ -65,12 +152,31 @@ pub fn outbound_listener(ip: &str) -> Resource {
     )
 }
 
-pub fn inbound_listener(ip: &str, port: u16) -> Resource {
+pub fn inbound_listener(
+    ip: &str,
+    port: u16,
+    limits: &[&LocalRateLimitSpec],
+    route_limits: &[(&RouteSelector, &LocalRateLimitSpec)],
+) -> Resource {
+    let mut rc = super::route::inbound_route_config(port);
+    for vh in &mut rc.virtual_hosts {
+        for r in &mut vh.routes {
+            // The last matching patch wins, as successive MERGEs of one key would.
+            if let Some((_, l)) = route_limits.iter().rev().find(|(sel, _)| {
+                sel.vhost.as_ref().is_none_or(|n| *n == vh.name)
+                    && sel.route.as_ref().is_none_or(|n| *n == r.name)
+            }) {
+                r.typed_per_filter_config.insert(
+                    LOCAL_RATE_LIMIT_FILTER.into(),
+                    pack_any(local_rate_limit(l)),
+                );
+            }
+        }
+    }
     let manager = http_connection_manager(
         &format!("inbound_{port}"),
-        hcm::http_connection_manager::RouteSpecifier::RouteConfig(
-            super::route::inbound_route_config(port),
-        ),
+        hcm::http_connection_manager::RouteSpecifier::RouteConfig(rc),
+        limits,
     );
     listener(
         format!("{ip}_{port}"),
@@ -81,11 +187,13 @@ pub fn inbound_listener(ip: &str, port: u16) -> Resource {
     )
 }
 
-/// HCM with the fault filter (per-route config turns it on) before the router, as Istio does.
-/// Never an empty filter list: Envoy ACKs that and then hangs every request.
+/// HCM with the fault filter (per-route config turns it on) before the router, as Istio does;
+/// local rate limits inserted by EnvoyFilters come first. Never an empty filter list: Envoy
+/// ACKs that and then hangs every request.
 fn http_connection_manager(
     stat_prefix: &str,
     routes: hcm::http_connection_manager::RouteSpecifier,
+    limits: &[&LocalRateLimitSpec],
 ) -> HttpConnectionManager {
     let filter = |name: &str, any| hcm::HttpFilter {
         name: name.to_string(),
@@ -96,10 +204,14 @@ fn http_connection_manager(
         stat_prefix: stat_prefix.to_string(),
         codec_type: hcm::http_connection_manager::CodecType::Auto as i32,
         route_specifier: Some(routes),
-        http_filters: vec![
-            filter(FAULT_FILTER, pack_any(HttpFault::default())),
-            filter(ROUTER_FILTER, pack_any(Router::default())),
-        ],
+        http_filters: limits
+            .iter()
+            .map(|l| filter(LOCAL_RATE_LIMIT_FILTER, pack_any(local_rate_limit(l))))
+            .chain([
+                filter(FAULT_FILTER, pack_any(HttpFault::default())),
+                filter(ROUTER_FILTER, pack_any(Router::default())),
+            ])
+            .collect(),
         ..Default::default()
     }
 }

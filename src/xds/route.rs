@@ -324,6 +324,15 @@ fn http_fault(f: &model::Fault) -> fault::HttpFault {
 }
 
 /// The inbound route: everything to the pod's own app.
+/// The inbound route: to the app, with no retry policy (istiod retries on the client side).
+fn inbound_default_route(cluster: &str) -> route::Route {
+    let mut r = default_route(cluster, cluster);
+    if let Some(route::route::Action::Route(a)) = &mut r.action {
+        a.retry_policy = None;
+    }
+    r
+}
+
 pub fn inbound_route_config(port: u16) -> RouteConfiguration {
     let cluster = inbound_cluster_name(port);
     RouteConfiguration {
@@ -331,7 +340,7 @@ pub fn inbound_route_config(port: u16) -> RouteConfiguration {
         virtual_hosts: vec![VirtualHost {
             name: format!("inbound|http|{port}"),
             domains: vec!["*".into()],
-            routes: vec![default_route(&cluster, &cluster)],
+            routes: vec![inbound_default_route(&cluster)],
             ..Default::default()
         }],
         ..Default::default()

@@ -162,6 +162,8 @@ fn listeners_key(mesh: &Mesh) -> u64 {
             format!("{:?}", p.target_port).hash(&mut h);
         }
     }
+    // Listeners carry the EnvoyFilters' rate limits.
+    format!("{:?}", mesh.envoy_filters).hash(&mut h);
     h.finish()
 }
 
