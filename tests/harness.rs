@@ -141,6 +141,64 @@ fn quick_canary_with_envoy() {
     canary("envoy");
 }
 
+/// Istio's bookinfo tasks with their documented outcomes (the scenario's own expectations),
+/// plus what report.json says of them.
+fn istio_tasks(proxy: &str) {
+    let out = out_dir(&format!("tasks-{proxy}"));
+    let scenario = root().join("scenarios/istio-tasks.yaml");
+    let o = run(&[
+        "run",
+        scenario.to_str().unwrap(),
+        "--quick",
+        "--proxy",
+        proxy,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let phase = |name: &str| {
+        report["phases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("no phase {name}"))["load"]
+            .clone()
+    };
+    // The 7 s delay for jason: every page degraded (reviews), none failed, after ~6 s.
+    let delay = phase("delay-jason");
+    assert_eq!(delay["errors"], 0);
+    assert_eq!(delay["degraded"]["reviews"], delay["requests"]);
+    let p50 = delay["latency_ms"]["p50"].as_f64().unwrap();
+    assert!((5500.0..8000.0).contains(&p50), "{p50}");
+    // The abort: ratings degraded on every page, passed up through reviews.
+    let abort = phase("abort-jason");
+    assert_eq!(abort["degraded"]["ratings"], abort["requests"]);
+    // Circuit breaking: overflow answers counted as shed.
+    assert!(phase("breaker-3-connections")["shed"].as_u64().unwrap() > 0);
+    assert_eq!(phase("breaker-1-connection")["shed"], 0);
+    assert!(leftovers().is_empty(), "processes left: {:?}", leftovers());
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn istio_tasks_with_meshbench_proxy() {
+    let _serial = serial();
+    istio_tasks("meshbench");
+}
+
+#[test]
+fn istio_tasks_with_envoy() {
+    let _serial = serial();
+    if common::envoy_binary().is_none() {
+        return;
+    }
+    istio_tasks("envoy");
+}
+
 #[test]
 fn malformed_scenario_exits_2_naming_the_place() {
     let o = run(&[
