@@ -173,6 +173,7 @@ mod tests {
                     target: String::new(),
                     result,
                 },
+                ..Default::default()
             }],
             ..Default::default()
         }

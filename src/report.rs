@@ -44,6 +44,63 @@ pub struct Report {
 pub struct Phase {
     pub name: String,
     pub load: PhaseLoad,
+    /// What the sidecars did during the phase, summed over all of them.
+    #[serde(default)]
+    pub mesh: MeshCounts,
+}
+
+/// Sidecar counters over a phase (from every sidecar's admin `/stats`, end minus start):
+/// what the mesh did to keep answering. Other loads running at the same time count too.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MeshCounts {
+    /// Upstream retries (`cluster.*.upstream_rq_retry`).
+    pub retries: u64,
+    /// Circuit-breaker overflows (`cluster.*.upstream_rq_pending_overflow`).
+    pub overflows: u64,
+    /// Hosts ejected by outlier detection (`cluster.*.outlier_detection.ejections_enforced_total`).
+    pub ejections: u64,
+    /// Requests refused by local rate limits (`*.http_local_rate_limit.enforced`).
+    pub rate_limited: u64,
+}
+
+impl MeshCounts {
+    /// Sums the counters of one `/stats` text.
+    pub fn add_stats(&mut self, text: &str) {
+        for line in text.lines() {
+            let Some((name, value)) = line.rsplit_once(": ") else {
+                continue;
+            };
+            let Ok(v) = value.trim().parse::<u64>() else {
+                continue;
+            };
+            let field = if name.starts_with("cluster.") {
+                if name.ends_with(".upstream_rq_retry") {
+                    &mut self.retries
+                } else if name.ends_with(".upstream_rq_pending_overflow") {
+                    &mut self.overflows
+                } else if name.ends_with(".outlier_detection.ejections_enforced_total") {
+                    &mut self.ejections
+                } else {
+                    continue;
+                }
+            } else if name.ends_with(".http_local_rate_limit.enforced") {
+                &mut self.rate_limited
+            } else {
+                continue;
+            };
+            *field += v;
+        }
+    }
+
+    pub fn since(&self, before: &MeshCounts) -> MeshCounts {
+        MeshCounts {
+            retries: self.retries.saturating_sub(before.retries),
+            overflows: self.overflows.saturating_sub(before.overflows),
+            ejections: self.ejections.saturating_sub(before.ejections),
+            rate_limited: self.rate_limited.saturating_sub(before.rate_limited),
+        }
+    }
 }
 
 /// A load's result as report.json carries it: what the generator measured, and where.
@@ -448,7 +505,7 @@ fn html_page(r: &Report, charts: &[(String, String)]) -> String {
         if r.passed { "PASSED" } else { "FAILED" },
         esc(&summary),
     );
-    h.push_str("<h2>Phases</h2><table><tr><th>phase</th><th>target</th><th>rps</th><th>requests</th><th>errors</th><th>shed</th><th>degraded</th><th>p50 ms</th><th>p99 ms</th><th>p99.9 ms</th><th>versions</th></tr>\n");
+    h.push_str("<h2>Phases</h2><table><tr><th>phase</th><th>target</th><th>rps</th><th>requests</th><th>errors</th><th>shed</th><th>degraded</th><th>retries</th><th>overflows</th><th>ejections</th><th>rate limited</th><th>p50 ms</th><th>p99 ms</th><th>p99.9 ms</th><th>versions</th></tr>\n");
     for p in &r.phases {
         let l = &p.load.result;
         let versions = l
@@ -468,6 +525,10 @@ fn html_page(r: &Report, charts: &[(String, String)]) -> String {
                 &l.errors,
                 &l.shed,
                 &degraded,
+                &p.mesh.retries,
+                &p.mesh.overflows,
+                &p.mesh.ejections,
+                &p.mesh.rate_limited,
                 &format!("{:.2}", l.latency_ms.p50),
                 &format!("{:.2}", l.latency_ms.p99),
                 &format!("{:.2}", l.latency_ms.p999),
@@ -620,6 +681,13 @@ pub fn summary(r: &Report) -> String {
         }
         if l.degraded_requests > 0 {
             s.push_str(&format!("  degraded {}", degraded_line(l)));
+        }
+        let m = &p.mesh;
+        if *m != MeshCounts::default() {
+            s.push_str(&format!(
+                "  mesh: {} retries, {} overflows, {} ejections, {} rate limited",
+                m.retries, m.overflows, m.ejections, m.rate_limited
+            ));
         }
         s.push('\n');
     }

@@ -16,8 +16,8 @@ use crate::clock::now_ms;
 use crate::load::{self, Live, LoadResult, LoadSpec};
 use crate::measure::proc_stats;
 use crate::pilot::api::ProxyStatus;
-use crate::pilot_client::PilotApi;
-use crate::report::{self, Dist, Expectation, Phase, PhaseLoad, Propagation, Report};
+use crate::pilot_client::{HttpClient, PilotApi};
+use crate::report::{self, Dist, Expectation, MeshCounts, Phase, PhaseLoad, Propagation, Report};
 use crate::scenario::{
     BackendKind, Degraded, ExpectStep, FaultStep, ProxyKind, Scenario, Share, Step,
 };
@@ -60,6 +60,8 @@ impl From<backend::Error> for Error {
 
 struct RunningLoad {
     target: String,
+    /// The sidecars' counters when the load started.
+    mesh_before: MeshCounts,
     live: Arc<Live>,
     task: Option<JoinHandle<LoadResult>>,
     result: Option<LoadResult>,
@@ -262,12 +264,14 @@ impl Runner<'_> {
                     http2: l.protocol.as_deref() == Some("http2"),
                     live: Some(live.clone()),
                 };
+                let mesh_before = self.mesh_counts().await;
                 let task = tokio::spawn(load::run(spec));
                 self.load_order.push(name.clone());
                 self.loads.insert(
                     name.clone(),
                     RunningLoad {
                         target: l.target.clone(),
+                        mesh_before,
                         live,
                         task: Some(task),
                         result: None,
@@ -305,22 +309,38 @@ impl Runner<'_> {
         Ok(())
     }
 
+    /// The sidecars' retry, overflow, ejection and rate-limit counters, summed.
+    async fn mesh_counts(&self) -> MeshCounts {
+        let http = HttpClient {
+            timeout: Duration::from_secs(2),
+        };
+        let mut m = MeshCounts::default();
+        for admin in self.b.sidecar_admins() {
+            if let Ok(r) = http.request(admin, "GET", "/stats", &[], "").await {
+                m.add_stats(&String::from_utf8_lossy(&r.body));
+            }
+        }
+        m
+    }
+
     async fn finish_load(&mut self, name: &str) {
+        let Some(task) = self.loads.get_mut(name).and_then(|l| l.task.take()) else {
+            return;
+        };
+        let Ok(r) = task.await else { return };
+        let after = self.mesh_counts().await;
         let Some(l) = self.loads.get_mut(name) else {
             return;
         };
-        if let Some(t) = l.task.take() {
-            if let Ok(r) = t.await {
-                self.report.phases.push(Phase {
-                    name: name.to_string(),
-                    load: PhaseLoad {
-                        target: l.target.clone(),
-                        result: r.clone(),
-                    },
-                });
-                l.result = Some(r);
-            }
-        }
+        self.report.phases.push(Phase {
+            name: name.to_string(),
+            load: PhaseLoad {
+                target: l.target.clone(),
+                result: r.clone(),
+            },
+            mesh: after.since(&l.mesh_before),
+        });
+        l.result = Some(r);
     }
 
     async fn apply(&mut self, file: &str) -> Result<(), Error> {
@@ -528,6 +548,39 @@ impl Runner<'_> {
                     ),
                     counts.requests > 0 && bound.admits(share(counts.shed)),
                 );
+            }
+            if let Some(mb) = &e.mesh {
+                let phase = self
+                    .report
+                    .phases
+                    .iter()
+                    .rev()
+                    .find(|p| Some(&p.name) == name.as_ref());
+                match phase {
+                    Some(p) => {
+                        for (what, bound, got) in [
+                            ("retries", mb.retries, p.mesh.retries),
+                            ("overflows", mb.overflows, p.mesh.overflows),
+                            ("ejections", mb.ejections, p.mesh.ejections),
+                            ("rate limited", mb.rate_limited, p.mesh.rate_limited),
+                        ] {
+                            if let Some(b) = bound {
+                                push(
+                                    format!("sidecar {what} (load {n})"),
+                                    b.describe(),
+                                    got.to_string(),
+                                    b.admits(got),
+                                );
+                            }
+                        }
+                    }
+                    None => push(
+                        format!("sidecar counters (load {n})"),
+                        "a finished load".into(),
+                        "still running: add wait_load before this expectation".into(),
+                        false,
+                    ),
+                }
             }
             for (lat, at_least) in [(&e.latency, false), (&e.latency_at_least, true)] {
                 let Some(lat) = lat else { continue };

@@ -323,6 +323,59 @@ impl Share {
     }
 }
 
+/// A bound on a count: a number is the most; `{min, max}` bounds it either way.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum Count {
+    Max(u64),
+    Range(CountRange),
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CountRange {
+    pub min: Option<u64>,
+    pub max: Option<u64>,
+}
+
+impl Count {
+    pub fn admits(&self, n: u64) -> bool {
+        match *self {
+            Count::Max(m) => n <= m,
+            Count::Range(r) => r.min.is_none_or(|m| n >= m) && r.max.is_none_or(|m| n <= m),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match *self {
+            Count::Max(m) => format!("<= {m}"),
+            Count::Range(CountRange {
+                min: Some(a),
+                max: Some(b),
+            }) => format!("{a} to {b}"),
+            Count::Range(CountRange {
+                min: Some(a),
+                max: None,
+            }) => format!(">= {a}"),
+            Count::Range(CountRange {
+                min: None,
+                max: Some(b),
+            }) => format!("<= {b}"),
+            Count::Range(_) => "any".into(),
+        }
+    }
+}
+
+/// Bounds on the sidecars' counters over a load (report.json `phases[].mesh`).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeshBounds {
+    pub retries: Option<Count>,
+    pub overflows: Option<Count>,
+    pub ejections: Option<Count>,
+    pub rate_limited: Option<Count>,
+}
+
 /// Degraded answers: over all services, or per service.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(untagged)]
@@ -347,6 +400,8 @@ pub struct ExpectStep {
     /// Share of answers the mesh shed (429 rate limited, overflow 503 with
     /// `x-envoy-overloaded`), in percent.
     pub shed: Option<Share>,
+    /// What the sidecars did during a finished load (counts summed over every sidecar).
+    pub mesh: Option<MeshBounds>,
     /// Upper bounds on the load's latency percentiles.
     pub latency: Option<Latency>,
     /// Lower bounds (a timeout or a delay that must show: Istio's fault-injection task
@@ -609,7 +664,8 @@ impl Scenario {
                         || e.latency.is_some()
                         || e.latency_at_least.is_some()
                         || e.degraded.is_some()
-                        || e.shed.is_some())
+                        || e.shed.is_some()
+                        || e.mesh.is_some())
                         && loads.is_empty()
                     {
                         return Err(at(
@@ -624,10 +680,11 @@ impl Scenario {
                         && e.propagation.is_none()
                         && e.degraded.is_none()
                         && e.shed.is_none()
+                        && e.mesh.is_none()
                     {
                         return Err(at(
                             i,
-                            "expect: give at least one of split, errors, latency, latency_at_least, propagation, degraded, shed"
+                            "expect: give at least one of split, errors, latency, latency_at_least, propagation, degraded, shed, mesh"
                                 .into(),
                         ));
                     }

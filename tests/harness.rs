@@ -199,6 +199,53 @@ fn istio_tasks_with_envoy() {
     istio_tasks("envoy");
 }
 
+/// Overload: the scenario's expectations (no errors through a slow and then failing ratings
+/// pod, about 40% shed by the rate limit at twice its rate) and the sidecar counters per phase.
+fn overload(proxy: &str) {
+    let out = out_dir(&format!("overload-{proxy}"));
+    let scenario = root().join("scenarios/overload.yaml");
+    let o = run(&[
+        "run",
+        scenario.to_str().unwrap(),
+        "--quick",
+        "--proxy",
+        proxy,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let phases = report["phases"].as_array().unwrap();
+    let named = |n: &str| phases.iter().find(|p| p["name"] == n).unwrap().clone();
+    assert!(named("ratings-slow")["mesh"]["retries"].as_u64().unwrap() > 0);
+    assert!(named("ratings-slow")["mesh"]["ejections"].as_u64().unwrap() > 0);
+    let overload = named("overload");
+    assert_eq!(
+        overload["mesh"]["rate_limited"], overload["load"]["shed"],
+        "every shed answer is a 429 from productpage's limiter"
+    );
+    assert_eq!(named("healthy")["mesh"]["retries"], 0);
+    assert!(leftovers().is_empty(), "processes left: {:?}", leftovers());
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn overload_with_meshbench_proxy() {
+    let _serial = serial();
+    overload("meshbench");
+}
+
+#[test]
+fn overload_with_envoy() {
+    let _serial = serial();
+    if common::envoy_binary().is_none() {
+        return;
+    }
+    overload("envoy");
+}
+
 #[test]
 fn malformed_scenario_exits_2_naming_the_place() {
     let o = run(&[
