@@ -836,18 +836,30 @@ fn virtual_service(origin: &Origin, v: Value) -> Result<VirtualServiceSpec, Outc
 }
 
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawTrafficPolicy {
     load_balancer: Option<RawLoadBalancer>,
     connection_pool: Option<RawConnectionPool>,
     outlier_detection: Option<RawOutlier>,
+    /// Warned about where documents are read (mutual TLS is not simulated yet).
+    #[allow(dead_code)]
+    tls: Option<Value>,
+    port_level_settings: Option<Value>,
+    tunnel: Option<Value>,
+    proxy_protocol: Option<Value>,
+    retry_budget: Option<Value>,
 }
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawLoadBalancer {
     simple: Option<String>,
+    consistent_hash: Option<Value>,
+    locality_lb_setting: Option<Value>,
+    warmup_duration_secs: Option<Value>,
+    warmup: Option<Value>,
 }
 #[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawConnectionPool {
     #[serde(default)]
     tcp: RawTcpPool,
@@ -855,27 +867,122 @@ struct RawConnectionPool {
     http: RawHttpPool,
 }
 #[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawTcpPool {
     max_connections: Option<u32>,
     connect_timeout: Option<String>,
+    tcp_keepalive: Option<Value>,
+    max_connection_duration: Option<Value>,
+    idle_timeout: Option<Value>,
 }
 #[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawHttpPool {
     http1_max_pending_requests: Option<u32>,
     http2_max_requests: Option<u32>,
     max_requests_per_connection: Option<u32>,
     max_retries: Option<u32>,
+    idle_timeout: Option<Value>,
+    h2_upgrade_policy: Option<Value>,
+    use_client_protocol: Option<Value>,
+    max_concurrent_streams: Option<Value>,
 }
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawOutlier {
     consecutive_5xx_errors: Option<u32>,
     consecutive_errors: Option<u32>,
+    consecutive_gateway_errors: Option<u32>,
     interval: Option<String>,
     base_ejection_time: Option<String>,
     max_ejection_percent: Option<u32>,
+    min_health_percent: Option<i32>,
+    split_external_local_origin_errors: Option<Value>,
+    consecutive_local_origin_failures: Option<Value>,
+}
+
+/// The first Istio field of a traffic policy that meshbench does not simulate, by path.
+fn unsupported_policy_field(raw: &RawTrafficPolicy) -> Option<(&'static str, &'static str)> {
+    let set = |v: &Option<Value>| v.as_ref().is_some_and(|v| !v.is_null());
+    let lb = raw.load_balancer.as_ref();
+    let tcp = raw.connection_pool.as_ref().map(|c| &c.tcp);
+    let http = raw.connection_pool.as_ref().map(|c| &c.http);
+    let od = raw.outlier_detection.as_ref();
+    [
+        (
+            set(&raw.port_level_settings),
+            "portLevelSettings",
+            "per-port traffic policies",
+        ),
+        (set(&raw.tunnel), "tunnel", "tunnels"),
+        (
+            set(&raw.proxy_protocol),
+            "proxyProtocol",
+            "the PROXY protocol",
+        ),
+        (set(&raw.retry_budget), "retryBudget", "retry budgets"),
+        (
+            lb.is_some_and(|l| set(&l.consistent_hash)),
+            "loadBalancer.consistentHash",
+            "consistent hashing (ring hash, maglev)",
+        ),
+        (
+            lb.is_some_and(|l| set(&l.locality_lb_setting)),
+            "loadBalancer.localityLbSetting",
+            "locality load balancing",
+        ),
+        (
+            lb.is_some_and(|l| set(&l.warmup_duration_secs) || set(&l.warmup)),
+            "loadBalancer.warmup",
+            "slow start (warmup)",
+        ),
+        (
+            tcp.is_some_and(|t| set(&t.tcp_keepalive)),
+            "connectionPool.tcp.tcpKeepalive",
+            "TCP keepalive settings",
+        ),
+        (
+            tcp.is_some_and(|t| set(&t.max_connection_duration)),
+            "connectionPool.tcp.maxConnectionDuration",
+            "a connection lifetime",
+        ),
+        (
+            tcp.is_some_and(|t| set(&t.idle_timeout)),
+            "connectionPool.tcp.idleTimeout",
+            "a TCP idle timeout",
+        ),
+        (
+            http.is_some_and(|h| set(&h.idle_timeout)),
+            "connectionPool.http.idleTimeout",
+            "an HTTP idle timeout",
+        ),
+        (
+            http.is_some_and(|h| set(&h.h2_upgrade_policy)),
+            "connectionPool.http.h2UpgradePolicy",
+            "HTTP/2 upgrades",
+        ),
+        (
+            http.is_some_and(|h| set(&h.use_client_protocol)),
+            "connectionPool.http.useClientProtocol",
+            "the client's protocol upstream",
+        ),
+        (
+            http.is_some_and(|h| set(&h.max_concurrent_streams)),
+            "connectionPool.http.maxConcurrentStreams",
+            "an HTTP/2 stream limit",
+        ),
+        (
+            od.is_some_and(|o| {
+                set(&o.split_external_local_origin_errors)
+                    || set(&o.consecutive_local_origin_failures)
+            }),
+            "outlierDetection.splitExternalLocalOriginErrors",
+            "split local-origin errors",
+        ),
+    ]
+    .into_iter()
+    .find(|(on, _, _)| *on)
+    .map(|(_, f, what)| (f, what))
 }
 
 fn traffic_policy(
@@ -885,6 +992,13 @@ fn traffic_policy(
 ) -> Result<Option<TrafficPolicy>, Outcome> {
     let Some(v) = v else { return Ok(None) };
     let raw: RawTrafficPolicy = typed(origin, field, v).map_err(Outcome::Errors)?;
+    if let Some((f, what)) = unsupported_policy_field(&raw) {
+        return Err(errs(
+            origin,
+            format!("{field}.{f}"),
+            format!("{what} is not supported: meshbench does not simulate it (Istio accepts it; remove it to run here)"),
+        ));
+    }
     let load_balancer = match raw.load_balancer.and_then(|l| l.simple) {
         None => None,
         Some(s) => Some(match s.as_str() {
@@ -931,6 +1045,17 @@ fn traffic_policy(
                 &o.base_ejection_time,
             )?,
             max_ejection_percent: o.max_ejection_percent,
+            consecutive_gateway_errors: o.consecutive_gateway_errors,
+            min_health_percent: match o.min_health_percent {
+                Some(p) if !(0..=100).contains(&p) => {
+                    return Err(errs(
+                        origin,
+                        format!("{field}.outlierDetection.minHealthPercent"),
+                        format!("{p} is not a percentage"),
+                    ))
+                }
+                p => p.map(|p| p as u32),
+            },
         }),
         None => None,
     };

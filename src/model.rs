@@ -336,6 +336,10 @@ pub struct OutlierDetection {
     pub interval: Option<Duration>,
     pub base_ejection_time: Option<Duration>,
     pub max_ejection_percent: Option<u32>,
+    pub consecutive_gateway_errors: Option<u32>,
+    /// Below this share of healthy hosts outlier detection stops mattering (panic mode);
+    /// istiod's default is 0 (never).
+    pub min_health_percent: Option<u32>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]

@@ -651,3 +651,96 @@ async fn istios_default_retry_policy_agrees() {
     }
     eprintln!("default retry policy: {report:?}");
 }
+
+/// Outlier detection fields istiod translates: `consecutiveGatewayErrors` (enforced, while
+/// 5xx counting is off), `maxEjectionPercent` as Envoy 1.40 applies it (a host is ejected
+/// only if the share ejected afterwards stays within it: 1 of 3 at 50%, none of 2 at 10%),
+/// and `minHealthPercent` as the panic threshold (istiod's default 0 keeps an ejected host
+/// out; 60 sends to it again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outlier_detection_fields_agree() {
+    let Some(bin) = envoy_binary() else { return };
+    let p = start_pilot(Duration::ZERO).await;
+    let bad1 = start_upstream("127.0.0.1", "trio-bad1", Behavior::Status(503)).await;
+    let bad2 = start_upstream("127.0.0.1", "trio-bad2", Behavior::Status(503)).await;
+    let good = start_upstream("127.0.0.1", "trio-good", Behavior::Ok).await;
+    let pbad = start_upstream("127.0.0.1", "pair-bad", Behavior::Status(503)).await;
+    let pgood = start_upstream("127.0.0.1", "pair-good", Behavior::Ok).await;
+    let services = ["trio", "panic", "calm", "capped"]
+        .map(|s| format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {s}}}\nspec: {{ports: [{{port: 9080, name: http}}], selector: {{app: {s}}}}}\n"))
+        .join("---\n");
+    let dr = |host: &str, od: &str| {
+        format!("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {host}}}\nspec:\n  host: {host}\n  trafficPolicy:\n    outlierDetection: {od}\n")
+    };
+    let base = [
+        services,
+        entry("trio-bad1", "trio", "v1", bad1.addr),
+        entry("trio-bad2", "trio", "v1", bad2.addr),
+        entry("trio-good", "trio", "v1", good.addr),
+        entry("panic-bad", "panic", "v1", pbad.addr),
+        entry("panic-good", "panic", "v1", pgood.addr),
+        entry("calm-bad", "calm", "v1", pbad.addr),
+        entry("calm-good", "calm", "v1", pgood.addr),
+        entry("capped-bad", "capped", "v1", pbad.addr),
+        entry("capped-good", "capped", "v1", pgood.addr),
+        dr("capped", "{consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 10}"),
+        dr("trio", "{consecutiveGatewayErrors: 1, consecutive5xxErrors: 0, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 50}"),
+        dr("panic", "{consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 100, minHealthPercent: 60}"),
+        dr("calm", "{consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 100}"),
+    ]
+    .join("---\n");
+    let v = apply_ok(p.api, &base).await.version;
+    let envoy = start_envoy(&bin, p.xds, "client", "client-envoy", &[("app", "client")]).await;
+    let mesh = start_mesh_proxy(p.xds, "client", "client-mesh", &[("app", "client")]).await;
+    let sidecars = [
+        Sidecar {
+            name: "envoy",
+            outbound: format!("{}:15001", envoy.pod_ip).parse().unwrap(),
+            node_id: envoy.node_id.clone(),
+        },
+        Sidecar {
+            name: "meshbench",
+            outbound: format!("{}:15001", mesh.pod_ip).parse().unwrap(),
+            node_id: mesh.node_id.clone(),
+        },
+    ];
+    for s in &sidecars {
+        wait_synced(p.api, &s.node_id, v).await;
+    }
+    let failures = |m: &BTreeMap<Outcome, usize>| -> usize {
+        m.iter()
+            .filter(|(o, _)| o.status == 503)
+            .map(|(_, n)| n)
+            .sum()
+    };
+    let mut seen = Vec::new();
+    for s in &sidecars {
+        let trio = failures(&run_requests(s, "trio:9080", "/", &[], 30).await);
+        // maxEjectionPercent 10 over two hosts: ejecting one would be 50%, so none is.
+        let capped = failures(&run_requests(s, "capped:9080", "/", &[], 20).await);
+        // 20 requests against a pair whose bad host is ejected after one 503: with panic
+        // mode at 60% it takes traffic again (half of what follows), with 0% it does not.
+        let panic = failures(&run_requests(s, "panic:9080", "/", &[], 20).await);
+        let calm = failures(&run_requests(s, "calm:9080", "/", &[], 20).await);
+        // One bad host out after its first 503, the other keeps half of the rest (the exact
+        // count depends on where round robin starts).
+        assert!(
+            (14..=17).contains(&trio),
+            "{}: {trio} failures: one bad host of three ejected at 50% (a second would be 67%)",
+            s.name
+        );
+        assert_eq!(
+            capped, 10,
+            "{}: no ejection allowed at 10% of two hosts",
+            s.name
+        );
+        assert_eq!(calm, 1, "{}: minHealthPercent 0, no panic", s.name);
+        assert!(
+            (7..=12).contains(&panic),
+            "{}: {panic} failures in panic mode",
+            s.name
+        );
+        seen.push((s.name, trio, capped, panic, calm));
+    }
+    eprintln!("outlier fields (trio, capped, panic, calm failures): {seen:?}");
+}

@@ -351,6 +351,10 @@ pub fn stats(proxy: &Proxy) -> Vec<Stat> {
                 "outlier_detection.ejections_enforced_total",
                 &s.ejections_enforced_total,
             ),
+            (
+                "outlier_detection.ejections_overflow",
+                &s.ejections_overflow,
+            ),
         ] {
             add(k, v.load(Relaxed));
         }

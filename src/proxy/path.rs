@@ -40,7 +40,10 @@ use rand::Rng;
 use super::ratelimit::Decision;
 use super::resources::{Fault, PathMatch, RetryPolicy, Route, RouteSource, Target};
 use super::state::{HttpStats, State};
-use super::upstream::{retry_backoff, Cluster, Host, IdleConn, Overflow, RequestGuard, SendError};
+use super::upstream::{
+    retry_backoff, Cluster, Host, IdleConn, Outcome as OutlierOutcome, Overflow, RequestGuard,
+    SendError,
+};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -528,7 +531,7 @@ pub async fn attempt<T: Transport>(
             } else {
                 host.stats.rq_success.fetch_add(1, Relaxed);
             }
-            cluster.record_outcome(&host, failed);
+            cluster.record_outcome(&host, OutlierOutcome::Status(status));
             let (mut rp, body) = resp.into_parts();
             for h in HOP_BY_HOP {
                 rp.headers.remove(h);
@@ -545,7 +548,14 @@ pub async fn attempt<T: Transport>(
         }
         Err(f) => {
             host.stats.rq_error.fetch_add(1, Relaxed);
-            cluster.record_outcome(&host, true);
+            cluster.record_outcome(
+                &host,
+                if f == Failure::PerTryTimeout {
+                    OutlierOutcome::Timeout
+                } else {
+                    OutlierOutcome::LocalFailure
+                },
+            );
             if f == Failure::PerTryTimeout {
                 host.stats.rq_timeout.fetch_add(1, Relaxed);
                 cluster
@@ -774,6 +784,7 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             thresholds,
             outlier,
+            panic_threshold: 50.0,
             http2: false,
             max_requests_per_connection: None,
         };
@@ -1017,6 +1028,7 @@ mod tests {
             interval: Duration::from_secs(1),
             base_ejection_time: Duration::from_secs(30),
             max_ejection_percent: 100,
+            ..Outlier::default()
         };
         let c = cluster(&[addr(1), addr(2)], DEFAULT_THRESHOLDS, Some(od));
         let up = FakeUpstream::default();
@@ -1034,13 +1046,78 @@ mod tests {
         assert_eq!(up.hits(addr(1)), 2);
         assert_eq!(c.ejections_active(), 1);
         assert_eq!(count(&c.stats.ejections_enforced_total), 1);
-        // After the ejection time the host is back in rotation.
-        tokio::time::advance(Duration::from_secs(31)).await;
+        // After the ejection time (on the interval tick) the host is back in rotation.
+        tokio::time::advance(Duration::from_secs(30)).await;
         assert_eq!(c.ejections_active(), 0);
         for _ in 0..4 {
             send(&c, &up, &p, None).await;
         }
         assert!(up.hits(addr(1)) > 2, "{}", up.hits(addr(1)));
+        // Ejected again before an interval passed in the pool: the multiplier makes it 60 s.
+        // (Each interval spent in the pool takes the multiplier down by one, as in Envoy.)
+        assert_eq!(c.ejections_active(), 1);
+        tokio::time::advance(Duration::from_secs(59)).await;
+        assert_eq!(c.ejections_active(), 1);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(c.ejections_active(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ejection_limits_gateway_failures_and_panic_mode_as_envoy() {
+        // max_ejection_percent: a host is ejected only if the ejected share stays within it
+        // afterwards: 1 of 3 at 50% (Envoy 1.40).
+        let od = Outlier {
+            consecutive_5xx: 1,
+            interval: Duration::from_secs(1),
+            max_ejection_percent: 50,
+            ..Outlier::default()
+        };
+        let hosts = [addr(1), addr(2), addr(3)];
+        let c = cluster(&hosts, DEFAULT_THRESHOLDS, Some(od.clone()));
+        for h in &hosts[..2] {
+            let host = c.hosts().iter().find(|x| x.addr == *h).unwrap().clone();
+            c.record_outcome(&host, OutlierOutcome::Status(500));
+        }
+        assert_eq!(c.ejections_active(), 1, "a second would be 67%");
+        assert_eq!(count(&c.stats.ejections_overflow), 1);
+        // Gateway failures eject only when enforced (Envoy's default enforcing is 0%); a
+        // 500 breaks a run of gateway failures.
+        let od = Outlier {
+            consecutive_5xx: 100,
+            consecutive_gateway_failure: 2,
+            interval: Duration::from_secs(1),
+            max_ejection_percent: 100,
+            ..Outlier::default()
+        };
+        let c = cluster(&[addr(1)], DEFAULT_THRESHOLDS, Some(od.clone()));
+        let h = c.hosts()[0].clone();
+        for _ in 0..4 {
+            c.record_outcome(&h, OutlierOutcome::LocalFailure);
+        }
+        assert_eq!(c.ejections_active(), 0, "not enforced");
+        let enforced = Outlier {
+            enforcing_consecutive_gateway_failure: 100,
+            max_ejection_percent: 50,
+            ..od
+        };
+        let c = cluster(&[addr(1), addr(2)], DEFAULT_THRESHOLDS, Some(enforced));
+        let h = c.hosts()[0].clone();
+        c.record_outcome(&h, OutlierOutcome::Timeout);
+        c.record_outcome(&h, OutlierOutcome::Status(500));
+        c.record_outcome(&h, OutlierOutcome::Status(503));
+        assert_eq!(c.ejections_active(), 0, "the 500 broke the run");
+        c.record_outcome(&h, OutlierOutcome::Status(502));
+        assert_eq!(c.ejections_active(), 1);
+        // Panic mode: with one of two hosts out (50% available) the default threshold of 50%
+        // keeps using only the good one; a threshold of 80% sends to both.
+        let up = FakeUpstream::default();
+        up.set(addr(1), &[(200, 0)]);
+        up.set(addr(2), &[(200, 0)]);
+        let p = RetryPolicy::default();
+        for _ in 0..6 {
+            send(&c, &up, &p, None).await;
+        }
+        assert_eq!(up.hits(addr(1)), 0);
     }
 
     #[tokio::test(start_paused = true)]

@@ -834,9 +834,32 @@ pub const DEFAULT_THRESHOLDS: Thresholds = Thresholds {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Outlier {
     pub consecutive_5xx: u32,
+    /// Consecutive 502/503/504 answers or local failures (connect, reset, timeout).
+    pub consecutive_gateway_failure: u32,
+    /// Percent chance that a detected outlier is ejected (Envoy: 100 for 5xx, 0 for
+    /// gateway failures unless configured).
+    pub enforcing_consecutive_5xx: u32,
+    pub enforcing_consecutive_gateway_failure: u32,
     pub interval: Duration,
     pub base_ejection_time: Duration,
+    pub max_ejection_time: Duration,
     pub max_ejection_percent: u32,
+}
+
+impl Default for Outlier {
+    /// Envoy's defaults.
+    fn default() -> Self {
+        Outlier {
+            consecutive_5xx: 5,
+            consecutive_gateway_failure: 5,
+            enforcing_consecutive_5xx: 100,
+            enforcing_consecutive_gateway_failure: 0,
+            interval: Duration::from_secs(10),
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_time: Duration::from_secs(300),
+            max_ejection_percent: 10,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -860,6 +883,8 @@ pub struct ClusterCfg {
     pub connect_timeout: Duration,
     pub thresholds: Thresholds,
     pub outlier: Option<Outlier>,
+    /// Percent of available hosts below which every host is used (panic mode).
+    pub panic_threshold: f64,
     pub http2: bool,
     pub max_requests_per_connection: Option<u32>,
 }
@@ -935,18 +960,60 @@ pub fn cluster(c: &cluster::Cluster) -> Result<ClusterCfg, Reject> {
             };
         }
     }
-    let outlier = c.outlier_detection.as_ref().map(|o| Outlier {
-        consecutive_5xx: o.consecutive_5xx.as_ref().map_or(5, |v| v.value),
-        interval: o
-            .interval
-            .as_ref()
-            .map_or(Duration::from_secs(10), duration),
-        base_ejection_time: o
-            .base_ejection_time
-            .as_ref()
-            .map_or(Duration::from_secs(30), duration),
-        max_ejection_percent: o.max_ejection_percent.as_ref().map_or(10, |v| v.value),
-    });
+    let outlier = match &c.outlier_detection {
+        None => None,
+        Some(o) => {
+            if o.split_external_local_origin_errors
+                || o.enforcing_success_rate
+                    .as_ref()
+                    .is_some_and(|v| v.value > 0)
+                || o.enforcing_failure_percentage
+                    .as_ref()
+                    .is_some_and(|v| v.value > 0)
+                || o.enforcing_failure_percentage_local_origin
+                    .as_ref()
+                    .is_some_and(|v| v.value > 0)
+            {
+                return Err(err("outlier detection: only consecutive 5xx and gateway failures are supported (no success rate, failure percentage or split local-origin errors)"));
+            }
+            let d = Outlier::default();
+            let n = |v: &Option<protobuf::UInt32Value>, default: u32| {
+                v.as_ref().map_or(default, |v| v.value)
+            };
+            let t = |v: &Option<protobuf::Duration>, default: Duration| {
+                v.as_ref().map_or(default, duration)
+            };
+            let interval = t(&o.interval, d.interval);
+            if interval.is_zero() {
+                return Err(err("outlier detection: interval must be above 0"));
+            }
+            Some(Outlier {
+                consecutive_5xx: n(&o.consecutive_5xx, d.consecutive_5xx),
+                consecutive_gateway_failure: n(
+                    &o.consecutive_gateway_failure,
+                    d.consecutive_gateway_failure,
+                ),
+                enforcing_consecutive_5xx: n(
+                    &o.enforcing_consecutive_5xx,
+                    d.enforcing_consecutive_5xx,
+                ),
+                enforcing_consecutive_gateway_failure: n(
+                    &o.enforcing_consecutive_gateway_failure,
+                    d.enforcing_consecutive_gateway_failure,
+                ),
+                interval,
+                base_ejection_time: t(&o.base_ejection_time, d.base_ejection_time),
+                max_ejection_time: t(&o.max_ejection_time, d.max_ejection_time),
+                max_ejection_percent: n(&o.max_ejection_percent, d.max_ejection_percent),
+            })
+        }
+    };
+    // Below this share of available hosts the load balancer uses them all (Envoy: 50%).
+    let panic_threshold = c
+        .common_lb_config
+        .as_ref()
+        .and_then(|l| l.healthy_panic_threshold.as_ref())
+        .map_or(50.0, |p| p.value.clamp(0.0, 100.0));
     let mut http2 = false;
     let mut max_requests_per_connection = c.max_requests_per_connection.as_ref().map(|v| v.value);
     for (k, any) in &c.typed_extension_protocol_options {
@@ -989,6 +1056,7 @@ pub fn cluster(c: &cluster::Cluster) -> Result<ClusterCfg, Reject> {
             .map_or(Duration::from_secs(5), duration),
         thresholds,
         outlier,
+        panic_threshold,
         http2,
         max_requests_per_connection: max_requests_per_connection.filter(|n| *n > 0),
     })

@@ -103,11 +103,23 @@ fn apply_policy(c: &mut Cluster, tp: &TrafficPolicy) {
         }
     }
     if let Some(od) = &tp.outlier_detection {
+        // As istiod writes it: a configured count is enforced (100%) unless it is 0, and the
+        // panic threshold is minHealthPercent (0 by default, so panic mode is off).
+        let enforced = |n: Option<u32>| n.map(|n| if n > 0 { 100 } else { 0 }).and_then(u32v);
         c.outlier_detection = Some(cluster::OutlierDetection {
             consecutive_5xx: od.consecutive_5xx_errors.and_then(u32v),
+            enforcing_consecutive_5xx: enforced(od.consecutive_5xx_errors),
+            consecutive_gateway_failure: od.consecutive_gateway_errors.and_then(u32v),
+            enforcing_consecutive_gateway_failure: enforced(od.consecutive_gateway_errors),
             interval: od.interval.map(pb_duration),
             base_ejection_time: od.base_ejection_time.map(pb_duration),
             max_ejection_percent: od.max_ejection_percent.and_then(u32v),
+            ..Default::default()
+        });
+        c.common_lb_config = Some(cluster::cluster::CommonLbConfig {
+            healthy_panic_threshold: Some(envoy_types::pb::envoy::r#type::v3::Percent {
+                value: f64::from(od.min_health_percent.unwrap_or(0)),
+            }),
             ..Default::default()
         });
     }
