@@ -4,13 +4,16 @@
 //!
 //! Supported subset (also in README "meshbench proxy: supported xDS"):
 //! - Listener: socket address, one filter chain holding one HTTP connection manager.
-//! - HCM: RDS over ADS or an inline route config; http_filters fault then router.
+//! - HCM: RDS over ADS or an inline route config; http_filters local_ratelimit (token bucket,
+//!   enabled/enforced fractions, status, response headers; also per route), fault, router.
 //! - Route: match prefix / path / safe_regex plus headers (exact, prefix, suffix, contains,
 //!   safe_regex, present, invert); route to a cluster or weighted_clusters; timeout;
-//!   retry_policy (retry_on, num_retries, per_try_timeout, retriable_status_codes); per-route
-//!   fault (abort with HTTP status, fixed delay; percentages).
+//!   retry_policy (retry_on, num_retries, per_try_timeout, retriable_status_codes, the
+//!   previous_hosts predicate); per-route fault (abort with HTTP status, fixed delay;
+//!   percentages) and local rate limit.
 //! - Cluster: EDS over ADS or STATIC; lb_policy ROUND_ROBIN, LEAST_REQUEST, RANDOM;
-//!   circuit_breakers default-priority thresholds; outlier_detection consecutive_5xx;
+//!   circuit_breakers default-priority thresholds; outlier_detection consecutive 5xx and
+//!   gateway failures; healthy_panic_threshold;
 //!   HTTP/1.1 or HTTP/2 upstream; max_requests_per_connection.
 //! - ClusterLoadAssignment: socket-address endpoints with weight and health status.
 
