@@ -169,6 +169,34 @@ fn docker_quick_canary_with_envoy() {
     canary("envoy");
 }
 
+/// Istio's bookinfo tasks (meshbench proxy) and the overload scenario (Envoy) on containers:
+/// the workloads' call plan and run-time behaviour changes (control port on the pod IP),
+/// rate limits and outlier detection work on the docker backend as on the local one.
+#[test]
+fn docker_istio_tasks_and_overload() {
+    let _serial = serial();
+    if !engine() {
+        return;
+    }
+    let mut runs = vec![("istio-tasks", "meshbench")];
+    if common::envoy_binary().is_some() {
+        runs.push(("overload", "envoy"));
+    }
+    for (scenario, proxy) in runs {
+        let out = out_dir(&format!("{scenario}-{proxy}"));
+        let (o, report) = run_scenario(
+            &root().join(format!("scenarios/{scenario}.yaml")),
+            &out,
+            &["--quick", "--proxy", proxy],
+        );
+        let t = text(&o);
+        assert_eq!(o.status.code(), Some(0), "{scenario} with {proxy}: {t}");
+        assert_eq!(report["backend"], "docker");
+        assert!(leftovers().is_empty(), "left: {:?}", leftovers());
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+}
+
 #[test]
 fn docker_faults_kill_pause_partition_and_recovery() {
     let _serial = serial();
