@@ -256,3 +256,28 @@ async fn malformed_http_gets_4xx_or_close_and_others_are_unaffected() {
     let (s, _) = (http(proxy.admin, "GET", "/ready", "").await.status, ());
     assert_eq!(s, 200);
 }
+
+/// A listener dropped by one update and brought back by the next (what a restarted control
+/// plane does while it replays config: its first snapshot has no services) is bound again
+/// and ACKed, not NACKed with "address in use" while the old socket is still closing (a
+/// NACKed version is never sent again, so the listener would have stayed missing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_dropped_and_brought_back_at_once_is_bound_again() {
+    let p = start_pilot(Duration::ZERO).await;
+    let service = "apiVersion: v1\nkind: Service\nmetadata: {name: back}\nspec: {ports: [{port: 9080, name: http}], selector: {app: back}}\n";
+    let v = apply_ok(p.api, service).await.version;
+    let proxy = start_mesh_proxy(p.xds, "back", "back-0", &[("app", "back")]).await;
+    wait_synced(p.api, &proxy.node_id, v).await;
+    let inbound: SocketAddr = format!("{}:9080", proxy.pod_ip).parse().unwrap();
+    for round in 0..5 {
+        assert!(
+            tokio::net::TcpStream::connect(inbound).await.is_ok(),
+            "round {round}"
+        );
+        let r = http(p.api, "DELETE", "/v1/config/Service/default/back", "").await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        let v = apply_ok(p.api, service).await.version;
+        wait_synced(p.api, &proxy.node_id, v).await;
+    }
+    assert!(tokio::net::TcpStream::connect(inbound).await.is_ok());
+}

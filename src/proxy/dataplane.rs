@@ -52,7 +52,7 @@ pub async fn sync_listeners(
         if let Some((_, t)) = proxy.bound.lock().unwrap().remove(name) {
             t.fire();
         }
-        match TcpListener::bind(l.addr).await {
+        match bind(l.addr).await {
             Ok(sock) => new.push((name.clone(), l.addr, sock)),
             // Sockets bound so far for this update close when `new` drops.
             Err(e) => return Err(format!("listener {name}: cannot bind {}: {e}", l.addr)),
@@ -78,6 +78,27 @@ pub async fn sync_listeners(
         keep
     });
     Ok(())
+}
+
+/// How long a bind waits for a socket this proxy is giving up.
+const REBIND_WAIT: Duration = Duration::from_secs(2);
+
+/// Binds `addr`. A listener this proxy stopped a moment ago (an update that dropped it,
+/// then one that brings it back, as after a control-plane restart) closes its socket when its
+/// accept loop next runs: "address in use" is tried again for a while, not NACKed at once
+/// (a NACKed version is not sent again, so the listener would stay missing).
+async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let start = tokio::time::Instant::now();
+    loop {
+        match TcpListener::bind(addr).await {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse && start.elapsed() < REBIND_WAIT =>
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            r => return r,
+        }
+    }
 }
 
 /// Accepts connections on one listener until its own stop or the proxy's.
