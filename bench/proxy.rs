@@ -27,7 +27,7 @@ fn route_table(services: usize) -> resources::RouteTable {
     let mesh = meshbench::model::compile::compile(objects.iter(), []).unwrap();
     let snap = Snapshot::build(1, Arc::new(mesh), Instant::now(), SystemTime::now());
     let rc = RouteConfiguration::decode(snap.routes["15001"].any.value.as_slice()).unwrap();
-    resources::route_table(&rc).unwrap()
+    resources::route_table(&rc, &Default::default()).unwrap()
 }
 
 fn bench(c: &mut Criterion) {
@@ -76,6 +76,7 @@ fn bench(c: &mut Criterion) {
             connect_timeout: std::time::Duration::from_secs(1),
             thresholds: DEFAULT_THRESHOLDS,
             outlier: None,
+            panic_threshold: 50.0,
             http2: false,
             max_requests_per_connection: None,
         };
