@@ -256,8 +256,8 @@ fn check_shape(v: &Value, limit: usize) -> Result<usize, String> {
     Ok(nodes)
 }
 
-/// Fields meshbench accepts but does not simulate because they do not change where traffic
-/// goes: mutual TLS settings and header/CORS manipulation. Reported as warnings.
+/// Fields meshbench accepts but does not simulate yet: mutual TLS settings. Reported as
+/// warnings.
 fn harmless_unsupported(origin: &Origin, v: &Value) -> Vec<ConfigError> {
     let warn = |field: String, what: &str| ConfigError {
         file: origin.file.clone(),
@@ -281,15 +281,6 @@ fn harmless_unsupported(origin: &Origin, v: &Value) -> Vec<ConfigError> {
                         format!("spec.subsets[{i}].trafficPolicy.tls"),
                         "TLS settings",
                     ));
-                }
-            }
-        }
-        Some("VirtualService") => {
-            for (i, r) in spec["http"].as_array().into_iter().flatten().enumerate() {
-                for k in TOLERATED_ROUTE_FIELDS {
-                    if !r[k].is_null() {
-                        out.push(warn(format!("spec.http[{i}].{k}"), k));
-                    }
                 }
             }
         }
@@ -722,8 +713,74 @@ struct RawHttpRoute {
     timeout: Option<String>,
     retries: Option<RawRetries>,
     fault: Option<RawFault>,
+    headers: Option<RawHeaders>,
     #[serde(flatten)]
     other: BTreeMap<String, Value>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHeaders {
+    request: Option<RawHeaderOps>,
+    response: Option<RawHeaderOps>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHeaderOps {
+    #[serde(default)]
+    set: BTreeMap<String, String>,
+    #[serde(default)]
+    add: BTreeMap<String, String>,
+    #[serde(default)]
+    remove: Vec<String>,
+}
+
+/// Header operations, checked as Istio validates them (valid names; no `%`, which Envoy would
+/// read as a formatter command).
+fn header_ops(
+    origin: &Origin,
+    field: &str,
+    raw: Option<RawHeaderOps>,
+) -> Result<HeaderOps, Outcome> {
+    let Some(raw) = raw else {
+        return Ok(HeaderOps::default());
+    };
+    let names = raw
+        .set
+        .keys()
+        .chain(raw.add.keys())
+        .chain(raw.remove.iter());
+    for n in names {
+        if n.is_empty() || http::HeaderName::from_bytes(n.as_bytes()).is_err() {
+            return Err(errs(
+                origin,
+                field.into(),
+                format!("{n:?} is not a valid header name"),
+            ));
+        }
+    }
+    for (n, v) in raw.set.iter().chain(raw.add.iter()) {
+        if http::HeaderValue::from_str(v).is_err() {
+            return Err(errs(
+                origin,
+                format!("{field}.{n}"),
+                "not a valid header value".into(),
+            ));
+        }
+        if v.contains('%') {
+            return Err(errs(
+                origin,
+                format!("{field}.{n}"),
+                "values with % (Envoy formatter commands) are not supported".into(),
+            ));
+        }
+    }
+    Ok(HeaderOps {
+        set: raw.set,
+        add: raw.add,
+        remove: raw.remove,
+    })
 }
 
 #[derive(Deserialize)]
@@ -740,9 +797,18 @@ struct RawVirtualService {
     tls: Vec<Value>,
 }
 
-/// HTTPRoute fields meshbench does not implement change behaviour, so they are errors, not
-/// silently dropped. (`headers` manipulation and `corsPolicy` do not change routing.)
-const TOLERATED_ROUTE_FIELDS: [&str; 2] = ["headers", "corsPolicy"];
+/// HTTPRoute fields Istio accepts and meshbench does not simulate: refused as "not supported"
+/// (anything else is an unknown field).
+const UNSUPPORTED_ROUTE_FIELDS: [&str; 8] = [
+    "mirror",
+    "mirrors",
+    "mirrorPercentage",
+    "mirrorPercent",
+    "rewrite",
+    "redirect",
+    "directResponse",
+    "corsPolicy",
+];
 
 fn http_match(origin: &Origin, field: &str, m: RawHttpMatch) -> Result<HttpMatch, Outcome> {
     if let Some(k) = m.other.keys().next() {
@@ -776,17 +842,15 @@ fn virtual_service(origin: &Origin, v: Value) -> Result<VirtualServiceSpec, Outc
     let mut http = Vec::new();
     for (i, r) in raw.http.into_iter().enumerate() {
         let field = format!("spec.http[{i}]");
-        if let Some(k) = r
-            .other
-            .keys()
-            .find(|k| !TOLERATED_ROUTE_FIELDS.contains(&k.as_str()))
-        {
-            return Err(errs(
-                origin,
-                format!("{field}.{k}"),
-                format!("{k} is not supported by meshbench"),
-            ));
+        if let Some(k) = r.other.keys().next() {
+            let message = if UNSUPPORTED_ROUTE_FIELDS.contains(&k.as_str()) || k == "delegate" {
+                format!("{k} is not supported: meshbench does not simulate it (Istio accepts it; remove it to run here)")
+            } else {
+                format!("unknown field {k:?} of an HTTP route")
+            };
+            return Err(errs(origin, format!("{field}.{k}"), message));
         }
+        let headers = r.headers.unwrap_or_default();
         let matches = r
             .matches
             .into_iter()
@@ -826,6 +890,16 @@ fn virtual_service(origin: &Origin, v: Value) -> Result<VirtualServiceSpec, Outc
                 .fault
                 .map(|f| fault(origin, &format!("{field}.fault"), f))
                 .transpose()?,
+            request_headers: header_ops(
+                origin,
+                &format!("{field}.headers.request"),
+                headers.request,
+            )?,
+            response_headers: header_ops(
+                origin,
+                &format!("{field}.headers.response"),
+                headers.response,
+            )?,
         });
     }
     Ok(VirtualServiceSpec {

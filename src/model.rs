@@ -304,6 +304,23 @@ pub struct HttpRoute {
     pub timeout: Option<Duration>,
     pub retries: Option<Retries>,
     pub fault: Option<Fault>,
+    /// `headers.request` / `headers.response`.
+    pub request_headers: HeaderOps,
+    pub response_headers: HeaderOps,
+}
+
+/// Istio's header operations: `set` replaces, `add` appends, `remove` deletes.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct HeaderOps {
+    pub set: BTreeMap<String, String>,
+    pub add: BTreeMap<String, String>,
+    pub remove: Vec<String>,
+}
+
+impl HeaderOps {
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]

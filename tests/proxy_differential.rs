@@ -744,3 +744,65 @@ async fn outlier_detection_fields_agree() {
     }
     eprintln!("outlier fields (trio, capped, panic, calm failures): {seen:?}");
 }
+
+/// A VirtualService's `headers` (request and response `set`, `add`, `remove`) as istiod
+/// translates them and Envoy applies them: the upstream sees the same request headers, the
+/// client the same response headers, through both proxies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn virtual_service_header_operations_agree() {
+    let Some(bin) = envoy_binary() else { return };
+    let p = start_pilot(Duration::ZERO).await;
+    let up = start_upstream("127.0.0.1", "hdr-v1", Behavior::EchoHeaders).await;
+    let base = [
+        "apiVersion: v1\nkind: Service\nmetadata: {name: hdr}\nspec: {ports: [{port: 9080, name: http}], selector: {app: hdr}}\n".to_string(),
+        entry("hdr-1", "hdr", "v1", up.addr),
+        vs("hdr", "  - headers:\n      request:\n        set: {x-set: one}\n        add: {x-add: two}\n        remove: [x-drop]\n      response:\n        set: {x-resp-set: three}\n        add: {x-upstream-said: extra}\n        remove: [x-remove-me]\n    route: [{destination: {host: hdr}}]\n"),
+    ]
+    .join("---\n");
+    let v = apply_ok(p.api, &base).await.version;
+    let envoy = start_envoy(&bin, p.xds, "client", "client-envoy", &[("app", "client")]).await;
+    let mesh = start_mesh_proxy(p.xds, "client", "client-mesh", &[("app", "client")]).await;
+    let mut seen = Vec::new();
+    for (name, pod_ip, node_id) in [
+        ("envoy", &envoy.pod_ip, &envoy.node_id),
+        ("meshbench", &mesh.pod_ip, &mesh.node_id),
+    ] {
+        wait_synced(p.api, node_id, v).await;
+        let mut c = Client::connect(format!("{pod_ip}:15001").parse().unwrap())
+            .await
+            .unwrap();
+        let r = c
+            .request(
+                "GET",
+                "hdr:9080",
+                "/",
+                &[
+                    ("x-set", "original"),
+                    ("x-add", "first"),
+                    ("x-drop", "gone"),
+                ],
+                "",
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{name}");
+        let mut upstream: Vec<&str> = r.body.lines().collect();
+        upstream.sort();
+        assert_eq!(
+            upstream,
+            ["x-add: first", "x-add: two", "x-set: one"],
+            "{name}: what the upstream received"
+        );
+        let said: Vec<&str> = r
+            .headers
+            .get_all("x-upstream-said")
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect();
+        assert_eq!(said, ["hi", "extra"], "{name}");
+        assert_eq!(r.headers["x-resp-set"], "three", "{name}");
+        assert!(!r.headers.contains_key("x-remove-me"), "{name}");
+        seen.push((name, upstream.join("; ")));
+    }
+    eprintln!("header operations: {seen:?}");
+}

@@ -520,6 +520,8 @@ impl Compiler {
                     timeout: rr.timeout,
                     retries: rr.retries.clone(),
                     fault: rr.fault.clone(),
+                    request_headers: Default::default(),
+                    response_headers: Default::default(),
                 };
                 self.check_route(o, "spec", &r);
                 http.push(r);

@@ -38,7 +38,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use rand::Rng;
 
 use super::ratelimit::Decision;
-use super::resources::{Fault, PathMatch, RetryPolicy, Route, RouteSource, Target};
+use super::resources::{Fault, HeaderOps, PathMatch, RetryPolicy, Route, RouteSource, Target};
 use super::state::{HttpStats, State};
 use super::upstream::{
     retry_backoff, Cluster, Host, IdleConn, Outcome as OutlierOutcome, Overflow, RequestGuard,
@@ -202,17 +202,22 @@ where
         timeout,
         retry: policy,
         fault: f,
+        request_headers,
+        response_headers,
     } = routed;
     if let Some(reply) = fault(f.as_ref()).await {
         return reply;
     }
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    // The router applies the route's header operations: to the request it sends, and to the
+    // response it returns (the upstream's or its own local reply).
+    request_headers.apply(&mut parts.headers);
     let body = match buffer(body).await {
         Ok(b) => b,
         Err(reply) => return reply,
     };
     let hosts = HostChoice::new(&policy);
-    route_timeout(
+    let mut resp = route_timeout(
         &cluster,
         timeout,
         retry(&cluster, &policy, || {
@@ -226,16 +231,24 @@ where
             )
         }),
     )
-    .await
+    .await;
+    response_headers.apply(resp.headers_mut());
+    resp
 }
+
+/// The policy of a route without one.
+static NO_RETRIES: std::sync::LazyLock<Arc<RetryPolicy>> =
+    std::sync::LazyLock::new(|| Arc::new(RetryPolicy::default()));
 
 /// What routing decided for a request.
 pub struct Routed<B> {
     pub req: Request<B>,
     pub cluster: Arc<Cluster>,
     pub timeout: Option<Duration>,
-    pub retry: RetryPolicy,
+    pub retry: Arc<RetryPolicy>,
     pub fault: Option<Fault>,
+    pub request_headers: Arc<HeaderOps>,
+    pub response_headers: Arc<HeaderOps>,
 }
 
 fn route_matches<B>(r: &Route, req: &Request<B>) -> bool {
@@ -326,8 +339,10 @@ pub fn route<B, R: Body>(
         req,
         cluster,
         timeout: route.timeout,
-        retry: route.retry.clone().unwrap_or_default(),
+        retry: route.retry.clone().unwrap_or_else(|| NO_RETRIES.clone()),
         fault: route.fault.or(l.default_fault),
+        request_headers: route.request_headers.clone(),
+        response_headers: route.response_headers.clone(),
     })
 }
 

@@ -20,8 +20,6 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use http::{HeaderName, HeaderValue};
-
 /// `<stat_prefix>.http_local_rate_limit.*`
 #[derive(Debug, Default)]
 pub struct RateLimitStats {
@@ -114,7 +112,7 @@ pub struct LocalRateLimit {
     pub enforced_ppm: u32,
     pub status: u16,
     /// Added to refused responses: (name, value, append).
-    pub response_headers: Vec<(HeaderName, HeaderValue, bool)>,
+    pub response_headers: Vec<(http::HeaderName, http::HeaderValue, bool)>,
     pub stats: Arc<RateLimitStats>,
 }
 

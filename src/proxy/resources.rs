@@ -239,8 +239,87 @@ pub fn listener(
     })
 }
 
-/// Envoy's local rate limit config, as far as meshbench proxy runs it; the rest is refused.
+/// Headers to add: (name, value, append). `append_action` APPEND_IF_EXISTS_OR_ADD (the
+/// default) appends, OVERWRITE_IF_EXISTS_OR_ADD replaces; the deprecated `append` wins when
+/// set. Values with `%` (formatter commands) are refused.
 #[allow(deprecated)] // `append` is deprecated but still sent (Istio's examples use it)
+fn header_options(list: &[core::HeaderValueOption]) -> Result<Vec<HeaderAdd>, Reject> {
+    let mut out = Vec::new();
+    for h in list {
+        let hv = h.header.as_ref().ok_or("a header is required")?;
+        let name = http::HeaderName::from_bytes(hv.key.as_bytes())
+            .map_err(|_| format!("invalid header name {:?}", hv.key))?;
+        let raw = if hv.raw_value.is_empty() {
+            hv.value.as_bytes()
+        } else {
+            hv.raw_value.as_slice()
+        };
+        if raw.contains(&b'%') {
+            return Err(format!(
+                "header {:?}: formatter commands (%...%) are not supported",
+                hv.key
+            ));
+        }
+        let value = http::HeaderValue::from_bytes(raw)
+            .map_err(|_| format!("invalid value for header {:?}", hv.key))?;
+        let append = match (&h.append, h.append_action) {
+            (Some(a), _) => a.value,
+            (None, 0) => true,
+            (None, 2) => false,
+            (None, other) => {
+                return Err(format!(
+                    "append_action {other} is not supported (APPEND_IF_EXISTS_OR_ADD, OVERWRITE_IF_EXISTS_OR_ADD)"
+                ))
+            }
+        };
+        out.push((name, value, append));
+    }
+    Ok(out)
+}
+
+/// A header to add: (name, value, append instead of replace).
+pub type HeaderAdd = (http::HeaderName, http::HeaderValue, bool);
+
+/// A route's header operations: removals first, then additions (Envoy's order).
+#[derive(Clone, Debug, Default)]
+pub struct HeaderOps {
+    pub remove: Vec<http::HeaderName>,
+    pub add: Vec<HeaderAdd>,
+}
+
+impl HeaderOps {
+    fn of(add: &[core::HeaderValueOption], remove: &[String]) -> Result<HeaderOps, Reject> {
+        Ok(HeaderOps {
+            remove: remove
+                .iter()
+                .map(|n| {
+                    http::HeaderName::from_bytes(n.as_bytes())
+                        .map_err(|_| format!("invalid header name {n:?}"))
+                })
+                .collect::<Result<_, _>>()?,
+            add: header_options(add)?,
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.remove.is_empty() && self.add.is_empty()
+    }
+
+    pub fn apply(&self, headers: &mut http::HeaderMap) {
+        for n in &self.remove {
+            headers.remove(n);
+        }
+        for (k, v, append) in &self.add {
+            if *append {
+                headers.append(k.clone(), v.clone());
+            } else {
+                headers.insert(k.clone(), v.clone());
+            }
+        }
+    }
+}
+
+/// Envoy's local rate limit config, as far as meshbench proxy runs it; the rest is refused.
 fn local_rate_limit(
     p: &local_ratelimit::LocalRateLimit,
     stats: &ratelimit::Registry,
@@ -292,33 +371,8 @@ fn local_rate_limit(
         Some(s) if (400..=599).contains(&s.code) => s.code as u16,
         Some(s) => return Err(format!("status {} must be 400 to 599", s.code)),
     };
-    let mut response_headers = Vec::new();
-    for h in &p.response_headers_to_add {
-        let hv = h
-            .header
-            .as_ref()
-            .ok_or("response_headers_to_add: a header is required")?;
-        let name = http::HeaderName::from_bytes(hv.key.as_bytes())
-            .map_err(|_| format!("invalid header name {:?}", hv.key))?;
-        let raw = if hv.raw_value.is_empty() {
-            hv.value.as_bytes()
-        } else {
-            hv.raw_value.as_slice()
-        };
-        let value = http::HeaderValue::from_bytes(raw)
-            .map_err(|_| format!("invalid value for header {:?}", hv.key))?;
-        let append = match (&h.append, h.append_action) {
-            (Some(a), _) => a.value,
-            (None, 0) => true,
-            (None, 2) => false,
-            (None, other) => {
-                return Err(format!(
-                    "response_headers_to_add: append_action {other} is not supported (APPEND_IF_EXISTS_OR_ADD, OVERWRITE_IF_EXISTS_OR_ADD)"
-                ))
-            }
-        };
-        response_headers.push((name, value, append));
-    }
+    let response_headers = header_options(&p.response_headers_to_add)
+        .map_err(|e| format!("response_headers_to_add: {e}"))?;
     Ok(Arc::new(LocalRateLimit {
         stats: stats.get(&p.stat_prefix),
         stat_prefix: p.stat_prefix.clone(),
@@ -369,10 +423,13 @@ pub struct Route {
     pub target: Target,
     /// `None` means no timeout (Envoy's 0s).
     pub timeout: Option<Duration>,
-    pub retry: Option<RetryPolicy>,
+    /// Shared so a request takes it without copying (it holds lists).
+    pub retry: Option<Arc<RetryPolicy>>,
     pub fault: Option<Fault>,
     /// This route's local rate limit config (replaces the listener's).
     pub rate_limit: Option<Arc<LocalRateLimit>>,
+    pub request_headers: Arc<HeaderOps>,
+    pub response_headers: Arc<HeaderOps>,
 }
 
 #[derive(Debug)]
@@ -672,13 +729,10 @@ fn convert_route(r: &route::Route, stats: &ratelimit::Registry) -> Result<Route,
     {
         return Err("rewrites, hash policies, mirroring and CORS are not supported".into());
     }
-    if !r.request_headers_to_add.is_empty()
-        || !r.response_headers_to_add.is_empty()
-        || !r.request_headers_to_remove.is_empty()
-        || !r.response_headers_to_remove.is_empty()
-    {
-        return Err("header manipulation is not supported".into());
-    }
+    let request_headers = HeaderOps::of(&r.request_headers_to_add, &r.request_headers_to_remove)
+        .map_err(|e| format!("request headers: {e}"))?;
+    let response_headers = HeaderOps::of(&r.response_headers_to_add, &r.response_headers_to_remove)
+        .map_err(|e| format!("response headers: {e}"))?;
     use route::route_action::ClusterSpecifier;
     let target = match &action.cluster_specifier {
         Some(ClusterSpecifier::Cluster(c)) => Target::Cluster(c.clone()),
@@ -707,7 +761,12 @@ fn convert_route(r: &route::Route, stats: &ratelimit::Registry) -> Result<Route,
         None => Some(Duration::from_secs(15)), // Envoy's default route timeout
         Some(d) => Some(duration(d)).filter(|d| !d.is_zero()),
     };
-    let retry = action.retry_policy.as_ref().map(retry_policy).transpose()?;
+    let retry = action
+        .retry_policy
+        .as_ref()
+        .map(retry_policy)
+        .transpose()?
+        .map(Arc::new);
     let mut fault = None;
     let mut rate_limit = None;
     for (name, any) in &r.typed_per_filter_config {
@@ -731,6 +790,8 @@ fn convert_route(r: &route::Route, stats: &ratelimit::Registry) -> Result<Route,
         retry,
         fault,
         rate_limit,
+        request_headers: Arc::new(request_headers),
+        response_headers: Arc::new(response_headers),
     })
 }
 

@@ -198,9 +198,45 @@ fn envoy_routes(
                 er.typed_per_filter_config
                     .insert(FAULT_FILTER.into(), pack_any(http_fault(f)));
             }
+            (er.request_headers_to_add, er.request_headers_to_remove) =
+                header_ops(&r.request_headers);
+            (er.response_headers_to_add, er.response_headers_to_remove) =
+                header_ops(&r.response_headers);
             er
         })
         .collect()
+}
+
+/// Istio's header operations as Envoy's: `set` overwrites, `add` appends, `remove` removes.
+fn header_ops(
+    ops: &model::HeaderOps,
+) -> (
+    Vec<envoy_types::pb::envoy::config::core::v3::HeaderValueOption>,
+    Vec<String>,
+) {
+    use envoy_types::pb::envoy::config::core::v3::{
+        header_value_option::HeaderAppendAction, HeaderValue, HeaderValueOption,
+    };
+    let option = |(k, v): (&String, &String), action: HeaderAppendAction| HeaderValueOption {
+        header: Some(HeaderValue {
+            key: k.clone(),
+            value: v.clone(),
+            ..Default::default()
+        }),
+        append_action: action as i32,
+        ..Default::default()
+    };
+    let add = ops
+        .set
+        .iter()
+        .map(|kv| option(kv, HeaderAppendAction::OverwriteIfExistsOrAdd))
+        .chain(
+            ops.add
+                .iter()
+                .map(|kv| option(kv, HeaderAppendAction::AppendIfExistsOrAdd)),
+        )
+        .collect();
+    (add, ops.remove.clone())
 }
 
 fn route_match(m: &model::HttpMatch) -> route::RouteMatch {

@@ -391,6 +391,9 @@ pub enum Behavior {
     /// 200 with `content-type: application/grpc` and this `grpc-status` (a trailers-only
     /// gRPC answer).
     Grpc(u32),
+    /// 200 whose body lists the request's `x-` headers (`name: value` lines, in order), with
+    /// response headers `x-upstream-said: hi` and `x-remove-me: yes`.
+    EchoHeaders,
 }
 
 /// An upstream that counts the requests it receives.
@@ -418,12 +421,12 @@ pub async fn start_upstream(ip: &str, identity: &str, behavior: Behavior) -> Ups
             let (h, id) = (h.clone(), id.clone());
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(
-                    move |_req: hyper::Request<hyper::body::Incoming>| {
+                    move |req: hyper::Request<hyper::body::Incoming>| {
                         let (h, id) = (h.clone(), id.clone());
                         async move {
                             h.fetch_add(1, Ordering::Relaxed);
                             let status = match behavior {
-                                Behavior::Ok | Behavior::Grpc(_) => 200,
+                                Behavior::Ok | Behavior::Grpc(_) | Behavior::EchoHeaders => 200,
                                 Behavior::Status(s) => s,
                                 Behavior::Delay(d) => {
                                     tokio::time::sleep(d).await;
@@ -438,8 +441,25 @@ pub async fn start_upstream(ip: &str, identity: &str, behavior: Behavior) -> Ups
                                     .header("content-type", "application/grpc")
                                     .header("grpc-status", g);
                             }
+                            let body = if let Behavior::EchoHeaders = behavior {
+                                r = r
+                                    .header("x-upstream-said", "hi")
+                                    .header("x-remove-me", "yes");
+                                req.headers()
+                                    .iter()
+                                    .filter(|(k, _)| {
+                                        k.as_str().starts_with("x-")
+                                            && k.as_str() != "x-request-id"
+                                            && !k.as_str().starts_with("x-envoy")
+                                            && !k.as_str().starts_with("x-forwarded")
+                                    })
+                                    .map(|(k, v)| format!("{k}: {}\n", v.to_str().unwrap_or("")))
+                                    .collect::<String>()
+                            } else {
+                                "ok".to_string()
+                            };
                             Ok::<_, std::convert::Infallible>(
-                                r.body(Full::new(Bytes::from_static(b"ok"))).unwrap(),
+                                r.body(Full::new(Bytes::from(body))).unwrap(),
                             )
                         }
                     },
