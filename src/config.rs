@@ -784,9 +784,11 @@ fn header_ops(
 }
 
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawVirtualService {
     #[serde(default)]
     hosts: Vec<String>,
+    export_to: Option<Vec<String>>,
     #[serde(default)]
     gateways: Vec<String>,
     #[serde(default)]
@@ -832,6 +834,7 @@ fn http_match(origin: &Origin, field: &str, m: RawHttpMatch) -> Result<HttpMatch
 
 fn virtual_service(origin: &Origin, v: Value) -> Result<VirtualServiceSpec, Outcome> {
     let raw: RawVirtualService = typed(origin, "spec", v).map_err(Outcome::Errors)?;
+    check_export_to(origin, &raw.export_to)?;
     if !raw.tcp.is_empty() || !raw.tls.is_empty() {
         return Err(errs(
             origin,
@@ -1141,7 +1144,7 @@ fn traffic_policy(
 }
 
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawSubset {
     name: String,
     #[serde(default)]
@@ -1150,16 +1153,39 @@ struct RawSubset {
 }
 
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawDestinationRule {
     host: String,
     #[serde(default)]
     subsets: Vec<RawSubset>,
     traffic_policy: Option<Value>,
+    export_to: Option<Vec<String>>,
+    workload_selector: Option<Value>,
+}
+
+/// `exportTo` meshbench honours: none, or every namespace (`*`), which is what it simulates;
+/// narrower visibility is not supported yet.
+fn check_export_to(origin: &Origin, export_to: &Option<Vec<String>>) -> Result<(), Outcome> {
+    match export_to {
+        Some(list) if list.iter().any(|e| e != "*") => Err(errs(
+            origin,
+            "spec.exportTo".into(),
+            "exportTo other than \"*\" is not supported: meshbench does not simulate visibility (every config is visible to every sidecar)".into(),
+        )),
+        _ => Ok(()),
+    }
 }
 
 fn destination_rule(origin: &Origin, v: Value) -> Result<DestinationRuleSpec, Outcome> {
     let raw: RawDestinationRule = typed(origin, "spec", v).map_err(Outcome::Errors)?;
+    check_export_to(origin, &raw.export_to)?;
+    if raw.workload_selector.is_some() {
+        return Err(errs(
+            origin,
+            "spec.workloadSelector".into(),
+            "workloadSelector is not supported: meshbench applies a DestinationRule to every client".into(),
+        ));
+    }
     let mut subsets = Vec::new();
     for (i, s) in raw.subsets.into_iter().enumerate() {
         subsets.push(Subset {
@@ -1180,7 +1206,7 @@ fn destination_rule(origin: &Origin, v: Value) -> Result<DestinationRuleSpec, Ou
 }
 
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawServiceEntry {
     hosts: Vec<String>,
     #[serde(default)]
@@ -1191,9 +1217,14 @@ struct RawServiceEntry {
     endpoints: Vec<WorkloadEntrySpec>,
     workload_selector: Option<RawWorkloadSelector>,
     resolution: Option<String>,
+    /// MESH_INTERNAL / MESH_EXTERNAL: where the service runs; nothing here depends on it.
+    #[allow(dead_code)]
+    location: Option<String>,
+    export_to: Option<Vec<String>>,
+    subject_alt_names: Option<Value>,
 }
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawServiceEntryPort {
     number: u16,
     #[serde(default)]
@@ -1209,6 +1240,14 @@ struct RawWorkloadSelector {
 
 fn service_entry(origin: &Origin, v: Value) -> Result<ServiceEntrySpec, Outcome> {
     let raw: RawServiceEntry = typed(origin, "spec", v).map_err(Outcome::Errors)?;
+    check_export_to(origin, &raw.export_to)?;
+    if raw.subject_alt_names.is_some() {
+        return Err(errs(
+            origin,
+            "spec.subjectAltNames".into(),
+            "subjectAltNames is not supported: meshbench does not simulate TLS yet".into(),
+        ));
+    }
     if let Some(r) = raw.resolution.as_deref() {
         if r != "STATIC" && r != "NONE" {
             return Err(errs(
@@ -1397,6 +1436,27 @@ mod tests {
             assert_eq!(e[0].field, field, "{patch}: {}", e[0].message);
             assert!(e[0].message.contains(words), "{patch}: {}", e[0].message);
         }
+    }
+
+    #[test]
+    fn unknown_fields_are_errors_in_every_kind_and_istio_fields_not_simulated_say_so() {
+        let net = "apiVersion: networking.istio.io/v1";
+        for (doc, field, words) in [
+            (format!("{net}\nkind: DestinationRule\nmetadata: {{name: r}}\nspec: {{host: reviews, colour: red}}\n"), "spec", "unknown field"),
+            (format!("{net}\nkind: DestinationRule\nmetadata: {{name: r}}\nspec: {{host: reviews, subsets: [{{name: v1, colour: red}}]}}\n"), "spec.subsets[0]", "unknown field"),
+            (format!("{net}\nkind: ServiceEntry\nmetadata: {{name: s}}\nspec: {{hosts: [a.example], colour: red}}\n"), "spec", "unknown field"),
+            (format!("{net}\nkind: VirtualService\nmetadata: {{name: v}}\nspec: {{hosts: [reviews], colour: red}}\n"), "spec", "unknown field"),
+            (format!("{net}\nkind: DestinationRule\nmetadata: {{name: r}}\nspec: {{host: reviews, trafficPolicy: {{loadBalancer: {{consistentHash: {{useSourceIp: true}}}}}}}}\n"), "spec.trafficPolicy.loadBalancer.consistentHash", "not supported"),
+            (format!("{net}\nkind: DestinationRule\nmetadata: {{name: r}}\nspec: {{host: reviews, trafficPolicy: {{portLevelSettings: []}}}}\n"), "spec.trafficPolicy.portLevelSettings", "not supported"),
+            (format!("{net}\nkind: VirtualService\nmetadata: {{name: v}}\nspec: {{hosts: [reviews], exportTo: [.]}}\n"), "spec.exportTo", "not supported"),
+            (format!("{net}\nkind: VirtualService\nmetadata: {{name: v}}\nspec:\n  hosts: [reviews]\n  http: [{{rewrite: {{uri: /x}}, route: [{{destination: {{host: reviews}}}}]}}]\n"), "spec.http[0].rewrite", "not supported"),
+        ] {
+            let e = parse("f.yaml", &doc).unwrap_err();
+            assert!(e[0].field.starts_with(field), "{doc}: {} {}", e[0].field, e[0].message);
+            assert!(e[0].message.contains(words), "{doc}: {}", e[0].message);
+        }
+        let ok = format!("{net}\nkind: VirtualService\nmetadata: {{name: v}}\nspec: {{hosts: [reviews], exportTo: [\"*\"]}}\n");
+        assert!(parse("f.yaml", &ok).is_ok());
     }
 
     #[test]
