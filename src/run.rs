@@ -531,7 +531,7 @@ impl Runner<'_> {
                 };
                 push(
                     format!("{what} ({scope})"),
-                    bound.describe(),
+                    bound.describe("%"),
                     format!("{:.3}% ({n} of {})", share(n), counts.requests),
                     counts.requests > 0 && bound.admits(share(n)),
                 );
@@ -539,7 +539,7 @@ impl Runner<'_> {
             if let Some(bound) = &e.shed {
                 push(
                     format!("shed answers, 429 and overflow 503 ({scope})"),
-                    bound.describe(),
+                    bound.describe("%"),
                     format!(
                         "{:.3}% ({} of {})",
                         share(counts.shed),
@@ -567,7 +567,7 @@ impl Runner<'_> {
                             if let Some(b) = bound {
                                 push(
                                     format!("sidecar {what} (load {n})"),
-                                    b.describe(),
+                                    b.describe(""),
                                     got.to_string(),
                                     b.admits(got),
                                 );

@@ -274,95 +274,62 @@ pub struct PropagationBound {
     pub data_plane: Option<Dur>,
 }
 
-/// A bound on a share of a load's answers, in percent: a number is the most allowed;
-/// `{min, max}` bounds it either way.
+/// A bound on a measured value: a number is the most allowed; `{min, max}` bounds it either
+/// way.
 #[derive(Clone, Copy, Debug, Deserialize, Serialize)]
 #[serde(untagged)]
-pub enum Share {
-    Max(f64),
-    Range(ShareRange),
+pub enum Bound<T> {
+    Max(T),
+    Range(BoundRange<T>),
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct ShareRange {
-    pub min: Option<f64>,
-    pub max: Option<f64>,
+pub struct BoundRange<T> {
+    pub min: Option<T>,
+    pub max: Option<T>,
+}
+
+/// A share of a load's answers, in percent.
+pub type Share = Bound<f64>;
+/// A count of events.
+pub type Count = Bound<u64>;
+
+impl<T: PartialOrd + Copy + fmt::Display> Bound<T> {
+    fn limits(&self) -> (Option<T>, Option<T>) {
+        match *self {
+            Bound::Max(m) => (None, Some(m)),
+            Bound::Range(r) => (r.min, r.max),
+        }
+    }
+
+    pub fn admits(&self, v: T) -> bool {
+        let (lo, hi) = self.limits();
+        lo.is_none_or(|m| v >= m) && hi.is_none_or(|m| v <= m)
+    }
+
+    /// `<= 5%`, `>= 1`, `25% to 60%`: the bound with `unit` after each number.
+    pub fn describe(&self, unit: &str) -> String {
+        match self.limits() {
+            (Some(a), Some(b)) => format!("{a}{unit} to {b}{unit}"),
+            (Some(a), None) => format!(">= {a}{unit}"),
+            (None, Some(b)) => format!("<= {b}{unit}"),
+            (None, None) => "any".into(),
+        }
+    }
 }
 
 impl Share {
-    pub fn bounds(&self) -> (f64, f64) {
-        match *self {
-            Share::Max(m) => (0.0, m),
-            Share::Range(r) => (r.min.unwrap_or(0.0), r.max.unwrap_or(100.0)),
-        }
-    }
-
-    pub fn admits(&self, pct: f64) -> bool {
-        let (lo, hi) = self.bounds();
-        pct >= lo && pct <= hi
-    }
-
-    pub fn describe(&self) -> String {
-        match self.bounds() {
-            (lo, hi) if lo <= 0.0 => format!("<= {hi}%"),
-            (lo, hi) if hi >= 100.0 => format!(">= {lo}%"),
-            (lo, hi) => format!("{lo}% to {hi}%"),
-        }
-    }
-
     fn check(&self) -> Result<(), String> {
-        let (lo, hi) = self.bounds();
-        if !(0.0..=100.0).contains(&lo) || !(0.0..=100.0).contains(&hi) || lo > hi {
+        let (lo, hi) = self.limits();
+        let pct = |v: Option<f64>| v.is_none_or(|v| (0.0..=100.0).contains(&v));
+        if !pct(lo) || !pct(hi) || lo.zip(hi).is_some_and(|(a, b)| a > b) {
             return Err(format!(
                 "{}: percentages between 0 and 100, min <= max",
-                self.describe()
+                self.describe("%")
             ));
         }
         Ok(())
-    }
-}
-
-/// A bound on a count: a number is the most; `{min, max}` bounds it either way.
-#[derive(Clone, Copy, Debug, Deserialize, Serialize)]
-#[serde(untagged)]
-pub enum Count {
-    Max(u64),
-    Range(CountRange),
-}
-
-#[derive(Clone, Copy, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct CountRange {
-    pub min: Option<u64>,
-    pub max: Option<u64>,
-}
-
-impl Count {
-    pub fn admits(&self, n: u64) -> bool {
-        match *self {
-            Count::Max(m) => n <= m,
-            Count::Range(r) => r.min.is_none_or(|m| n >= m) && r.max.is_none_or(|m| n <= m),
-        }
-    }
-
-    pub fn describe(&self) -> String {
-        match *self {
-            Count::Max(m) => format!("<= {m}"),
-            Count::Range(CountRange {
-                min: Some(a),
-                max: Some(b),
-            }) => format!("{a} to {b}"),
-            Count::Range(CountRange {
-                min: Some(a),
-                max: None,
-            }) => format!(">= {a}"),
-            Count::Range(CountRange {
-                min: None,
-                max: Some(b),
-            }) => format!("<= {b}"),
-            Count::Range(_) => "any".into(),
-        }
     }
 }
 

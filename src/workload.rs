@@ -115,11 +115,7 @@ impl Call {
     /// `HOST:PORT[;timeout=D][;attempts=N][;path=P]`, the command line's form.
     pub fn parse(s: &str) -> Result<Call, String> {
         let mut parts = s.split(';');
-        let host = parts.next().unwrap_or_default().trim();
-        if host.is_empty() || !host.contains(':') {
-            return Err(format!("call {s:?}: expected HOST:PORT first"));
-        }
-        let mut c = Call::new(host);
+        let mut c = Call::new(parts.next().unwrap_or_default().trim());
         for p in parts {
             let (k, v) = p
                 .split_once('=')
@@ -130,12 +126,9 @@ impl Call {
                     c.attempts = v
                         .trim()
                         .parse()
-                        .ok()
-                        .filter(|n| (1..=10).contains(n))
-                        .ok_or_else(|| format!("call {s:?}: attempts must be 1 to 10"))?
+                        .map_err(|_| format!("call {s:?}: attempts must be 1 to 10"))?
                 }
-                "path" if v.starts_with('/') => c.path = v.into(),
-                "path" => return Err(format!("call {s:?}: path must start with /")),
+                "path" => c.path = v.into(),
                 other => {
                     return Err(format!(
                         "call {s:?}: unknown key {other:?} (timeout, attempts, path)"
@@ -143,7 +136,22 @@ impl Call {
                 }
             }
         }
+        c.check().map_err(|e| format!("call {s:?}: {e}"))?;
         Ok(c)
+    }
+
+    /// Refuses a call that cannot be made.
+    pub fn check(&self) -> Result<(), String> {
+        if self.host.is_empty() || !self.host.contains(':') {
+            return Err("expected HOST:PORT first".into());
+        }
+        if !(1..=10).contains(&self.attempts) {
+            return Err("attempts must be 1 to 10".into());
+        }
+        if !self.path.starts_with('/') {
+            return Err("path must start with /".into());
+        }
+        Ok(())
     }
 
     /// The inverse of [`Call::parse`] (the error text is not part of the command line's form).
@@ -237,7 +245,7 @@ impl Behaviour {
             ));
         }
         for c in &self.calls {
-            Call::parse(&c.to_arg())?;
+            c.check().map_err(|e| format!("call {}: {e}", c.host))?;
         }
         Ok(())
     }

@@ -58,9 +58,11 @@ fn text(o: &Output) -> String {
     )
 }
 
-fn canary(proxy: &str) {
-    let out = out_dir(proxy);
-    let scenario = root().join("scenarios/bookinfo-canary.yaml");
+/// Runs `scenarios/NAME.yaml --quick` with `proxy` into a fresh directory; exits 0 or fails
+/// the test with the run's output. Returns the directory, the output and report.json.
+fn run_quick(name: &str, proxy: &str, tag: &str) -> (PathBuf, String, serde_json::Value) {
+    let out = out_dir(tag);
+    let scenario = root().join(format!("scenarios/{name}.yaml"));
     let o = run(&[
         "run",
         scenario.to_str().unwrap(),
@@ -72,9 +74,24 @@ fn canary(proxy: &str) {
     ]);
     let t = text(&o);
     assert_eq!(o.status.code(), Some(0), "{t}");
-    assert!(t.contains("PASSED"), "{t}");
-    let report: serde_json::Value =
+    let report =
         serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    (out, t, report)
+}
+
+/// The phase of report.json with this name.
+fn phase<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    report["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == name)
+        .unwrap_or_else(|| panic!("no phase {name}"))
+}
+
+fn canary(proxy: &str) {
+    let (out, t, report) = run_quick("bookinfo-canary", proxy, proxy);
+    assert!(t.contains("PASSED"), "{t}");
     assert_eq!(report["schema_version"], 1);
     assert_eq!(report["proxy"], proxy);
     assert_eq!(report["passed"], true);
@@ -144,30 +161,8 @@ fn quick_canary_with_envoy() {
 /// Istio's bookinfo tasks with their documented outcomes (the scenario's own expectations),
 /// plus what report.json says of them.
 fn istio_tasks(proxy: &str) {
-    let out = out_dir(&format!("tasks-{proxy}"));
-    let scenario = root().join("scenarios/istio-tasks.yaml");
-    let o = run(&[
-        "run",
-        scenario.to_str().unwrap(),
-        "--quick",
-        "--proxy",
-        proxy,
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    let t = text(&o);
-    assert_eq!(o.status.code(), Some(0), "{t}");
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
-    let phase = |name: &str| {
-        report["phases"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["name"] == name)
-            .unwrap_or_else(|| panic!("no phase {name}"))["load"]
-            .clone()
-    };
+    let (out, _, report) = run_quick("istio-tasks", proxy, &format!("tasks-{proxy}"));
+    let phase = |name: &str| &phase(&report, name)["load"];
     // The 7 s delay for jason: every page degraded (reviews), none failed, after ~6 s.
     let delay = phase("delay-jason");
     assert_eq!(delay["errors"], 0);
@@ -202,23 +197,8 @@ fn istio_tasks_with_envoy() {
 /// Overload: the scenario's expectations (no errors through a slow and then failing ratings
 /// pod, about 40% shed by the rate limit at twice its rate) and the sidecar counters per phase.
 fn overload(proxy: &str) {
-    let out = out_dir(&format!("overload-{proxy}"));
-    let scenario = root().join("scenarios/overload.yaml");
-    let o = run(&[
-        "run",
-        scenario.to_str().unwrap(),
-        "--quick",
-        "--proxy",
-        proxy,
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    let t = text(&o);
-    assert_eq!(o.status.code(), Some(0), "{t}");
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
-    let phases = report["phases"].as_array().unwrap();
-    let named = |n: &str| phases.iter().find(|p| p["name"] == n).unwrap().clone();
+    let (out, _, report) = run_quick("overload", proxy, &format!("overload-{proxy}"));
+    let named = |n: &str| phase(&report, n);
     assert!(named("ratings-slow")["mesh"]["retries"].as_u64().unwrap() > 0);
     assert!(named("ratings-slow")["mesh"]["ejections"].as_u64().unwrap() > 0);
     let overload = named("overload");

@@ -72,7 +72,22 @@ struct Outcome {
 struct Sidecar {
     name: &'static str,
     outbound: SocketAddr,
+    admin: SocketAddr,
     node_id: String,
+}
+
+/// The two sidecars under comparison, Envoy first.
+fn sidecars(envoy: &Envoy, mesh: &MeshProxy) -> [Sidecar; 2] {
+    let side = |name, pod_ip: &str, admin, node_id: &str| Sidecar {
+        name,
+        outbound: format!("{pod_ip}:15001").parse().unwrap(),
+        admin,
+        node_id: node_id.to_string(),
+    };
+    [
+        side("envoy", &envoy.pod_ip, envoy.admin, &envoy.node_id),
+        side("meshbench", &mesh.pod_ip, mesh.admin, &mesh.node_id),
+    ]
 }
 
 async fn run_requests(
@@ -175,18 +190,7 @@ async fn envoy_and_meshbench_proxy_agree_case_by_case() {
         &[("app", "productpage")],
     )
     .await;
-    let sidecars = [
-        Sidecar {
-            name: "envoy",
-            outbound: format!("{}:15001", envoy.pod_ip).parse().unwrap(),
-            node_id: envoy.node_id.clone(),
-        },
-        Sidecar {
-            name: "meshbench",
-            outbound: format!("{}:15001", mesh.pod_ip).parse().unwrap(),
-            node_id: mesh.node_id.clone(),
-        },
-    ];
+    let sidecars = sidecars(&envoy, &mesh);
 
     let apply = |yaml: String| {
         let api = p.api;
@@ -329,18 +333,7 @@ async fn envoy_and_meshbench_proxy_agree_case_by_case() {
             s.name
         );
         results.push((ok, overflow));
-        let stats = http(
-            if s.name == "envoy" {
-                envoy.admin
-            } else {
-                mesh.admin
-            },
-            "GET",
-            "/stats",
-            "",
-        )
-        .await
-        .body;
+        let stats = http(s.admin, "GET", "/stats", "").await.body;
         let line = stats.lines().find(|l| l.starts_with("cluster.outbound|9080||slow.default.svc.cluster.local.upstream_rq_pending_overflow:")).unwrap_or_else(|| panic!("{}: no overflow stat", s.name)).to_string();
         assert!(
             line.ends_with(&format!(" {overflow}")),
@@ -497,11 +490,8 @@ async fn envoy_and_meshbench_proxy_agree_case_by_case() {
 
 /// A stat of a cluster from a sidecar's admin `/stats` (0 when absent).
 async fn cluster_stat(admin: SocketAddr, cluster: &str, stat: &str) -> u64 {
-    let body = http(admin, "GET", "/stats", "").await.body;
-    let prefix = format!("cluster.{cluster}.{stat}: ");
-    body.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|v| v.trim().parse().ok())
+    admin_stat(admin, &format!("cluster.{cluster}.{stat}"))
+        .await
         .unwrap_or(0)
 }
 
@@ -536,26 +526,9 @@ async fn istios_default_retry_policy_agrees() {
     assert_eq!(s, 200, "{body}");
     let envoy = start_envoy(&bin, p.xds, "client", "client-envoy", &[("app", "client")]).await;
     let mesh = start_mesh_proxy(p.xds, "client", "client-mesh", &[("app", "client")]).await;
-    let sidecars = [
-        (
-            Sidecar {
-                name: "envoy",
-                outbound: format!("{}:15001", envoy.pod_ip).parse().unwrap(),
-                node_id: envoy.node_id.clone(),
-            },
-            envoy.admin,
-        ),
-        (
-            Sidecar {
-                name: "meshbench",
-                outbound: format!("{}:15001", mesh.pod_ip).parse().unwrap(),
-                node_id: mesh.node_id.clone(),
-            },
-            mesh.admin,
-        ),
-    ];
+    let sidecars = sidecars(&envoy, &mesh);
     let v = apply_ok(p.api, "apiVersion: v1\nkind: Service\nmetadata: {name: marker}\nspec: {ports: [{port: 9080, name: http}], selector: {app: marker}}\n").await.version;
-    for (s, _) in &sidecars {
+    for s in &sidecars {
         wait_synced(p.api, &s.node_id, v).await;
     }
     let pair = "outbound|9080||pair.default.svc.cluster.local";
@@ -565,7 +538,7 @@ async fn istios_default_retry_policy_agrees() {
     // refusing host first were retried on the other host. Round robin makes that nearly all
     // of them: a retried request takes two picks (refusing host, then the other), so the
     // next request starts on the refusing host again.
-    for (s, admin) in &sidecars {
+    for s in &sidecars {
         good.take_hits();
         let m = run_requests(s, "pair:9080", "/", &[], 20).await;
         assert_eq!(
@@ -574,7 +547,7 @@ async fn istios_default_retry_policy_agrees() {
             "{}: {m:?}",
             s.name
         );
-        let retries = cluster_stat(*admin, pair, "upstream_rq_retry").await;
+        let retries = cluster_stat(s.admin, pair, "upstream_rq_retry").await;
         assert!(
             (18..=20).contains(&retries),
             "{}: {retries} retries for 20 requests over two hosts",
@@ -584,7 +557,7 @@ async fn istios_default_retry_policy_agrees() {
         report.push((s.name, "default: refused retried", retries));
     }
     // 2. A 503 answer is not retried by the default policy; 3. gRPC unavailable is (twice).
-    for (s, _) in &sidecars {
+    for s in &sidecars {
         flaky.take_hits();
         let m = run_requests(s, "flaky:9080", "/", &[], 5).await;
         assert_eq!(
@@ -624,10 +597,10 @@ async fn istios_default_retry_policy_agrees() {
     )
     .await
     .version;
-    for (s, _) in &sidecars {
+    for s in &sidecars {
         wait_synced(p.api, &s.node_id, v).await;
     }
-    for (s, _) in &sidecars {
+    for s in &sidecars {
         let m = run_requests(s, "pair:9080", "/", &[], 20).await;
         let failed: usize = m
             .iter()
@@ -692,18 +665,7 @@ async fn outlier_detection_fields_agree() {
     let v = apply_ok(p.api, &base).await.version;
     let envoy = start_envoy(&bin, p.xds, "client", "client-envoy", &[("app", "client")]).await;
     let mesh = start_mesh_proxy(p.xds, "client", "client-mesh", &[("app", "client")]).await;
-    let sidecars = [
-        Sidecar {
-            name: "envoy",
-            outbound: format!("{}:15001", envoy.pod_ip).parse().unwrap(),
-            node_id: envoy.node_id.clone(),
-        },
-        Sidecar {
-            name: "meshbench",
-            outbound: format!("{}:15001", mesh.pod_ip).parse().unwrap(),
-            node_id: mesh.node_id.clone(),
-        },
-    ];
+    let sidecars = sidecars(&envoy, &mesh);
     for s in &sidecars {
         wait_synced(p.api, &s.node_id, v).await;
     }
@@ -763,14 +725,10 @@ async fn virtual_service_header_operations_agree() {
     let envoy = start_envoy(&bin, p.xds, "client", "client-envoy", &[("app", "client")]).await;
     let mesh = start_mesh_proxy(p.xds, "client", "client-mesh", &[("app", "client")]).await;
     let mut seen = Vec::new();
-    for (name, pod_ip, node_id) in [
-        ("envoy", &envoy.pod_ip, &envoy.node_id),
-        ("meshbench", &mesh.pod_ip, &mesh.node_id),
-    ] {
-        wait_synced(p.api, node_id, v).await;
-        let mut c = Client::connect(format!("{pod_ip}:15001").parse().unwrap())
-            .await
-            .unwrap();
+    for s in sidecars(&envoy, &mesh) {
+        let name = s.name;
+        wait_synced(p.api, &s.node_id, v).await;
+        let mut c = Client::connect(s.outbound).await.unwrap();
         let r = c
             .request(
                 "GET",

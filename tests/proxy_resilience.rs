@@ -67,14 +67,6 @@ async fn all_from(outbound: SocketAddr, n: usize) -> Vec<String> {
     out
 }
 
-async fn stat(admin: SocketAddr, name: &str) -> Option<u64> {
-    let body = http(admin, "GET", "/stats", "").await.body;
-    body.lines().find_map(|l| {
-        l.strip_prefix(&format!("{name}: "))
-            .and_then(|v| v.parse().ok())
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_keeps_serving_through_a_pilot_restart_and_resumes() {
     let v1 = start_upstream("127.0.0.1", "reviews-v1", Behavior::Ok).await;
@@ -99,7 +91,7 @@ async fn proxy_keeps_serving_through_a_pilot_restart_and_resumes() {
     drop(pilot); // SIGKILL
     let start = Instant::now();
     loop {
-        if stat(proxy.admin, "control_plane.connected_state").await == Some(0) {
+        if admin_stat(proxy.admin, "control_plane.connected_state").await == Some(0) {
             break;
         }
         assert!(
@@ -114,7 +106,7 @@ async fn proxy_keeps_serving_through_a_pilot_restart_and_resumes() {
     let pilot = spawn_pilot(xds_port, api_port, &config).await;
     wait_synced(api, &proxy.node_id, 1).await;
     assert_eq!(
-        stat(proxy.admin, "control_plane.connected_state").await,
+        admin_stat(proxy.admin, "control_plane.connected_state").await,
         Some(1)
     );
     let v = apply_as(api, Some(&pilot.token), &mesh_yaml(v1.addr, v3.addr, "v3"))
@@ -122,7 +114,7 @@ async fn proxy_keeps_serving_through_a_pilot_restart_and_resumes() {
         .version;
     wait_synced(api, &proxy.node_id, v).await;
     assert_eq!(all_from(outbound, 20).await, vec!["200 reviews-v3"]);
-    assert!(stat(proxy.admin, "control_plane.update_rejected").await == Some(0));
+    assert!(admin_stat(proxy.admin, "control_plane.update_rejected").await == Some(0));
 }
 
 /// With worker threads (Envoy's model: each connection on one worker, pools per worker),

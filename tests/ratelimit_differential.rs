@@ -51,11 +51,7 @@ async fn statuses(s: &Server, n: usize) -> Vec<u16> {
 }
 
 async fn stat(admin: SocketAddr, name: &str) -> u64 {
-    let body = http(admin, "GET", "/stats", "").await.body;
-    body.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name}: ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+    admin_stat(admin, name).await.unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -595,7 +595,8 @@ pub struct HostChoice {
 impl HostChoice {
     pub fn new(policy: &RetryPolicy) -> HostChoice {
         HostChoice {
-            previous_hosts: policy.previous_hosts,
+            // Nothing to avoid when there is no retry (no host list kept per request).
+            previous_hosts: policy.previous_hosts && policy.num_retries > 0,
             reselect: policy.host_selection_max_attempts,
             tried: Default::default(),
         }

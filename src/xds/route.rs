@@ -93,6 +93,7 @@ pub fn route_configs(mesh: &Mesh) -> HashMap<String, Resource> {
                 None => vec![default_route(
                     &outbound_cluster_name(port.port, None, host),
                     host,
+                    retry_policy(None),
                 )],
             };
             virtual_hosts.push(VirtualHost {
@@ -143,7 +144,13 @@ pub fn domains(svc: &MeshService, port: &ServicePort, with_bare: bool) -> Vec<St
     out
 }
 
-fn default_route(cluster: &str, host: &str) -> route::Route {
+/// The catch-all route to `cluster`; outbound routes carry istiod's default retry policy,
+/// inbound ones none (istiod retries on the client side only).
+fn default_route(
+    cluster: &str,
+    host: &str,
+    retry_policy: Option<route::RetryPolicy>,
+) -> route::Route {
     route::Route {
         name: "default".into(),
         r#match: Some(route::RouteMatch {
@@ -155,7 +162,7 @@ fn default_route(cluster: &str, host: &str) -> route::Route {
                 cluster.into(),
             )),
             timeout: Some(pb_duration(Duration::ZERO)),
-            retry_policy: retry_policy(None),
+            retry_policy,
             ..Default::default()
         })),
         decorator: Some(route::Decorator {
@@ -360,15 +367,6 @@ fn http_fault(f: &model::Fault) -> fault::HttpFault {
 }
 
 /// The inbound route: everything to the pod's own app.
-/// The inbound route: to the app, with no retry policy (istiod retries on the client side).
-fn inbound_default_route(cluster: &str) -> route::Route {
-    let mut r = default_route(cluster, cluster);
-    if let Some(route::route::Action::Route(a)) = &mut r.action {
-        a.retry_policy = None;
-    }
-    r
-}
-
 pub fn inbound_route_config(port: u16) -> RouteConfiguration {
     let cluster = inbound_cluster_name(port);
     RouteConfiguration {
@@ -376,7 +374,7 @@ pub fn inbound_route_config(port: u16) -> RouteConfiguration {
         virtual_hosts: vec![VirtualHost {
             name: format!("inbound|http|{port}"),
             domains: vec!["*".into()],
-            routes: vec![inbound_default_route(&cluster)],
+            routes: vec![default_route(&cluster, &cluster, None)],
             ..Default::default()
         }],
         ..Default::default()

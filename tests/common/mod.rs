@@ -334,6 +334,15 @@ pub async fn json(
     (r.status, v)
 }
 
+/// One stat of a proxy's admin `/stats` (Envoy's or meshbench proxy's), if listed.
+pub async fn admin_stat(admin: SocketAddr, name: &str) -> Option<u64> {
+    let body = http(admin, "GET", "/stats", "").await.body;
+    let prefix = format!("{name}: ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// `POST /v1/apply` through the typed client; panics when pilot refuses it.
 pub async fn apply_ok(api: SocketAddr, text: &str) -> Applied {
     apply_as(api, None, text).await
