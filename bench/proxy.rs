@@ -24,7 +24,7 @@ fn route_table(services: usize) -> resources::RouteTable {
     let objects = meshbench::config::parse("bench.yaml", &text)
         .unwrap()
         .objects;
-    let mesh = meshbench::model::compile::compile(objects.iter(), []).unwrap();
+    let mesh = meshbench::model::compile::compile(objects.iter(), [], false).unwrap();
     let snap = Snapshot::build(1, Arc::new(mesh), Instant::now(), SystemTime::now());
     let rc = RouteConfiguration::decode(snap.routes["15001"].any.value.as_slice()).unwrap();
     resources::route_table(&rc, &Default::default()).unwrap()

@@ -42,7 +42,7 @@ fn mesh(services: usize, endpoints: usize) -> Mesh {
             },
         })
         .collect();
-    compile(objects.iter(), workloads.into_iter().map(Arc::new)).unwrap()
+    compile(objects.iter(), workloads.into_iter().map(Arc::new), false).unwrap()
 }
 
 fn bench(c: &mut Criterion) {

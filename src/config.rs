@@ -332,14 +332,13 @@ const ISTIO_NETWORKING: [&str; 3] = [
 ];
 
 /// Kinds users bring along with bookinfo that carry nothing a sidecar mesh needs.
-const IGNORED_KINDS: [&str; 8] = [
+const IGNORED_KINDS: [&str; 7] = [
     "ServiceAccount",
     "Gateway",
     "Namespace",
     "ConfigMap",
     "PersistentVolumeClaim",
     "Secret",
-    "PeerAuthentication",
     "Sidecar",
 ];
 
@@ -386,8 +385,13 @@ fn parse_object(origin: &Origin, value: Value) -> Result<Option<Object>, Outcome
         "VirtualService" if ISTIO_NETWORKING.contains(&api) => Spec::VirtualService(virtual_service(origin, spec_value)?),
         "DestinationRule" if ISTIO_NETWORKING.contains(&api) => Spec::DestinationRule(destination_rule(origin, spec_value)?),
         "ServiceEntry" if ISTIO_NETWORKING.contains(&api) => Spec::ServiceEntry(service_entry(origin, spec_value)?),
-        "WorkloadEntry" if ISTIO_NETWORKING.contains(&api) => {
-            Spec::WorkloadEntry(typed(origin, "spec", spec_value).map_err(Outcome::Errors)?)
+        "WorkloadEntry" if ISTIO_NETWORKING.contains(&api) => Spec::WorkloadEntry(workload_entry(
+            origin,
+            "spec",
+            typed(origin, "spec", spec_value).map_err(Outcome::Errors)?,
+        )?),
+        "PeerAuthentication" if matches!(api, "security.istio.io/v1" | "security.istio.io/v1beta1") => {
+            return Err(peer_authentication(origin, &object_name, spec_value))
         }
         "RouteRule" if api == "config.istio.io/v1alpha2" => Spec::RouteRule(route_rule(origin, spec_value)?),
         "EnvoyFilter" if api == "networking.istio.io/v1alpha3" => Spec::EnvoyFilter(envoy_filter(origin, spec_value)?),
@@ -1214,7 +1218,7 @@ struct RawServiceEntry {
     #[serde(default)]
     ports: Vec<RawServiceEntryPort>,
     #[serde(default)]
-    endpoints: Vec<WorkloadEntrySpec>,
+    endpoints: Vec<RawWorkloadEntry>,
     workload_selector: Option<RawWorkloadSelector>,
     resolution: Option<String>,
     /// MESH_INTERNAL / MESH_EXTERNAL: where the service runs; nothing here depends on it.
@@ -1276,8 +1280,224 @@ fn service_entry(origin: &Origin, v: Value) -> Result<ServiceEntrySpec, Outcome>
                 protocol: p.protocol.unwrap_or_else(|| "HTTP".into()),
             })
             .collect(),
-        endpoints: raw.endpoints,
+        endpoints: raw
+            .endpoints
+            .into_iter()
+            .enumerate()
+            .map(|(i, e)| workload_entry(origin, &format!("spec.endpoints[{i}]"), e))
+            .collect::<Result<_, _>>()?,
         workload_selector: raw.workload_selector.map(|w| w.labels),
+    })
+}
+
+/// A WorkloadEntry or ServiceEntry endpoint, in Istio's schema.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawWorkloadEntry {
+    #[serde(default)]
+    address: String,
+    #[serde(default)]
+    ports: BTreeMap<String, u32>,
+    #[serde(default)]
+    labels: Labels,
+    #[serde(default)]
+    network: String,
+    /// Locality-aware load balancing is not simulated; the value only has to be well-formed.
+    #[serde(default)]
+    locality: String,
+    weight: Option<u32>,
+    /// Identities matter once mTLS is simulated; stored nowhere yet.
+    #[allow(dead_code)]
+    service_account: Option<String>,
+}
+
+/// Validates as Istio does: an address is required unless a network is named (then the entry
+/// is kept without an endpoint, see `compile`); an IP address is used as it is; a DNS name is
+/// valid for Istio but not supported here (no DNS is simulated).
+fn workload_entry(
+    origin: &Origin,
+    field: &str,
+    raw: RawWorkloadEntry,
+) -> Result<WorkloadEntrySpec, Outcome> {
+    let e = |f: &str, m: String| errs(origin, format!("{field}.{f}"), m);
+    if raw.address.is_empty() {
+        if raw.network.is_empty() {
+            return Err(e("address", "address is required (or a network)".into()));
+        }
+    } else if raw.address.parse::<std::net::IpAddr>().is_err() {
+        return Err(if dns_name(&raw.address) {
+            e(
+                "address",
+                format!(
+                    "address {:?} is a DNS name: not supported (meshbench resolves no names; give an IP address)",
+                    raw.address
+                ),
+            )
+        } else if raw.address.starts_with("unix://") {
+            e(
+                "address",
+                "unix domain socket endpoints are not supported".into(),
+            )
+        } else {
+            e(
+                "address",
+                format!(
+                    "address {:?} is neither an IP address nor a DNS name",
+                    raw.address
+                ),
+            )
+        });
+    }
+    let mut ports = BTreeMap::new();
+    for (name, port) in raw.ports {
+        match u16::try_from(port) {
+            Ok(p) if p > 0 && !name.is_empty() => {
+                ports.insert(name, p);
+            }
+            _ if name.is_empty() => return Err(e("ports", "a port name is empty".into())),
+            _ => {
+                return Err(e(
+                    &format!("ports.{name}"),
+                    format!("port {port} must be between 1 and 65535"),
+                ))
+            }
+        }
+    }
+    if raw.locality.split('/').count() > 3
+        || (!raw.locality.is_empty() && raw.locality.split('/').any(str::is_empty))
+    {
+        return Err(e(
+            "locality",
+            format!(
+                "locality {:?} must use region/zone/subzone form",
+                raw.locality
+            ),
+        ));
+    }
+    let weight = raw.weight.unwrap_or(1);
+    if weight == 0 {
+        return Err(e("weight", "weight must be at least 1".into()));
+    }
+    Ok(WorkloadEntrySpec {
+        address: raw.address,
+        labels: raw.labels,
+        ports,
+        weight,
+        healthy: true,
+    })
+}
+
+/// A DNS-1123 subdomain (what Istio accepts as a host name).
+fn dns_name(s: &str) -> bool {
+    s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        })
+}
+
+// ---- PeerAuthentication (security.istio.io) -------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawPeerAuthentication {
+    selector: Option<RawMatchLabels>,
+    mtls: Option<RawMtls>,
+    port_level_mtls: Option<BTreeMap<u32, RawMtls>>,
+}
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawMatchLabels {
+    #[serde(default)]
+    match_labels: Labels,
+}
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMtls {
+    #[serde(default)]
+    mode: Option<String>,
+}
+
+/// Validated as Istio validates it, then skipped with a warning: meshbench's sidecars talk
+/// plaintext, so DISABLE (and PERMISSIVE, which accepts plaintext) is what they do already.
+fn peer_authentication(origin: &Origin, object: &str, v: Value) -> Outcome {
+    let raw: RawPeerAuthentication = match typed(origin, "spec", v) {
+        Ok(r) => r,
+        Err(e) => return Outcome::Errors(e),
+    };
+    let mut errors = Vec::new();
+    let mut e = |field: String, message: String| {
+        errors.push(ConfigError {
+            file: origin.file.clone(),
+            document: origin.document,
+            object: object.to_string(),
+            field,
+            message,
+        })
+    };
+    let mode_ok = |m: &Option<RawMtls>| {
+        m.as_ref()
+            .and_then(|m| m.mode.as_deref())
+            .is_none_or(|m| matches!(m, "UNSET" | "DISABLE" | "PERMISSIVE" | "STRICT"))
+    };
+    if !mode_ok(&raw.mtls) {
+        e(
+            "spec.mtls.mode".into(),
+            "mode must be UNSET, DISABLE, PERMISSIVE or STRICT".into(),
+        );
+    }
+    let selector = raw.selector.map(|s| s.match_labels).unwrap_or_default();
+    for (k, v) in &selector {
+        if k.is_empty() || v.contains('*') || k.contains('*') {
+            e(
+                format!("spec.selector.matchLabels.{k}"),
+                "label keys must be non-empty and wildcards are not allowed".into(),
+            );
+        }
+    }
+    if let Some(ports) = &raw.port_level_mtls {
+        if selector.is_empty() {
+            e(
+                "spec.portLevelMtls".into(),
+                "portLevelMtls requires a workload selector".into(),
+            );
+        }
+        if ports.is_empty() {
+            e(
+                "spec.portLevelMtls".into(),
+                "port level mTLS, if defined, must have at least one element".into(),
+            );
+        }
+        for (port, m) in ports {
+            if *port == 0 || *port > 65535 {
+                e(
+                    format!("spec.portLevelMtls.{port}"),
+                    "port must be in range 1..65535".into(),
+                );
+            }
+            if !mode_ok(&Some(RawMtls {
+                mode: m.mode.clone(),
+            })) {
+                e(
+                    format!("spec.portLevelMtls.{port}.mode"),
+                    "mode must be UNSET, DISABLE, PERMISSIVE or STRICT".into(),
+                );
+            }
+        }
+    }
+    if !errors.is_empty() {
+        return Outcome::Errors(errors);
+    }
+    Outcome::Warning(ConfigError {
+        file: origin.file.clone(),
+        document: origin.document,
+        object: object.to_string(),
+        field: "kind".into(),
+        message: "PeerAuthentication is valid but not simulated: meshbench's sidecars talk plaintext (mutual TLS is not supported yet); skipped".into(),
     })
 }
 
@@ -1457,6 +1677,56 @@ mod tests {
         }
         let ok = format!("{net}\nkind: VirtualService\nmetadata: {{name: v}}\nspec: {{hosts: [reviews], exportTo: [\"*\"]}}\n");
         assert!(parse("f.yaml", &ok).is_ok());
+    }
+
+    /// Istio's validation of WorkloadEntry, ServiceEntry endpoints and PeerAuthentication:
+    /// what it accepts is accepted (or, when not simulated, refused as "not supported"); what
+    /// it refuses is refused, naming the field.
+    #[test]
+    fn workload_entries_and_peer_authentication_validate_as_istio_does() {
+        let we = |spec: &str| {
+            format!("apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: w}}\nspec: {spec}\n")
+        };
+        let pa = |spec: &str| {
+            format!("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: p}}\nspec: {spec}\n")
+        };
+        let se = |spec: &str| {
+            format!("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: s}}\nspec: {spec}\n")
+        };
+        for ok in [
+            we("{address: 10.0.0.1, ports: {http: 8080}, locality: r/z/s, serviceAccount: sa, weight: 3}"),
+            we("{network: vm-net, labels: {app: a}}"),
+            se("{hosts: [a.example.com], location: MESH_EXTERNAL}"),
+        ] {
+            let p = parse("f.yaml", &ok).unwrap_or_else(|e| panic!("{ok}: {e:?}"));
+            assert_eq!(p.objects.len(), 1, "{ok}");
+        }
+        for (doc, field, words) in [
+            (we("{labels: {app: a}}"), "spec.address", "address is required"),
+            (we("{address: vm1.example.com}"), "spec.address", "not supported"),
+            (we("{address: 'not an address!'}"), "spec.address", "neither an IP address nor a DNS name"),
+            (we("{address: 10.0.0.1, ports: {http: 70000}}"), "spec.ports.http", "between 1 and 65535"),
+            (we("{address: 10.0.0.1, locality: r//z}"), "spec.locality", "region/zone/subzone"),
+            (we("{address: 10.0.0.1, colour: red}"), "spec", "unknown field"),
+            (se("{hosts: [a.example.com], ports: [{number: 80, name: http}], endpoints: [{address: db.example.com}]}"), "spec.endpoints[0].address", "not supported"),
+            (pa("{mtls: {mode: STRICTER}}"), "spec.mtls.mode", "must be UNSET, DISABLE, PERMISSIVE or STRICT"),
+            (pa("{portLevelMtls: {8080: {mode: DISABLE}}}"), "spec.portLevelMtls", "requires a workload selector"),
+            (pa("{selector: {matchLabels: {app: a}}, portLevelMtls: {}}"), "spec.portLevelMtls", "at least one element"),
+            (pa("{selector: {matchLabels: {app: a}}, portLevelMtls: {0: {mode: DISABLE}}}"), "spec.portLevelMtls.0", "1..65535"),
+            (pa("{mtls: {mode: STRICT}, colour: red}"), "spec", "unknown field"),
+        ] {
+            let e = parse("f.yaml", &doc).unwrap_err();
+            assert!(e[0].field.starts_with(field), "{doc}: {} {}", e[0].field, e[0].message);
+            assert!(e[0].message.contains(words), "{doc}: {}", e[0].message);
+        }
+        // A valid PeerAuthentication is stored nowhere yet (no mTLS is simulated) and says so.
+        let p = parse("f.yaml", &pa("{selector: {matchLabels: {app: a}}, mtls: {mode: STRICT}, portLevelMtls: {8080: {mode: DISABLE}}}")).unwrap();
+        assert!(p.objects.is_empty());
+        assert!(
+            p.warnings[0].message.contains("not simulated"),
+            "{:?}",
+            p.warnings
+        );
     }
 
     #[test]

@@ -47,6 +47,11 @@ enum Command {
         /// (Istio before incremental EDS; a comparison point).
         #[arg(long)]
         full_push: bool,
+        /// Refuse a batch that names a host or subset nothing defines (by default that is a
+        /// warning, as `istioctl analyze` reports it, and the object takes effect when the
+        /// host appears).
+        #[arg(long)]
+        strict_references: bool,
         /// File holding the token REST writes need (`Authorization: Bearer TOKEN`); created
         /// with a new token when absent. Default: meshbench-pilot-PORT.token in the temp
         /// directory. MESHBENCH_API_TOKEN, when set, gives the token instead.
@@ -390,6 +395,7 @@ async fn run(cmd: Command) -> ExitCode {
             debounce,
             debounce_max,
             full_push,
+            strict_references,
             api_token_file,
             trusted_peers,
         } => {
@@ -420,6 +426,7 @@ async fn run(cmd: Command) -> ExitCode {
                 debounce,
                 debounce_max,
                 full_push,
+                strict_references,
                 api_token: Some(token),
                 trusted_peers,
             };

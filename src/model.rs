@@ -714,6 +714,8 @@ pub struct ConfigSet {
     pub objects: BTreeMap<Key, Object>,
     /// Keyed by (namespace, name).
     pub endpoints: BTreeMap<(String, String), std::sync::Arc<Workload>>,
+    /// References to undefined hosts and subsets are errors, not warnings.
+    pub strict_references: bool,
 }
 
 #[cfg(test)]

@@ -55,6 +55,8 @@ pub struct Config {
     /// Push every subscribed assignment when any endpoint changes (Istio before incremental
     /// EDS), as a comparison point; by default only the changed ones go out.
     pub full_push: bool,
+    /// A reference to an undefined host or subset refuses the batch instead of warning.
+    pub strict_references: bool,
     /// Token every REST write must carry (`Authorization: Bearer`); `None` leaves writes
     /// open (in-process use). The command always sets one.
     #[serde(skip)]
@@ -71,6 +73,7 @@ impl Default for Config {
             debounce: DEFAULT_DEBOUNCE,
             debounce_max: DEFAULT_DEBOUNCE_MAX,
             full_push: false,
+            strict_references: false,
             api_token: None,
             trusted_peers: vec![],
         }
@@ -110,7 +113,10 @@ impl Pilot {
     /// Loads the config files and starts the debounce/snapshot task. Must run inside a tokio
     /// runtime.
     pub fn start(cfg: &Config) -> Result<Arc<Pilot>, Error> {
-        let mut set = ConfigSet::default();
+        let mut set = ConfigSet {
+            strict_references: cfg.strict_references,
+            ..Default::default()
+        };
         let mut mesh = Mesh::default();
         let mut warnings = Vec::new();
         let mut version = 0;

@@ -148,9 +148,14 @@ fn find<'a>(errors: &'a [ConfigError], field: &str) -> &'a ConfigError {
         .unwrap_or_else(|| panic!("no error at {field}: {errors:#?}"))
 }
 
+/// Under `--strict-references` an undefined host or subset is an error like any other.
 #[tokio::test]
 async fn validation_names_file_document_field_and_reason() {
-    let p = fresh_pilot().await;
+    let p = Pilot::start(&pilot::Config {
+        strict_references: true,
+        ..Default::default()
+    })
+    .unwrap();
     p.apply("base.yaml", BASE).unwrap();
     let bad = "apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -215,6 +220,119 @@ spec:
     assert!(errors.iter().all(|e| e.file == "bad.yaml"));
 }
 
+/// By default a reference to what nothing defines yet is a warning, as `istioctl analyze`
+/// reports it: the object is kept, routes name the cluster that will exist, and it takes
+/// effect when the host or subset is defined (in any order).
+#[tokio::test]
+async fn undefined_references_are_warnings_and_take_effect_when_defined() {
+    let p = fresh_pilot().await;
+    p.apply("base.yaml", BASE).unwrap();
+    let early = "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  http:
+  - route:
+    - destination: {host: reviews, subset: v3}
+      weight: 50
+    - destination: {host: ratings}
+      weight: 50
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: ratings}
+spec:
+  host: ratings
+  trafficPolicy: {connectionPool: {tcp: {maxConnections: 7}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: ratings}
+spec:
+  hosts: [ratings]
+  http:
+  - route:
+    - destination: {host: ratings}
+";
+    let (_, keys, warnings) = p.apply("early.yaml", early).unwrap();
+    assert_eq!(keys.len(), 3);
+    for (doc, field) in [
+        (1, "spec.http[0].route[0].destination.subset"),
+        (1, "spec.http[0].route[1].destination.host"),
+        (2, "spec.host"),
+        (3, "spec.hosts[0]"),
+    ] {
+        let w = warnings
+            .iter()
+            .find(|w| w.field == field && w.document == doc)
+            .unwrap_or_else(|| panic!("no warning on {field}: {warnings:#?}"));
+        assert!(w.message.contains("kept"), "{w}");
+    }
+    // Routed meanwhile to clusters that do not exist yet (proxies answer 503 there).
+    let mesh = p.mesh();
+    let reviews = &mesh.routes["reviews.default.svc.cluster.local"].http[0].route;
+    assert_eq!(
+        reviews[1].destination.host,
+        "ratings.default.svc.cluster.local"
+    );
+    let routes = meshbench::xds::route::route_configs(&mesh);
+    let rc =
+        <envoy_types::pb::envoy::config::route::v3::RouteConfiguration as prost::Message>::decode(
+            routes.values().next().unwrap().any.value.as_slice(),
+        )
+        .unwrap();
+    let text = format!("{rc:?}");
+    for cluster in [
+        "outbound|9080|v3|reviews.default.svc.cluster.local",
+        "outbound|9080||ratings.default.svc.cluster.local",
+    ] {
+        assert!(text.contains(cluster), "{cluster} not routed to");
+    }
+    assert!(!mesh
+        .routes
+        .contains_key("ratings.default.svc.cluster.local"));
+    assert!(!mesh
+        .policies
+        .contains_key("ratings.default.svc.cluster.local"));
+
+    // The host and subset appear: what was kept takes effect, with no warning left.
+    let later = "apiVersion: v1
+kind: Service
+metadata: {name: ratings}
+spec:
+  ports: [{port: 9080, name: http}]
+  selector: {app: ratings}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews}
+spec:
+  host: reviews
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v3, labels: {version: v3}}
+";
+    let (_, _, warnings) = p.apply("later.yaml", later).unwrap();
+    assert!(warnings.is_empty(), "{warnings:#?}");
+    let mesh = p.mesh();
+    assert!(mesh.warnings.is_empty(), "{:#?}", mesh.warnings);
+    assert!(mesh
+        .routes
+        .contains_key("ratings.default.svc.cluster.local"));
+    let policy = &mesh.policies["ratings.default.svc.cluster.local"];
+    assert!(policy.traffic_policy.is_some());
+
+    // Deleting a host others refer to is allowed too; they fall back to warnings.
+    let key = meshbench::model::Key {
+        kind: meshbench::model::Kind::Service,
+        namespace: "default".into(),
+        name: "ratings".into(),
+    };
+    p.delete(&key).unwrap().unwrap();
+    assert!(p.mesh().warnings.iter().any(|w| w.field == "spec.host"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_batch_changes_nothing_and_the_api_survives_garbage() {
     let p = start_pilot(Duration::ZERO).await;
@@ -227,13 +345,13 @@ async fn a_bad_batch_changes_nothing_and_the_api_survives_garbage() {
     let (_, before) = json(p.api, "GET", "/v1/config", "").await;
 
     // One good document and one bad one: nothing of the batch lands.
-    let batch = "apiVersion: v1\nkind: Service\nmetadata: {name: ratings}\nspec: {ports: [{port: 9080, name: http}], selector: {app: ratings}}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews}\nspec:\n  hosts: [reviews]\n  http:\n  - route:\n    - destination: {host: reviews, subset: nope}\n";
+    let batch = "apiVersion: v1\nkind: Service\nmetadata: {name: ratings}\nspec: {ports: [{port: 9080, name: http}], selector: {app: ratings}}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews}\nspec:\n  hosts: [reviews]\n  http:\n  - match: [{uri: {regex: '(('}}]\n    route:\n    - destination: {host: reviews}\n";
     let r = http(p.api, "POST", "/v1/apply?source=batch.yaml", batch).await;
     assert_eq!(r.status, 400);
     let e = &serde_json::from_str::<Errors>(&r.body).unwrap().errors[0];
     assert_eq!(
         (e.file.as_str(), e.document, e.field.as_str()),
-        ("batch.yaml", 2, "spec.http[0].route[0].destination.subset")
+        ("batch.yaml", 2, "spec.http[0].match[0].uri.regex")
     );
     let (_, after) = json(p.api, "GET", "/v1/config", "").await;
     assert_eq!(before, after);

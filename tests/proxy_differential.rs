@@ -485,6 +485,41 @@ async fn envoy_and_meshbench_proxy_agree_case_by_case() {
             s.name
         );
     }
+    // 14. A VirtualService applied before the DestinationRule that defines its subset (a
+    // warning, kept): both proxies answer 503 without reaching an upstream, as Envoy does for
+    // istiod's routes to a cluster that does not exist; once the subset is defined, 200.
+    apply(vs(
+        "reviews",
+        "  - route: [{destination: {host: reviews, subset: v9}}]\n",
+    ))
+    .await;
+    for s in &sidecars {
+        v1.take_hits();
+        let m = run_requests(s, "reviews:9080", "/", &[], 5).await;
+        assert_eq!(
+            m.keys().map(|o| o.status).collect::<Vec<_>>(),
+            vec![503],
+            "{}: {m:?}",
+            s.name
+        );
+        assert_eq!(v1.take_hits(), 0, "{}", s.name);
+    }
+    apply(SERVICES.replace(
+        "  - {name: v3, labels: {version: v3}}\n",
+        "  - {name: v3, labels: {version: v3}}\n  - {name: v9, labels: {version: v1}}\n",
+    ))
+    .await;
+    for s in &sidecars {
+        let m = run_requests(s, "reviews:9080", "/", &[], 5).await;
+        assert_eq!(
+            m.keys()
+                .map(|o| (o.status, o.workload.as_str()))
+                .collect::<Vec<_>>(),
+            vec![(200, "reviews-v1")],
+            "{}: {m:?}",
+            s.name
+        );
+    }
     eprintln!("differential: weights v1 share {shares:?}; retries {attempts:?}; circuit breaker (ok, overflow) {results:?}; per-try {per_try:?}; ejection {ejected:?}");
 }
 

@@ -182,7 +182,7 @@ async fn bad_resources_are_nacked_precisely_and_the_last_good_config_serves() {
         up.addr.port()
     );
     let objects = meshbench::config::parse("t.yaml", &yaml).unwrap().objects;
-    let mesh = meshbench::model::compile::compile(objects.iter(), []).unwrap();
+    let mesh = meshbench::model::compile::compile(objects.iter(), [], false).unwrap();
     let snapshot = Arc::new(Snapshot::build(
         1,
         Arc::new(mesh),
@@ -263,15 +263,35 @@ async fn bad_resources_are_nacked_precisely_and_the_last_good_config_serves() {
     assert_eq!(version, "1", "NACK carries the last accepted version");
     assert_eq!(serves().await, 200);
 
-    // A route to a cluster that does not exist.
-    script.set(ROUTE_TYPE, vec![reencode::<RouteConfiguration>(&good_rds[0], |rc| {
-        if let Some(envoy_types::pb::envoy::config::route::v3::route::Action::Route(a)) = &mut rc.virtual_hosts[0].routes[0].action {
-            a.cluster_specifier = Some(envoy_types::pb::envoy::config::route::v3::route_action::ClusterSpecifier::Cluster("nope".into()));
-        }
-    })]);
+    // A route to a cluster that does not exist, in a configuration that asks for validation.
+    let to_nowhere = |validate: bool| {
+        reencode::<RouteConfiguration>(&good_rds[0], |rc| {
+            if let Some(envoy_types::pb::envoy::config::route::v3::route::Action::Route(a)) =
+                &mut rc.virtual_hosts[0].routes[0].action
+            {
+                a.cluster_specifier = Some(envoy_types::pb::envoy::config::route::v3::route_action::ClusterSpecifier::Cluster("nope".into()));
+            }
+            rc.validate_clusters =
+                Some(envoy_types::pb::google::protobuf::BoolValue { value: validate });
+        })
+    };
+    script.set(ROUTE_TYPE, vec![to_nowhere(true)]);
     let (_, msg) = script.nack(ROUTE_TYPE).await;
     assert!(msg.contains("unknown cluster 'nope'"), "{msg}");
     assert_eq!(serves().await, 200);
+    // Without validation (RDS's default) it is accepted, and the route answers 503 as Envoy's.
+    let until = |want: u16| async move {
+        let start = Instant::now();
+        while serves().await != want {
+            assert!(start.elapsed() < Duration::from_secs(10), "never {want}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    script.set(ROUTE_TYPE, vec![to_nowhere(false)]);
+    until(503).await;
+    script.set(ROUTE_TYPE, good_rds.clone());
+    until(200).await;
+    script.requests.lock().unwrap().clear();
 
     // An HTTP filter it does not implement.
     script.set(LISTENER_TYPE, good_lds.iter().map(|l| reencode::<Listener>(l, |l| {
@@ -310,7 +330,7 @@ async fn bad_resources_are_nacked_precisely_and_the_last_good_config_serves() {
     loop {
         let acked =
             script.requests.lock().unwrap().iter().any(|r| {
-                r.type_url == ROUTE_TYPE && r.error_detail.is_none() && r.version_info == "4"
+                r.type_url == ROUTE_TYPE && r.error_detail.is_none() && r.version_info == "6"
             });
         if acked {
             break;

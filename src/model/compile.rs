@@ -6,14 +6,19 @@ use std::collections::{BTreeMap, BTreeSet};
 use super::*;
 
 /// Resolves `objects` plus REST-registered `endpoints` into a mesh, or every error found.
+/// A reference to a host or subset nothing defines is a warning, as `istioctl analyze`
+/// reports it (the object is kept and takes effect when the host appears), unless
+/// `strict_references` makes it an error.
 pub fn compile<'a>(
     objects: impl IntoIterator<Item = &'a Object>,
     endpoints: impl IntoIterator<Item = std::sync::Arc<Workload>>,
+    strict_references: bool,
 ) -> Result<Mesh, Vec<ConfigError>> {
     let objects: Vec<&Object> = objects.into_iter().collect();
     let mut c = Compiler {
         mesh: Mesh::default(),
         errors: Vec::new(),
+        strict_references,
     };
     c.services(&objects);
     c.workloads(&objects, endpoints);
@@ -38,7 +43,11 @@ pub fn compile<'a>(
 /// never produced.
 impl ConfigSet {
     pub fn compile(&self) -> Result<Mesh, Vec<ConfigError>> {
-        compile(self.objects.values(), self.endpoints.values().cloned())
+        compile(
+            self.objects.values(),
+            self.endpoints.values().cloned(),
+            self.strict_references,
+        )
     }
 
     /// The set with `batch` added (objects with the same kind, namespace and name replaced),
@@ -74,7 +83,11 @@ impl ConfigSet {
             .values()
             .filter(|o| !in_batch(o))
             .chain(next.objects.values().filter(in_batch));
-        let mesh = compile(ordered, next.endpoints.values().cloned())?;
+        let mesh = compile(
+            ordered,
+            next.endpoints.values().cloned(),
+            next.strict_references,
+        )?;
         Ok((next, mesh))
     }
 
@@ -92,6 +105,7 @@ impl ConfigSet {
 struct Compiler {
     mesh: Mesh,
     errors: Vec<ConfigError>,
+    strict_references: bool,
 }
 
 fn err(o: &Object, field: impl Into<String>, message: impl Into<String>) -> ConfigError {
@@ -107,6 +121,30 @@ fn err(o: &Object, field: impl Into<String>, message: impl Into<String>) -> Conf
 impl Compiler {
     fn error(&mut self, o: &Object, field: impl Into<String>, message: impl Into<String>) {
         self.errors.push(err(o, field, message));
+    }
+
+    /// A reference to what nothing defines (yet): a warning naming what happens meanwhile,
+    /// or an error under `strict_references`.
+    fn dangling(&mut self, o: &Object, field: impl Into<String>, message: String, meanwhile: &str) {
+        if self.strict_references {
+            self.errors.push(err(o, field, message));
+        } else {
+            let message = format!("{message}; kept: {meanwhile}");
+            self.mesh.warnings.push(err(o, field, message));
+        }
+    }
+
+    /// The host a reference means when nothing defines it (yet): short names are qualified
+    /// with the document's namespace, as istiod does, so the route names the cluster that
+    /// will exist once the host is defined.
+    fn resolve_or_qualify(&self, host: &str, ns: &str) -> String {
+        self.resolve(host, ns).unwrap_or_else(|| {
+            if host.contains('.') {
+                host.to_string()
+            } else {
+                fqdn(host, ns)
+            }
+        })
     }
 
     /// Resolves a host as written in a document of namespace `ns` to a known service host.
@@ -163,20 +201,17 @@ impl Compiler {
                 ),
                 _ => continue,
             };
-            for svc in svcs {
-                for (i, e) in svc.inline_endpoints.iter().enumerate() {
-                    if e.address.parse::<std::net::IpAddr>().is_err() {
-                        self.error(
-                            o,
-                            format!("spec.endpoints[{i}].address"),
-                            format!(
-                                "address {:?} is not an IP address (no DNS is simulated)",
-                                e.address
-                            ),
-                        );
-                    }
+            for mut svc in svcs {
+                let before = svc.inline_endpoints.len();
+                svc.inline_endpoints.retain(|e| !e.address.is_empty());
+                if svc.inline_endpoints.len() < before {
+                    self.mesh.warnings.push(err(
+                        o,
+                        "spec.endpoints",
+                        "endpoints without an address (they name a network) are kept out: meshbench simulates one network",
+                    ));
                 }
-                if svc.ports.is_empty() {
+                if svc.ports.is_empty() && svc.kubernetes {
                     self.error(o, "spec.ports", "a service needs at least one port");
                 }
                 let mut names = BTreeSet::new();
@@ -209,15 +244,13 @@ impl Compiler {
     ) {
         for o in objects {
             if let Spec::WorkloadEntry(we) = &o.spec {
-                if we.address.parse::<std::net::IpAddr>().is_err() {
-                    self.error(
+                if we.address.is_empty() {
+                    self.mesh.warnings.push(err(
                         o,
                         "spec.address",
-                        format!(
-                            "address {:?} is not an IP address (no DNS is simulated)",
-                            we.address
-                        ),
-                    );
+                        "address is unset (the entry names a network): kept, but it is no endpoint, since meshbench simulates one network",
+                    ));
+                    continue;
                 }
                 self.mesh.workloads.push(std::sync::Arc::new(Workload {
                     name: o.name.clone(),
@@ -236,13 +269,14 @@ impl Compiler {
                 continue;
             };
             let Some(host) = self.resolve(&dr.host, &o.namespace) else {
-                self.error(
+                self.dangling(
                     o,
                     "spec.host",
                     format!(
                         "unknown host {:?}: no Service or ServiceEntry defines it",
                         dr.host
                     ),
+                    "it applies once the host is defined",
                 );
                 continue;
             };
@@ -281,18 +315,21 @@ impl Compiler {
         }
     }
 
-    /// Checks one destination; returns its resolved host.
-    fn destination(&mut self, o: &Object, field: &str, d: &Destination) -> Option<String> {
+    /// Checks one destination. A host or subset nothing defines is routed all the same, to
+    /// a cluster that does not exist until it is defined: proxies answer 503 meanwhile, as
+    /// Envoy does for istiod's routes.
+    fn destination(&mut self, o: &Object, field: &str, d: &Destination) {
         let Some(host) = self.resolve(&d.host, &o.namespace) else {
-            self.error(
+            self.dangling(
                 o,
                 format!("{field}.host"),
                 format!(
                     "unknown host {:?}: no Service or ServiceEntry defines it",
                     d.host
                 ),
+                "requests routed to it get 503 until the host is defined",
             );
-            return None;
+            return;
         };
         if let Some(subset) = &d.subset {
             let defined = self
@@ -301,12 +338,13 @@ impl Compiler {
                 .get(&host)
                 .is_some_and(|p| p.subsets.iter().any(|s| &s.name == subset));
             if !defined {
-                self.error(
+                self.dangling(
                     o,
                     format!("{field}.subset"),
                     format!(
                         "subset {subset:?} of host {host} is not defined by any DestinationRule"
                     ),
+                    "requests routed to it get 503 until a DestinationRule defines it",
                 );
             }
         }
@@ -322,7 +360,6 @@ impl Compiler {
             }
             _ => {}
         }
-        Some(host)
     }
 
     fn check_route(&mut self, o: &Object, field: &str, r: &HttpRoute) {
@@ -415,10 +452,11 @@ impl Compiler {
             }
             for (i, h) in vs.hosts.iter().enumerate() {
                 let Some(host) = self.resolve(h, &o.namespace) else {
-                    self.error(
+                    self.dangling(
                         o,
                         format!("spec.hosts[{i}]"),
                         format!("unknown host {h:?}: no Service or ServiceEntry defines it"),
+                        "its routes apply once the host is defined",
                     );
                     continue;
                 };
@@ -443,14 +481,12 @@ impl Compiler {
         }
     }
 
-    /// Rewrites destination hosts to resolved FQDNs (left as written when unresolvable; the
-    /// error was recorded by `check_route`).
+    /// Rewrites destination hosts to FQDNs (qualified as istiod does when nothing defines
+    /// them; `check_route` reported that).
     fn resolve_route(&self, r: &HttpRoute, ns: &str) -> HttpRoute {
         let mut r = r.clone();
         for d in &mut r.route {
-            if let Some(h) = self.resolve(&d.destination.host, ns) {
-                d.destination.host = h;
-            }
+            d.destination.host = self.resolve_or_qualify(&d.destination.host, ns);
         }
         r
     }
@@ -466,13 +502,14 @@ impl Compiler {
             };
             match self.resolve(&rr.destination, &o.namespace) {
                 Some(h) => by_host.entry(h).or_default().push((o, rr)),
-                None => self.error(
+                None => self.dangling(
                     o,
                     "spec.destination.name",
                     format!(
                         "unknown host {:?}: no Service or ServiceEntry defines it",
                         rr.destination
                     ),
+                    "its rules apply once the host is defined",
                 ),
             }
         }

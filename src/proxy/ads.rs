@@ -584,7 +584,13 @@ impl Session<'_> {
         for any in resources {
             let rc = decode::<RouteConfiguration>(any)?;
             let t = resources::route_table(&rc, &self.proxy.rate_limits)?;
-            if let Some(c) = t.clusters().find(|c| !state.clusters.contains_key(*c)) {
+            // As Envoy: a route configuration from RDS may name clusters that do not exist
+            // (requests routed there get 503) unless it asks for validation.
+            let validate = rc.validate_clusters.is_some_and(|v| v.value);
+            if let Some(c) = t
+                .clusters()
+                .find(|c| validate && !state.clusters.contains_key(*c))
+            {
                 return Err(format!("route config {}: unknown cluster '{c}'", t.name));
             }
             tables.push(t);

@@ -102,7 +102,7 @@ mod tests {
                 },
             })
             .collect();
-        let mesh = compile(objects.iter(), workloads.into_iter().map(Into::into)).unwrap();
+        let mesh = compile(objects.iter(), workloads.into_iter().map(Into::into), false).unwrap();
         let index = SelectIndex::new(&mesh);
         for svc in mesh.services.values() {
             let a: Vec<*const WorkloadEntrySpec> = mesh

@@ -392,7 +392,7 @@ mod tests {
         let objects = crate::config::parse("t.yaml", &format!("{base}{yaml}"))
             .unwrap()
             .objects;
-        let mesh = crate::model::compile::compile(objects.iter(), []).unwrap();
+        let mesh = crate::model::compile::compile(objects.iter(), [], false).unwrap();
         let r = &route_configs(&mesh)[OUTBOUND_ROUTE_NAME];
         RouteConfiguration::decode(r.any.value.as_slice()).unwrap()
     }

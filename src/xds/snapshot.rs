@@ -234,7 +234,7 @@ mod tests {
         ))
         .unwrap();
         objects.extend(config::parse("dr.yaml", &routes).unwrap().objects);
-        let mesh = crate::model::compile::compile(objects.iter(), []).unwrap();
+        let mesh = crate::model::compile::compile(objects.iter(), [], false).unwrap();
         let snap = Arc::new(Snapshot::build(
             1,
             Arc::new(mesh),
