@@ -22,7 +22,7 @@ use crate::report::Resources;
 use crate::scenario::{FaultStep, ProxyKind, WorkloadPatch};
 use crate::workload::Behaviour;
 use crate::xds::bootstrap::EnvoyBootstrap;
-use crate::xds::node::sidecar_id;
+use crate::xds::node::{router_id, sidecar_id};
 use crate::xds::XdsMode;
 
 pub use crate::pilot_client::Error;
@@ -63,8 +63,12 @@ pub struct PodPlan {
     pub service: String,
     pub version: String,
     pub labels: Labels,
-    /// The app's container port (0 for the load client, which has no app).
+    /// The app's container port (0 for the load client, which has no app); a gateway's
+    /// listener port.
     pub port: u16,
+    /// A gateway pod (labelled `istio: ...`, as Istio's ingress gateway): a router proxy and
+    /// no app.
+    pub gateway: bool,
     /// What its app does per request (the harness changes it with `workload` steps).
     pub behaviour: Behaviour,
 }
@@ -80,8 +84,14 @@ impl PodPlan {
             version: "v1".into(),
             labels: [("app".to_string(), "loadclient".to_string())].into(),
             port: 0,
+            gateway: false,
             behaviour: Behaviour::default(),
         }
+    }
+
+    /// Whether the pod runs an app beside its proxy.
+    pub fn has_app(&self) -> bool {
+        self.port != 0 && !self.gateway
     }
 
     /// Whether a scenario's workload key names this pod: its Deployment, its service (every
@@ -113,7 +123,11 @@ pub struct Pod {
 impl Pod {
     pub fn new(plan: PodPlan, addr: PodAddr, control_token: &str) -> Pod {
         Pod {
-            node_id: sidecar_id(&addr.pod_ip, &plan.name, &plan.namespace),
+            node_id: if plan.gateway {
+                router_id(&addr.pod_ip, &plan.name, &plan.namespace)
+            } else {
+                sidecar_id(&addr.pod_ip, &plan.name, &plan.namespace)
+            },
             plan,
             addr,
             running: false,
@@ -282,6 +296,19 @@ impl Mesh {
         sock(&self.client.addr.pod_ip, crate::xds::OUTBOUND_PORT)
     }
 
+    /// The first gateway pod's listener (where `via: gateway` loads enter the mesh).
+    pub fn gateway(&self) -> Result<SocketAddr, Error> {
+        self.pods
+            .iter()
+            .find(|p| p.plan.gateway)
+            .map(|p| sock(&p.addr.pod_ip, p.plan.port))
+            .ok_or_else(|| {
+                Error::Config(
+                    "via: gateway needs a gateway pod (a Deployment labelled istio: ingressgateway, e.g. fixtures/gateway/istio-ingressgateway.yaml in topology.manifests)".into(),
+                )
+            })
+    }
+
     fn running(&self) -> impl Iterator<Item = &Pod> {
         self.pods
             .iter()
@@ -427,7 +454,8 @@ async fn wait_ready(p: &Pod, log_dir: &Path) -> Result<(), Error> {
     let start = Instant::now();
     loop {
         if let Ok(r) = http.request(addr, "GET", "/healthz", &[], "").await {
-            if r.headers.contains_key(crate::workload::IDENTITY_HEADER) {
+            // A gateway is ready when its listener answers at all (404 with nothing bound).
+            if p.plan.gateway || r.headers.contains_key(crate::workload::IDENTITY_HEADER) {
                 return Ok(());
             }
         }
@@ -472,6 +500,7 @@ pub fn plan_pods(manifests: &[String], limit: usize) -> Result<Vec<PodPlan>, Err
                     version: version.clone(),
                     labels: d.labels.clone(),
                     port: d.container_ports.first().map_or(9080, |p| p.1),
+                    gateway: d.labels.contains_key("istio"),
                 });
                 if pods.len() > limit {
                     return Err(Error::Config(format!(
@@ -580,5 +609,6 @@ pub(crate) fn envoy_bootstrap(p: &Pod, xds: SocketAddr, mode: XdsMode) -> EnvoyB
         admin: p.admin(),
         xds,
         xds_mode: mode,
+        router: p.plan.gateway,
     }
 }

@@ -573,6 +573,7 @@ async fn run(cfg: Config) -> Result<Report, Error> {
             admin: format!("{envoy_ip}:15000").parse().expect("valid"),
             xds,
             xds_mode: Default::default(),
+            router: false,
         };
         let bootstrap = dir.join("envoy.json");
         std::fs::write(&bootstrap, b.to_json().to_string())

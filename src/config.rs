@@ -332,9 +332,8 @@ const ISTIO_NETWORKING: [&str; 3] = [
 ];
 
 /// Kinds users bring along with bookinfo that carry nothing a sidecar mesh needs.
-const IGNORED_KINDS: [&str; 7] = [
+const IGNORED_KINDS: [&str; 6] = [
     "ServiceAccount",
-    "Gateway",
     "Namespace",
     "ConfigMap",
     "PersistentVolumeClaim",
@@ -395,13 +394,14 @@ fn parse_object(origin: &Origin, value: Value) -> Result<Option<Object>, Outcome
         }
         "RouteRule" if api == "config.istio.io/v1alpha2" => Spec::RouteRule(route_rule(origin, spec_value)?),
         "EnvoyFilter" if api == "networking.istio.io/v1alpha3" => Spec::EnvoyFilter(envoy_filter(origin, spec_value)?),
+        "Gateway" if ISTIO_NETWORKING.contains(&api) => Spec::Gateway(gateway(origin, spec_value)?),
         k if Kind::parse(k).is_some() => {
             return Err(e("apiVersion", format!("apiVersion {api:?} is not supported for kind {k}")))
         }
         k => {
             return Err(e(
                 "kind",
-                format!("unsupported kind {k:?}: meshbench reads Service, Deployment, VirtualService, DestinationRule, ServiceEntry, WorkloadEntry, EnvoyFilter and RouteRule"),
+                format!("unsupported kind {k:?}: meshbench reads Service, Deployment, Gateway, VirtualService, DestinationRule, ServiceEntry, WorkloadEntry, EnvoyFilter, RouteRule and PeerAuthentication"),
             ))
         }
     };
@@ -1398,6 +1398,131 @@ fn dns_name(s: &str) -> bool {
                 && !l.starts_with('-')
                 && !l.ends_with('-')
         })
+}
+
+// ---- Gateway (networking.istio.io) -------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawGateway {
+    #[serde(default)]
+    selector: Labels,
+    #[serde(default)]
+    servers: Vec<RawServer>,
+}
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawServer {
+    port: RawServerPort,
+    #[serde(default)]
+    hosts: Vec<String>,
+    /// A label for the server; nothing depends on it.
+    #[allow(dead_code)]
+    name: Option<String>,
+    tls: Option<Value>,
+    bind: Option<String>,
+    default_endpoint: Option<String>,
+}
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawServerPort {
+    number: u32,
+    #[serde(default)]
+    protocol: String,
+    #[allow(dead_code)]
+    name: Option<String>,
+    target_port: Option<u32>,
+}
+
+/// Validated as Istio validates a Gateway; HTTP servers work, TLS and non-HTTP protocols are
+/// refused as not supported.
+fn gateway(origin: &Origin, v: Value) -> Result<GatewaySpec, Outcome> {
+    let raw: RawGateway = typed(origin, "spec", v).map_err(Outcome::Errors)?;
+    if raw.servers.is_empty() {
+        return Err(errs(
+            origin,
+            "spec.servers".into(),
+            "a gateway needs at least one server".into(),
+        ));
+    }
+    let mut servers = Vec::new();
+    for (i, s) in raw.servers.into_iter().enumerate() {
+        let f = |k: &str| format!("spec.servers[{i}].{k}");
+        let not_supported = |k: &str, what: &str| {
+            errs(origin, f(k), format!("{what} is not supported: meshbench simulates plaintext HTTP gateways (Istio accepts it; remove it to run here)"))
+        };
+        if s.tls.is_some() {
+            return Err(not_supported("tls", "tls"));
+        }
+        if s.bind.is_some() {
+            return Err(not_supported("bind", "bind"));
+        }
+        if s.default_endpoint.is_some() {
+            return Err(not_supported("defaultEndpoint", "defaultEndpoint"));
+        }
+        if s.port.target_port.is_some() {
+            return Err(not_supported("port.targetPort", "port.targetPort"));
+        }
+        let port = match u16::try_from(s.port.number) {
+            Ok(p) if p > 0 => p,
+            _ => {
+                return Err(errs(
+                    origin,
+                    f("port.number"),
+                    format!("port {} must be between 1 and 65535", s.port.number),
+                ))
+            }
+        };
+        match s.port.protocol.to_ascii_uppercase().as_str() {
+            "HTTP" | "HTTP2" | "GRPC" => {}
+            "" => {
+                return Err(errs(
+                    origin,
+                    f("port.protocol"),
+                    "protocol is required".into(),
+                ))
+            }
+            p @ ("HTTPS" | "TLS" | "TCP" | "MONGO" | "REDIS" | "MYSQL") => {
+                return Err(not_supported("port.protocol", &format!("protocol {p}")))
+            }
+            p => {
+                return Err(errs(
+                    origin,
+                    f("port.protocol"),
+                    format!("unknown protocol {p:?}"),
+                ))
+            }
+        }
+        if s.hosts.is_empty() {
+            return Err(errs(
+                origin,
+                f("hosts"),
+                "a server needs at least one host".into(),
+            ));
+        }
+        let mut hosts = Vec::new();
+        for (j, h) in s.hosts.iter().enumerate() {
+            let (ns, host) = h.split_once('/').unwrap_or(("*", h.as_str()));
+            let ns_ok =
+                ns == "*" || ns == "." || (!ns.is_empty() && dns_name(ns) && !ns.contains('.'));
+            let host_ok = host == "*"
+                || dns_name(host.strip_prefix("*.").unwrap_or(host))
+                    && !host.trim_start_matches("*.").contains('*');
+            if !ns_ok || !host_ok {
+                return Err(errs(
+                    origin,
+                    format!("spec.servers[{i}].hosts[{j}]"),
+                    format!("host {h:?} must be HOST or NAMESPACE/HOST (namespace *, . or a name; host *, *.suffix or a DNS name)"),
+                ));
+            }
+            hosts.push((ns.to_string(), host.to_ascii_lowercase()));
+        }
+        servers.push(GatewayServer { port, hosts });
+    }
+    Ok(GatewaySpec {
+        selector: raw.selector,
+        servers,
+    })
 }
 
 // ---- PeerAuthentication (security.istio.io) -------------------------------------------------

@@ -802,6 +802,7 @@ async fn run(cmd: Command) -> ExitCode {
                 admin,
                 xds,
                 xds_mode: xds_mode.into(),
+                router: false,
             };
             println!(
                 "{}",

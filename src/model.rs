@@ -71,10 +71,11 @@ pub enum Kind {
     WorkloadEntry,
     RouteRule,
     EnvoyFilter,
+    Gateway,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Service,
         Kind::Deployment,
         Kind::VirtualService,
@@ -83,6 +84,7 @@ impl Kind {
         Kind::WorkloadEntry,
         Kind::RouteRule,
         Kind::EnvoyFilter,
+        Kind::Gateway,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -95,6 +97,7 @@ impl Kind {
             Kind::WorkloadEntry => "WorkloadEntry",
             Kind::RouteRule => "RouteRule",
             Kind::EnvoyFilter => "EnvoyFilter",
+            Kind::Gateway => "Gateway",
         }
     }
 
@@ -159,6 +162,7 @@ pub enum Spec {
     WorkloadEntry(WorkloadEntrySpec),
     RouteRule(RouteRuleSpec),
     EnvoyFilter(EnvoyFilterSpec),
+    Gateway(GatewaySpec),
 }
 
 impl Spec {
@@ -172,6 +176,7 @@ impl Spec {
             Spec::WorkloadEntry(_) => Kind::WorkloadEntry,
             Spec::RouteRule(_) => Kind::RouteRule,
             Spec::EnvoyFilter(_) => Kind::EnvoyFilter,
+            Spec::Gateway(_) => Kind::Gateway,
         }
     }
 }
@@ -447,6 +452,37 @@ pub struct HostRoutes {
     pub http: Vec<HttpRoute>,
 }
 
+/// An Istio Gateway: which proxies (`selector`, in any namespace) serve which ports and hosts.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct GatewaySpec {
+    pub selector: Labels,
+    pub servers: Vec<GatewayServer>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct GatewayServer {
+    /// The server's port number (a Service port of the gateway; the listener is on its
+    /// target port).
+    pub port: u16,
+    /// `ns/host` as written, split: `namespace` is `*` (any), `.` (the Gateway's) or a name.
+    pub hosts: Vec<(String, String)>,
+}
+
+/// A VirtualService bound to one Gateway (`gateways: [ns/name]`).
+#[derive(Clone, Debug, Serialize)]
+pub struct GatewayRoutes {
+    /// The Gateway's (namespace, name).
+    pub gateway: (String, String),
+    /// `VirtualService/ns/name`.
+    pub source: String,
+    /// The VirtualService's namespace (for the servers' `ns/host` host filters).
+    pub namespace: String,
+    /// Hosts as written (wildcards allowed; short names qualified with the namespace).
+    pub hosts: Vec<String>,
+    /// Destinations resolved as for sidecars.
+    pub http: Vec<HttpRoute>,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct HostPolicy {
     pub traffic_policy: Option<TrafficPolicy>,
@@ -465,6 +501,10 @@ pub struct Mesh {
     pub warnings: Vec<ConfigError>,
     /// EnvoyFilters by namespace (those of [`ROOT_NAMESPACE`] apply everywhere).
     pub envoy_filters: Vec<(String, std::sync::Arc<EnvoyFilterSpec>)>,
+    /// Gateways by (namespace, name).
+    pub gateways: BTreeMap<(String, String), GatewaySpec>,
+    /// VirtualServices bound to gateways, in the order of their keys.
+    pub gateway_routes: Vec<GatewayRoutes>,
 }
 
 impl Mesh {

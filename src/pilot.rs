@@ -373,7 +373,9 @@ impl Pilot {
         let entries = next
             .objects
             .values()
-            .filter(|o| matches!(o.spec, crate::model::Spec::WorkloadEntry(_)))
+            .filter(|o| {
+                matches!(&o.spec, crate::model::Spec::WorkloadEntry(w) if !w.address.is_empty())
+            })
             .count();
         let old = &st.mesh;
         let mesh = Mesh {
@@ -382,6 +384,8 @@ impl Pilot {
             policies: old.policies.clone(),
             warnings: old.warnings.clone(),
             envoy_filters: old.envoy_filters.clone(),
+            gateways: old.gateways.clone(),
+            gateway_routes: old.gateway_routes.clone(),
             workloads: old.workloads[..entries.min(old.workloads.len())]
                 .iter()
                 .cloned()

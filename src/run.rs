@@ -19,7 +19,7 @@ use crate::pilot::api::ProxyStatus;
 use crate::pilot_client::{HttpClient, PilotApi};
 use crate::report::{self, Dist, Expectation, MeshCounts, Phase, PhaseLoad, Propagation, Report};
 use crate::scenario::{
-    BackendKind, Degraded, ExpectStep, FaultStep, ProxyKind, Scenario, Share, Step,
+    BackendKind, Degraded, ExpectStep, FaultStep, ProxyKind, Scenario, Share, Step, Via,
 };
 use crate::shutdown::Shutdown;
 use crate::sim::SIM_NAMESPACE;
@@ -250,7 +250,10 @@ impl Runner<'_> {
                 let name = l.name.clone().expect("named when parsed");
                 let live = Arc::new(Live::default());
                 let spec = LoadSpec {
-                    target: self.b.client_outbound(),
+                    target: match l.via {
+                        Via::Sidecar => self.b.client_outbound(),
+                        Via::Gateway => self.b.gateway()?,
+                    },
                     host: l.target.clone(),
                     path: l.path.clone(),
                     connections: l.connections,

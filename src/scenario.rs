@@ -225,8 +225,13 @@ impl OneOrMany {
 pub struct LoadStep {
     /// Name used by `expect` and `wait_load` (default `load-N`).
     pub name: Option<String>,
-    /// `service:port` (Host header), sent through the client sidecar.
+    /// The Host header: `service:port` through the client sidecar, or a host a Gateway
+    /// serves (`bookinfo.example.com`) with `via: gateway`.
     pub target: String,
+    /// Where the load enters the mesh: the load client's sidecar (default) or the ingress
+    /// gateway pod, on the listener its Service's port maps to.
+    #[serde(default)]
+    pub via: Via,
     #[serde(default = "root")]
     pub path: String,
     /// Requests per second (open loop); omit for closed-loop max throughput.
@@ -245,6 +250,14 @@ pub struct LoadStep {
 
 fn four() -> usize {
     4
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Via {
+    #[default]
+    Sidecar,
+    Gateway,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]

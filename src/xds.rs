@@ -11,6 +11,7 @@ pub mod bootstrap;
 pub mod cluster;
 pub mod debounce;
 pub mod endpoint;
+pub mod gateway;
 pub mod listener;
 pub mod node;
 pub mod route;

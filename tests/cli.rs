@@ -19,6 +19,7 @@ fn pilot_with_an_invalid_config_file_exits_2_naming_the_problem() {
             "127.0.0.1:0",
             "--api-addr",
             "127.0.0.1:0",
+            "--strict-references",
             "--config",
         ])
         .arg(&f)

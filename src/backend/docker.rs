@@ -432,7 +432,7 @@ impl Backend for DockerBackend {
             infra: Some(infra.clone()),
             ..Default::default()
         };
-        if p.plan.port != 0 {
+        if p.plan.has_app() {
             let args = workload_args(p, &format!("{}:{}", p.addr.app_ip, p.plan.port));
             c.workload = Some(
                 self.run_with_env(

@@ -135,7 +135,7 @@ impl Backend for LocalBackend {
     }
 
     async fn start_pod(&mut self, p: &Pod) -> Result<(), Error> {
-        let workload = if p.plan.port == 0 {
+        let workload = if !p.plan.has_app() {
             None
         } else {
             let mut c = command(&self.opts.meshbench_exe, &self.opts.run_id);

@@ -23,6 +23,13 @@ pub fn compile<'a>(
     c.services(&objects);
     c.workloads(&objects, endpoints);
     c.destination_rules(&objects);
+    c.mesh.gateways = objects
+        .iter()
+        .filter_map(|o| match &o.spec {
+            Spec::Gateway(g) => Some(((o.namespace.clone(), o.name.clone()), g.clone())),
+            _ => None,
+        })
+        .collect();
     c.virtual_services(&objects);
     c.route_rules(&objects);
     c.mesh.envoy_filters = objects
@@ -436,21 +443,62 @@ impl Compiler {
             let Spec::VirtualService(vs) = &o.spec else {
                 continue;
             };
-            if !vs.gateways.is_empty() && !vs.gateways.iter().any(|g| g == "mesh") {
-                self.mesh.warnings.push(err(
-                    o,
-                    "spec.gateways",
-                    "bound to gateways only (no \"mesh\"): meshbench simulates sidecars, not ingress gateways, so this VirtualService is stored but generates no routes",
-                ));
-                continue;
-            }
             if vs.hosts.is_empty() {
                 self.error(o, "spec.hosts", "a VirtualService needs at least one host");
             }
             for (i, r) in vs.http.iter().enumerate() {
                 self.check_route(o, &format!("spec.http[{i}]"), r);
             }
+            // `gateways` empty means the sidecars ("mesh"); other names bind Gateways,
+            // `name` in the VirtualService's namespace or `ns/name`.
+            let binds_mesh = vs.gateways.is_empty() || vs.gateways.iter().any(|g| g == "mesh");
+            for (i, g) in vs.gateways.iter().enumerate().filter(|(_, g)| *g != "mesh") {
+                let (ns, name) = g.split_once('/').unwrap_or((&o.namespace, g));
+                let key = (ns.to_string(), name.to_string());
+                if !self.mesh.gateways.contains_key(&key) {
+                    self.dangling(
+                        o,
+                        format!("spec.gateways[{i}]"),
+                        format!("unknown gateway {ns}/{name}: no Gateway defines it"),
+                        "its routes apply once the Gateway is defined",
+                    );
+                }
+                let hosts = vs
+                    .hosts
+                    .iter()
+                    .map(|h| {
+                        if h.contains('.') || h.contains('*') {
+                            h.to_ascii_lowercase()
+                        } else {
+                            self.resolve_or_qualify(h, &o.namespace)
+                        }
+                    })
+                    .collect();
+                let http = vs
+                    .http
+                    .iter()
+                    .map(|r| self.resolve_route(r, &o.namespace))
+                    .collect();
+                self.mesh.gateway_routes.push(GatewayRoutes {
+                    gateway: key,
+                    source: o.key().to_string(),
+                    namespace: o.namespace.clone(),
+                    hosts,
+                    http,
+                });
+            }
+            if !binds_mesh {
+                continue;
+            }
             for (i, h) in vs.hosts.iter().enumerate() {
+                if h == "*" {
+                    self.error(
+                        o,
+                        format!("spec.hosts[{i}]"),
+                        "the wildcard host * is not allowed for a VirtualService bound to the mesh (name a Gateway in gateways)",
+                    );
+                    continue;
+                }
                 let Some(host) = self.resolve(h, &o.namespace) else {
                     self.dangling(
                         o,

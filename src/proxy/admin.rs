@@ -256,6 +256,7 @@ fn config_dump(proxy: &Proxy) -> Value {
                     "route": match &r.target {
                         Target::Cluster(c) => json!({"cluster": c}),
                         Target::Weighted(w, _) => json!({"weighted_clusters": {"clusters": w.iter().map(|(n, w)| json!({"name": n, "weight": w})).collect::<Vec<_>>()}}),
+                        Target::Direct(status, body) => json!({"direct_response": {"status": status, "body": body}}),
                     },
                     "timeout_ms": r.timeout.map(|t| t.as_millis() as u64),
                     "retry_policy": r.retry.as_ref().map(|p| json!({"num_retries": p.num_retries, "per_try_timeout_ms": p.per_try_timeout.map(|t| t.as_millis() as u64)})),

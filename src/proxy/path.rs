@@ -330,6 +330,11 @@ pub fn route<B, R: Body>(
     let cluster_name = match &route.target {
         Target::Cluster(c) => c,
         Target::Weighted(list, total) => weighted(list, *total),
+        Target::Direct(status, body) => {
+            let mut reply = local(*status, body);
+            route.response_headers.apply(reply.headers_mut());
+            return Err(reply);
+        }
     };
     let Some(cluster) = state.clusters.get(cluster_name).cloned() else {
         stats.no_cluster.fetch_add(1, Relaxed);

@@ -406,6 +406,8 @@ pub struct RouteTable {
     exact: HashMap<String, usize>,
     /// `*.suffix` domains (suffix, index), longest first
     suffixes: Vec<(String, usize)>,
+    /// `prefix*` domains (prefix, index), longest first (`host:*` matches any port)
+    prefixes: Vec<(String, usize)>,
     wildcard: Option<usize>,
 }
 
@@ -475,6 +477,8 @@ pub enum Target {
     Cluster(String),
     /// (cluster, weight), total weight
     Weighted(Vec<(String, u32)>, u32),
+    /// A direct response: status and body (istiod's gateway blackhole is a 404).
+    Direct(u16, String),
 }
 
 impl Target {
@@ -482,6 +486,7 @@ impl Target {
         match self {
             Target::Cluster(c) => vec![c],
             Target::Weighted(w, _) => w.iter().map(|(c, _)| c.as_str()).collect(),
+            Target::Direct(..) => vec![],
         }
     }
 }
@@ -576,6 +581,7 @@ pub fn route_table(
         virtual_hosts: vec![],
         exact: HashMap::new(),
         suffixes: vec![],
+        prefixes: vec![],
         wildcard: None,
     };
     for (i, vh) in rc.virtual_hosts.iter().enumerate() {
@@ -587,6 +593,15 @@ pub fn route_table(
                 let dup = t.suffixes.iter().any(|(s, _)| s == suffix);
                 t.suffixes.push((suffix.to_string(), i));
                 dup
+            } else if let Some(prefix) = d.strip_suffix('*') {
+                let dup = t.prefixes.iter().any(|(s, _)| s == prefix);
+                t.prefixes.push((prefix.to_string(), i));
+                dup
+            } else if d.contains('*') {
+                return Err(format!(
+                    "route config {}: domain {d:?} has a wildcard that is neither a prefix nor a suffix",
+                    rc.name
+                ));
             } else {
                 t.exact.insert(d.clone(), i).is_some()
             };
@@ -615,11 +630,13 @@ pub fn route_table(
         });
     }
     t.suffixes.sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
+    t.prefixes.sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
     Ok(t)
 }
 
 impl RouteTable {
-    /// Envoy's order: exact domain, then the longest `*suffix`, then `*`. `host` is lowercase.
+    /// Envoy's order: exact domain, then the longest `*suffix`, then the longest `prefix*`,
+    /// then `*` (a wildcard matches at least one character). `host` is lowercase.
     pub fn virtual_host(&self, host: &str) -> Option<&VirtualHost> {
         let i = self
             .exact
@@ -628,7 +645,13 @@ impl RouteTable {
             .or_else(|| {
                 self.suffixes
                     .iter()
-                    .find(|(s, _)| host.ends_with(s.as_str()))
+                    .find(|(s, _)| host.len() > s.len() && host.ends_with(s.as_str()))
+                    .map(|(_, i)| *i)
+            })
+            .or_else(|| {
+                self.prefixes
+                    .iter()
+                    .find(|(p, _)| host.len() > p.len() && host.starts_with(p.as_str()))
                     .map(|(_, i)| *i)
             })
             .or(self.wildcard)?;
@@ -715,8 +738,8 @@ fn convert_route(r: &route::Route, stats: &ratelimit::Registry) -> Result<Route,
         Some(route::route::Action::Redirect(_)) => {
             return Err("redirect routes are not supported".into())
         }
-        Some(route::route::Action::DirectResponse(_)) => {
-            return Err("direct_response routes are not supported".into())
+        Some(route::route::Action::DirectResponse(d)) => {
+            return direct_route(r, path, headers, d);
         }
         _ => return Err("unsupported route action".into()),
     };
@@ -792,6 +815,52 @@ fn convert_route(r: &route::Route, stats: &ratelimit::Registry) -> Result<Route,
         rate_limit,
         request_headers: Arc::new(request_headers),
         response_headers: Arc::new(response_headers),
+    })
+}
+
+/// A route answering by itself, as Envoy's `direct_response` (inline bodies only).
+fn direct_route(
+    r: &route::Route,
+    path: PathMatch,
+    headers: Vec<HeaderMatch>,
+    d: &route::DirectResponseAction,
+) -> Result<Route, Reject> {
+    use envoy_types::pb::envoy::config::core::v3::data_source::Specifier;
+    if !(200..600).contains(&d.status) {
+        return Err(format!(
+            "direct_response status {} is not within [200, 600)",
+            d.status
+        ));
+    }
+    let body = match d.body.as_ref().and_then(|b| b.specifier.as_ref()) {
+        None => String::new(),
+        Some(Specifier::InlineString(s)) => s.clone(),
+        Some(Specifier::InlineBytes(b)) => String::from_utf8_lossy(b).into_owned(),
+        Some(_) => {
+            return Err(
+                "direct_response bodies from files or the environment are not supported".into(),
+            )
+        }
+    };
+    if d.body_format.is_some() || !r.typed_per_filter_config.is_empty() {
+        return Err(
+            "direct_response with a body format or per-filter config is not supported".into(),
+        );
+    }
+    Ok(Route {
+        name: r.name.clone(),
+        path,
+        headers,
+        target: Target::Direct(d.status as u16, body),
+        timeout: None,
+        retry: None,
+        fault: None,
+        rate_limit: None,
+        request_headers: Arc::default(),
+        response_headers: Arc::new(
+            HeaderOps::of(&r.response_headers_to_add, &r.response_headers_to_remove)
+                .map_err(|e| format!("response headers: {e}"))?,
+        ),
     })
 }
 

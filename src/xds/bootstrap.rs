@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use serde_json::{json, Value};
 
-use super::node::{sidecar_id, APP_IP_KEY, LABELS_KEY};
+use super::node::{router_id, sidecar_id, APP_IP_KEY, LABELS_KEY};
 use crate::model::Labels;
 
 #[derive(Clone, Debug)]
@@ -23,11 +23,17 @@ pub struct EnvoyBootstrap {
     pub xds: SocketAddr,
     /// ADS method: SotW (`GRPC`) or delta (`DELTA_GRPC`).
     pub xds_mode: super::XdsMode,
+    /// A gateway proxy (`router~...` node id) rather than a sidecar.
+    pub router: bool,
 }
 
 impl EnvoyBootstrap {
     pub fn node_id(&self) -> String {
-        sidecar_id(&self.pod_ip, &self.pod_name, &self.namespace)
+        if self.router {
+            router_id(&self.pod_ip, &self.pod_name, &self.namespace)
+        } else {
+            sidecar_id(&self.pod_ip, &self.pod_name, &self.namespace)
+        }
     }
 
     pub fn to_json(&self) -> Value {

@@ -190,7 +190,7 @@ pub fn inbound_listener(
 /// HCM with the fault filter (per-route config turns it on) before the router, as Istio does;
 /// local rate limits inserted by EnvoyFilters come first. Never an empty filter list: Envoy
 /// ACKs that and then hangs every request.
-fn http_connection_manager(
+pub(super) fn http_connection_manager(
     stat_prefix: &str,
     routes: hcm::http_connection_manager::RouteSpecifier,
     limits: &[&LocalRateLimitSpec],
@@ -216,7 +216,7 @@ fn http_connection_manager(
     }
 }
 
-fn listener(
+pub(super) fn listener(
     name: String,
     ip: &str,
     port: u16,

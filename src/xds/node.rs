@@ -24,11 +24,19 @@ pub struct NodeInfo {
     pub namespace: String,
     pub labels: Labels,
     pub app_ip: String,
+    /// A gateway (`router~...`): it gets gateway listeners and routes, no sidecar ones.
+    #[serde(default)]
+    pub router: bool,
 }
 
 /// Builds the node id Istio would give a sidecar.
 pub fn sidecar_id(ip: &str, pod: &str, namespace: &str) -> String {
     format!("sidecar~{ip}~{pod}.{namespace}~{namespace}.{DOMAIN_SUFFIX}")
+}
+
+/// Builds the node id Istio gives a gateway proxy.
+pub fn router_id(ip: &str, pod: &str, namespace: &str) -> String {
+    format!("router~{ip}~{pod}.{namespace}~{namespace}.{DOMAIN_SUFFIX}")
 }
 
 impl NodeInfo {
@@ -79,6 +87,7 @@ impl NodeInfo {
             namespace,
             labels,
             app_ip,
+            router: parts.first() == Some(&"router"),
         }
     }
 }
@@ -135,5 +144,12 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(other.ip, None);
+        assert!(!info.router);
+        let gw = NodeInfo::from_node(&Node {
+            id: router_id("127.0.1.3", "istio-ingressgateway-0", "istio-system"),
+            ..Default::default()
+        });
+        assert!(gw.router);
+        assert_eq!(gw.namespace, "istio-system");
     }
 }

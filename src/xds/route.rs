@@ -174,7 +174,7 @@ fn default_route(
 }
 
 /// One Envoy route per match of an HTTP route (Istio ORs the matches).
-fn envoy_routes(
+pub(super) fn envoy_routes(
     mesh: &Mesh,
     source: &str,
     index: usize,

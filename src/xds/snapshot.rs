@@ -127,6 +127,7 @@ impl Snapshot {
                 snapshot: self.clone(),
                 listeners: p.listeners.clone(),
                 inbound_clusters: p.inbound_clusters.clone(),
+                routes: p.routes.clone(),
                 kept_listeners: true,
             },
             _ => self.view(node),
@@ -135,6 +136,15 @@ impl Snapshot {
 
     /// The resources one proxy sees.
     pub fn view(self: &Arc<Self>, node: &NodeInfo) -> View {
+        if node.router {
+            return View {
+                snapshot: self.clone(),
+                listeners: gateway::listeners(&self.mesh, node),
+                inbound_clusters: vec![],
+                routes: Arc::new(gateway::route_configs(&self.mesh, node)),
+                kept_listeners: false,
+            };
+        }
         let listeners = listener::listeners(&self.mesh, node);
         let inbound = match &node.ip {
             Some(_) => listener::inbound_ports(&self.mesh, node)
@@ -147,6 +157,7 @@ impl Snapshot {
             snapshot: self.clone(),
             listeners,
             inbound_clusters: inbound,
+            routes: Arc::default(),
             kept_listeners: false,
         }
     }
@@ -164,6 +175,15 @@ fn listeners_key(mesh: &Mesh) -> u64 {
     }
     // Listeners carry the EnvoyFilters' rate limits.
     format!("{:?}", mesh.envoy_filters).hash(&mut h);
+    // Gateways' listeners and routes (whose default ports come from the services' ports).
+    if !mesh.gateways.is_empty() {
+        format!("{:?}", (&mesh.gateways, &mesh.gateway_routes)).hash(&mut h);
+        for s in mesh.services.values() {
+            for p in &s.ports {
+                p.port.hash(&mut h);
+            }
+        }
+    }
     h.finish()
 }
 
@@ -173,6 +193,8 @@ pub struct View {
     pub snapshot: Arc<Snapshot>,
     pub listeners: Vec<Resource>,
     pub inbound_clusters: Vec<Resource>,
+    /// Route configurations of this proxy's own (a gateway's `http.PORT`).
+    pub routes: Arc<HashMap<String, Resource>>,
     /// Listeners and inbound clusters are the previous view's (nothing they depend on changed).
     pub kept_listeners: bool,
 }
@@ -201,7 +223,10 @@ impl View {
     pub fn get(&self, type_url: &str, name: &str) -> Option<&Resource> {
         match type_url {
             ENDPOINT_TYPE => self.snapshot.endpoints.get(name),
-            ROUTE_TYPE => self.snapshot.routes.get(name),
+            ROUTE_TYPE => self
+                .routes
+                .get(name)
+                .or_else(|| self.snapshot.routes.get(name)),
             _ => None,
         }
     }
@@ -253,6 +278,7 @@ mod tests {
             ]
             .into(),
             app_ip: "127.0.6.5".into(),
+            router: false,
         };
         let view = snap.view(&node);
         for r in view.all(CLUSTER_TYPE) {

@@ -173,12 +173,54 @@ pub async fn start_envoy_with(
     labels: &[(&str, &str)],
     xds_mode: meshbench::xds::XdsMode,
 ) -> Envoy {
+    start_envoy_as(
+        binary, xds, service, pod, "default", labels, xds_mode, false,
+    )
+    .await
+}
+
+/// Envoy as a gateway (`router~...` node id) of namespace `namespace`.
+pub async fn start_envoy_gateway(
+    binary: &PathBuf,
+    xds: SocketAddr,
+    pod: &str,
+    namespace: &str,
+    labels: &[(&str, &str)],
+) -> Envoy {
+    let service = labels
+        .iter()
+        .find(|(k, _)| *k == "app")
+        .map_or(pod, |(_, v)| *v);
+    start_envoy_as(
+        binary,
+        xds,
+        service,
+        pod,
+        namespace,
+        labels,
+        Default::default(),
+        true,
+    )
+    .await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn start_envoy_as(
+    binary: &PathBuf,
+    xds: SocketAddr,
+    service: &str,
+    pod: &str,
+    namespace: &str,
+    labels: &[(&str, &str)],
+    xds_mode: meshbench::xds::XdsMode,
+    router: bool,
+) -> Envoy {
     let dir = TempDir::new("envoy");
     let pod_ip = unique_loopback();
     let b = EnvoyBootstrap {
         pod_ip: pod_ip.clone(),
         pod_name: pod.into(),
-        namespace: "default".into(),
+        namespace: namespace.into(),
         service: service.into(),
         labels: labels
             .iter()
@@ -188,6 +230,7 @@ pub async fn start_envoy_with(
         admin: "127.0.0.1:0".parse().unwrap(),
         xds,
         xds_mode,
+        router,
     };
     let config = dir.0.join("bootstrap.json");
     std::fs::write(&config, b.to_json().to_string()).unwrap();
@@ -521,9 +564,37 @@ pub async fn start_mesh_proxy_threads(
     workers: usize,
 ) -> MeshProxy {
     let pod_ip = unique_loopback();
+    let node_id = meshbench::xds::node::sidecar_id(&pod_ip, pod, "default");
+    start_mesh_proxy_as(xds, service, node_id, pod_ip, labels, xds_mode, workers).await
+}
+
+/// meshbench proxy as a gateway (`router~...` node id) of namespace `namespace`.
+pub async fn start_mesh_gateway(
+    xds: SocketAddr,
+    pod: &str,
+    namespace: &str,
+    labels: &[(&str, &str)],
+) -> MeshProxy {
+    let pod_ip = unique_loopback();
+    let node_id = meshbench::xds::node::router_id(&pod_ip, pod, namespace);
+    let service = labels
+        .iter()
+        .find(|(k, _)| *k == "app")
+        .map_or(pod, |(_, v)| *v);
+    start_mesh_proxy_as(xds, service, node_id, pod_ip, labels, Default::default(), 1).await
+}
+
+async fn start_mesh_proxy_as(
+    xds: SocketAddr,
+    service: &str,
+    node_id: String,
+    pod_ip: String,
+    labels: &[(&str, &str)],
+    xds_mode: meshbench::xds::XdsMode,
+    workers: usize,
+) -> MeshProxy {
     let admin_sock = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = admin_sock.local_addr().unwrap();
-    let node_id = meshbench::xds::node::sidecar_id(&pod_ip, pod, "default");
     let cfg = meshbench::proxy::Config {
         xds: xds.to_string(),
         node_id: node_id.clone(),
