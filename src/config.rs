@@ -3,9 +3,11 @@
 //! YAML syntax errors also give the line and column within the file.
 //!
 //! Accepted: v1 Service; apps/v1 (and the seed's extensions/v1beta1) Deployment;
-//! networking.istio.io v1/v1beta1/v1alpha3 VirtualService, DestinationRule, ServiceEntry,
-//! WorkloadEntry; config.istio.io/v1alpha2 RouteRule. Kinds that carry nothing for a sidecar
-//! mesh (ServiceAccount, Gateway, Namespace, ...) are accepted and reported as warnings.
+//! networking.istio.io v1/v1beta1/v1alpha3 Gateway, VirtualService, DestinationRule,
+//! ServiceEntry, WorkloadEntry; networking.istio.io/v1alpha3 EnvoyFilter (local rate limits);
+//! config.istio.io/v1alpha2 RouteRule. PeerAuthentication is validated, then skipped with a
+//! warning; kinds that carry nothing for the mesh (ServiceAccount, Namespace, ...) are
+//! accepted and reported as warnings.
 
 use std::collections::BTreeMap;
 
@@ -368,7 +370,7 @@ fn parse_object(origin: &Origin, value: Value) -> Result<Option<Object>, Outcome
             document: origin.document,
             object: object_name,
             field: "kind".into(),
-            message: format!("kind {} is not used by meshbench (no ingress gateways, accounts or mTLS are simulated); skipped", header.kind),
+            message: format!("kind {} is not used by meshbench (it simulates no accounts, namespaces, volumes or Sidecar scoping); skipped", header.kind),
         }));
     }
     if header.metadata.name.is_empty() {

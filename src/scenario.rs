@@ -615,7 +615,7 @@ impl Scenario {
                     if loads.contains(&name) {
                         return Err(at(i, format!("load: name {name:?} is used twice")));
                     }
-                    if !l.target.contains(':') {
+                    if l.via == Via::Sidecar && !l.target.contains(':') {
                         return Err(at(
                             i,
                             format!("load.target: {:?} must be service:port", l.target),

@@ -135,10 +135,11 @@ fn canary(proxy: &str) {
     );
     assert_eq!(report["proxy"], proxy);
     assert_eq!(report["phases"][0]["load"]["errors"], 0);
+    // Not the ingress gateway: a reviews route change does not touch its routes.
     assert_eq!(report["propagation"][1]["proxies"], 7);
     // Engine stats: every sidecar container used CPU and memory.
     let proxies = report["resources"]["proxies"].as_array().unwrap();
-    assert_eq!(proxies.len(), 7);
+    assert_eq!(proxies.len(), 8);
     for p in proxies {
         assert!(p["cpu_s"].as_f64().unwrap() > 0.0, "{p}");
         assert!(p["peak_rss_mb"].as_f64().unwrap() > 1.0, "{p}");

@@ -159,7 +159,10 @@ async fn bookinfo_through_the_gateway_with_envoy_and_meshbench_proxy() {
     let vs = |gateways: &str, subset_path: &str| {
         format!("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews}}\nspec:\n  hosts: [reviews]\n  gateways: [{gateways}]\n  http:\n  - match: [{{uri: {{prefix: {subset_path}}}}}]\n    route: [{{destination: {{host: reviews}}}}]\n")
     };
-    apply(fixture("istio-samples/bookinfo/networking/bookinfo-gateway.yaml")).await;
+    apply(fixture(
+        "istio-samples/bookinfo/networking/bookinfo-gateway.yaml",
+    ))
+    .await;
     apply(vs("mesh", "/a")).await;
     let before: Vec<u64> = futures_rds(p.api, &ids).await;
     apply(vs("mesh", "/b")).await;
