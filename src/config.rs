@@ -325,7 +325,12 @@ struct Meta {
     name: String,
     #[serde(default)]
     namespace: Option<String>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
 }
+
+/// The Service annotation giving its `exportTo`.
+pub const EXPORT_TO_ANNOTATION: &str = "networking.istio.io/exportTo";
 
 const ISTIO_NETWORKING: [&str; 3] = [
     "networking.istio.io/v1",
@@ -334,13 +339,12 @@ const ISTIO_NETWORKING: [&str; 3] = [
 ];
 
 /// Kinds users bring along with bookinfo that carry nothing a sidecar mesh needs.
-const IGNORED_KINDS: [&str; 6] = [
+const IGNORED_KINDS: [&str; 5] = [
     "ServiceAccount",
     "Namespace",
     "ConfigMap",
     "PersistentVolumeClaim",
     "Secret",
-    "Sidecar",
 ];
 
 fn parse_object(origin: &Origin, value: Value) -> Result<Option<Object>, Outcome> {
@@ -379,7 +383,11 @@ fn parse_object(origin: &Origin, value: Value) -> Result<Option<Object>, Outcome
     let api = header.api_version.as_str();
     let spec_value = value.get("spec").cloned().unwrap_or(Value::Null);
     let spec = match header.kind.as_str() {
-        "Service" if api == "v1" => Spec::Service(service(origin, spec_value)?),
+        "Service" if api == "v1" => Spec::Service(service(
+            origin,
+            spec_value,
+            header.metadata.annotations.get(EXPORT_TO_ANNOTATION),
+        )?),
         "Deployment" if matches!(api, "apps/v1" | "apps/v1beta1" | "apps/v1beta2" | "extensions/v1beta1") => {
             Spec::Deployment(deployment(origin, spec_value)?)
         }
@@ -397,6 +405,7 @@ fn parse_object(origin: &Origin, value: Value) -> Result<Option<Object>, Outcome
         "RouteRule" if api == "config.istio.io/v1alpha2" => Spec::RouteRule(route_rule(origin, spec_value)?),
         "EnvoyFilter" if api == "networking.istio.io/v1alpha3" => Spec::EnvoyFilter(envoy_filter(origin, spec_value)?),
         "Gateway" if ISTIO_NETWORKING.contains(&api) => Spec::Gateway(gateway(origin, spec_value)?),
+        "Sidecar" if ISTIO_NETWORKING.contains(&api) => Spec::Sidecar(sidecar(origin, spec_value)?),
         k if Kind::parse(k).is_some() => {
             return Err(e("apiVersion", format!("apiVersion {api:?} is not supported for kind {k}")))
         }
@@ -516,9 +525,16 @@ struct RawService {
     cluster_ip: Option<String>,
 }
 
-fn service(origin: &Origin, v: Value) -> Result<ServiceSpec, Outcome> {
+fn service(origin: &Origin, v: Value, export_to: Option<&String>) -> Result<ServiceSpec, Outcome> {
     let raw: RawService = typed(origin, "spec", v).map_err(Outcome::Errors)?;
+    let export_to = export_to.map(|a| a.split(',').map(|e| e.trim().to_string()).collect());
+    check_export_to(
+        origin,
+        &format!("metadata.annotations.{EXPORT_TO_ANNOTATION}"),
+        &export_to,
+    )?;
     Ok(ServiceSpec {
+        export_to,
         ports: raw
             .ports
             .into_iter()
@@ -840,7 +856,7 @@ fn http_match(origin: &Origin, field: &str, m: RawHttpMatch) -> Result<HttpMatch
 
 fn virtual_service(origin: &Origin, v: Value) -> Result<VirtualServiceSpec, Outcome> {
     let raw: RawVirtualService = typed(origin, "spec", v).map_err(Outcome::Errors)?;
-    check_export_to(origin, &raw.export_to)?;
+    check_export_to(origin, "spec.exportTo", &raw.export_to)?;
     if !raw.tcp.is_empty() || !raw.tls.is_empty() {
         return Err(errs(
             origin,
@@ -912,6 +928,7 @@ fn virtual_service(origin: &Origin, v: Value) -> Result<VirtualServiceSpec, Outc
         });
     }
     Ok(VirtualServiceSpec {
+        export_to: raw.export_to,
         hosts: raw.hosts,
         gateways: raw.gateways,
         http,
@@ -1169,22 +1186,30 @@ struct RawDestinationRule {
     workload_selector: Option<Value>,
 }
 
-/// `exportTo` meshbench honours: none, or every namespace (`*`), which is what it simulates;
-/// narrower visibility is not supported yet.
-fn check_export_to(origin: &Origin, export_to: &Option<Vec<String>>) -> Result<(), Outcome> {
-    match export_to {
-        Some(list) if list.iter().any(|e| e != "*") => Err(errs(
-            origin,
-            "spec.exportTo".into(),
-            "exportTo other than \"*\" is not supported: meshbench does not simulate visibility (every config is visible to every sidecar)".into(),
-        )),
-        _ => Ok(()),
+/// `exportTo` as Istio validates it: `*`, `.`, `~` or namespace names; `*` and `~` alone;
+/// no duplicates.
+fn check_export_to(origin: &Origin, field: &str, export_to: &ExportTo) -> Result<(), Outcome> {
+    let Some(list) = export_to else { return Ok(()) };
+    let e = |m: String| Err(errs(origin, field.into(), m));
+    let mut seen = std::collections::BTreeSet::new();
+    for x in list {
+        if !seen.insert(x) {
+            return e(format!("{x:?} is listed twice"));
+        }
+        let name_ok = !x.is_empty() && x.len() <= 63 && dns_name(x) && !x.contains('.');
+        if !(x == "*" || x == "." || x == "~" || name_ok) {
+            return e(format!("{x:?} is not *, ., ~ or a namespace name"));
+        }
+        if (x == "*" || x == "~") && list.len() > 1 {
+            return e(format!("{x:?} cannot be combined with other entries"));
+        }
     }
+    Ok(())
 }
 
 fn destination_rule(origin: &Origin, v: Value) -> Result<DestinationRuleSpec, Outcome> {
     let raw: RawDestinationRule = typed(origin, "spec", v).map_err(Outcome::Errors)?;
-    check_export_to(origin, &raw.export_to)?;
+    check_export_to(origin, "spec.exportTo", &raw.export_to)?;
     if raw.workload_selector.is_some() {
         return Err(errs(
             origin,
@@ -1205,6 +1230,7 @@ fn destination_rule(origin: &Origin, v: Value) -> Result<DestinationRuleSpec, Ou
         });
     }
     Ok(DestinationRuleSpec {
+        export_to: raw.export_to,
         host: raw.host,
         subsets,
         traffic_policy: traffic_policy(origin, "spec.trafficPolicy", raw.traffic_policy)?,
@@ -1246,7 +1272,7 @@ struct RawWorkloadSelector {
 
 fn service_entry(origin: &Origin, v: Value) -> Result<ServiceEntrySpec, Outcome> {
     let raw: RawServiceEntry = typed(origin, "spec", v).map_err(Outcome::Errors)?;
-    check_export_to(origin, &raw.export_to)?;
+    check_export_to(origin, "spec.exportTo", &raw.export_to)?;
     if raw.subject_alt_names.is_some() {
         return Err(errs(
             origin,
@@ -1266,6 +1292,7 @@ fn service_entry(origin: &Origin, v: Value) -> Result<ServiceEntrySpec, Outcome>
         }
     }
     Ok(ServiceEntrySpec {
+        export_to: raw.export_to,
         hosts: raw.hosts,
         addresses: raw.addresses,
         ports: raw
@@ -1524,6 +1551,108 @@ fn gateway(origin: &Origin, v: Value) -> Result<GatewaySpec, Outcome> {
     Ok(GatewaySpec {
         selector: raw.selector,
         servers,
+    })
+}
+
+// ---- Sidecar (networking.istio.io) ------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawSidecar {
+    workload_selector: Option<RawWorkloadSelector>,
+    #[serde(default)]
+    egress: Vec<RawEgress>,
+    outbound_traffic_policy: Option<RawOutboundPolicy>,
+    ingress: Option<Value>,
+    inbound_connection_pool: Option<Value>,
+}
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawEgress {
+    #[serde(default)]
+    hosts: Vec<String>,
+    port: Option<Value>,
+    bind: Option<String>,
+    capture_mode: Option<String>,
+}
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawOutboundPolicy {
+    mode: String,
+    egress_proxy: Option<Value>,
+}
+
+/// A Sidecar's egress imports, validated as Istio does (`ns/host` hosts with `*`, `.`, `~` or
+/// a namespace name). Ingress listeners, per-port egress, bind and capture modes are not
+/// supported (meshbench's sidecars use its explicit listener layout).
+fn sidecar(origin: &Origin, v: Value) -> Result<SidecarSpec, Outcome> {
+    let raw: RawSidecar = typed(origin, "spec", v).map_err(Outcome::Errors)?;
+    let not_supported = |f: &str| {
+        errs(origin, f.into(), format!("{f} is not supported: meshbench's sidecars keep their own listener layout (Istio accepts it; remove it to run here)"))
+    };
+    if raw.ingress.is_some() {
+        return Err(not_supported("spec.ingress"));
+    }
+    if raw.inbound_connection_pool.is_some() {
+        return Err(not_supported("spec.inboundConnectionPool"));
+    }
+    if let Some(p) = &raw.outbound_traffic_policy {
+        if p.egress_proxy.is_some() {
+            return Err(not_supported("spec.outboundTrafficPolicy.egressProxy"));
+        }
+        if !matches!(p.mode.as_str(), "REGISTRY_ONLY" | "ALLOW_ANY") {
+            return Err(errs(
+                origin,
+                "spec.outboundTrafficPolicy.mode".into(),
+                "mode must be REGISTRY_ONLY or ALLOW_ANY".into(),
+            ));
+        }
+    }
+    if raw.egress.is_empty() {
+        return Err(errs(
+            origin,
+            "spec.egress".into(),
+            "a Sidecar needs at least one egress listener (meshbench reads its hosts)".into(),
+        ));
+    }
+    let mut egress = Vec::new();
+    for (i, e) in raw.egress.into_iter().enumerate() {
+        for (k, set) in [
+            ("port", e.port.is_some()),
+            ("bind", e.bind.is_some()),
+            ("captureMode", e.capture_mode.is_some()),
+        ] {
+            if set {
+                return Err(not_supported(&format!("spec.egress[{i}].{k}")));
+            }
+        }
+        if e.hosts.is_empty() {
+            return Err(errs(
+                origin,
+                format!("spec.egress[{i}].hosts"),
+                "an egress listener needs at least one host".into(),
+            ));
+        }
+        for (j, h) in e.hosts.iter().enumerate() {
+            let bad = || {
+                errs(origin, format!("spec.egress[{i}].hosts[{j}]"), format!("host {h:?} must be NAMESPACE/HOST (namespace *, ., ~ or a name; host *, *.suffix or a DNS name)"))
+            };
+            let Some((ns, host)) = h.split_once('/') else {
+                return Err(bad());
+            };
+            let ns_ok = matches!(ns, "*" | "." | "~") || (dns_name(ns) && !ns.contains('.'));
+            let host_ok = host == "*"
+                || (dns_name(host.strip_prefix("*.").unwrap_or(host))
+                    && !host.trim_start_matches("*.").contains('*'));
+            if !ns_ok || !host_ok {
+                return Err(bad());
+            }
+            egress.push((ns.to_string(), host.to_ascii_lowercase()));
+        }
+    }
+    Ok(SidecarSpec {
+        selector: raw.workload_selector.map(|w| w.labels),
+        egress,
     })
 }
 
@@ -1795,15 +1924,28 @@ mod tests {
             (format!("{net}\nkind: VirtualService\nmetadata: {{name: v}}\nspec: {{hosts: [reviews], colour: red}}\n"), "spec", "unknown field"),
             (format!("{net}\nkind: DestinationRule\nmetadata: {{name: r}}\nspec: {{host: reviews, trafficPolicy: {{loadBalancer: {{consistentHash: {{useSourceIp: true}}}}}}}}\n"), "spec.trafficPolicy.loadBalancer.consistentHash", "not supported"),
             (format!("{net}\nkind: DestinationRule\nmetadata: {{name: r}}\nspec: {{host: reviews, trafficPolicy: {{portLevelSettings: []}}}}\n"), "spec.trafficPolicy.portLevelSettings", "not supported"),
-            (format!("{net}\nkind: VirtualService\nmetadata: {{name: v}}\nspec: {{hosts: [reviews], exportTo: [.]}}\n"), "spec.exportTo", "not supported"),
+            (format!("{net}\nkind: VirtualService\nmetadata: {{name: v}}\nspec: {{hosts: [reviews], exportTo: [., \"*\"]}}\n"), "spec.exportTo", "cannot be combined"),
+            (format!("{net}\nkind: DestinationRule\nmetadata: {{name: r}}\nspec: {{host: reviews, exportTo: [Not_A_Namespace]}}\n"), "spec.exportTo", "not *, ., ~ or a namespace name"),
+            (format!("apiVersion: v1\nkind: Service\nmetadata: {{name: s, annotations: {{networking.istio.io/exportTo: \"~,.\"}}}}\nspec: {{ports: [{{port: 80}}]}}\n"), "metadata.annotations.networking.istio.io/exportTo", "cannot be combined"),
+            (format!("{net}\nkind: Sidecar\nmetadata: {{name: s}}\nspec: {{egress: [{{hosts: [reviews]}}]}}\n"), "spec.egress[0].hosts[0]", "NAMESPACE/HOST"),
+            (format!("{net}\nkind: Sidecar\nmetadata: {{name: s}}\nspec: {{egress: [{{hosts: [\"./*\"], port: {{number: 9080}}}}]}}\n"), "spec.egress[0].port", "not supported"),
+            (format!("{net}\nkind: Sidecar\nmetadata: {{name: s}}\nspec: {{egress: [{{hosts: [\"./*\"]}}], ingress: []}}\n"), "spec.ingress", "not supported"),
+            (format!("{net}\nkind: Sidecar\nmetadata: {{name: s}}\nspec: {{egress: [{{hosts: [\"./*\"]}}], outboundTrafficPolicy: {{mode: SOMETIMES}}}}\n"), "spec.outboundTrafficPolicy.mode", "REGISTRY_ONLY or ALLOW_ANY"),
+            (format!("{net}\nkind: Gateway\nmetadata: {{name: g}}\nspec: {{selector: {{istio: ingressgateway}}, servers: [{{port: {{number: 443, protocol: HTTPS}}, hosts: [\"*\"]}}]}}\n"), "spec.servers[0].port.protocol", "not supported"),
+            (format!("{net}\nkind: Gateway\nmetadata: {{name: g}}\nspec: {{selector: {{istio: ingressgateway}}, servers: [{{port: {{number: 80, protocol: HTTP}}, hosts: [\"a/b/c\"]}}]}}\n"), "spec.servers[0].hosts[0]", "HOST or NAMESPACE/HOST"),
             (format!("{net}\nkind: VirtualService\nmetadata: {{name: v}}\nspec:\n  hosts: [reviews]\n  http: [{{rewrite: {{uri: /x}}, route: [{{destination: {{host: reviews}}}}]}}]\n"), "spec.http[0].rewrite", "not supported"),
         ] {
             let e = parse("f.yaml", &doc).unwrap_err();
             assert!(e[0].field.starts_with(field), "{doc}: {} {}", e[0].field, e[0].message);
             assert!(e[0].message.contains(words), "{doc}: {}", e[0].message);
         }
-        let ok = format!("{net}\nkind: VirtualService\nmetadata: {{name: v}}\nspec: {{hosts: [reviews], exportTo: [\"*\"]}}\n");
-        assert!(parse("f.yaml", &ok).is_ok());
+        for ok in [
+            format!("{net}\nkind: VirtualService\nmetadata: {{name: v}}\nspec: {{hosts: [reviews], exportTo: [\"*\"]}}\n"),
+            format!("{net}\nkind: VirtualService\nmetadata: {{name: v}}\nspec: {{hosts: [reviews], exportTo: [., tenant-b]}}\n"),
+            format!("{net}\nkind: Sidecar\nmetadata: {{name: s}}\nspec: {{workloadSelector: {{labels: {{app: a}}}}, egress: [{{hosts: [\"./*\", \"istio-system/*\", \"*/*.example.com\", \"~/*\"]}}], outboundTrafficPolicy: {{mode: REGISTRY_ONLY}}}}\n"),
+        ] {
+            assert!(parse("f.yaml", &ok).is_ok(), "{ok}");
+        }
     }
 
     /// Istio's validation of WorkloadEntry, ServiceEntry endpoints and PeerAuthentication:

@@ -72,10 +72,11 @@ pub enum Kind {
     RouteRule,
     EnvoyFilter,
     Gateway,
+    Sidecar,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 10] = [
         Kind::Service,
         Kind::Deployment,
         Kind::VirtualService,
@@ -85,6 +86,7 @@ impl Kind {
         Kind::RouteRule,
         Kind::EnvoyFilter,
         Kind::Gateway,
+        Kind::Sidecar,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -98,6 +100,7 @@ impl Kind {
             Kind::RouteRule => "RouteRule",
             Kind::EnvoyFilter => "EnvoyFilter",
             Kind::Gateway => "Gateway",
+            Kind::Sidecar => "Sidecar",
         }
     }
 
@@ -163,6 +166,7 @@ pub enum Spec {
     RouteRule(RouteRuleSpec),
     EnvoyFilter(EnvoyFilterSpec),
     Gateway(GatewaySpec),
+    Sidecar(SidecarSpec),
 }
 
 impl Spec {
@@ -177,6 +181,7 @@ impl Spec {
             Spec::RouteRule(_) => Kind::RouteRule,
             Spec::EnvoyFilter(_) => Kind::EnvoyFilter,
             Spec::Gateway(_) => Kind::Gateway,
+            Spec::Sidecar(_) => Kind::Sidecar,
         }
     }
 }
@@ -200,6 +205,29 @@ pub struct ServiceSpec {
     pub ports: Vec<ServicePort>,
     pub selector: Labels,
     pub cluster_ip: Option<String>,
+    /// The `networking.istio.io/exportTo` annotation.
+    pub export_to: ExportTo,
+}
+
+/// Istio's `exportTo`: the namespaces a config is visible to. `None` (not given) and `*` mean
+/// every namespace, `.` the config's own, `~` none; other entries are namespace names.
+pub type ExportTo = Option<Vec<String>>;
+
+/// Whether a config of namespace `owner` with `export_to` is visible in namespace `to`.
+pub fn exported(export_to: &ExportTo, owner: &str, to: &str) -> bool {
+    match export_to {
+        None => true,
+        Some(list) => list
+            .iter()
+            .any(|e| e == "*" || e == to || (e == "." && owner == to)),
+    }
+}
+
+/// Whether an export list narrows visibility at all.
+pub fn narrows(export_to: &ExportTo) -> bool {
+    export_to
+        .as_ref()
+        .is_some_and(|l| !l.iter().any(|e| e == "*"))
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -217,6 +245,7 @@ pub struct ServiceEntrySpec {
     pub ports: Vec<ServicePort>,
     pub endpoints: Vec<WorkloadEntrySpec>,
     pub workload_selector: Option<Labels>,
+    pub export_to: ExportTo,
 }
 
 /// A workload registered without a Kubernetes controller (Istio WorkloadEntry), also the shape
@@ -333,6 +362,16 @@ pub struct VirtualServiceSpec {
     pub hosts: Vec<String>,
     pub gateways: Vec<String>,
     pub http: Vec<HttpRoute>,
+    pub export_to: ExportTo,
+}
+
+/// Istio's `Sidecar`: what the selected proxies import (`egress.hosts`, `ns/host` split).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SidecarSpec {
+    /// `workloadSelector.labels`; none applies to the whole namespace.
+    pub selector: Option<Labels>,
+    /// (namespace: `*`, `.`, `~` or a name; host: `*`, `*.suffix` or a name).
+    pub egress: Vec<(String, String)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -398,6 +437,7 @@ pub struct DestinationRuleSpec {
     pub host: String,
     pub subsets: Vec<Subset>,
     pub traffic_policy: Option<TrafficPolicy>,
+    pub export_to: ExportTo,
 }
 
 /// The seed's `config.istio.io/v1alpha2 RouteRule`.
@@ -432,6 +472,7 @@ pub struct MeshService {
     pub inline_endpoints: Vec<WorkloadEntrySpec>,
     /// Whether short names (`reviews`, `reviews.default`) resolve to it.
     pub kubernetes: bool,
+    pub export_to: ExportTo,
 }
 
 /// A workload instance (pod, WorkloadEntry or REST-registered endpoint).
@@ -450,6 +491,9 @@ pub struct HostRoutes {
     /// `VirtualService/ns/name` or `RouteRule/ns/name,...`, used as the Envoy route decorator.
     pub source: String,
     pub http: Vec<HttpRoute>,
+    /// The VirtualService's namespace and `exportTo`.
+    pub namespace: String,
+    pub export_to: ExportTo,
 }
 
 /// An Istio Gateway: which proxies (`selector`, in any namespace) serve which ports and hosts.
@@ -487,6 +531,9 @@ pub struct GatewayRoutes {
 pub struct HostPolicy {
     pub traffic_policy: Option<TrafficPolicy>,
     pub subsets: Vec<Subset>,
+    /// The DestinationRule's namespace and `exportTo`.
+    pub namespace: String,
+    pub export_to: ExportTo,
 }
 
 /// A validated mesh. Maps are keyed by service host (FQDN).
@@ -505,9 +552,90 @@ pub struct Mesh {
     pub gateways: BTreeMap<(String, String), GatewaySpec>,
     /// VirtualServices bound to gateways, in the order of their keys.
     pub gateway_routes: Vec<GatewayRoutes>,
+    /// Sidecars by (namespace, name).
+    pub sidecars: BTreeMap<(String, String), SidecarSpec>,
 }
 
+/// Which Sidecar a proxy is under, if any: one of its namespace selecting its labels (the
+/// first by name), else its namespace's without a selector, else the root namespace's without
+/// a selector (Istio's order).
+pub type SidecarKey = (String, String);
+
 impl Mesh {
+    pub fn sidecar_for(&self, namespace: &str, labels: &Labels) -> Option<&SidecarKey> {
+        let mut in_ns = self.sidecars.iter().filter(|((ns, _), _)| ns == namespace);
+        in_ns
+            .clone()
+            .find(|(_, s)| {
+                s.selector
+                    .as_ref()
+                    .is_some_and(|sel| labels_match(sel, labels))
+            })
+            .or_else(|| in_ns.find(|(_, s)| s.selector.is_none()))
+            .or_else(|| {
+                self.sidecars
+                    .iter()
+                    .find(|((ns, _), s)| ns == ROOT_NAMESPACE && s.selector.is_none())
+            })
+            .map(|(k, _)| k)
+    }
+
+    /// Whether anything narrows what a proxy sees (a Sidecar, or an `exportTo` other than
+    /// every namespace): when not, every sidecar sees the whole mesh.
+    pub fn scoped(&self) -> bool {
+        !self.sidecars.is_empty()
+            || self.services.values().any(|s| narrows(&s.export_to))
+            || self.routes.values().any(|r| narrows(&r.export_to))
+            || self.policies.values().any(|p| narrows(&p.export_to))
+    }
+
+    /// The mesh as a sidecar of `namespace` under `sidecar` sees it: the services exported to
+    /// its namespace that its Sidecar's egress hosts import, and the VirtualServices and
+    /// DestinationRules of those hosts exported to it. No gateways.
+    pub fn visible_from(&self, namespace: &str, sidecar: Option<&SidecarKey>) -> Mesh {
+        let egress = sidecar.and_then(|k| self.sidecars.get(k).map(|s| (&k.0, &s.egress)));
+        let imported = |svc: &MeshService| match egress {
+            None => true,
+            Some((sidecar_ns, hosts)) => hosts.iter().any(|(ns, h)| {
+                let ns_ok = ns == "*"
+                    || ns == &svc.namespace
+                    || (ns == "." && *sidecar_ns == svc.namespace);
+                ns_ok && host_matches(h, &svc.host)
+            }),
+        };
+        let services: BTreeMap<String, MeshService> = self
+            .services
+            .iter()
+            .filter(|(_, s)| exported(&s.export_to, &s.namespace, namespace) && imported(s))
+            .map(|(h, s)| (h.clone(), s.clone()))
+            .collect();
+        Mesh {
+            routes: self
+                .routes
+                .iter()
+                .filter(|(h, r)| {
+                    services.contains_key(*h) && exported(&r.export_to, &r.namespace, namespace)
+                })
+                .map(|(h, r)| (h.clone(), r.clone()))
+                .collect(),
+            policies: self
+                .policies
+                .iter()
+                .filter(|(h, p)| {
+                    services.contains_key(*h) && exported(&p.export_to, &p.namespace, namespace)
+                })
+                .map(|(h, p)| (h.clone(), p.clone()))
+                .collect(),
+            services,
+            workloads: self.workloads.clone(),
+            warnings: vec![],
+            envoy_filters: self.envoy_filters.clone(),
+            gateways: BTreeMap::new(),
+            gateway_routes: vec![],
+            sidecars: BTreeMap::new(),
+        }
+    }
+
     /// The EnvoyFilters that select a workload of `namespace` with `labels`, in order.
     pub fn envoy_filters_for<'a>(
         &'a self,
@@ -673,6 +801,15 @@ pub fn port_endpoints<'a>(
 }
 
 /// Every selector label present with the same value.
+/// Whether a host pattern (`*`, `*.suffix` or a name) matches a host.
+pub fn host_matches(pattern: &str, host: &str) -> bool {
+    match pattern.strip_prefix('*') {
+        Some("") => true,
+        Some(suffix) => host.len() > suffix.len() && host.ends_with(suffix),
+        None => pattern == host,
+    }
+}
+
 pub fn labels_match(selector: &Labels, labels: &Labels) -> bool {
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }

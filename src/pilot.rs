@@ -386,6 +386,7 @@ impl Pilot {
             envoy_filters: old.envoy_filters.clone(),
             gateways: old.gateways.clone(),
             gateway_routes: old.gateway_routes.clone(),
+            sidecars: old.sidecars.clone(),
             workloads: old.workloads[..entries.min(old.workloads.len())]
                 .iter()
                 .cloned()

@@ -31,6 +31,7 @@ pub fn compile<'a>(
         })
         .collect();
     c.virtual_services(&objects);
+    c.sidecars(&objects);
     c.route_rules(&objects);
     c.mesh.envoy_filters = objects
         .iter()
@@ -187,6 +188,7 @@ impl Compiler {
                         addresses: s.cluster_ip.iter().cloned().collect(),
                         inline_endpoints: vec![],
                         kubernetes: true,
+                        export_to: s.export_to.clone(),
                     }],
                     "metadata.name".to_string(),
                 ),
@@ -202,6 +204,7 @@ impl Compiler {
                             addresses: se.addresses.clone(),
                             inline_endpoints: se.endpoints.clone(),
                             kubernetes: false,
+                            export_to: se.export_to.clone(),
                         })
                         .collect(),
                     "spec.hosts".to_string(),
@@ -317,6 +320,8 @@ impl Compiler {
                 HostPolicy {
                     traffic_policy: dr.traffic_policy.clone(),
                     subsets: dr.subsets.clone(),
+                    namespace: o.namespace.clone(),
+                    export_to: dr.export_to.clone(),
                 },
             );
         }
@@ -523,6 +528,8 @@ impl Compiler {
                     HostRoutes {
                         source: o.key().to_string(),
                         http,
+                        namespace: o.namespace.clone(),
+                        export_to: vs.export_to.clone(),
                     },
                 );
             }
@@ -616,7 +623,38 @@ impl Compiler {
                 .map(|(o, _)| o.key().to_string())
                 .collect::<Vec<_>>()
                 .join(",");
-            self.mesh.routes.insert(host, HostRoutes { source, http });
+            let namespace = rules[0].0.namespace.clone();
+            self.mesh.routes.insert(
+                host,
+                HostRoutes {
+                    source,
+                    http,
+                    namespace,
+                    export_to: None,
+                },
+            );
+        }
+    }
+
+    /// Sidecars; a second one without a workload selector in a namespace is ambiguous (as
+    /// `istioctl analyze` reports it): an error.
+    fn sidecars(&mut self, objects: &[&Object]) {
+        let mut unselected: BTreeMap<&str, String> = BTreeMap::new();
+        for o in objects {
+            let Spec::Sidecar(s) = &o.spec else { continue };
+            if s.selector.is_none() {
+                if let Some(prev) = unselected.insert(&o.namespace, o.key().to_string()) {
+                    self.error(
+                        o,
+                        "spec.workloadSelector",
+                        format!("namespace {} already has a Sidecar without a workload selector ({prev})", o.namespace),
+                    );
+                    continue;
+                }
+            }
+            self.mesh
+                .sidecars
+                .insert((o.namespace.clone(), o.name.clone()), s.clone());
         }
     }
 
@@ -628,6 +666,8 @@ impl Compiler {
             .or_insert(HostPolicy {
                 traffic_policy: None,
                 subsets: vec![],
+                namespace: String::new(),
+                export_to: None,
             });
         if let Some(s) = policy.subsets.iter().find(|s| &s.labels == labels) {
             return s.name.clone();

@@ -32,6 +32,22 @@ pub struct Snapshot {
     /// Hash of what listeners and inbound clusters are built from (services' namespaces,
     /// selectors and target ports): equal keys let a proxy keep its view's listeners.
     pub listeners_key: u64,
+    /// What sidecars see when Sidecars or `exportTo` narrow it, per (namespace, Sidecar):
+    /// built on first use and shared by every proxy of that scope.
+    scopes: std::sync::Mutex<HashMap<ScopeKey, Arc<Scope>>>,
+    /// `mesh.scoped()`, computed once.
+    scoped: bool,
+}
+
+/// A sidecar's visibility class: its namespace and the Sidecar it is under.
+pub type ScopeKey = (String, Option<crate::model::SidecarKey>);
+
+/// The outbound resources one scope sees.
+#[derive(Debug)]
+pub struct Scope {
+    pub clusters: Vec<Resource>,
+    pub endpoints: HashMap<String, Resource>,
+    pub routes: HashMap<String, Resource>,
 }
 
 impl Snapshot {
@@ -51,8 +67,41 @@ impl Snapshot {
             clusters: cluster::outbound_clusters(&mesh),
             endpoints: endpoint::assignments(&mesh),
             routes: route::route_configs(&mesh),
+            scopes: Default::default(),
+            scoped: mesh.scoped(),
             mesh,
         }
+    }
+
+    /// The scope of a sidecar, or `None` when it sees the whole mesh (no Sidecar applies and
+    /// nothing is exported narrowly; gateways always do).
+    pub fn scope(&self, node: &NodeInfo) -> Option<Arc<Scope>> {
+        if node.router || !self.scoped {
+            return None;
+        }
+        let key = (
+            node.namespace.clone(),
+            self.mesh
+                .sidecar_for(&node.namespace, &node.labels)
+                .cloned(),
+        );
+        if let Some(s) = self.scopes.lock().unwrap().get(&key) {
+            return Some(s.clone());
+        }
+        let visible = self.mesh.visible_from(&key.0, key.1.as_ref());
+        let scope = Arc::new(Scope {
+            clusters: cluster::outbound_clusters(&visible),
+            endpoints: endpoint::assignments(&visible),
+            routes: route::route_configs(&visible),
+        });
+        Some(
+            self.scopes
+                .lock()
+                .unwrap()
+                .entry(key)
+                .or_insert(scope)
+                .clone(),
+        )
     }
 
     /// As [`Snapshot::build`], recording what differs from `prev`.
@@ -128,6 +177,7 @@ impl Snapshot {
                 listeners: p.listeners.clone(),
                 inbound_clusters: p.inbound_clusters.clone(),
                 routes: p.routes.clone(),
+                scope: self.scope(node),
                 kept_listeners: true,
             },
             _ => self.view(node),
@@ -142,6 +192,7 @@ impl Snapshot {
                 listeners: gateway::listeners(&self.mesh, node),
                 inbound_clusters: vec![],
                 routes: Arc::new(gateway::route_configs(&self.mesh, node)),
+                scope: None,
                 kept_listeners: false,
             };
         }
@@ -158,6 +209,7 @@ impl Snapshot {
             listeners,
             inbound_clusters: inbound,
             routes: Arc::default(),
+            scope: self.scope(node),
             kept_listeners: false,
         }
     }
@@ -175,6 +227,19 @@ fn listeners_key(mesh: &Mesh) -> u64 {
     }
     // Listeners carry the EnvoyFilters' rate limits.
     format!("{:?}", mesh.envoy_filters).hash(&mut h);
+    // What each sidecar sees (a change of visibility is compared in full).
+    if mesh.scoped() {
+        format!("{:?}", mesh.sidecars).hash(&mut h);
+        for s in mesh.services.values() {
+            format!("{:?}", s.export_to).hash(&mut h);
+        }
+        for r in mesh.routes.values() {
+            format!("{:?}", r.export_to).hash(&mut h);
+        }
+        for p in mesh.policies.values() {
+            format!("{:?}", p.export_to).hash(&mut h);
+        }
+    }
     // Gateways' listeners and routes (whose default ports come from the services' ports).
     if !mesh.gateways.is_empty() {
         format!("{:?}", (&mesh.gateways, &mesh.gateway_routes)).hash(&mut h);
@@ -195,6 +260,8 @@ pub struct View {
     pub inbound_clusters: Vec<Resource>,
     /// Route configurations of this proxy's own (a gateway's `http.PORT`).
     pub routes: Arc<HashMap<String, Resource>>,
+    /// What a sidecar under a Sidecar or narrow `exportTo` sees instead of the whole mesh.
+    pub scope: Option<Arc<Scope>>,
     /// Listeners and inbound clusters are the previous view's (nothing they depend on changed).
     pub kept_listeners: bool,
 }
@@ -209,8 +276,9 @@ impl View {
     pub fn all(&self, type_url: &str) -> Vec<&Resource> {
         match type_url {
             CLUSTER_TYPE => self
-                .snapshot
-                .clusters
+                .scope
+                .as_ref()
+                .map_or(&self.snapshot.clusters, |s| &s.clusters)
                 .iter()
                 .chain(&self.inbound_clusters)
                 .collect(),
@@ -222,11 +290,17 @@ impl View {
     /// A named resource of EDS or RDS.
     pub fn get(&self, type_url: &str, name: &str) -> Option<&Resource> {
         match type_url {
-            ENDPOINT_TYPE => self.snapshot.endpoints.get(name),
-            ROUTE_TYPE => self
-                .routes
-                .get(name)
-                .or_else(|| self.snapshot.routes.get(name)),
+            ENDPOINT_TYPE => self
+                .scope
+                .as_ref()
+                .map_or(&self.snapshot.endpoints, |s| &s.endpoints)
+                .get(name),
+            ROUTE_TYPE => self.routes.get(name).or_else(|| {
+                self.scope
+                    .as_ref()
+                    .map_or(&self.snapshot.routes, |s| &s.routes)
+                    .get(name)
+            }),
             _ => None,
         }
     }

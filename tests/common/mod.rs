@@ -179,6 +179,28 @@ pub async fn start_envoy_with(
     .await
 }
 
+/// Envoy as a sidecar of a pod in `namespace`.
+pub async fn start_envoy_in(
+    binary: &PathBuf,
+    xds: SocketAddr,
+    service: &str,
+    pod: &str,
+    namespace: &str,
+    labels: &[(&str, &str)],
+) -> Envoy {
+    start_envoy_as(
+        binary,
+        xds,
+        service,
+        pod,
+        namespace,
+        labels,
+        Default::default(),
+        false,
+    )
+    .await
+}
+
 /// Envoy as a gateway (`router~...` node id) of namespace `namespace`.
 pub async fn start_envoy_gateway(
     binary: &PathBuf,
@@ -566,6 +588,19 @@ pub async fn start_mesh_proxy_threads(
     let pod_ip = unique_loopback();
     let node_id = meshbench::xds::node::sidecar_id(&pod_ip, pod, "default");
     start_mesh_proxy_as(xds, service, node_id, pod_ip, labels, xds_mode, workers).await
+}
+
+/// meshbench proxy as the sidecar of a pod in `namespace`.
+pub async fn start_mesh_proxy_in(
+    xds: SocketAddr,
+    service: &str,
+    pod: &str,
+    namespace: &str,
+    labels: &[(&str, &str)],
+) -> MeshProxy {
+    let pod_ip = unique_loopback();
+    let node_id = meshbench::xds::node::sidecar_id(&pod_ip, pod, namespace);
+    start_mesh_proxy_as(xds, service, node_id, pod_ip, labels, Default::default(), 1).await
 }
 
 /// meshbench proxy as a gateway (`router~...` node id) of namespace `namespace`.
