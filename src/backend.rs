@@ -42,6 +42,8 @@ pub struct Options {
     pub xds: XdsMode,
     /// Leave what the run created in place (docker: for debugging; `meshbench down` removes it).
     pub keep: bool,
+    /// Namespaces whose pods get a network of their own (docker only).
+    pub tenants: Vec<String>,
 }
 
 impl Options {
@@ -87,6 +89,11 @@ impl PodPlan {
             gateway: false,
             behaviour: Behaviour::default(),
         }
+    }
+
+    /// The load client (where loads and probes enter through a sidecar).
+    pub fn is_load_client(&self) -> bool {
+        self.deployment == "loadclient"
     }
 
     /// Whether the pod runs an app beside its proxy.
@@ -179,7 +186,7 @@ pub trait Backend: Send + Sync {
     /// The most pods it runs.
     fn pod_limit(&self) -> usize;
     /// Addresses of the k-th planned pod, and of the load client.
-    fn pod_addr(&self, k: usize) -> PodAddr;
+    fn pod_addr(&self, k: usize, plan: &PodPlan) -> PodAddr;
     fn client_addr(&self) -> PodAddr;
     /// Pilot's ADS and REST addresses, as the harness reaches them.
     fn pilot_xds(&self) -> SocketAddr;
@@ -206,6 +213,13 @@ pub trait Backend: Send + Sync {
     }
     /// CPU seconds and peak memory of pilot and of these pods' sidecars.
     async fn resources(&self, pods: &[&Pod]) -> Resources;
+    /// Whether a TCP connection from inside pod `from` to `to` succeeds within a second.
+    async fn reach(&self, from: &Pod, to: SocketAddr) -> Result<bool, Error> {
+        let _ = (from, to);
+        Err(Error::Config(
+            "network reachability probes need the docker backend (--backend docker)".into(),
+        ))
+    }
 }
 
 /// How long a pod may take to answer through its sidecar after it starts.
@@ -249,7 +263,10 @@ impl Mesh {
             pods: plans
                 .into_iter()
                 .enumerate()
-                .map(|(k, plan)| Pod::new(plan, backend.pod_addr(k), &token))
+                .map(|(k, plan)| {
+                    let addr = backend.pod_addr(k, &plan);
+                    Pod::new(plan, addr, &token)
+                })
                 .collect(),
             client: Pod::new(PodPlan::load_client(), backend.client_addr(), &token),
             backend,
@@ -326,6 +343,19 @@ impl Mesh {
 
     fn find(&self, name: &str) -> Result<usize, Error> {
         find_pod(self.pods.iter().map(|p| p.plan.name.as_str()), name)
+    }
+
+    /// Whether pod `from` can open a TCP connection to pod `to` (its listener: the app's
+    /// inbound port, or the admin port of a pod without one).
+    pub async fn reach(&self, from: &str, to: &str) -> Result<(bool, SocketAddr), Error> {
+        let (f, t) = (&self.pods[self.find(from)?], &self.pods[self.find(to)?]);
+        let port = if t.plan.port == 0 {
+            crate::proxy::DEFAULT_ADMIN_PORT
+        } else {
+            t.plan.port
+        };
+        let addr = sock(&t.addr.pod_ip, port);
+        Ok((self.backend.reach(f, addr).await?, addr))
     }
 
     /// One fault step: the backend acts, the driver does what Kubernetes would.

@@ -178,6 +178,14 @@ enum Command {
     /// A pod's infra container: holds the network namespace and waits for a signal.
     #[command(hide = true)]
     Pause,
+    /// Tries one TCP connection: exit 0 when it connects within the timeout, 1 when not (the
+    /// docker backend runs it inside a pod to show what the pod can reach).
+    #[command(hide = true)]
+    Netcheck {
+        addr: std::net::SocketAddr,
+        #[arg(long, default_value = "1s", value_parser = parse_debounce)]
+        timeout: Duration,
+    },
     /// Compares a report with a baseline; exit 1 on a regression beyond tolerance.
     Gate {
         #[arg(long)]
@@ -368,9 +376,10 @@ fn main() -> ExitCode {
     // the request path. Fake workloads are small pods: one thread each, leaving the cores to
     // what is measured.
     let mut builder = match &cli.command {
-        Command::Proxy { .. } | Command::Workload { .. } | Command::Pause => {
-            tokio::runtime::Builder::new_current_thread()
-        }
+        Command::Proxy { .. }
+        | Command::Workload { .. }
+        | Command::Pause
+        | Command::Netcheck { .. } => tokio::runtime::Builder::new_current_thread(),
         _ => tokio::runtime::Builder::new_multi_thread(),
     };
     builder.enable_all();
@@ -597,6 +606,12 @@ async fn run(cmd: Command) -> ExitCode {
         Command::Pause => {
             stop.wait().await;
             ExitCode::SUCCESS
+        }
+        Command::Netcheck { addr, timeout } => {
+            match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
+                Ok(Ok(_)) => ExitCode::SUCCESS,
+                _ => ExitCode::from(1),
+            }
         }
         Command::Sweep { sweep, out, quick } => {
             let spec = match meshbench::sweep::SweepSpec::load(&sweep) {

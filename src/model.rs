@@ -914,6 +914,7 @@ mod tests {
     fn kind_names() {
         assert_eq!(Kind::parse("virtualservices"), Some(Kind::VirtualService));
         assert_eq!(Kind::parse("Service"), Some(Kind::Service));
-        assert_eq!(Kind::parse("Gateway"), None);
+        assert_eq!(Kind::parse("gateways"), Some(Kind::Gateway));
+        assert_eq!(Kind::parse("Namespace"), None);
     }
 }

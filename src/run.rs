@@ -99,10 +99,17 @@ pub async fn run(
                 scenario.step_lines.get(i).map_or(0, |l| l.0)
             )));
         }
+        if !scenario.topology.tenants.is_empty() {
+            return Err(Error::BadInput(format!(
+                "{}: topology.tenants (a network per tenant) needs the docker backend (--backend docker); the local backend shares the host's network",
+                scenario.file.display()
+            )));
+        }
     }
     if let Some(p) = opts.proxy {
         scenario.mesh.proxy = p;
     }
+
     if opts.quick {
         scenario.quick(QUICK_FACTOR);
     }
@@ -123,6 +130,7 @@ pub async fn run(
         run_id: run_id.clone(),
         xds: scenario.mesh.xds,
         keep: opts.keep,
+        tenants: scenario.topology.tenants.clone(),
     };
     // The effective scenario (defaults applied, --quick and --proxy folded in) beside the report.
     std::fs::create_dir_all(&out)
@@ -667,6 +675,33 @@ impl Runner<'_> {
                     self.report.propagation.push(p);
                 }
             }
+        }
+        for n in &e.network {
+            let want = if n.reachable {
+                "connects"
+            } else {
+                "refused or unreachable"
+            };
+            let (measured, passed) = match self.b.reach(&n.from, &n.to).await {
+                Ok((got, addr)) => (
+                    format!(
+                        "{} ({addr})",
+                        if got {
+                            "connects"
+                        } else {
+                            "refused or unreachable"
+                        }
+                    ),
+                    got == n.reachable,
+                ),
+                Err(err) => (format!("not probed: {err}"), false),
+            };
+            push(
+                format!("TCP from pod {} to pod {}", n.from, n.to),
+                want.into(),
+                measured,
+                passed,
+            );
         }
         for r in &results {
             eprintln!(

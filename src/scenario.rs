@@ -101,6 +101,11 @@ pub struct Topology {
     /// the default (bookinfo's real apps for bookinfo's names; an echo otherwise).
     #[serde(default)]
     pub workloads: BTreeMap<String, WorkloadPatch>,
+    /// Namespaces isolated in the network: on the docker backend each gets a bridge network
+    /// of its own (pilot, gateways and the load client join them all); another tenant's pods
+    /// are unreachable even by address.
+    #[serde(default)]
+    pub tenants: Vec<String>,
 }
 
 /// Changes to a workload's [`Behaviour`]: what is given replaces that field, the rest stays.
@@ -388,6 +393,18 @@ pub struct ExpectStep {
     /// answers after about 6 s).
     pub latency_at_least: Option<Latency>,
     pub propagation: Option<PropagationBound>,
+    /// TCP reachability between pods (docker backend): a probe from inside pod `from` to pod
+    /// `to`'s listener must connect (`reachable: true`) or fail (`false`).
+    #[serde(default)]
+    pub network: Vec<Reach>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reach {
+    pub from: String,
+    pub to: String,
+    pub reachable: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -661,10 +678,11 @@ impl Scenario {
                         && e.degraded.is_none()
                         && e.shed.is_none()
                         && e.mesh.is_none()
+                        && e.network.is_empty()
                     {
                         return Err(at(
                             i,
-                            "expect: give at least one of split, errors, latency, latency_at_least, propagation, degraded, shed, mesh"
+                            "expect: give at least one of split, errors, latency, latency_at_least, propagation, degraded, shed, mesh, network"
                                 .into(),
                         ));
                     }

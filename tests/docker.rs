@@ -198,6 +198,67 @@ fn docker_istio_tasks_and_overload() {
     }
 }
 
+/// Tenants in the network: each tenant namespace on a bridge network of its own. A tenant-a
+/// pod cannot reach tenant-b's pod by address (the probe must fail) while it reaches its own
+/// tenant's; the gateway reaches both and serves both tenants' hosts with no error. The same
+/// scenario refuses the local backend, which has no network to isolate.
+#[test]
+fn docker_tenant_networks_isolate_tenants() {
+    let _serial = serial();
+    if !engine() {
+        return;
+    }
+    let out = out_dir("tenants");
+    let (o, report) = run_scenario(&root().join("scenarios/tenants.yaml"), &out, &["--quick"]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    let probes: Vec<_> = report["expectations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| {
+            e["description"]
+                .as_str()
+                .unwrap()
+                .starts_with("TCP from pod")
+        })
+        .collect();
+    assert_eq!(probes.len(), 5, "{t}");
+    let blocked = probes
+        .iter()
+        .find(|e| e["description"] == "TCP from pod shop-0 to pod bank-0")
+        .unwrap();
+    assert_eq!(blocked["passed"], true);
+    assert!(blocked["measured"]
+        .as_str()
+        .unwrap()
+        .starts_with("refused or unreachable"));
+    assert!(leftovers().is_empty(), "left: {:?}", leftovers());
+    std::fs::remove_dir_all(&out).unwrap();
+    let local = out_dir("tenants-local");
+    let o = meshbench()
+        .args([
+            "run",
+            root().join("scenarios/tenants.yaml").to_str().unwrap(),
+        ])
+        .args([
+            "--backend",
+            "local",
+            "--quick",
+            "--out",
+            local.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("needs the docker backend"),
+        "{}",
+        text(&o)
+    );
+    let _ = std::fs::remove_dir_all(&local);
+}
+
 #[test]
 fn docker_faults_kill_pause_partition_and_recovery() {
     let _serial = serial();

@@ -128,8 +128,12 @@ impl Containers {
 
 /// How a container joins the network.
 enum Net<'a> {
-    /// Its own namespace on the run's network, at `ip`, with DNS aliases.
-    Own { ip: &'a str, aliases: Vec<String> },
+    /// Its own namespace on network `net`, at `ip`, with DNS aliases.
+    Own {
+        net: &'a str,
+        ip: &'a str,
+        aliases: Vec<String>,
+    },
     /// Another container's namespace (a pod's infra container).
     Join(&'a str),
 }
@@ -141,6 +145,8 @@ pub struct DockerBackend {
     engine: String,
     network: String,
     base: String,
+    /// Tenant namespace -> (its network, the network's first three octets).
+    tenants: Vec<(String, String, String)>,
     pilot: Option<String>,
     /// Pilot's process as this host sees it (for CPU and memory during a churn).
     pilot_pid: Option<u32>,
@@ -170,13 +176,19 @@ impl DockerBackend {
                 Some(image(image::ensure(&docker, "envoy", &envoy).await?))
             }
         };
-        let (network, base) = create_network(&docker, &opts.run_id).await?;
+        let (network, base) = create_network(&docker, &opts.run_id, "").await?;
+        let mut tenants = Vec::new();
+        for ns in &opts.tenants {
+            let (net, base) = create_network(&docker, &opts.run_id, &format!("-{ns}")).await?;
+            tenants.push((ns.clone(), net, base));
+        }
         Ok(DockerBackend {
             docker,
             opts,
             engine,
             network,
             base,
+            tenants,
             pilot: None,
             pilot_pid: None,
             pods: HashMap::new(),
@@ -188,6 +200,51 @@ impl DockerBackend {
 
     fn pilot_ip(&self) -> String {
         format!("{}.2", self.base)
+    }
+
+    /// The network (name, base) a namespace's pods live on: its tenant network, else the
+    /// run's.
+    fn net_of(&self, namespace: &str) -> (&str, &str) {
+        self.tenants
+            .iter()
+            .find(|(ns, _, _)| ns == namespace)
+            .map_or((&self.network, &self.base), |(_, n, b)| (n, b))
+    }
+
+    /// Pilot's ADS address on the network of a pod of `namespace`.
+    fn pilot_xds_for(&self, namespace: &str) -> SocketAddr {
+        format!("{}.2:15010", self.net_of(namespace).1)
+            .parse()
+            .expect("valid address")
+    }
+
+    /// Connects a container to every tenant network, at `.{last}` of each.
+    async fn join_tenant_networks(
+        &self,
+        container: &str,
+        last: &str,
+        aliases: &[String],
+    ) -> Result<(), Error> {
+        for (ns, net, base) in &self.tenants {
+            self.docker
+                .connect_network(
+                    net,
+                    NetworkConnectRequest {
+                        container: container.to_string(),
+                        endpoint_config: Some(EndpointSettings {
+                            ipam_config: Some(EndpointIpamConfig {
+                                ipv4_address: Some(format!("{base}.{last}")),
+                                ..Default::default()
+                            }),
+                            aliases: Some(aliases.to_vec()),
+                            ..Default::default()
+                        }),
+                    },
+                )
+                .await
+                .map_err(|e| engine_error(&format!("joining tenant {ns}'s network"), e))?;
+        }
+        Ok(())
     }
 
     /// Creates and starts one container of the run; returns its id.
@@ -223,11 +280,11 @@ impl DockerBackend {
             ("meshbench.name".to_string(), name.to_string()),
         ]);
         let (network_mode, networking_config, hostname) = match net {
-            Net::Own { ip, aliases } => (
-                self.network.clone(),
+            Net::Own { net, ip, aliases } => (
+                net.to_string(),
                 Some(NetworkingConfig {
                     endpoints_config: Some(HashMap::from([(
-                        self.network.clone(),
+                        net.to_string(),
                         EndpointSettings {
                             ipam_config: Some(EndpointIpamConfig {
                                 ipv4_address: Some(ip.to_string()),
@@ -323,9 +380,9 @@ impl Backend for DockerBackend {
     fn pod_limit(&self) -> usize {
         POD_LIMIT
     }
-    fn pod_addr(&self, k: usize) -> PodAddr {
+    fn pod_addr(&self, k: usize, plan: &super::PodPlan) -> PodAddr {
         PodAddr {
-            pod_ip: format!("{}.{}", self.base, 10 + k),
+            pod_ip: format!("{}.{}", self.net_of(&plan.namespace).1, 10 + k),
             app_ip: "127.0.0.1".into(),
         }
     }
@@ -369,10 +426,14 @@ impl Backend for DockerBackend {
                 &args.to_args(),
                 &args.env(),
                 Net::Own {
+                    net: &self.network,
                     ip: &ip,
                     aliases: vec!["pilot".into(), "istiod".into()],
                 },
             )
+            .await?;
+        // Pilot serves every tenant's sidecars on that tenant's network.
+        self.join_tenant_networks(&id, "2", &["pilot".into(), "istiod".into()])
             .await?;
         self.pilot_pid = self
             .docker
@@ -410,6 +471,12 @@ impl Backend for DockerBackend {
         let name = &p.plan.name;
         let s = &p.plan.service;
         let ns = &p.plan.namespace;
+        let aliases = vec![
+            name.clone(),
+            s.clone(),
+            format!("{s}.{ns}"),
+            format!("{s}.{ns}.svc.cluster.local"),
+        ];
         let infra = self
             .run(
                 name,
@@ -418,16 +485,24 @@ impl Backend for DockerBackend {
                 "/meshbench",
                 &["pause".to_string()],
                 Net::Own {
+                    net: self.net_of(ns).0,
                     ip: &p.addr.pod_ip,
-                    aliases: vec![
-                        name.clone(),
-                        s.clone(),
-                        format!("{s}.{ns}"),
-                        format!("{s}.{ns}.svc.cluster.local"),
-                    ],
+                    aliases: aliases.clone(),
                 },
             )
             .await?;
+        // Gateways and the load client are the mesh's entry points: they reach every tenant.
+        if p.plan.gateway || p.plan.is_load_client() {
+            let last = p
+                .addr
+                .pod_ip
+                .rsplit('.')
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            self.join_tenant_networks(&infra, &last, &aliases).await?;
+        }
+        let xds = self.pilot_xds_for(ns);
         let mut c = Containers {
             infra: Some(infra.clone()),
             ..Default::default()
@@ -450,7 +525,7 @@ impl Backend for DockerBackend {
         let sidecar_name = format!("{name}-sidecar");
         c.sidecar = Some(match &self.envoy_image {
             None => {
-                let args = sidecar_args(p, &self.pilot_xds().to_string(), self.opts.xds);
+                let args = sidecar_args(p, &xds.to_string(), self.opts.xds);
                 self.run(
                     &sidecar_name,
                     "sidecar",
@@ -462,7 +537,7 @@ impl Backend for DockerBackend {
                 .await?
             }
             Some(envoy_image) => {
-                let bootstrap = envoy_bootstrap(p, self.pilot_xds(), self.opts.xds);
+                let bootstrap = envoy_bootstrap(p, xds, self.opts.xds);
                 let mut args = vec!["--config-yaml".to_string(), bootstrap.to_json().to_string()];
                 args.extend(ENVOY_ARGS.map(String::from));
                 self.run(
@@ -521,10 +596,11 @@ impl Backend for DockerBackend {
             .and_then(|c| c.infra.clone())
             .unwrap_or_default();
         let name = &p.plan.name;
+        let network = self.net_of(&p.plan.namespace).0.to_string();
         if cut {
             self.docker
                 .disconnect_network(
-                    &self.network,
+                    &network,
                     NetworkDisconnectRequest {
                         container: infra,
                         force: Some(true),
@@ -535,7 +611,7 @@ impl Backend for DockerBackend {
         } else {
             self.docker
                 .connect_network(
-                    &self.network,
+                    &network,
                     NetworkConnectRequest {
                         container: infra,
                         endpoint_config: Some(EndpointSettings {
@@ -550,6 +626,51 @@ impl Backend for DockerBackend {
                 )
                 .await
                 .map_err(|e| engine_error(&format!("reconnecting {name}"), e))
+        }
+    }
+
+    /// Runs `meshbench netcheck` inside the pod's network namespace (an exec in its infra
+    /// container).
+    async fn reach(&self, from: &Pod, to: SocketAddr) -> Result<bool, Error> {
+        let infra = self
+            .pods
+            .get(&from.plan.name)
+            .and_then(|c| c.infra.clone())
+            .ok_or_else(|| Error::Config(format!("pod {} is not running", from.plan.name)))?;
+        let what = format!("probing {to} from {}", from.plan.name);
+        let exec = self
+            .docker
+            .create_exec(
+                &infra,
+                bollard::models::ExecConfig {
+                    cmd: Some(vec!["/meshbench".into(), "netcheck".into(), to.to_string()]),
+                    attach_stdout: Some(true),
+                    attach_stderr: Some(true),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| engine_error(&what, e))?;
+        if let bollard::exec::StartExecResults::Attached { mut output, .. } = self
+            .docker
+            .start_exec(&exec.id, None)
+            .await
+            .map_err(|e| engine_error(&what, e))?
+        {
+            while output.next().await.is_some() {}
+        }
+        let code = self
+            .docker
+            .inspect_exec(&exec.id)
+            .await
+            .map_err(|e| engine_error(&what, e))?
+            .exit_code;
+        match code {
+            Some(0) => Ok(true),
+            Some(1) => Ok(false),
+            other => Err(Error::Environment(format!(
+                "{what}: netcheck exited with {other:?}"
+            ))),
         }
     }
 
@@ -643,10 +764,14 @@ async fn remove(docker: &Docker, id: &str) {
         .await;
 }
 
-/// Creates the run's network on a free /24 of 10.213.0.0/16; returns its name and the
-/// first three octets.
-async fn create_network(docker: &Docker, run_id: &str) -> Result<(String, String), Error> {
-    let name = format!("mb-{run_id}");
+/// Creates a network of the run (`mb-RUN` plus `suffix`) on a free /24 of 10.213.0.0/16;
+/// returns its name and the first three octets.
+async fn create_network(
+    docker: &Docker,
+    run_id: &str,
+    suffix: &str,
+) -> Result<(String, String), Error> {
+    let name = format!("mb-{run_id}{suffix}");
     let first = std::process::id() % 250;
     let mut last_error = None;
     for k in 0..16 {

@@ -85,7 +85,7 @@ impl Backend for LocalBackend {
     fn pod_limit(&self) -> usize {
         120
     }
-    fn pod_addr(&self, k: usize) -> PodAddr {
+    fn pod_addr(&self, k: usize, _plan: &super::PodPlan) -> PodAddr {
         PodAddr {
             pod_ip: format!("{}.{}", self.base, 10 + 2 * k),
             app_ip: format!("{}.{}", self.base, 11 + 2 * k),
