@@ -14,7 +14,7 @@ LAYERS = [
     ('harness-tools', ['load', 'sim']),
     ('harness-data', ['scenario', 'report', 'gate']),
     ('harness-backends', ['backend']),
-    ('harness-drivers', ['churn', 'bench', 'sweep']),
+    ('harness-drivers', ['churn', 'bench', 'sweep', 'scoping']),
     ('harness-runner', ['run']),
 ]
 # Pairs that must never import each other, whatever the layers say.

@@ -27,9 +27,14 @@ target/release/meshbench bench generator --rounds 5 --duration 2s --out reports/
 rm -rf reports/ci/churn reports/ci/sweep
 target/release/meshbench run scenarios/endpoint-churn-10k.yaml --quick --out reports/ci/churn || status=1
 target/release/meshbench sweep scenarios/sweeps/capacity.yaml --quick --out reports/ci/sweep || status=1
+# Tenant scoping in its reduced form (a tenth of the services and proxies): report only.
+rm -rf reports/ci/scoping
+target/release/meshbench bench scoping --quick --out reports/ci/scoping || status=1
 # The same canary on the docker backend (built images, containers), where an engine answers.
 if docker info >/dev/null 2>&1; then
   rm -rf reports/ci/docker
   target/release/meshbench run scenarios/bookinfo-canary.yaml --quick --backend docker --out reports/ci/docker || status=1
+  rm -rf reports/ci/tenants
+  target/release/meshbench run scenarios/tenants.yaml --quick --backend docker --out reports/ci/tenants || status=1
 fi
 exit $status

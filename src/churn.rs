@@ -149,6 +149,7 @@ pub async fn run(
             mode: spec.xds,
             ack_delay: spec.ack_delay.map_or(Duration::ZERO, |d| d.0),
             nack_fraction: spec.nack_fraction,
+            namespaces: vec![],
         },
     )
     .await

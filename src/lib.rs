@@ -18,6 +18,7 @@ pub mod proxy;
 pub mod report;
 pub mod run;
 pub mod scenario;
+pub mod scoping;
 pub mod shutdown;
 pub mod sim;
 pub mod sweep;

@@ -274,6 +274,29 @@ enum BenchCommand {
         #[arg(long)]
         quick: bool,
     },
+    /// What tenant scoping saves: N services in T tenant namespaces and P simulated proxies,
+    /// with no scoping and with a Sidecar per tenant, SotW and delta (a fresh pilot each):
+    /// initial bytes per proxy, bytes and proxies touched per service add and endpoint add,
+    /// pilot CPU per change and peak RSS, real sidecars' RSS. Writes scoping.json and .md.
+    Scoping {
+        #[arg(long, default_value = "reports/bench/scoping")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 1000)]
+        services: usize,
+        #[arg(long, default_value_t = 10)]
+        tenants: usize,
+        /// Endpoints per service.
+        #[arg(long, default_value_t = 2)]
+        endpoints: usize,
+        #[arg(long, default_value_t = 1000)]
+        proxies: usize,
+        /// Service adds and endpoint adds measured per case.
+        #[arg(long, default_value_t = 5)]
+        changes: usize,
+        /// A tenth of the services and proxies, two changes (a smoke test).
+        #[arg(long)]
+        quick: bool,
+    },
     /// The generator against wrk on a simple origin (a workload, no proxy), alternating runs;
     /// exit 1 unless the medians agree: p50 and p99 within --tolerance percent, CPU per
     /// request at most --tolerance percent above wrk's. Needs wrk.
@@ -794,6 +817,50 @@ async fn run(cmd: Command) -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => fail(EXIT_ENVIRONMENT, &e),
+            }
+        }
+        Command::Bench {
+            what:
+                BenchCommand::Scoping {
+                    out,
+                    services,
+                    tenants,
+                    endpoints,
+                    proxies,
+                    changes,
+                    quick,
+                },
+        } => {
+            let Ok(exe) = std::env::current_exe() else {
+                return fail(EXIT_ENVIRONMENT, &"cannot find the meshbench executable");
+            };
+            if tenants == 0 || services < tenants || proxies < tenants {
+                return fail(
+                    EXIT_BAD_INPUT,
+                    &"--tenants must be at least 1 and at most --services and --proxies",
+                );
+            }
+            let cfg = meshbench::scoping::Config {
+                services: if quick { services / 10 } else { services }.max(tenants),
+                tenants,
+                endpoints,
+                proxies: if quick { proxies / 10 } else { proxies }.max(tenants),
+                changes: if quick { 2 } else { changes.max(1) },
+                meshbench_exe: exe,
+                envoy: xds::bootstrap::find_envoy(),
+                out: out.clone(),
+            };
+            let work = meshbench::scoping::run(cfg, |m| eprintln!("meshbench: bench scoping: {m}"));
+            tokio::select! {
+                r = work => match r {
+                    Ok(report) => {
+                        print!("{}", meshbench::scoping::table(&report));
+                        println!("wrote {}", out.join("scoping.json").display());
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => fail(EXIT_ENVIRONMENT, &e),
+                },
+                _ = stop.wait() => fail(EXIT_ENVIRONMENT, &"interrupted"),
             }
         }
         Command::Bootstrap {

@@ -46,6 +46,8 @@ pub struct FleetSpec {
     pub ack_delay: Duration,
     /// Fraction (0..1) of responses NACKed instead of ACKed.
     pub nack_fraction: f64,
+    /// Namespaces the proxies are spread over, round-robin (default: [`SIM_NAMESPACE`]).
+    pub namespaces: Vec<String>,
 }
 
 /// What one simulated proxy saw.
@@ -104,8 +106,12 @@ impl Fleet {
             }
             let ip = sim_ip(i);
             let pod = format!("sim-{fleet}-{i}");
+            let namespace = match spec.namespaces.as_slice() {
+                [] => SIM_NAMESPACE,
+                list => &list[i % list.len()],
+            };
             let stats = Arc::new(SimStats {
-                node_id: node::sidecar_id(&ip, &pod, SIM_NAMESPACE),
+                node_id: node::sidecar_id(&ip, &pod, namespace),
                 ..Default::default()
             });
             let sim = Sim {

@@ -167,3 +167,67 @@ fn bench_proxy_quick_writes_the_documented_report() {
         String::from_utf8_lossy(&ps.stdout)
     );
 }
+
+/// `meshbench bench scoping` at a small size: with a Sidecar per tenant, a service added in
+/// tenant 0 sends nothing to other tenants' proxies (without scoping it reaches every proxy),
+/// and the initial sync per proxy is smaller. Byte counts are what the simulated proxies
+/// received, so the zero is exact; ratios are printed, not asserted.
+#[test]
+fn bench_scoping_keeps_changes_inside_their_tenant() {
+    let dir = std::env::temp_dir().join(format!("meshbench-scoping-test-{}", std::process::id()));
+    let run = meshbench()
+        .args([
+            "bench",
+            "scoping",
+            "--services",
+            "40",
+            "--tenants",
+            "4",
+            "--proxies",
+            "40",
+            "--changes",
+            "1",
+            "--out",
+        ])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(0), "{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("scoping.json")).unwrap()).unwrap();
+    let cases = report["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 4);
+    for c in cases {
+        let add = &c["service_add"];
+        let other = add["bytes_other_tenants"].as_f64().unwrap();
+        let touched = add["other_tenant_proxies_touched"].as_f64().unwrap();
+        assert!(add["bytes_own_tenant"].as_f64().unwrap() > 0.0, "{c}");
+        if c["scoped"] == true {
+            assert_eq!((other, touched), (0.0, 0.0), "{c}");
+            assert_eq!(
+                c["endpoint_add"]["bytes_other_tenants"].as_f64(),
+                Some(0.0),
+                "{c}"
+            );
+        } else {
+            assert!(other > 0.0 && touched == 30.0, "{c}");
+        }
+        assert!(!c["sidecars"].as_array().unwrap().is_empty());
+    }
+    for xds in ["sotw", "delta"] {
+        let initial = |scoped: bool| {
+            cases
+                .iter()
+                .find(|c| c["xds"] == xds && c["scoped"] == scoped)
+                .unwrap()["initial_bytes_per_proxy_mean"]
+                .as_f64()
+                .unwrap()
+        };
+        assert!(initial(true) < initial(false), "{xds}");
+    }
+    assert!(std::fs::read_to_string(dir.join("scoping.md"))
+        .unwrap()
+        .contains("unscoped / scoped"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -34,6 +34,7 @@ fn spec(mode: XdsMode, proxies: usize) -> FleetSpec {
         mode,
         ack_delay: Duration::ZERO,
         nack_fraction: 0.0,
+        namespaces: vec![],
     }
 }
 
