@@ -75,12 +75,44 @@ fn bench(c: &mut Criterion) {
         namespace: "default".into(),
         labels: [("app".to_string(), "svc-1".to_string())].into(),
         app_ip: "127.0.0.1".into(),
+        router: false,
     };
     g.bench_function("proxy_view", |b| b.iter(|| snap.view(&node)));
     let view = snap.view(&node);
     g.bench_function("proxy_view_endpoint_change", |b| {
         b.iter(|| snap.view_from(&node, Some(&view)))
     });
+    // Tenant scoping: the same mesh with a Sidecar importing only the proxy's namespace
+    // (every service here is in `default`, so the scope is the whole mesh's size: this is the
+    // cost of working out and building one scope per snapshot, the worst case).
+    let sidecar = meshbench::config::parse(
+        "sidecar.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: default, namespace: default}\nspec:\n  egress: [{hosts: [\"./*\"]}]\n",
+    )
+    .unwrap()
+    .objects;
+    let mut scoped = (*mesh).clone();
+    scoped.sidecars = compile(sidecar.iter(), [], false).unwrap().sidecars;
+    let scoped = Arc::new(scoped);
+    g.bench_function("scoped_view_first_of_snapshot", |b| {
+        b.iter(|| {
+            let s = Arc::new(Snapshot::build(
+                1,
+                scoped.clone(),
+                Instant::now(),
+                SystemTime::now(),
+            ));
+            s.view(&node)
+        })
+    });
+    let s = Arc::new(Snapshot::build(
+        1,
+        scoped.clone(),
+        Instant::now(),
+        SystemTime::now(),
+    ));
+    let _ = s.view(&node);
+    g.bench_function("scoped_view_shared", |b| b.iter(|| s.view(&node)));
     // Delta: a client holding every assignment, one of which changed.
     let desired: Vec<&meshbench::xds::Resource> = snap.endpoints.values().collect();
     let mut known: std::collections::HashMap<String, u64> =

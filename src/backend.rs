@@ -503,40 +503,74 @@ async fn wait_ready(p: &Pod, log_dir: &Path) -> Result<(), Error> {
 /// Pods from the manifests' Deployments x replicas, in file order.
 pub fn plan_pods(manifests: &[String], limit: usize) -> Result<Vec<PodPlan>, Error> {
     let mut pods = Vec::new();
+    let mut objects = Vec::new();
     for f in manifests {
         let parsed =
             config::parse_file(Path::new(f)).map_err(|e| Error::Config(format!("{}", e[0])))?;
-        for o in parsed.objects {
-            let Spec::Deployment(d) = &o.spec else {
-                continue;
-            };
-            let service = d
-                .labels
-                .get("app")
-                .cloned()
-                .unwrap_or_else(|| o.name.clone());
-            let version = d
-                .labels
-                .get("version")
-                .cloned()
-                .unwrap_or_else(|| "v1".into());
-            for i in 0..d.replicas {
-                pods.push(PodPlan {
-                    name: format!("{}-{i}", o.name),
-                    deployment: o.name.clone(),
-                    namespace: o.namespace.clone(),
-                    behaviour: Behaviour::bookinfo(&service, &version),
-                    service: service.clone(),
-                    version: version.clone(),
-                    labels: d.labels.clone(),
-                    port: d.container_ports.first().map_or(9080, |p| p.1),
-                    gateway: d.labels.contains_key("istio"),
-                });
-                if pods.len() > limit {
-                    return Err(Error::Config(format!(
-                        "this backend runs at most {limit} pods"
-                    )));
+        objects.extend(parsed.objects);
+    }
+    // A gateway listens where its Service sends port 80 (else its first port), as istiod
+    // binds a gateway's listener on the Service's target port.
+    let gateway_port = |ns: &str, labels: &Labels| -> Option<u16> {
+        let ports: Vec<&crate::model::ServicePort> = objects
+            .iter()
+            .filter(|o| o.namespace == ns)
+            .filter_map(|o| match &o.spec {
+                Spec::Service(s)
+                    if !s.selector.is_empty()
+                        && crate::model::labels_match(&s.selector, labels) =>
+                {
+                    Some(s.ports.iter())
                 }
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        ports
+            .iter()
+            .find(|p| p.port == 80)
+            .or(ports.first())
+            .and_then(|p| match p.target_port {
+                crate::model::TargetPort::Number(n) => Some(n),
+                crate::model::TargetPort::Name(_) => None,
+            })
+    };
+    for o in &objects {
+        let Spec::Deployment(d) = &o.spec else {
+            continue;
+        };
+        let service = d
+            .labels
+            .get("app")
+            .cloned()
+            .unwrap_or_else(|| o.name.clone());
+        let version = d
+            .labels
+            .get("version")
+            .cloned()
+            .unwrap_or_else(|| "v1".into());
+        for i in 0..d.replicas {
+            pods.push(PodPlan {
+                name: format!("{}-{i}", o.name),
+                deployment: o.name.clone(),
+                namespace: o.namespace.clone(),
+                behaviour: Behaviour::bookinfo(&service, &version),
+                service: service.clone(),
+                version: version.clone(),
+                labels: d.labels.clone(),
+                port: if d.labels.contains_key("istio") {
+                    gateway_port(&o.namespace, &d.labels)
+                } else {
+                    None
+                }
+                .or(d.container_ports.first().map(|p| p.1))
+                .unwrap_or(9080),
+                gateway: d.labels.contains_key("istio"),
+            });
+            if pods.len() > limit {
+                return Err(Error::Config(format!(
+                    "this backend runs at most {limit} pods"
+                )));
             }
         }
     }

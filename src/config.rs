@@ -857,6 +857,18 @@ fn http_match(origin: &Origin, field: &str, m: RawHttpMatch) -> Result<HttpMatch
 fn virtual_service(origin: &Origin, v: Value) -> Result<VirtualServiceSpec, Outcome> {
     let raw: RawVirtualService = typed(origin, "spec", v).map_err(Outcome::Errors)?;
     check_export_to(origin, "spec.exportTo", &raw.export_to)?;
+    // Hosts as Istio validates them: `*`, `*.suffix` or a DNS name (short or qualified); no
+    // port, no wildcard elsewhere.
+    for (i, h) in raw.hosts.iter().enumerate() {
+        let ok = h == "*" || dns_name(h.strip_prefix("*.").unwrap_or(h));
+        if !ok {
+            return Err(errs(
+                origin,
+                format!("spec.hosts[{i}]"),
+                format!("host {h:?} must be *, *.suffix or a DNS name (lowercase, no port)"),
+            ));
+        }
+    }
     if !raw.tcp.is_empty() || !raw.tls.is_empty() {
         return Err(errs(
             origin,
@@ -1925,6 +1937,8 @@ mod tests {
             (format!("{net}\nkind: DestinationRule\nmetadata: {{name: r}}\nspec: {{host: reviews, trafficPolicy: {{loadBalancer: {{consistentHash: {{useSourceIp: true}}}}}}}}\n"), "spec.trafficPolicy.loadBalancer.consistentHash", "not supported"),
             (format!("{net}\nkind: DestinationRule\nmetadata: {{name: r}}\nspec: {{host: reviews, trafficPolicy: {{portLevelSettings: []}}}}\n"), "spec.trafficPolicy.portLevelSettings", "not supported"),
             (format!("{net}\nkind: VirtualService\nmetadata: {{name: v}}\nspec: {{hosts: [reviews], exportTo: [., \"*\"]}}\n"), "spec.exportTo", "cannot be combined"),
+            (format!("{net}\nkind: VirtualService\nmetadata: {{name: v}}\nspec: {{hosts: [\"shop.example.com:*\"]}}\n"), "spec.hosts[0]", "no port"),
+            (format!("{net}\nkind: VirtualService\nmetadata: {{name: v}}\nspec: {{hosts: [\"a*.example.com\"]}}\n"), "spec.hosts[0]", "*.suffix"),
             (format!("{net}\nkind: DestinationRule\nmetadata: {{name: r}}\nspec: {{host: reviews, exportTo: [Not_A_Namespace]}}\n"), "spec.exportTo", "not *, ., ~ or a namespace name"),
             (format!("apiVersion: v1\nkind: Service\nmetadata: {{name: s, annotations: {{networking.istio.io/exportTo: \"~,.\"}}}}\nspec: {{ports: [{{port: 80}}]}}\n"), "metadata.annotations.networking.istio.io/exportTo", "cannot be combined"),
             (format!("{net}\nkind: Sidecar\nmetadata: {{name: s}}\nspec: {{egress: [{{hosts: [reviews]}}]}}\n"), "spec.egress[0].hosts[0]", "NAMESPACE/HOST"),

@@ -525,6 +525,9 @@ pub struct GatewayRoutes {
     pub hosts: Vec<String>,
     /// Destinations resolved as for sidecars.
     pub http: Vec<HttpRoute>,
+    /// The VirtualService's `exportTo`: a gateway binds it only when it is exported to the
+    /// gateway's namespace.
+    pub export_to: ExportTo,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -554,6 +557,15 @@ pub struct Mesh {
     pub gateway_routes: Vec<GatewayRoutes>,
     /// Sidecars by (namespace, name).
     pub sidecars: BTreeMap<(String, String), SidecarSpec>,
+}
+
+/// The hosts one sidecar sees (sorted); `everything` when that is the whole mesh.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct Visibility {
+    pub services: Vec<String>,
+    pub routes: Vec<String>,
+    pub policies: Vec<String>,
+    pub everything: bool,
 }
 
 /// Which Sidecar a proxy is under, if any: one of its namespace selecting its labels (the
@@ -589,44 +601,78 @@ impl Mesh {
             || self.policies.values().any(|p| narrows(&p.export_to))
     }
 
-    /// The mesh as a sidecar of `namespace` under `sidecar` sees it: the services exported to
-    /// its namespace that its Sidecar's egress hosts import, and the VirtualServices and
-    /// DestinationRules of those hosts exported to it. No gateways.
-    pub fn visible_from(&self, namespace: &str, sidecar: Option<&SidecarKey>) -> Mesh {
-        let egress = sidecar.and_then(|k| self.sidecars.get(k).map(|s| (&k.0, &s.egress)));
+    /// What a sidecar of `namespace` under `sidecar` sees: the hosts of the services exported
+    /// to its namespace that its Sidecar's egress hosts import (`.` is the proxy's own
+    /// namespace, also under the root namespace's default Sidecar, as Istio reads it), and of
+    /// those the hosts whose VirtualService and DestinationRule are exported to it.
+    pub fn visibility(&self, namespace: &str, sidecar: Option<&SidecarKey>) -> Visibility {
+        let egress = sidecar
+            .and_then(|k| self.sidecars.get(k))
+            .map(|s| &s.egress);
         let imported = |svc: &MeshService| match egress {
             None => true,
-            Some((sidecar_ns, hosts)) => hosts.iter().any(|(ns, h)| {
-                let ns_ok = ns == "*"
-                    || ns == &svc.namespace
-                    || (ns == "." && *sidecar_ns == svc.namespace);
+            Some(hosts) => hosts.iter().any(|(ns, h)| {
+                let ns_ok =
+                    ns == "*" || ns == &svc.namespace || (ns == "." && namespace == svc.namespace);
                 ns_ok && host_matches(h, &svc.host)
             }),
         };
-        let services: BTreeMap<String, MeshService> = self
+        let services: Vec<String> = self
             .services
-            .iter()
-            .filter(|(_, s)| exported(&s.export_to, &s.namespace, namespace) && imported(s))
-            .map(|(h, s)| (h.clone(), s.clone()))
+            .values()
+            .filter(|s| exported(&s.export_to, &s.namespace, namespace) && imported(s))
+            .map(|s| s.host.clone())
             .collect();
+        let visible =
+            |h: &String| self.services.contains_key(h) && services.binary_search(h).is_ok();
+        let routes: Vec<String> = self
+            .routes
+            .iter()
+            .filter(|(h, r)| visible(h) && exported(&r.export_to, &r.namespace, namespace))
+            .map(|(h, _)| h.clone())
+            .collect();
+        let policies: Vec<String> = self
+            .policies
+            .iter()
+            .filter(|(h, p)| visible(h) && exported(&p.export_to, &p.namespace, namespace))
+            .map(|(h, _)| h.clone())
+            .collect();
+        let everything = services.len() == self.services.len()
+            && routes.len() == self.routes.len()
+            && policies.len() == self.policies.len();
+        Visibility {
+            services,
+            routes,
+            policies,
+            everything,
+        }
+    }
+
+    /// The mesh restricted to what `v` makes visible (no gateways).
+    pub fn visible(&self, v: &Visibility) -> Mesh {
+        let pick = |hosts: &[String]| -> std::collections::BTreeSet<String> {
+            hosts.iter().cloned().collect()
+        };
+        let (services, routes, policies) = (pick(&v.services), pick(&v.routes), pick(&v.policies));
         Mesh {
+            services: self
+                .services
+                .iter()
+                .filter(|(h, _)| services.contains(*h))
+                .map(|(h, s)| (h.clone(), s.clone()))
+                .collect(),
             routes: self
                 .routes
                 .iter()
-                .filter(|(h, r)| {
-                    services.contains_key(*h) && exported(&r.export_to, &r.namespace, namespace)
-                })
+                .filter(|(h, _)| routes.contains(*h))
                 .map(|(h, r)| (h.clone(), r.clone()))
                 .collect(),
             policies: self
                 .policies
                 .iter()
-                .filter(|(h, p)| {
-                    services.contains_key(*h) && exported(&p.export_to, &p.namespace, namespace)
-                })
+                .filter(|(h, _)| policies.contains(*h))
                 .map(|(h, p)| (h.clone(), p.clone()))
                 .collect(),
-            services,
             workloads: self.workloads.clone(),
             warnings: vec![],
             envoy_filters: self.envoy_filters.clone(),

@@ -608,6 +608,23 @@ impl Scenario {
             w.check()
                 .map_err(|m| top(format!("topology.workloads.{name}: {m}")))?;
         }
+        let mut seen = std::collections::BTreeSet::new();
+        for t in &topology.tenants {
+            let label = !t.is_empty()
+                && t.len() <= 63
+                && t.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !t.starts_with('-')
+                && !t.ends_with('-');
+            if !label {
+                return Err(top(format!(
+                    "topology.tenants: {t:?} is not a namespace name (lowercase letters, digits and '-')"
+                )));
+            }
+            if !seen.insert(t) {
+                return Err(top(format!("topology.tenants: {t:?} is listed twice")));
+            }
+        }
         if topology.manifests.is_empty() {
             return Err(top(
                 "topology.manifests: at least one manifest file is needed".into(),

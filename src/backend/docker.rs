@@ -179,8 +179,14 @@ impl DockerBackend {
         let (network, base) = create_network(&docker, &opts.run_id, "").await?;
         let mut tenants = Vec::new();
         for ns in &opts.tenants {
-            let (net, base) = create_network(&docker, &opts.run_id, &format!("-{ns}")).await?;
-            tenants.push((ns.clone(), net, base));
+            match create_network(&docker, &opts.run_id, &format!("-{ns}")).await {
+                Ok((net, base)) => tenants.push((ns.clone(), net, base)),
+                Err(e) => {
+                    // Nothing holds the networks made so far: remove them now.
+                    let _ = down(&docker, Some(&opts.run_id)).await;
+                    return Err(e);
+                }
+            }
         }
         Ok(DockerBackend {
             docker,
@@ -218,14 +224,16 @@ impl DockerBackend {
             .expect("valid address")
     }
 
-    /// Connects a container to every tenant network, at `.{last}` of each.
+    /// Connects a container to every tenant network but `own` (the one it is on), at
+    /// `.{last}` of each.
     async fn join_tenant_networks(
         &self,
         container: &str,
+        own: &str,
         last: &str,
         aliases: &[String],
     ) -> Result<(), Error> {
-        for (ns, net, base) in &self.tenants {
+        for (ns, net, base) in self.tenants.iter().filter(|(_, n, _)| n != own) {
             self.docker
                 .connect_network(
                     net,
@@ -388,7 +396,7 @@ impl Backend for DockerBackend {
     }
     fn client_addr(&self) -> PodAddr {
         PodAddr {
-            pod_ip: format!("{}.8", self.base),
+            pod_ip: format!("{}.8", self.net_of(crate::model::DEFAULT_NAMESPACE).1),
             app_ip: "127.0.0.1".into(),
         }
     }
@@ -433,7 +441,8 @@ impl Backend for DockerBackend {
             )
             .await?;
         // Pilot serves every tenant's sidecars on that tenant's network.
-        self.join_tenant_networks(&id, "2", &["pilot".into(), "istiod".into()])
+        let own = self.network.clone();
+        self.join_tenant_networks(&id, &own, "2", &["pilot".into(), "istiod".into()])
             .await?;
         self.pilot_pid = self
             .docker
@@ -500,7 +509,9 @@ impl Backend for DockerBackend {
                 .next()
                 .unwrap_or_default()
                 .to_string();
-            self.join_tenant_networks(&infra, &last, &aliases).await?;
+            let own = self.net_of(ns).0.to_string();
+            self.join_tenant_networks(&infra, &own, &last, &aliases)
+                .await?;
         }
         let xds = self.pilot_xds_for(ns);
         let mut c = Containers {
@@ -774,7 +785,8 @@ async fn create_network(
     let name = format!("mb-{run_id}{suffix}");
     let first = std::process::id() % 250;
     let mut last_error = None;
-    for k in 0..16 {
+    // 13 is prime to 250: every /24 is tried once.
+    for k in 0..250 {
         let base = format!("10.213.{}", (first + k * 13) % 250 + 1);
         let req = NetworkCreateRequest {
             name: name.clone(),

@@ -490,6 +490,7 @@ impl Compiler {
                     namespace: o.namespace.clone(),
                     hosts,
                     http,
+                    export_to: vs.export_to.clone(),
                 });
             }
             if !binds_mesh {

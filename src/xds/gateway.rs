@@ -17,7 +17,7 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 
 use super::node::NodeInfo;
 use super::*;
-use crate::model::{labels_match, GatewayServer, GatewaySpec, Mesh, TargetPort};
+use crate::model::{exported, labels_match, GatewayServer, GatewaySpec, Mesh, TargetPort};
 
 /// Name of a gateway's route configuration for a listener port.
 pub fn route_name(port: u16) -> String {
@@ -123,7 +123,11 @@ pub fn route_configs(mesh: &Mesh, node: &NodeInfo) -> HashMap<String, Resource> 
     for (port, servers) in servers_by_port(mesh, node) {
         // domain -> (virtual host name, routes), in the order VirtualServices bind.
         let mut hosts: Vec<(String, String, Vec<route::Route>)> = Vec::new();
-        for gr in &mesh.gateway_routes {
+        let bound = mesh
+            .gateway_routes
+            .iter()
+            .filter(|gr| exported(&gr.export_to, &gr.namespace, &node.namespace));
+        for gr in bound {
             for (gw, server) in servers.iter().filter(|(gw, _)| **gw == gr.gateway) {
                 for h in &gr.hosts {
                     for (ns, sh) in &server.hosts {

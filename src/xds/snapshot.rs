@@ -34,13 +34,25 @@ pub struct Snapshot {
     pub listeners_key: u64,
     /// What sidecars see when Sidecars or `exportTo` narrow it, per (namespace, Sidecar):
     /// built on first use and shared by every proxy of that scope.
-    scopes: std::sync::Mutex<HashMap<ScopeKey, Arc<Scope>>>,
+    scopes: std::sync::Mutex<Scopes>,
     /// `mesh.scoped()`, computed once.
     scoped: bool,
 }
 
 /// A sidecar's visibility class: its namespace and the Sidecar it is under.
 pub type ScopeKey = (String, Option<crate::model::SidecarKey>);
+
+/// Scopes of one snapshot: each class's visible set (by hash; `None`: the whole mesh), and
+/// the resources per distinct visible set, so classes that see the same share them.
+#[derive(Debug, Default)]
+struct Scopes {
+    classes: HashMap<ScopeKey, Option<u64>>,
+    built: HashMap<u64, Arc<Scope>>,
+}
+
+/// Classes remembered per snapshot (namespaces come from node ids; past this, each view
+/// computes its visible set again rather than growing the map).
+const SCOPE_CLASSES: usize = 10_000;
 
 /// The outbound resources one scope sees.
 #[derive(Debug)]
@@ -85,10 +97,36 @@ impl Snapshot {
                 .sidecar_for(&node.namespace, &node.labels)
                 .cloned(),
         );
-        if let Some(s) = self.scopes.lock().unwrap().get(&key) {
-            return Some(s.clone());
+        {
+            let scopes = self.scopes.lock().unwrap();
+            match scopes.classes.get(&key) {
+                Some(None) => return None,
+                Some(Some(id)) => {
+                    // Absent while another stream is still building it: build it here too.
+                    if let Some(s) = scopes.built.get(id) {
+                        return Some(s.clone());
+                    }
+                }
+                None => {}
+            }
         }
-        let visible = self.mesh.visible_from(&key.0, key.1.as_ref());
+        let v = self.mesh.visibility(&key.0, key.1.as_ref());
+        let id = (!v.everything).then(|| {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            v.hash(&mut h);
+            h.finish()
+        });
+        {
+            let mut scopes = self.scopes.lock().unwrap();
+            if scopes.classes.len() < SCOPE_CLASSES {
+                scopes.classes.insert(key, id);
+            }
+            if let Some(s) = scopes.built.get(&id?) {
+                return Some(s.clone());
+            }
+        }
+        let visible = self.mesh.visible(&v);
         let scope = Arc::new(Scope {
             clusters: cluster::outbound_clusters(&visible),
             endpoints: endpoint::assignments(&visible),
@@ -98,7 +136,8 @@ impl Snapshot {
             self.scopes
                 .lock()
                 .unwrap()
-                .entry(key)
+                .built
+                .entry(id?)
                 .or_insert(scope)
                 .clone(),
         )
@@ -230,14 +269,15 @@ fn listeners_key(mesh: &Mesh) -> u64 {
     // What each sidecar sees (a change of visibility is compared in full).
     if mesh.scoped() {
         format!("{:?}", mesh.sidecars).hash(&mut h);
+        // Who owns what matters too: `.` exports to the owner's namespace.
         for s in mesh.services.values() {
-            format!("{:?}", s.export_to).hash(&mut h);
+            (&s.namespace, &s.export_to).hash(&mut h);
         }
-        for r in mesh.routes.values() {
-            format!("{:?}", r.export_to).hash(&mut h);
+        for (host, r) in &mesh.routes {
+            (host, &r.namespace, &r.export_to).hash(&mut h);
         }
-        for p in mesh.policies.values() {
-            format!("{:?}", p.export_to).hash(&mut h);
+        for (host, p) in &mesh.policies {
+            (host, &p.namespace, &p.export_to).hash(&mut h);
         }
     }
     // Gateways' listeners and routes (whose default ports come from the services' ports).
@@ -394,6 +434,113 @@ mod tests {
             if let Some(RouteSpecifier::Rds(rds)) = hcm.route_specifier {
                 assert!(view.get(ROUTE_TYPE, &rds.route_config_name).is_some());
             }
+        }
+    }
+
+    fn snapshot_of(yaml: &str) -> Arc<Snapshot> {
+        let objects = config::parse("t.yaml", yaml).unwrap().objects;
+        let mesh = crate::model::compile::compile(objects.iter(), [], false).unwrap();
+        Arc::new(Snapshot::build(
+            1,
+            Arc::new(mesh),
+            Instant::now(),
+            SystemTime::now(),
+        ))
+    }
+
+    fn node(namespace: &str, router: bool) -> NodeInfo {
+        let id = if router {
+            super::super::node::router_id("127.0.9.9", "p", namespace)
+        } else {
+            super::super::node::sidecar_id("127.0.9.9", "p", namespace)
+        };
+        NodeInfo::from_node(&envoy_types::pb::envoy::config::core::v3::Node {
+            id,
+            ..Default::default()
+        })
+    }
+
+    fn cluster_names(v: &View) -> Vec<String> {
+        v.all(CLUSTER_TYPE).iter().map(|r| r.name.clone()).collect()
+    }
+
+    const TWO_TENANTS: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: a, namespace: tenant-a}\nspec: {ports: [{port: 80}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: b, namespace: tenant-b}\nspec: {ports: [{port: 80}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: c, namespace: tenant-c}\nspec: {ports: [{port: 80}]}\n";
+
+    /// The root namespace's default Sidecar reads `.` as each proxy's own namespace (Istio's
+    /// documented mesh-wide default), and namespaces seeing the same hosts share one scope.
+    #[test]
+    fn a_root_sidecar_scopes_every_namespace_to_itself() {
+        let snap = snapshot_of(&format!("{TWO_TENANTS}---\napiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: default, namespace: istio-system}}\nspec:\n  egress: [{{hosts: [\"./*\", \"istio-system/*\"]}}]\n"));
+        let a = snap.view(&node("tenant-a", false));
+        assert_eq!(
+            cluster_names(&a),
+            vec!["outbound|80||a.tenant-a.svc.cluster.local"]
+        );
+        let b = snap.view(&node("tenant-b", false));
+        assert_eq!(
+            cluster_names(&b),
+            vec!["outbound|80||b.tenant-b.svc.cluster.local"]
+        );
+        // A namespace with no services of its own sees nothing; a gateway sees everything.
+        assert!(cluster_names(&snap.view(&node("tenant-z", false))).is_empty());
+        assert_eq!(
+            cluster_names(&snap.view(&node("istio-system", true))).len(),
+            3
+        );
+        // exportTo only: namespaces that see everything share the whole mesh (no copy).
+        let snap = snapshot_of(&TWO_TENANTS.replace(
+            "{name: c, namespace: tenant-c}",
+            "{name: c, namespace: tenant-c, annotations: {networking.istio.io/exportTo: \".\"}}",
+        ));
+        assert!(snap.scope(&node("tenant-c", false)).is_none());
+        let a = snap.scope(&node("tenant-a", false)).unwrap();
+        let b = snap.scope(&node("tenant-b", false)).unwrap();
+        assert!(Arc::ptr_eq(&a, &b), "equal visible sets share one scope");
+        assert_eq!(a.clusters.len(), 2);
+    }
+
+    /// Moving a DestinationRule exported to `.` to another namespace changes who sees it,
+    /// though no global resource changes: the proxies' views must be rebuilt.
+    #[test]
+    fn visibility_owners_are_part_of_the_listeners_key() {
+        let dr = |ns: &str| {
+            format!("{TWO_TENANTS}---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: a, namespace: {ns}}}\nspec: {{host: a.tenant-a.svc.cluster.local, exportTo: [.], subsets: [{{name: v1, labels: {{version: v1}}}}]}}\n")
+        };
+        let (one, two) = (snapshot_of(&dr("tenant-a")), snapshot_of(&dr("tenant-b")));
+        assert_eq!(one.clusters.len(), two.clusters.len());
+        assert_ne!(one.listeners_key, two.listeners_key);
+        let has_subset = |s: &Arc<Snapshot>, ns: &str| {
+            cluster_names(&s.view(&node(ns, false)))
+                .iter()
+                .any(|c| c.contains("|v1|"))
+        };
+        assert!(has_subset(&one, "tenant-a") && !has_subset(&one, "tenant-b"));
+        assert!(has_subset(&two, "tenant-b") && !has_subset(&two, "tenant-a"));
+    }
+
+    /// A gateway binds only the VirtualServices exported to its namespace.
+    #[test]
+    fn gateways_bind_only_virtual_services_exported_to_them() {
+        let yaml = |export: &str| {
+            format!("{TWO_TENANTS}---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: gw, namespace: istio-system}}\nspec: {{selector: {{istio: ingressgateway}}, servers: [{{port: {{number: 80, protocol: HTTP}}, hosts: [\"*\"]}}]}}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: a, namespace: tenant-a}}\nspec: {{hosts: [a.example.com], gateways: [istio-system/gw], exportTo: [{export}], http: [{{route: [{{destination: {{host: a}}}}]}}]}}\n")
+        };
+        let mut gw = node("istio-system", true);
+        gw.labels = [("istio".to_string(), "ingressgateway".to_string())].into();
+        for (export, bound) in [("\"*\"", true), ("istio-system", true), (".", false)] {
+            let snap = snapshot_of(&yaml(export));
+            let view = snap.view(&gw);
+            let rc = view.get(ROUTE_TYPE, "http.80").expect("a gateway route");
+            let rc = envoy_types::pb::envoy::config::route::v3::RouteConfiguration::decode(
+                rc.any.value.as_slice(),
+            )
+            .unwrap();
+            let names: Vec<&str> = rc.virtual_hosts.iter().map(|v| v.name.as_str()).collect();
+            let want = if bound {
+                "a.example.com:80"
+            } else {
+                "blackhole:80"
+            };
+            assert_eq!(names, vec![want], "exportTo {export}");
         }
     }
 }
