@@ -50,6 +50,8 @@ pub struct ChangeCost {
     pub proxies_touched: f64,
     pub other_tenant_proxies_touched: f64,
     pub pilot_cpu_ms: f64,
+    /// Bytes in all per type (`cds`, `eds`, `lds`, `rds`).
+    pub bytes_by_type: std::collections::BTreeMap<String, f64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -128,6 +130,19 @@ fn bytes(fleet: &Fleet) -> Vec<u64> {
     fleet.sims.iter().map(|s| s.bytes.load(Relaxed)).collect()
 }
 
+/// Bytes per proxy, and per type over every proxy (in `PUSH_ORDER`), received so far.
+struct Sample(Vec<u64>, [u64; 4]);
+
+fn sample(fleet: &Fleet) -> Sample {
+    let mut types = [0; 4];
+    for s in &fleet.sims {
+        for (o, b) in types.iter_mut().zip(&s.bytes_by_type) {
+            *o += b.load(Relaxed);
+        }
+    }
+    Sample(bytes(fleet), types)
+}
+
 /// Waits until every proxy of tenant 0 received `version` (or later), then until no proxy
 /// receives anything for `quiet` (what other tenants get, if anything, has arrived).
 async fn settle(
@@ -160,8 +175,14 @@ async fn settle(
 }
 
 /// Accumulates one change's per-proxy byte deltas.
-fn account(cost: &mut ChangeCost, before: &[u64], after: &[u64], tenants: usize, cpu_s: f64) {
-    for (i, (b, a)) in before.iter().zip(after).enumerate() {
+fn account(cost: &mut ChangeCost, before: &Sample, after: &Sample, tenants: usize, cpu_s: f64) {
+    for ((t, b), a) in crate::xds::PUSH_ORDER.iter().zip(before.1).zip(after.1) {
+        *cost
+            .bytes_by_type
+            .entry(crate::xds::type_short(t).to_string())
+            .or_default() += (a - b) as f64;
+    }
+    for (i, (b, a)) in before.0.iter().zip(&after.0).enumerate() {
         let d = (a - b) as f64;
         cost.bytes_total += d;
         if i % tenants == 0 {
@@ -190,6 +211,9 @@ fn mean(mut c: ChangeCost) -> ChangeCost {
         &mut c.other_tenant_proxies_touched,
         &mut c.pilot_cpu_ms,
     ] {
+        *v /= n;
+    }
+    for v in c.bytes_by_type.values_mut() {
         *v /= n;
     }
     c
@@ -358,7 +382,7 @@ async fn run_case(cfg: &Config, scoped: bool, xds: XdsMode, case: usize) -> Resu
     let mut service_add = ChangeCost::default();
     for j in 0..cfg.changes {
         let k = cfg.services + j * cfg.tenants; // a tenant-0 service
-        let before = bytes(&fleet);
+        let before = sample(&fleet);
         let cpu0 = cpu();
         pilot
             .apply(
@@ -374,14 +398,14 @@ async fn run_case(cfg: &Config, scoped: bool, xds: XdsMode, case: usize) -> Resu
         account(
             &mut service_add,
             &before,
-            &bytes(&fleet),
+            &sample(&fleet),
             cfg.tenants,
             cpu() - cpu0,
         );
     }
     let mut endpoint_add = ChangeCost::default();
     for j in 0..cfg.changes {
-        let before = bytes(&fleet);
+        let before = sample(&fleet);
         let cpu0 = cpu();
         let v = pilot
             .register(vec![endpoint(0, cfg.endpoints + j, cfg.tenants)])
@@ -391,7 +415,7 @@ async fn run_case(cfg: &Config, scoped: bool, xds: XdsMode, case: usize) -> Resu
         account(
             &mut endpoint_add,
             &before,
-            &bytes(&fleet),
+            &sample(&fleet),
             cfg.tenants,
             cpu() - cpu0,
         );
@@ -480,6 +504,24 @@ pub fn table(r: &Report) -> String {
                 .map(|s| format!("{} {:.1}", s.proxy, s.rss_mb))
                 .collect::<Vec<_>>()
                 .join(", "),
+        );
+    }
+    t += "\nbytes per service add by type (all proxies):\n\n";
+    for c in &r.cases {
+        t += &format!(
+            "- {} {}: {}\n",
+            c.xds,
+            if c.scoped {
+                "Sidecar per tenant"
+            } else {
+                "no scoping"
+            },
+            c.service_add
+                .bytes_by_type
+                .iter()
+                .map(|(k, v)| format!("{k} {v:.0}"))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     t += "\nunscoped / scoped, same ADS method:\n\n";
