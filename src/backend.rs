@@ -530,10 +530,7 @@ pub fn plan_pods(manifests: &[String], limit: usize) -> Result<Vec<PodPlan>, Err
             .iter()
             .find(|p| p.port == 80)
             .or(ports.first())
-            .and_then(|p| match p.target_port {
-                crate::model::TargetPort::Number(n) => Some(n),
-                crate::model::TargetPort::Name(_) => None,
-            })
+            .and_then(|p| p.target_port.number())
     };
     for o in &objects {
         let Spec::Deployment(d) = &o.spec else {

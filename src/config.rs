@@ -860,8 +860,7 @@ fn virtual_service(origin: &Origin, v: Value) -> Result<VirtualServiceSpec, Outc
     // Hosts as Istio validates them: `*`, `*.suffix` or a DNS name (short or qualified); no
     // port, no wildcard elsewhere.
     for (i, h) in raw.hosts.iter().enumerate() {
-        let ok = h == "*" || dns_name(h.strip_prefix("*.").unwrap_or(h));
-        if !ok {
+        if !host_pattern(h) {
             return Err(errs(
                 origin,
                 format!("spec.hosts[{i}]"),
@@ -1208,8 +1207,7 @@ fn check_export_to(origin: &Origin, field: &str, export_to: &ExportTo) -> Result
         if !seen.insert(x) {
             return e(format!("{x:?} is listed twice"));
         }
-        let name_ok = !x.is_empty() && x.len() <= 63 && dns_name(x) && !x.contains('.');
-        if !(x == "*" || x == "." || x == "~" || name_ok) {
+        if !(x == "*" || x == "." || x == "~" || namespace_name(x)) {
             return e(format!("{x:?} is not *, ., ~ or a namespace name"));
         }
         if (x == "*" || x == "~") && list.len() > 1 {
@@ -1428,6 +1426,16 @@ fn workload_entry(
     })
 }
 
+/// A namespace name (a DNS-1123 label).
+fn namespace_name(s: &str) -> bool {
+    s.len() <= 63 && !s.contains('.') && dns_name(s)
+}
+
+/// A host as Istio's configs write it: `*`, `*.suffix` or a DNS name.
+fn host_pattern(h: &str) -> bool {
+    h == "*" || dns_name(h.strip_prefix("*.").unwrap_or(h))
+}
+
 /// A DNS-1123 subdomain (what Istio accepts as a host name).
 fn dns_name(s: &str) -> bool {
     s.len() <= 253
@@ -1544,12 +1552,8 @@ fn gateway(origin: &Origin, v: Value) -> Result<GatewaySpec, Outcome> {
         let mut hosts = Vec::new();
         for (j, h) in s.hosts.iter().enumerate() {
             let (ns, host) = h.split_once('/').unwrap_or(("*", h.as_str()));
-            let ns_ok =
-                ns == "*" || ns == "." || (!ns.is_empty() && dns_name(ns) && !ns.contains('.'));
-            let host_ok = host == "*"
-                || dns_name(host.strip_prefix("*.").unwrap_or(host))
-                    && !host.trim_start_matches("*.").contains('*');
-            if !ns_ok || !host_ok {
+            let ns_ok = ns == "*" || ns == "." || namespace_name(ns);
+            if !ns_ok || !host_pattern(host) {
                 return Err(errs(
                     origin,
                     format!("spec.servers[{i}].hosts[{j}]"),
@@ -1652,11 +1656,8 @@ fn sidecar(origin: &Origin, v: Value) -> Result<SidecarSpec, Outcome> {
             let Some((ns, host)) = h.split_once('/') else {
                 return Err(bad());
             };
-            let ns_ok = matches!(ns, "*" | "." | "~") || (dns_name(ns) && !ns.contains('.'));
-            let host_ok = host == "*"
-                || (dns_name(host.strip_prefix("*.").unwrap_or(host))
-                    && !host.trim_start_matches("*.").contains('*'));
-            if !ns_ok || !host_ok {
+            let ns_ok = matches!(ns, "*" | "." | "~") || namespace_name(ns);
+            if !ns_ok || !host_pattern(host) {
                 return Err(bad());
             }
             egress.push((ns.to_string(), host.to_ascii_lowercase()));

@@ -192,6 +192,16 @@ pub enum TargetPort {
     Name(String),
 }
 
+impl TargetPort {
+    /// The port number, when given as one.
+    pub fn number(&self) -> Option<u16> {
+        match self {
+            TargetPort::Number(n) => Some(*n),
+            TargetPort::Name(_) => None,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ServicePort {
     pub name: String,
@@ -574,6 +584,23 @@ pub struct Visibility {
 pub type SidecarKey = (String, String);
 
 impl Mesh {
+    /// The ports of the services of `namespace` that select a pod with `labels`.
+    pub fn ports_serving<'a>(
+        &'a self,
+        namespace: &'a str,
+        labels: &'a Labels,
+    ) -> impl Iterator<Item = &'a ServicePort> + 'a {
+        self.services
+            .values()
+            .filter(move |s| s.namespace == namespace)
+            .filter(move |s| {
+                s.selector
+                    .as_ref()
+                    .is_some_and(|sel| !sel.is_empty() && labels_match(sel, labels))
+            })
+            .flat_map(|s| s.ports.iter())
+    }
+
     pub fn sidecar_for(&self, namespace: &str, labels: &Labels) -> Option<&SidecarKey> {
         let mut in_ns = self.sidecars.iter().filter(|((ns, _), _)| ns == namespace);
         in_ns
@@ -623,8 +650,7 @@ impl Mesh {
             .filter(|s| exported(&s.export_to, &s.namespace, namespace) && imported(s))
             .map(|s| s.host.clone())
             .collect();
-        let visible =
-            |h: &String| self.services.contains_key(h) && services.binary_search(h).is_ok();
+        let visible = |h: &String| services.binary_search(h).is_ok();
         let routes: Vec<String> = self
             .routes
             .iter()
@@ -650,27 +676,25 @@ impl Mesh {
 
     /// The mesh restricted to what `v` makes visible (no gateways).
     pub fn visible(&self, v: &Visibility) -> Mesh {
-        let pick = |hosts: &[String]| -> std::collections::BTreeSet<String> {
-            hosts.iter().cloned().collect()
-        };
-        let (services, routes, policies) = (pick(&v.services), pick(&v.routes), pick(&v.policies));
+        // The lists are sorted (taken from maps keyed by host).
+        let has = |list: &[String], h: &String| list.binary_search(h).is_ok();
         Mesh {
             services: self
                 .services
                 .iter()
-                .filter(|(h, _)| services.contains(*h))
+                .filter(|(h, _)| has(&v.services, h))
                 .map(|(h, s)| (h.clone(), s.clone()))
                 .collect(),
             routes: self
                 .routes
                 .iter()
-                .filter(|(h, _)| routes.contains(*h))
+                .filter(|(h, _)| has(&v.routes, h))
                 .map(|(h, r)| (h.clone(), r.clone()))
                 .collect(),
             policies: self
                 .policies
                 .iter()
-                .filter(|(h, _)| policies.contains(*h))
+                .filter(|(h, _)| has(&v.policies, h))
                 .map(|(h, p)| (h.clone(), p.clone()))
                 .collect(),
             workloads: self.workloads.clone(),

@@ -472,8 +472,9 @@ impl Compiler {
                     .hosts
                     .iter()
                     .map(|h| {
+                        // Validated lowercase when read.
                         if h.contains('.') || h.contains('*') {
-                            h.to_ascii_lowercase()
+                            h.clone()
                         } else {
                             self.resolve_or_qualify(h, &o.namespace)
                         }

@@ -17,7 +17,7 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 
 use super::node::NodeInfo;
 use super::*;
-use crate::model::{exported, labels_match, GatewayServer, GatewaySpec, Mesh, TargetPort};
+use crate::model::{exported, labels_match, GatewayServer, GatewaySpec, Mesh};
 
 /// Name of a gateway's route configuration for a listener port.
 pub fn route_name(port: u16) -> String {
@@ -52,20 +52,9 @@ fn servers_by_port<'a>(
 /// The target port of the gateway pod's Service port `port` (istiod binds the listener there);
 /// `port` itself when no Service of the pod's namespace selecting it has that port.
 fn target_port(mesh: &Mesh, node: &NodeInfo, port: u16) -> u16 {
-    mesh.services
-        .values()
-        .filter(|s| s.namespace == node.namespace)
-        .filter(|s| {
-            s.selector
-                .as_ref()
-                .is_some_and(|sel| !sel.is_empty() && labels_match(sel, &node.labels))
-        })
-        .flat_map(|s| s.ports.iter())
+    mesh.ports_serving(&node.namespace, &node.labels)
         .find(|p| p.port == port)
-        .and_then(|p| match p.target_port {
-            TargetPort::Number(n) => Some(n),
-            TargetPort::Name(_) => None,
-        })
+        .and_then(|p| p.target_port.number())
         .unwrap_or(port)
 }
 

@@ -14,28 +14,15 @@ use envoy_types::util::pack_any;
 
 use super::node::NodeInfo;
 use super::*;
-use crate::model::{
-    labels_match, LocalRateLimitSpec, Mesh, RateLimitPatch, RouteSelector, TargetPort,
-};
+use crate::model::{LocalRateLimitSpec, Mesh, RateLimitPatch, RouteSelector};
 use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
 use envoy_types::pb::envoy::r#type::v3 as types;
 
 /// Ports (targetPort) on which this proxy's pod serves some service, sorted.
 pub fn inbound_ports(mesh: &Mesh, node: &NodeInfo) -> Vec<u16> {
     let mut ports: Vec<u16> = mesh
-        .services
-        .values()
-        .filter(|s| s.namespace == node.namespace)
-        .filter(|s| {
-            s.selector
-                .as_ref()
-                .is_some_and(|sel| !sel.is_empty() && labels_match(sel, &node.labels))
-        })
-        .flat_map(|s| s.ports.iter())
-        .filter_map(|p| match p.target_port {
-            TargetPort::Number(n) => Some(n),
-            TargetPort::Name(_) => None,
-        })
+        .ports_serving(&node.namespace, &node.labels)
+        .filter_map(|p| p.target_port.number())
         .collect();
     ports.sort_unstable();
     ports.dedup();
