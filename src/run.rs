@@ -216,6 +216,17 @@ pub async fn run(
 /// requests statistically sound.
 pub const QUICK_FACTOR: f64 = 0.5;
 
+/// Percentage points that sampling alone moves a share of `want` percent by over `n`
+/// requests, at 99.9% two-sided (3.29 standard deviations of a binomial proportion). Zero for
+/// shares of 0 or 100, which a correct router never misses.
+fn sampling_spread(want: f64, n: u64) -> f64 {
+    let p = (want / 100.0).clamp(0.0, 1.0);
+    if n == 0 {
+        return 0.0;
+    }
+    3.29 * 100.0 * (p * (1.0 - p) / n as f64).sqrt()
+}
+
 fn unix_seconds() -> String {
     let s = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -483,10 +494,16 @@ impl Runner<'_> {
                 for v in s.versions.keys() {
                     seen.entry(v.clone()).or_insert(0.0);
                 }
+                // The tolerance, widened to what sampling alone can move a share by (3.29
+                // binomial standard deviations: a correct 50/50 split over 300 requests fails
+                // one check in a thousand, not one in two hundred as with +-8 alone).
+                let allowed = |want: f64| tol.max(sampling_spread(want, total));
                 let passed = total > 0
                     && seen.iter().all(|(v, got)| {
-                        (got - s.versions.get(v).copied().unwrap_or(0.0)).abs() <= tol
+                        let want = s.versions.get(v).copied().unwrap_or(0.0);
+                        (got - want).abs() <= allowed(want)
                     });
+                let widest = s.versions.values().map(|w| allowed(*w)).fold(tol, f64::max);
                 let fmt = |m: &BTreeMap<String, f64>| {
                     m.iter()
                         .map(|(k, v)| format!("{k} {v:.1}%"))
@@ -495,7 +512,11 @@ impl Runner<'_> {
                 };
                 push(
                     format!("{} split ({scope}, {total} requests)", s.service),
-                    format!("{} (+-{tol})", fmt(&s.versions)),
+                    if widest > tol {
+                        format!("{} (+-{tol}, +-{widest:.1} for sampling)", fmt(&s.versions))
+                    } else {
+                        format!("{} (+-{tol})", fmt(&s.versions))
+                    },
                     fmt(&seen),
                     passed,
                 );
@@ -897,6 +918,15 @@ mod tests {
 
     fn s(t: f64, v: &[&str]) -> ProbeSample {
         (t, v.iter().map(|x| x.to_string()).collect())
+    }
+
+    #[test]
+    fn sampling_spread_widens_small_samples_only() {
+        assert!((sampling_spread(50.0, 300) - 9.5).abs() < 0.05);
+        assert!(sampling_spread(50.0, 10_000) < 2.0);
+        assert_eq!(sampling_spread(100.0, 40), 0.0);
+        assert_eq!(sampling_spread(0.0, 40), 0.0);
+        assert_eq!(sampling_spread(50.0, 0), 0.0);
     }
 
     #[test]
