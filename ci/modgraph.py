@@ -6,7 +6,7 @@ import os,re,sys,collections
 root=next((a for a in sys.argv[1:] if not a.startswith('-')), os.path.join(os.path.dirname(__file__), '..', 'src'))
 # Lowest first. A module may import modules of its own or a lower layer only.
 LAYERS = [
-    ('base', ['model', 'clock', 'shutdown', 'measure', 'net']),
+    ('base', ['model', 'clock', 'shutdown', 'measure', 'net', 'security']),
     ('input', ['config']),
     ('xds', ['xds']),
     ('daemons', ['pilot', 'proxy', 'workload']),

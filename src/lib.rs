@@ -19,6 +19,7 @@ pub mod report;
 pub mod run;
 pub mod scenario;
 pub mod scoping;
+pub mod security;
 pub mod shutdown;
 pub mod sim;
 pub mod sweep;
