@@ -67,6 +67,7 @@ fn bench(c: &mut Criterion) {
                 addr: format!("10.0.0.{}:9080", i + 1).parse().unwrap(),
                 weight: 1,
                 healthy: true,
+                socket_match: Default::default(),
             })
             .collect();
         let cfg = ClusterCfg {
@@ -79,6 +80,9 @@ fn bench(c: &mut Criterion) {
             panic_threshold: 50.0,
             http2: false,
             max_requests_per_connection: None,
+            tls: None,
+            tls_matches: vec![],
+            tls_default: false,
         };
         let cluster = Cluster::new(cfg, None);
         g.bench_function(format!("cluster_pick_{name}_100_hosts"), |b| {

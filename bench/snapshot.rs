@@ -39,6 +39,7 @@ fn mesh(services: usize, endpoints: usize) -> Mesh {
                 ports: Default::default(),
                 weight: 1,
                 healthy: true,
+                service_account: None,
             },
         })
         .collect();

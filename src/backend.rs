@@ -73,6 +73,8 @@ pub struct PodPlan {
     pub gateway: bool,
     /// What its app does per request (the harness changes it with `workload` steps).
     pub behaviour: Behaviour,
+    /// Its Deployment's service account (its mTLS identity; `default` when none).
+    pub service_account: Option<String>,
 }
 
 impl PodPlan {
@@ -88,6 +90,7 @@ impl PodPlan {
             port: 0,
             gateway: false,
             behaviour: Behaviour::default(),
+            service_account: None,
         }
     }
 
@@ -158,6 +161,7 @@ impl Pod {
                 ports: Default::default(),
                 weight: 1,
                 healthy: true,
+                service_account: self.plan.service_account.clone(),
             },
         }
     }
@@ -244,6 +248,7 @@ impl Mesh {
         manifests: &[String],
         config: &[String],
         workloads: &BTreeMap<String, WorkloadPatch>,
+        mtls: crate::scenario::MtlsSetting,
     ) -> Result<Mesh, Error> {
         std::fs::create_dir_all(&log_dir)
             .map_err(|e| Error::Environment(format!("cannot create {}: {e}", log_dir.display())))?;
@@ -274,6 +279,9 @@ impl Mesh {
         };
         m.backend.start_pilot().await?;
         m.pilot.apply_files(manifests).await?;
+        m.pilot
+            .apply("mesh.mtls", &mtls.peer_authentication())
+            .await?;
         m.pilot.apply_files(config).await?;
         for i in 0..m.pods.len() {
             m.backend.start_pod(&m.pods[i]).await?;
@@ -546,6 +554,16 @@ pub fn plan_pods(manifests: &[String], limit: usize) -> Result<Vec<PodPlan>, Err
             .get("version")
             .cloned()
             .unwrap_or_else(|| "v1".into());
+        let gateway = d.labels.contains_key("istio");
+        // As Istio's injector labels a pod with a sidecar (auto mTLS reads it); gateways
+        // carry no such label.
+        let mut labels = d.labels.clone();
+        if !gateway {
+            labels.insert(
+                crate::model::TLS_MODE_LABEL.to_string(),
+                "istio".to_string(),
+            );
+        }
         for i in 0..d.replicas {
             pods.push(PodPlan {
                 name: format!("{}-{i}", o.name),
@@ -554,15 +572,16 @@ pub fn plan_pods(manifests: &[String], limit: usize) -> Result<Vec<PodPlan>, Err
                 behaviour: Behaviour::bookinfo(&service, &version),
                 service: service.clone(),
                 version: version.clone(),
-                labels: d.labels.clone(),
-                port: if d.labels.contains_key("istio") {
+                labels: labels.clone(),
+                service_account: d.service_account.clone(),
+                port: if gateway {
                     gateway_port(&o.namespace, &d.labels)
                 } else {
                     None
                 }
                 .or(d.container_ports.first().map(|p| p.1))
                 .unwrap_or(9080),
-                gateway: d.labels.contains_key("istio"),
+                gateway,
             });
             if pods.len() > limit {
                 return Err(Error::Config(format!(

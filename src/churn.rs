@@ -54,6 +54,7 @@ pub fn endpoint(i: usize, services: usize, healthy: bool) -> Workload {
             ports: Default::default(),
             weight: 1,
             healthy,
+            service_account: None,
         },
     }
 }

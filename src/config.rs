@@ -43,15 +43,8 @@ pub fn parse(file: &str, text: &str) -> Result<Parsed, Vec<ConfigError>> {
             file: file.to_string(),
             document,
         };
-        let notes = harmless_unsupported(&origin, &value);
         match parse_object(&origin, value) {
-            Ok(Some(o)) => {
-                out.warnings.extend(notes.into_iter().map(|mut w| {
-                    w.object = o.key().to_string();
-                    w
-                }));
-                out.objects.push(o);
-            }
+            Ok(Some(o)) => out.objects.push(o),
             Ok(None) => {}
             Err(Outcome::Warning(w)) => out.warnings.push(w),
             Err(Outcome::Errors(e)) => errors.extend(e),
@@ -258,39 +251,6 @@ fn check_shape(v: &Value, limit: usize) -> Result<usize, String> {
     Ok(nodes)
 }
 
-/// Fields meshbench accepts but does not simulate yet: mutual TLS settings. Reported as
-/// warnings.
-fn harmless_unsupported(origin: &Origin, v: &Value) -> Vec<ConfigError> {
-    let warn = |field: String, what: &str| ConfigError {
-        file: origin.file.clone(),
-        document: origin.document,
-        object: String::new(),
-        field,
-        message: format!(
-            "{what} is accepted but not simulated (meshbench does not model it); ignored"
-        ),
-    };
-    let mut out = Vec::new();
-    let spec = &v["spec"];
-    match v["kind"].as_str() {
-        Some("DestinationRule") => {
-            if !spec["trafficPolicy"]["tls"].is_null() {
-                out.push(warn("spec.trafficPolicy.tls".into(), "TLS settings"));
-            }
-            for (i, s) in spec["subsets"].as_array().into_iter().flatten().enumerate() {
-                if !s["trafficPolicy"]["tls"].is_null() {
-                    out.push(warn(
-                        format!("spec.subsets[{i}].trafficPolicy.tls"),
-                        "TLS settings",
-                    ));
-                }
-            }
-        }
-        _ => {}
-    }
-    out
-}
-
 fn flatten_lists(v: Value) -> Vec<Value> {
     match v {
         Value::Array(items) => items,
@@ -400,7 +360,7 @@ fn parse_object(origin: &Origin, value: Value) -> Result<Option<Object>, Outcome
             typed(origin, "spec", spec_value).map_err(Outcome::Errors)?,
         )?),
         "PeerAuthentication" if matches!(api, "security.istio.io/v1" | "security.istio.io/v1beta1") => {
-            return Err(peer_authentication(origin, &object_name, spec_value))
+            Spec::PeerAuthentication(peer_authentication(origin, &object_name, spec_value)?)
         }
         "RouteRule" if api == "config.istio.io/v1alpha2" => Spec::RouteRule(route_rule(origin, spec_value)?),
         "EnvoyFilter" if api == "networking.istio.io/v1alpha3" => Spec::EnvoyFilter(envoy_filter(origin, spec_value)?),
@@ -564,9 +524,13 @@ struct RawLabelsMeta {
     labels: Labels,
 }
 #[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
 struct RawPodSpec {
     #[serde(default)]
     containers: Vec<RawContainer>,
+    service_account_name: Option<String>,
+    /// The older spelling Kubernetes still reads.
+    service_account: Option<String>,
 }
 #[derive(Deserialize)]
 struct RawContainer {
@@ -593,6 +557,11 @@ fn deployment(origin: &Origin, v: Value) -> Result<DeploymentSpec, Outcome> {
             .flat_map(|c| c.ports)
             .map(|p| (p.name, p.container_port))
             .collect(),
+        service_account: raw
+            .template
+            .spec
+            .service_account_name
+            .or(raw.template.spec.service_account),
     })
 }
 
@@ -952,14 +921,27 @@ struct RawTrafficPolicy {
     load_balancer: Option<RawLoadBalancer>,
     connection_pool: Option<RawConnectionPool>,
     outlier_detection: Option<RawOutlier>,
-    /// Warned about where documents are read (mutual TLS is not simulated yet).
-    #[allow(dead_code)]
-    tls: Option<Value>,
+    tls: Option<RawClientTls>,
     port_level_settings: Option<Value>,
     tunnel: Option<Value>,
     proxy_protocol: Option<Value>,
     retry_budget: Option<Value>,
 }
+/// DestinationRule `tls` (ClientTLSSettings).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawClientTls {
+    mode: Option<String>,
+    client_certificate: Option<Value>,
+    private_key: Option<Value>,
+    ca_certificates: Option<Value>,
+    ca_crl: Option<Value>,
+    credential_name: Option<Value>,
+    subject_alt_names: Option<Value>,
+    sni: Option<Value>,
+    insecure_skip_verify: Option<Value>,
+}
+
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawLoadBalancer {
@@ -1170,10 +1152,53 @@ fn traffic_policy(
         }),
         None => None,
     };
+    let tls = match raw.tls {
+        None => None,
+        Some(t) => {
+            let set = |v: &Option<Value>| v.as_ref().is_some_and(|v| !v.is_null());
+            for (v, k) in [
+                (&t.client_certificate, "clientCertificate"),
+                (&t.private_key, "privateKey"),
+                (&t.ca_certificates, "caCertificates"),
+                (&t.ca_crl, "caCrl"),
+                (&t.credential_name, "credentialName"),
+                (&t.subject_alt_names, "subjectAltNames"),
+                (&t.sni, "sni"),
+                (&t.insecure_skip_verify, "insecureSkipVerify"),
+            ] {
+                if set(v) {
+                    return Err(errs(
+                        origin,
+                        format!("{field}.tls.{k}"),
+                        format!("{k} is not supported: meshbench runs tls.mode ISTIO_MUTUAL and DISABLE with the mesh's own certificates (Istio accepts it; remove it to run here)"),
+                    ));
+                }
+            }
+            match t.mode.as_deref().unwrap_or("DISABLE") {
+                "DISABLE" => Some(ClientTls::Disable),
+                "ISTIO_MUTUAL" => Some(ClientTls::IstioMutual),
+                m @ ("SIMPLE" | "MUTUAL") => {
+                    return Err(errs(
+                        origin,
+                        format!("{field}.tls.mode"),
+                        format!("{m} is not supported: meshbench runs ISTIO_MUTUAL and DISABLE (TLS to hosts outside the mesh needs certificates it does not simulate)"),
+                    ))
+                }
+                m => {
+                    return Err(errs(
+                        origin,
+                        format!("{field}.tls.mode"),
+                        format!("{m:?} is not a TLS mode (DISABLE, SIMPLE, MUTUAL, ISTIO_MUTUAL)"),
+                    ))
+                }
+            }
+        }
+    };
     Ok(Some(TrafficPolicy {
         load_balancer,
         connection_pool,
         outlier_detection,
+        tls,
     }))
 }
 
@@ -1345,8 +1370,6 @@ struct RawWorkloadEntry {
     #[serde(default)]
     locality: String,
     weight: Option<u32>,
-    /// Identities matter once mTLS is simulated; stored nowhere yet.
-    #[allow(dead_code)]
     service_account: Option<String>,
 }
 
@@ -1423,6 +1446,7 @@ fn workload_entry(
         ports,
         weight,
         healthy: true,
+        service_account: raw.service_account,
     })
 }
 
@@ -1691,13 +1715,13 @@ struct RawMtls {
     mode: Option<String>,
 }
 
-/// Validated as Istio validates it, then skipped with a warning: meshbench's sidecars talk
-/// plaintext, so DISABLE (and PERMISSIVE, which accepts plaintext) is what they do already.
-fn peer_authentication(origin: &Origin, object: &str, v: Value) -> Outcome {
-    let raw: RawPeerAuthentication = match typed(origin, "spec", v) {
-        Ok(r) => r,
-        Err(e) => return Outcome::Errors(e),
-    };
+/// Validated as Istio validates it.
+fn peer_authentication(
+    origin: &Origin,
+    object: &str,
+    v: Value,
+) -> Result<PeerAuthenticationSpec, Outcome> {
+    let raw: RawPeerAuthentication = typed(origin, "spec", v).map_err(Outcome::Errors)?;
     let mut errors = Vec::new();
     let mut e = |field: String, message: String| {
         errors.push(ConfigError {
@@ -1759,14 +1783,23 @@ fn peer_authentication(origin: &Origin, object: &str, v: Value) -> Outcome {
         }
     }
     if !errors.is_empty() {
-        return Outcome::Errors(errors);
+        return Err(Outcome::Errors(errors));
     }
-    Outcome::Warning(ConfigError {
-        file: origin.file.clone(),
-        document: origin.document,
-        object: object.to_string(),
-        field: "kind".into(),
-        message: "PeerAuthentication is valid but not simulated: meshbench's sidecars talk plaintext (mutual TLS is not supported yet); skipped".into(),
+    let mode = |m: &Option<RawMtls>| match m.as_ref().and_then(|m| m.mode.as_deref()) {
+        Some("DISABLE") => Some(MtlsMode::Disable),
+        Some("PERMISSIVE") => Some(MtlsMode::Permissive),
+        Some("STRICT") => Some(MtlsMode::Strict),
+        _ => None,
+    };
+    Ok(PeerAuthenticationSpec {
+        selector: Some(selector).filter(|s| !s.is_empty()),
+        mode: mode(&raw.mtls),
+        ports: raw
+            .port_level_mtls
+            .into_iter()
+            .flatten()
+            .map(|(p, m)| (p as u16, mode(&Some(m))))
+            .collect(),
     })
 }
 
@@ -2003,14 +2036,56 @@ mod tests {
             assert!(e[0].field.starts_with(field), "{doc}: {} {}", e[0].field, e[0].message);
             assert!(e[0].message.contains(words), "{doc}: {}", e[0].message);
         }
-        // A valid PeerAuthentication is stored nowhere yet (no mTLS is simulated) and says so.
-        let p = parse("f.yaml", &pa("{selector: {matchLabels: {app: a}}, mtls: {mode: STRICT}, portLevelMtls: {8080: {mode: DISABLE}}}")).unwrap();
-        assert!(p.objects.is_empty());
-        assert!(
-            p.warnings[0].message.contains("not simulated"),
-            "{:?}",
-            p.warnings
-        );
+        // A valid PeerAuthentication is kept with its modes (UNSET inherits: None).
+        let p = parse("f.yaml", &pa("{selector: {matchLabels: {app: a}}, mtls: {mode: STRICT}, portLevelMtls: {8080: {mode: DISABLE}, 9090: {mode: UNSET}}}")).unwrap();
+        assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+        let Spec::PeerAuthentication(spec) = &p.objects[0].spec else {
+            panic!("a PeerAuthentication")
+        };
+        assert_eq!(spec.mode, Some(MtlsMode::Strict));
+        assert_eq!(spec.ports[&8080], Some(MtlsMode::Disable));
+        assert_eq!(spec.ports[&9090], None);
+        assert_eq!(spec.selector.as_ref().unwrap()["app"], "a");
+    }
+
+    /// DestinationRule `tls`: ISTIO_MUTUAL and DISABLE run; SIMPLE/MUTUAL and certificate
+    /// fields are refused as not supported; an unknown mode is invalid.
+    #[test]
+    fn destination_rule_tls_modes() {
+        let dr = |tls: &str| {
+            format!("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: r}}\nspec: {{host: a, trafficPolicy: {{tls: {tls}}}}}\n")
+        };
+        for (tls, want) in [
+            ("{mode: ISTIO_MUTUAL}", ClientTls::IstioMutual),
+            ("{mode: DISABLE}", ClientTls::Disable),
+        ] {
+            let p = parse("f.yaml", &dr(tls)).unwrap();
+            let Spec::DestinationRule(d) = &p.objects[0].spec else {
+                panic!()
+            };
+            assert_eq!(d.traffic_policy.as_ref().unwrap().tls, Some(want));
+        }
+        for (tls, field, words) in [
+            (
+                "{mode: SIMPLE}",
+                "spec.trafficPolicy.tls.mode",
+                "not supported",
+            ),
+            (
+                "{mode: ISTIO_MUTUAL, sni: x}",
+                "spec.trafficPolicy.tls.sni",
+                "not supported",
+            ),
+            (
+                "{mode: SOMETIMES}",
+                "spec.trafficPolicy.tls.mode",
+                "not a TLS mode",
+            ),
+        ] {
+            let e = parse("f.yaml", &dr(tls)).unwrap_err();
+            assert_eq!(e[0].field, field);
+            assert!(e[0].message.contains(words), "{}", e[0].message);
+        }
     }
 
     #[test]

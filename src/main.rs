@@ -52,6 +52,10 @@ enum Command {
         /// host appears).
         #[arg(long)]
         strict_references: bool,
+        /// Lifetime of the workload certificates pilot's CA issues (SDS); each is issued
+        /// again at half of it. At least 2s.
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        cert_ttl: Duration,
         /// File holding the token REST writes need (`Authorization: Bearer TOKEN`); created
         /// with a new token when absent. Default: meshbench-pilot-PORT.token in the temp
         /// directory. MESHBENCH_API_TOKEN, when set, gives the token instead.
@@ -428,6 +432,7 @@ async fn run(cmd: Command) -> ExitCode {
             debounce_max,
             full_push,
             strict_references,
+            cert_ttl,
             api_token_file,
             trusted_peers,
         } => {
@@ -461,6 +466,7 @@ async fn run(cmd: Command) -> ExitCode {
                 strict_references,
                 api_token: Some(token),
                 trusted_peers,
+                cert_ttl,
             };
             match pilot::run(cfg, xds, api, stop).await {
                 Ok(()) => ExitCode::SUCCESS,

@@ -73,10 +73,11 @@ pub enum Kind {
     EnvoyFilter,
     Gateway,
     Sidecar,
+    PeerAuthentication,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 10] = [
+    pub const ALL: [Kind; 11] = [
         Kind::Service,
         Kind::Deployment,
         Kind::VirtualService,
@@ -87,6 +88,7 @@ impl Kind {
         Kind::EnvoyFilter,
         Kind::Gateway,
         Kind::Sidecar,
+        Kind::PeerAuthentication,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -101,6 +103,7 @@ impl Kind {
             Kind::EnvoyFilter => "EnvoyFilter",
             Kind::Gateway => "Gateway",
             Kind::Sidecar => "Sidecar",
+            Kind::PeerAuthentication => "PeerAuthentication",
         }
     }
 
@@ -167,6 +170,7 @@ pub enum Spec {
     EnvoyFilter(EnvoyFilterSpec),
     Gateway(GatewaySpec),
     Sidecar(SidecarSpec),
+    PeerAuthentication(PeerAuthenticationSpec),
 }
 
 impl Spec {
@@ -182,6 +186,7 @@ impl Spec {
             Spec::EnvoyFilter(_) => Kind::EnvoyFilter,
             Spec::Gateway(_) => Kind::Gateway,
             Spec::Sidecar(_) => Kind::Sidecar,
+            Spec::PeerAuthentication(_) => Kind::PeerAuthentication,
         }
     }
 }
@@ -246,6 +251,8 @@ pub struct DeploymentSpec {
     pub labels: Labels,
     /// containerPort values, with their names when given.
     pub container_ports: Vec<(Option<String>, u16)>,
+    /// `spec.template.spec.serviceAccountName` (the pods' identity; `default` when absent).
+    pub service_account: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -273,6 +280,14 @@ pub struct WorkloadEntrySpec {
     /// Health as the registry sees it; unhealthy endpoints are sent with UNHEALTHY status.
     #[serde(default = "default_true")]
     pub healthy: bool,
+    /// The workload's service account (its mTLS identity); `default` when absent.
+    #[serde(
+        default,
+        rename = "serviceAccount",
+        alias = "service_account",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub service_account: Option<String>,
 }
 
 pub(crate) fn default_namespace() -> String {
@@ -418,7 +433,43 @@ pub struct TrafficPolicy {
     pub load_balancer: Option<LoadBalancer>,
     pub connection_pool: Option<ConnectionPool>,
     pub outlier_detection: Option<OutlierDetection>,
+    /// `tls.mode`: how clients talk to the host (none: Istio's auto mTLS).
+    pub tls: Option<ClientTls>,
 }
+
+/// DestinationRule `tls.mode` values meshbench runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+pub enum ClientTls {
+    /// Plaintext.
+    Disable,
+    /// Mutual TLS with the mesh's certificates.
+    IstioMutual,
+}
+
+/// PeerAuthentication modes: how a workload's port accepts connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+pub enum MtlsMode {
+    /// Plaintext only.
+    Disable,
+    /// Mutual TLS and plaintext.
+    Permissive,
+    /// Mutual TLS only.
+    Strict,
+}
+
+/// A PeerAuthentication: for the workloads its selector matches (none or empty: the whole
+/// namespace, or the mesh in the root namespace), a mode and per-port modes (`None`: UNSET,
+/// inherit).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PeerAuthenticationSpec {
+    pub selector: Option<Labels>,
+    pub mode: Option<MtlsMode>,
+    pub ports: BTreeMap<u16, Option<MtlsMode>>,
+}
+
+/// The pod label Istio's injector sets on workloads with a sidecar; auto mTLS sends mutual
+/// TLS only to endpoints that carry it.
+pub const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
 
 impl TrafficPolicy {
     /// A subset's policy overrides the rule's, field group by field group, as in Istio.
@@ -430,6 +481,7 @@ impl TrafficPolicy {
                 load_balancer: o.load_balancer.or(base.load_balancer),
                 connection_pool: o.connection_pool.clone().or(base.connection_pool),
                 outlier_detection: o.outlier_detection.clone().or(base.outlier_detection),
+                tls: o.tls.or(base.tls),
             },
         }
     }
@@ -567,6 +619,8 @@ pub struct Mesh {
     pub gateway_routes: Vec<GatewayRoutes>,
     /// Sidecars by (namespace, name).
     pub sidecars: BTreeMap<(String, String), SidecarSpec>,
+    /// PeerAuthentications by (namespace, name).
+    pub peer_authentications: BTreeMap<(String, String), PeerAuthenticationSpec>,
 }
 
 /// The hosts one sidecar sees (sorted); `everything` when that is the whole mesh.
@@ -703,7 +757,58 @@ impl Mesh {
             gateways: BTreeMap::new(),
             gateway_routes: vec![],
             sidecars: BTreeMap::new(),
+            peer_authentications: self.peer_authentications.clone(),
         }
+    }
+
+    /// How a workload of `namespace` with `labels` accepts connections on `port` (its target
+    /// port), as Istio resolves PeerAuthentications: the workload's own (its port-level mode,
+    /// then its mode), then the namespace's, then the root namespace's; PERMISSIVE when none
+    /// says (Istio's default). UNSET inherits.
+    pub fn mtls_mode(&self, namespace: &str, labels: &Labels, port: u16) -> MtlsMode {
+        let workload = self
+            .peer_authentications
+            .iter()
+            .find(|((ns, _), p)| {
+                ns == namespace
+                    && p.selector
+                        .as_ref()
+                        .is_some_and(|s| !s.is_empty() && labels_match(s, labels))
+            })
+            .map(|(_, p)| p);
+        if let Some(p) = workload {
+            if let Some(Some(m)) = p.ports.get(&port) {
+                return *m;
+            }
+            if let Some(m) = p.mode {
+                return m;
+            }
+        }
+        self.namespace_mtls(namespace)
+    }
+
+    /// The mode of a namespace (its PeerAuthentication without a selector, else the root
+    /// namespace's, else PERMISSIVE): what auto mTLS assumes of the namespace's services.
+    pub fn namespace_mtls(&self, namespace: &str) -> MtlsMode {
+        let wide = |ns: &str| {
+            self.peer_authentications
+                .iter()
+                .find(|((n, _), p)| n == ns && p.selector.as_ref().is_none_or(|s| s.is_empty()))
+                .and_then(|(_, p)| p.mode)
+        };
+        wide(namespace)
+            .or_else(|| wide(ROOT_NAMESPACE))
+            .unwrap_or(MtlsMode::Permissive)
+    }
+
+    /// The service account of the workload at `ip` in `namespace` (`default` when none is
+    /// registered or it names none): what a proxy's certificate says it is.
+    pub fn service_account_at(&self, namespace: &str, ip: &str) -> String {
+        self.workloads
+            .iter()
+            .find(|w| w.namespace == namespace && w.entry.address == ip)
+            .and_then(|w| w.entry.service_account.clone())
+            .unwrap_or_else(|| "default".to_string())
     }
 
     /// The EnvoyFilters that select a workload of `namespace` with `labels`, in order.

@@ -35,6 +35,7 @@ use crate::shutdown::Shutdown;
 use crate::xds::ads::ledger::Ledger;
 use crate::xds::ads::AdsServer;
 use crate::xds::debounce::{Change, Debounce};
+use crate::xds::secret::Issuer;
 use crate::xds::snapshot::Snapshot;
 use api::{Applied, Deleted, EndpointBatch, EndpointsApplied, Errors, Health};
 
@@ -64,6 +65,9 @@ pub struct Config {
     /// Peers besides loopback that may use the REST API and claim any xDS identity (the
     /// harness host on a docker network).
     pub trusted_peers: Vec<IpAddr>,
+    /// Lifetime of the workload certificates pilot's CA issues; they are issued again at
+    /// half of it (istio-agent's grace ratio).
+    pub cert_ttl: Duration,
 }
 
 impl Default for Config {
@@ -76,6 +80,7 @@ impl Default for Config {
             strict_references: false,
             api_token: None,
             trusted_peers: vec![],
+            cert_ttl: crate::security::DEFAULT_CERT_TTL,
         }
     }
 }
@@ -107,7 +112,14 @@ pub struct Pilot {
     full_push: bool,
     api_token: Option<String>,
     trusted_peers: Vec<IpAddr>,
+    /// The CA and its certificates (served as SDS secrets on the ADS stream).
+    pub issuer: Arc<Issuer>,
+    /// Rotation epoch: every proxy's certificate is issued again when it moves.
+    epoch: Arc<std::sync::atomic::AtomicU64>,
 }
+
+/// Shortest certificate lifetime accepted (rotation at half of it rebuilds a snapshot).
+pub const MIN_CERT_TTL: Duration = Duration::from_secs(2);
 
 impl Pilot {
     /// Loads the config files and starts the debounce/snapshot task. Must run inside a tokio
@@ -144,12 +156,17 @@ impl Pilot {
         }
         let mesh = Arc::new(mesh);
         let ledger = Arc::new(Ledger::default());
-        let first = Snapshot::build(
+        let ca = crate::security::Ca::generate().map_err(Error::Serve)?;
+        let cert_ttl = cfg.cert_ttl.clamp(MIN_CERT_TTL, crate::model::MAX_DURATION);
+        let issuer = Arc::new(Issuer::new(ca, cert_ttl));
+        let epoch = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut first = Snapshot::build(
             version,
             mesh.clone(),
             Instant::now(),
             std::time::SystemTime::now(),
         );
+        first.security = Some((issuer.clone(), 0));
         let (snap_tx, snap_rx) = watch::channel(Arc::new(first));
         let (changes, rx) = mpsc::unbounded_channel();
         let pilot = Arc::new(Pilot {
@@ -165,7 +182,24 @@ impl Pilot {
             full_push: cfg.full_push,
             api_token: cfg.api_token.clone(),
             trusted_peers: cfg.trusted_peers.clone(),
+            issuer: issuer.clone(),
+            epoch: epoch.clone(),
         });
+        // Rotation: at half the lifetime, a new epoch and a snapshot that carries it (the
+        // config version stays; only secrets differ).
+        {
+            let weak = Arc::downgrade(&pilot);
+            let epoch = epoch.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(cert_ttl / 2).await;
+                    let Some(pilot) = weak.upgrade() else { return };
+                    epoch.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let version = pilot.state.lock().unwrap().version;
+                    let _ = pilot.changes.send(Change::now(version));
+                }
+            });
+        }
         let weak = Arc::downgrade(&pilot);
         // Bounded as the command line bounds them: a longer wait would overflow timers.
         let debounce = Debounce {
@@ -180,7 +214,11 @@ impl Pilot {
             };
             let t = Instant::now();
             let prev = snap_tx.borrow().clone();
-            let snap = Snapshot::build_after(&prev, version, mesh, m.first.at, m.first.at_wall);
+            let mut snap = Snapshot::build_after(&prev, version, mesh, m.first.at, m.first.at_wall);
+            snap.security = Some((
+                pilot.issuer.clone(),
+                pilot.epoch.load(std::sync::atomic::Ordering::Relaxed),
+            ));
             ledger
                 .metrics
                 .snapshot_build
@@ -387,6 +425,7 @@ impl Pilot {
             gateways: old.gateways.clone(),
             gateway_routes: old.gateway_routes.clone(),
             sidecars: old.sidecars.clone(),
+            peer_authentications: old.peer_authentications.clone(),
             workloads: old.workloads[..entries.min(old.workloads.len())]
                 .iter()
                 .cloned()
@@ -832,8 +871,10 @@ async fn endpoints(State(p): State<Arc<Pilot>>, body: Bytes) -> Response {
 async fn metrics(State(p): State<Arc<Pilot>>) -> Response {
     let mut text = p.ledger.metrics.render();
     text.push_str(&format!(
-        "# HELP meshbench_pilot_config_version Latest accepted config version\n# TYPE meshbench_pilot_config_version gauge\nmeshbench_pilot_config_version {}\n",
-        p.version()
+        "# HELP meshbench_pilot_config_version Latest accepted config version\n# TYPE meshbench_pilot_config_version gauge\nmeshbench_pilot_config_version {}\n# HELP meshbench_pilot_certificates_issued_total Workload certificates issued by pilot's CA\n# TYPE meshbench_pilot_certificates_issued_total counter\nmeshbench_pilot_certificates_issued_total {}\n# HELP meshbench_pilot_cert_epoch Certificate rotations so far\n# TYPE meshbench_pilot_cert_epoch gauge\nmeshbench_pilot_cert_epoch {}\n",
+        p.version(),
+        p.issuer.issued.load(std::sync::atomic::Ordering::Relaxed),
+        p.epoch.load(std::sync::atomic::Ordering::Relaxed),
     ));
     (
         [(

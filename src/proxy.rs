@@ -21,6 +21,7 @@ pub mod path;
 pub mod ratelimit;
 pub mod resources;
 pub mod state;
+pub mod tls;
 pub mod upstream;
 pub mod workers;
 

@@ -164,6 +164,7 @@ pub async fn run(
             manifests,
             config,
             &scenario.topology.workloads,
+            scenario.mesh.mtls,
         )
         .await?;
         eprintln!(

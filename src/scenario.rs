@@ -87,6 +87,33 @@ pub struct Mesh {
     /// The sidecars' ADS method: sotw (default) or delta.
     #[serde(default)]
     pub xds: XdsMode,
+    /// Mutual TLS between the sidecars, as a mesh-wide PeerAuthentication in the root
+    /// namespace: off (default: plaintext, the figures stay comparable with earlier runs),
+    /// permissive (Istio's default: mutual TLS between sidecars, plaintext accepted) or
+    /// strict (mutual TLS only).
+    #[serde(default)]
+    pub mtls: MtlsSetting,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MtlsSetting {
+    #[default]
+    Off,
+    Permissive,
+    Strict,
+}
+
+impl MtlsSetting {
+    /// The mesh-wide PeerAuthentication that sets it.
+    pub fn peer_authentication(self) -> String {
+        let mode = match self {
+            MtlsSetting::Off => "DISABLE",
+            MtlsSetting::Permissive => "PERMISSIVE",
+            MtlsSetting::Strict => "STRICT",
+        };
+        format!("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: default, namespace: {}}}\nspec: {{mtls: {{mode: {mode}}}}}\n", crate::model::ROOT_NAMESPACE)
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -784,6 +811,7 @@ impl Scenario {
                 proxy: ProxyKind::Meshbench,
                 debounce: None,
                 xds: Default::default(),
+                mtls: Default::default(),
             }),
             topology,
             probe: raw.probe,

@@ -121,6 +121,7 @@ fn endpoint(k: usize, i: usize, tenants: usize) -> Workload {
             ports: Default::default(),
             weight: 1,
             healthy: true,
+            service_account: None,
         },
     }
 }
@@ -131,10 +132,10 @@ fn bytes(fleet: &Fleet) -> Vec<u64> {
 }
 
 /// Bytes per proxy, and per type over every proxy (in `PUSH_ORDER`), received so far.
-struct Sample(Vec<u64>, [u64; 4]);
+struct Sample(Vec<u64>, [u64; 5]);
 
 fn sample(fleet: &Fleet) -> Sample {
-    let mut types = [0; 4];
+    let mut types = [0; 5];
     for s in &fleet.sims {
         for (o, b) in types.iter_mut().zip(&s.bytes_by_type) {
             *o += b.load(Relaxed);

@@ -146,6 +146,11 @@ fn roots(pem: &[u8]) -> Result<Arc<rustls::RootCertStore>, String> {
     Ok(Arc::new(store))
 }
 
+/// Checks that PEM data holds at least one usable root certificate.
+pub fn roots_check(pem: &[u8]) -> Result<(), String> {
+    roots(pem).map(drop)
+}
+
 /// What a TLS endpoint presents and trusts: PEM bytes as SDS delivers them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Material {

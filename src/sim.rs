@@ -60,7 +60,7 @@ pub struct SimStats {
     pub resources: AtomicU64,
     pub bytes: AtomicU64,
     /// Bytes per type, in `PUSH_ORDER` (CDS, EDS, LDS, RDS).
-    pub bytes_by_type: [AtomicU64; 4],
+    pub bytes_by_type: [AtomicU64; 5],
     pub nacks: AtomicU64,
     /// Holds clusters and listeners (its first full config arrived).
     pub ready: AtomicBool,

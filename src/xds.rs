@@ -15,7 +15,9 @@ pub mod gateway;
 pub mod listener;
 pub mod node;
 pub mod route;
+pub mod secret;
 pub mod snapshot;
+pub mod tls;
 
 use std::hash::{Hash, Hasher};
 use std::time::Duration;
@@ -29,6 +31,8 @@ pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteCon
 pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const ENDPOINT_TYPE: &str =
     "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+pub const SECRET_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 
 /// Which ADS method a client uses: state of the world or delta (incremental).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -49,16 +53,25 @@ impl std::fmt::Display for XdsMode {
 }
 
 /// Push order, make-before-break: clusters before the endpoints that fill them, listeners
-/// before the routes they name.
-pub const PUSH_ORDER: [&str; 4] = [CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE];
+/// before the routes they name; secrets last, as istiod pushes them (clusters and listeners
+/// that name a secret warm until it arrives, and a proxy asks for it at once).
+pub const PUSH_ORDER: [&str; 5] = [
+    CLUSTER_TYPE,
+    ENDPOINT_TYPE,
+    LISTENER_TYPE,
+    ROUTE_TYPE,
+    SECRET_TYPE,
+];
 
-/// Short name of a type URL for logs, metrics and the REST API (`cds`, `eds`, `lds`, `rds`).
+/// Short name of a type URL for logs, metrics and the REST API (`cds`, `eds`, `lds`, `rds`,
+/// `sds`).
 pub fn type_short(type_url: &str) -> &'static str {
     match type_url {
         LISTENER_TYPE => "lds",
         ROUTE_TYPE => "rds",
         CLUSTER_TYPE => "cds",
         ENDPOINT_TYPE => "eds",
+        SECRET_TYPE => "sds",
         _ => "unknown",
     }
 }

@@ -32,6 +32,13 @@ pub fn compile<'a>(
         .collect();
     c.virtual_services(&objects);
     c.sidecars(&objects);
+    c.mesh.peer_authentications = objects
+        .iter()
+        .filter_map(|o| match &o.spec {
+            Spec::PeerAuthentication(p) => Some(((o.namespace.clone(), o.name.clone()), p.clone())),
+            _ => None,
+        })
+        .collect();
     c.route_rules(&objects);
     c.mesh.envoy_filters = objects
         .iter()

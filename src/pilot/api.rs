@@ -107,6 +107,8 @@ struct StrictEndpoint {
     ports: Option<std::collections::BTreeMap<String, u16>>,
     weight: Option<u32>,
     healthy: Option<bool>,
+    #[serde(rename = "serviceAccount", alias = "service_account")]
+    service_account: Option<String>,
 }
 
 #[derive(Deserialize)]

@@ -287,6 +287,7 @@ fn config_dump(proxy: &Proxy) -> Value {
             {"@type": "meshbench.admin.ClustersConfigDump", "cds": meta("cds"), "eds": meta("eds"), "dynamic_active_clusters": clusters},
             {"@type": "meshbench.admin.ListenersConfigDump", "lds": meta("lds"), "dynamic_listeners": listeners},
             {"@type": "meshbench.admin.RoutesConfigDump", "rds": meta("rds"), "dynamic_route_configs": routes},
+            {"@type": "meshbench.admin.SecretsConfigDump", "sds": meta("sds"), "dynamic_active_secrets": proxy.tls.summary().into_iter().map(|(n, t)| json!({"name": n, "type": t})).collect::<Vec<_>>()},
         ],
     })
 }
@@ -348,6 +349,8 @@ pub fn stats(proxy: &Proxy) -> Vec<Stat> {
             ("upstream_cx_total", &s.upstream_cx_total),
             ("upstream_cx_active", &s.upstream_cx_active),
             ("upstream_cx_connect_fail", &s.upstream_cx_connect_fail),
+            ("ssl.handshake", &s.ssl_handshake),
+            ("ssl.connection_error", &s.ssl_connection_error),
             (
                 "outlier_detection.ejections_enforced_total",
                 &s.ejections_enforced_total,
@@ -386,6 +389,21 @@ pub fn stats(proxy: &Proxy) -> Vec<Stat> {
             out.push(stat(
                 format!("http.{prefix}.{k}"),
                 &format!("http_{k}"),
+                labels.clone(),
+                v.load(Relaxed),
+            ));
+        }
+    }
+    for (name, s) in proxy.listener_stats.lock().unwrap().iter() {
+        let labels = format!("envoy_listener_address=\"{name}\"");
+        for (k, v) in [
+            ("ssl.handshake", &s.ssl_handshake),
+            ("ssl.connection_error", &s.ssl_connection_error),
+            ("no_filter_chain_match", &s.no_filter_chain_match),
+        ] {
+            out.push(stat(
+                format!("listener.{name}.{k}"),
+                &format!("listener_{}", k.replace('.', "_")),
                 labels.clone(),
                 v.load(Relaxed),
             ));

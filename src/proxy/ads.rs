@@ -29,7 +29,7 @@ use super::state::{Proxy, Received, State};
 use super::upstream::Cluster;
 use crate::shutdown::Shutdown;
 use crate::xds::{
-    node, type_short, XdsMode, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE,
+    node, type_short, XdsMode, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE, SECRET_TYPE,
 };
 
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
@@ -98,6 +98,7 @@ struct Session<'a> {
     /// EDS and RDS names currently subscribed.
     eds_names: BTreeSet<String>,
     rds_names: BTreeSet<String>,
+    sds_names: BTreeSet<String>,
     lds_requested: bool,
 }
 
@@ -127,6 +128,7 @@ async fn session(proxy: &Arc<Proxy>) -> Result<(), String> {
         node_sent: false,
         eds_names: BTreeSet::new(),
         rds_names: BTreeSet::new(),
+        sds_names: BTreeSet::new(),
         lds_requested: false,
     };
     // Resume: every type we hold (SotW: with its last accepted version and an empty nonce;
@@ -146,6 +148,11 @@ async fn session(proxy: &Arc<Proxy>) -> Result<(), String> {
         if !s.rds_names.is_empty() {
             let names = s.rds_names.iter().cloned().collect();
             s.subscribe(ROUTE_TYPE, &held(ROUTE_TYPE), names).await;
+        }
+        s.sds_names = held(SECRET_TYPE).names.into_iter().collect();
+        if !s.sds_names.is_empty() {
+            let names = s.sds_names.iter().cloned().collect();
+            s.subscribe(SECRET_TYPE, &held(SECRET_TYPE), names).await;
         }
     }
     match mode {
@@ -350,6 +357,7 @@ impl Session<'_> {
             ENDPOINT_TYPE => self.apply_endpoints(&resp.resources),
             LISTENER_TYPE => self.apply_listeners(&resp.resources).await,
             ROUTE_TYPE => self.apply_routes(&resp.resources),
+            SECRET_TYPE => self.apply_secrets(&resp.resources),
             other => Err(format!("unsupported type {other}")),
         };
         let held = self.held(type_url);
@@ -416,6 +424,7 @@ impl Session<'_> {
                     })
                     .collect();
                 self.resubscribe(ENDPOINT_TYPE, names).await;
+                self.resubscribe_secrets(&state).await;
                 if self.eds_names.is_empty() {
                     self.request_lds().await;
                 }
@@ -431,9 +440,10 @@ impl Session<'_> {
                     })
                     .collect();
                 self.resubscribe(ROUTE_TYPE, names).await;
+                self.resubscribe_secrets(&state).await;
                 self.check_initialized(&state);
             }
-            ROUTE_TYPE => self.check_initialized(&state),
+            ROUTE_TYPE | SECRET_TYPE => self.check_initialized(&state),
             _ => {}
         }
     }
@@ -443,16 +453,17 @@ impl Session<'_> {
         match type_url {
             ENDPOINT_TYPE => self.eds_names.iter().cloned().collect(),
             ROUTE_TYPE => self.rds_names.iter().cloned().collect(),
+            SECRET_TYPE => self.sds_names.iter().cloned().collect(),
             _ => vec![],
         }
     }
 
     /// Sends a subscription change for EDS or RDS when the wanted names differ.
     async fn resubscribe(&mut self, type_url: &str, names: BTreeSet<String>) {
-        let current = if type_url == ENDPOINT_TYPE {
-            &mut self.eds_names
-        } else {
-            &mut self.rds_names
+        let current = match type_url {
+            ENDPOINT_TYPE => &mut self.eds_names,
+            SECRET_TYPE => &mut self.sds_names,
+            _ => &mut self.rds_names,
         };
         if *current == names {
             return;
@@ -482,8 +493,40 @@ impl Session<'_> {
         }
     }
 
+    /// The secrets the clusters and listeners name (SDS), subscribed as they change (when
+    /// nothing names a secret any more, the subscription stays as it was).
+    async fn resubscribe_secrets(&mut self, state: &State) {
+        let mut names = BTreeSet::new();
+        for c in state.clusters.values() {
+            if let Some(t) = &c.cfg.tls {
+                names.insert(t.secrets.cert.clone());
+                names.insert(t.secrets.ca.clone());
+            }
+        }
+        for l in state.listeners.values() {
+            if let Some(t) = &l.tls {
+                names.insert(t.secrets.cert.clone());
+                names.insert(t.secrets.ca.clone());
+            }
+        }
+        if names.is_empty() {
+            return;
+        }
+        if self.sds_names.is_empty() {
+            self.sds_names = names.clone();
+            let list = names.into_iter().collect();
+            self.subscribe(SECRET_TYPE, &Received::default(), list)
+                .await;
+        } else {
+            self.resubscribe(SECRET_TYPE, names).await;
+        }
+    }
+
     fn check_initialized(&self, state: &State) {
-        if self.lds_requested && self.rds_names.iter().all(|n| state.routes.contains_key(n)) {
+        if self.lds_requested
+            && self.rds_names.iter().all(|n| state.routes.contains_key(n))
+            && self.sds_names.iter().all(|n| self.proxy.tls.has(n))
+        {
             self.proxy.initialized.store(true, Relaxed);
         }
     }
@@ -511,7 +554,11 @@ impl Session<'_> {
                 let prev = old.clusters.get(&cfg.name);
                 let c = match prev {
                     Some(p) if p.cfg == cfg => p.clone(),
-                    _ => Arc::new(Cluster::new(cfg, prev.map(|p| p.as_ref()))),
+                    _ => {
+                        let mut c = Cluster::new(cfg, prev.map(|p| p.as_ref()));
+                        c.tls_store = Some(self.proxy.tls.clone());
+                        Arc::new(c)
+                    }
                 };
                 (c.cfg.name.clone(), c)
             })
@@ -523,6 +570,18 @@ impl Session<'_> {
             clusters,
         });
         Ok(names)
+    }
+
+    fn apply_secrets(&self, resources: &[Any]) -> Result<Vec<String>, Reject> {
+        let mut secrets = Vec::new();
+        for any in resources {
+            let s = decode::<envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret>(
+                any,
+            )?;
+            secrets.push(super::tls::secret(&s)?);
+        }
+        self.proxy.tls.update(secrets)?;
+        Ok(self.sds_names.iter().cloned().collect())
     }
 
     fn apply_endpoints(&self, resources: &[Any]) -> Result<Vec<String>, Reject> {

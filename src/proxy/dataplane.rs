@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 
 use super::path::{self, Pooled, ProxyBody};
 use super::resources::ListenerCfg;
-use super::state::{HttpStats, Proxy};
+use super::state::{HttpStats, ListenerStats, Proxy};
 use crate::net::{self, Limits};
 use crate::shutdown::{self, Shutdown};
 use futures::StreamExt;
@@ -116,6 +116,7 @@ pub async fn serve_listener(
         .map(|l| l.stat_prefix.clone())
         .unwrap_or_else(|| name.clone());
     let stats = proxy.http_stats(&prefix);
+    let lstats = proxy.listener_stats(&name);
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -140,22 +141,99 @@ pub async fn serve_listener(
         let Ok(conn) = conn.detach() else { continue };
         stats.downstream_cx_total.fetch_add(1, Relaxed);
         stats.downstream_cx_active.fetch_add(1, Relaxed);
-        let (p, name, stats, builder) =
-            (proxy.clone(), name.clone(), stats.clone(), builder.clone());
+        let (p, name, stats, builder, lstats) = (
+            proxy.clone(),
+            name.clone(),
+            stats.clone(),
+            builder.clone(),
+            lstats.clone(),
+        );
         // On the least busy worker (or here, on one thread), for the connection's whole life.
         proxy.workers.dispatch(move || async move {
             if let Ok(conn) = conn.attach() {
+                let tls = p
+                    .state()
+                    .listeners
+                    .get(&name)
+                    .map(|l| (l.tls.clone(), l.plaintext));
                 let svc = {
-                    let stats = stats.clone();
+                    let (p, name, stats) = (p.clone(), name.clone(), stats.clone());
                     hyper::service::service_fn(move |req| {
                         let (proxy, name, stats) = (p.clone(), name.clone(), stats.clone());
                         async move { Ok::<_, Infallible>(handle(&proxy, &name, &stats, req).await) }
                     })
                 };
-                let _ = builder.serve_connection(TokioIo::new(conn), svc).await;
+                match tls {
+                    Some((Some(t), plaintext)) => {
+                        match secure(&p, &lstats, conn, &t, plaintext).await {
+                            Some(Accepted::Tls(s)) => {
+                                let _ = builder.serve_connection(TokioIo::new(s), svc).await;
+                            }
+                            Some(Accepted::Plain(c)) => {
+                                let _ = builder.serve_connection(TokioIo::new(c), svc).await;
+                            }
+                            None => {}
+                        }
+                    }
+                    _ => {
+                        let _ = builder.serve_connection(TokioIo::new(conn), svc).await;
+                    }
+                }
             }
             stats.downstream_cx_active.fetch_sub(1, Relaxed);
         });
+    }
+}
+
+enum Accepted {
+    Tls(Box<tokio_rustls::server::TlsStream<net::Conn>>),
+    Plain(net::Conn),
+}
+
+/// The first TLS record's content type (handshake).
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// A listener with a TLS chain: a connection whose first byte starts a TLS handshake gets the
+/// handshake (with the mesh's client-certificate check), any other gets the plaintext chain
+/// if there is one, else is closed (Istio's STRICT). As Envoy's tls_inspector, it waits for
+/// the client's first bytes, within the header deadline.
+async fn secure(
+    proxy: &Proxy,
+    stats: &ListenerStats,
+    conn: net::Conn,
+    tls: &super::tls::DownstreamTls,
+    plaintext: bool,
+) -> Option<Accepted> {
+    let mut first = [0u8; 1];
+    let peeked = tokio::time::timeout(HEADER_READ_TIMEOUT, conn.stream.peek(&mut first)).await;
+    let is_tls = match peeked {
+        Ok(Ok(1)) => first[0] == TLS_HANDSHAKE,
+        _ => return None,
+    };
+    if !is_tls {
+        if !plaintext {
+            stats.no_filter_chain_match.fetch_add(1, Relaxed);
+        }
+        return plaintext.then_some(Accepted::Plain(conn));
+    }
+    let cfg = match proxy.tls.server(tls) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!("TLS connection refused: {e}");
+            stats.ssl_connection_error.fetch_add(1, Relaxed);
+            return None;
+        }
+    };
+    let accept = tokio_rustls::TlsAcceptor::from(cfg).accept(conn);
+    match tokio::time::timeout(HEADER_READ_TIMEOUT, accept).await {
+        Ok(Ok(s)) => {
+            stats.ssl_handshake.fetch_add(1, Relaxed);
+            Some(Accepted::Tls(Box::new(s)))
+        }
+        _ => {
+            stats.ssl_connection_error.fetch_add(1, Relaxed);
+            None
+        }
     }
 }
 

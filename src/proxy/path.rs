@@ -798,6 +798,7 @@ mod tests {
                         addr: *a,
                         weight: 1,
                         healthy: true,
+                        socket_match: Default::default(),
                     })
                     .collect(),
             ),
@@ -808,6 +809,9 @@ mod tests {
             panic_threshold: 50.0,
             http2: false,
             max_requests_per_connection: None,
+            tls: None,
+            tls_matches: vec![],
+            tls_default: false,
         };
         Arc::new(Cluster::new(cfg, None))
     }

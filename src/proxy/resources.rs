@@ -48,6 +48,7 @@ const FAULT_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.faul
 const LOCAL_RATE_LIMIT_TYPE: &str =
     "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit";
 const HTTP_OPTIONS_KEY: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+const SOCKET_MATCH_KEY: &str = "envoy.transport_socket_match";
 
 pub fn decode<T: Message + Default + Name>(any: &Any) -> Result<T, Reject> {
     if any.type_url != T::type_url() {
@@ -100,6 +101,113 @@ pub struct ListenerCfg {
     /// before the fault filter. `None`: no such filter, so per-route configs do nothing.
     pub rate_limit: Option<Arc<LocalRateLimit>>,
     pub has_rate_limit_filter: bool,
+    /// The TLS chain's context: a connection that starts with a TLS handshake gets it.
+    pub tls: Option<super::tls::DownstreamTls>,
+    /// Whether a plaintext connection has a chain (false under Istio's STRICT).
+    pub plaintext: bool,
+}
+
+const TLS_INSPECTOR: &str = "envoy.filters.listener.tls_inspector";
+const TLS_INSPECTOR_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector";
+
+/// The chains of a listener as meshbench runs them: one chain, or a TLS and a plaintext chain
+/// told apart by `transport_protocol` (`tls` / `raw_buffer`, which needs the tls_inspector),
+/// all with the same network filters. Returns the filters' chain, the TLS context, and
+/// whether plaintext connections are served.
+fn chains(
+    l: &listener::Listener,
+) -> Result<
+    (
+        &listener::FilterChain,
+        Option<super::tls::DownstreamTls>,
+        bool,
+    ),
+    Reject,
+> {
+    use super::tls::Socket;
+    let err = |m: &str| format!("listener {}: {m}", l.name);
+    let mut inspector = false;
+    for f in &l.listener_filters {
+        let type_url = match &f.config_type {
+            Some(listener::listener_filter::ConfigType::TypedConfig(a)) => a.type_url.as_str(),
+            _ => "",
+        };
+        if f.name == TLS_INSPECTOR || type_url == TLS_INSPECTOR_TYPE {
+            if f.filter_disabled.is_some() {
+                return Err(err("listener filter conditions are not supported"));
+            }
+            inspector = true;
+        } else {
+            return Err(err(&format!(
+                "listener filter {} is not supported (only {TLS_INSPECTOR})",
+                f.name
+            )));
+        }
+    }
+    if l.filter_chains.is_empty() || l.filter_chains.len() > 2 || l.default_filter_chain.is_some() {
+        return Err(err(
+            "one filter chain, or a TLS and a plaintext chain, is supported (no default chain)",
+        ));
+    }
+    let mut tls = None;
+    let mut plaintext = false;
+    for chain in &l.filter_chains {
+        let transport = match &chain.filter_chain_match {
+            None => None,
+            Some(m) => {
+                let only_transport = listener::FilterChainMatch {
+                    transport_protocol: m.transport_protocol.clone(),
+                    ..Default::default()
+                };
+                if *m != only_transport {
+                    return Err(err(
+                        "filter chain matches on transport_protocol only are supported",
+                    ));
+                }
+                match m.transport_protocol.as_str() {
+                    "" => None,
+                    t @ ("tls" | "raw_buffer") => {
+                        if !inspector {
+                            return Err(err(&format!(
+                                "a chain matching transport_protocol {t} needs the {TLS_INSPECTOR} listener filter"
+                            )));
+                        }
+                        Some(t)
+                    }
+                    t => return Err(err(&format!("unknown transport_protocol {t:?}"))),
+                }
+            }
+        };
+        let socket = match &chain.transport_socket {
+            None => Socket::Plaintext,
+            Some(ts) => super::tls::downstream(ts).map_err(|e| err(&e))?,
+        };
+        match (socket, transport) {
+            (Socket::Tls(_), Some("raw_buffer")) | (Socket::Plaintext, Some("tls")) => {
+                return Err(err(
+                    "a chain's transport socket must fit its transport_protocol match",
+                ))
+            }
+            (Socket::Tls(t), _) => {
+                if tls.replace(t).is_some() {
+                    return Err(err("more than one TLS chain"));
+                }
+            }
+            (Socket::Plaintext, _) => {
+                if plaintext {
+                    return Err(err("more than one plaintext chain"));
+                }
+                plaintext = true;
+            }
+        }
+        if chain.filters != l.filter_chains[0].filters {
+            return Err(err(
+                "filter chains with different network filters are not supported",
+            ));
+        }
+    }
+    Ok((&l.filter_chains[0], tls, plaintext))
 }
 
 pub fn listener(
@@ -115,25 +223,7 @@ pub fn listener(
             ))
         }
     };
-    if !l.listener_filters.is_empty() {
-        return Err(format!(
-            "listener {}: listener filters are not supported",
-            l.name
-        ));
-    }
-    if l.filter_chains.len() != 1 || l.default_filter_chain.is_some() {
-        return Err(format!(
-            "listener {}: exactly one filter chain is supported",
-            l.name
-        ));
-    }
-    let chain = &l.filter_chains[0];
-    if chain.filter_chain_match.is_some() || chain.transport_socket.is_some() {
-        return Err(format!(
-            "listener {}: filter chain matching and TLS are not supported",
-            l.name
-        ));
-    }
+    let (chain, tls, plaintext) = chains(l)?;
     let [filter] = chain.filters.as_slice() else {
         return Err(format!(
             "listener {}: exactly one network filter (the HTTP connection manager) is supported",
@@ -236,6 +326,8 @@ pub fn listener(
         default_fault,
         rate_limit,
         has_rate_limit_filter,
+        tls,
+        plaintext,
     })
 }
 
@@ -1000,6 +1092,8 @@ pub struct Endpoint {
     pub addr: SocketAddr,
     pub weight: u32,
     pub healthy: bool,
+    /// Its `envoy.transport_socket_match` metadata (string values).
+    pub socket_match: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -1020,6 +1114,82 @@ pub struct ClusterCfg {
     pub panic_threshold: f64,
     pub http2: bool,
     pub max_requests_per_connection: Option<u32>,
+    /// The cluster's TLS context, when any of its sockets uses one.
+    pub tls: Option<super::tls::UpstreamTls>,
+    /// `transport_socket_matches`: (metadata to match, TLS or not), first match wins; else
+    /// `tls_default`.
+    pub tls_matches: Vec<(std::collections::BTreeMap<String, String>, bool)>,
+    pub tls_default: bool,
+}
+
+impl ClusterCfg {
+    /// Whether connections to an endpoint with this metadata use TLS.
+    pub fn uses_tls(&self, md: &std::collections::BTreeMap<String, String>) -> bool {
+        self.tls_matches
+            .iter()
+            .find(|(m, _)| m.iter().all(|(k, v)| md.get(k) == Some(v)))
+            .map_or(self.tls_default, |(_, t)| *t)
+    }
+}
+
+/// String fields of a Struct (other values refuse the match).
+fn string_fields(
+    s: &protobuf::Struct,
+) -> Result<std::collections::BTreeMap<String, String>, Reject> {
+    s.fields
+        .iter()
+        .map(|(k, v)| match &v.kind {
+            Some(protobuf::value::Kind::StringValue(x)) => Ok((k.clone(), x.clone())),
+            _ => Err(format!("metadata {k}: only string values are supported")),
+        })
+        .collect()
+}
+
+/// The cluster's transport: its TLS context (one, shared by every TLS socket), the matches
+/// and the default.
+type ClusterTransport = (
+    Option<super::tls::UpstreamTls>,
+    Vec<(std::collections::BTreeMap<String, String>, bool)>,
+    bool,
+);
+
+fn cluster_transport(c: &cluster::Cluster) -> Result<ClusterTransport, Reject> {
+    use super::tls::Socket;
+    let err = |m: &str| format!("cluster {}: {m}", c.name);
+    let mut ctx: Option<super::tls::UpstreamTls> = None;
+    let mut is_tls = |ts: &core::TransportSocket| -> Result<bool, Reject> {
+        match super::tls::upstream(ts).map_err(|e| err(&e))? {
+            Socket::Plaintext => Ok(false),
+            Socket::Tls(t) => {
+                if ctx.as_ref().is_some_and(|c| *c != t) {
+                    return Err(err(
+                        "transport sockets with different TLS contexts are not supported",
+                    ));
+                }
+                ctx = Some(t);
+                Ok(true)
+            }
+        }
+    };
+    let default = match &c.transport_socket {
+        Some(ts) => is_tls(ts)?,
+        None => false,
+    };
+    let mut matches = Vec::new();
+    for m in &c.transport_socket_matches {
+        let socket = m
+            .transport_socket
+            .as_ref()
+            .ok_or_else(|| err(&format!("transport socket match {} has no socket", m.name)))?;
+        let md = m
+            .r#match
+            .as_ref()
+            .map(string_fields)
+            .transpose()?
+            .unwrap_or_default();
+        matches.push((md, is_tls(socket)?));
+    }
+    Ok((ctx, matches, default))
 }
 
 #[allow(deprecated)] // max_requests_per_connection on the Cluster is still honoured
@@ -1066,9 +1236,7 @@ pub fn cluster(c: &cluster::Cluster) -> Result<ClusterCfg, Reject> {
             ))
         }
     };
-    if c.transport_socket.is_some() || !c.transport_socket_matches.is_empty() {
-        return Err(err("TLS transport sockets are not supported"));
-    }
+    let (tls, tls_matches, tls_default) = cluster_transport(c)?;
     if !c.health_checks.is_empty()
         || c.lb_subset_config.is_some()
         || c.load_balancing_policy.is_some()
@@ -1192,6 +1360,9 @@ pub fn cluster(c: &cluster::Cluster) -> Result<ClusterCfg, Reject> {
         panic_threshold,
         http2,
         max_requests_per_connection: max_requests_per_connection.filter(|n| *n > 0),
+        tls,
+        tls_matches,
+        tls_default,
     })
 }
 
@@ -1223,6 +1394,14 @@ pub fn endpoints(cla: &endpoint::ClusterLoadAssignment) -> Result<Vec<Endpoint>,
                 core::HealthStatus::try_from(e.health_status),
                 Ok(core::HealthStatus::Unknown | core::HealthStatus::Healthy) | Err(_)
             );
+            let socket_match = e
+                .metadata
+                .as_ref()
+                .and_then(|m| m.filter_metadata.get(SOCKET_MATCH_KEY))
+                .map(string_fields)
+                .transpose()
+                .map_err(|m| format!("{}: {m}", cla.cluster_name))?
+                .unwrap_or_default();
             out.push(Endpoint {
                 addr,
                 weight: e
@@ -1230,6 +1409,7 @@ pub fn endpoints(cla: &endpoint::ClusterLoadAssignment) -> Result<Vec<Endpoint>,
                     .as_ref()
                     .map_or(1, |w| w.value.max(1)),
                 healthy,
+                socket_match,
             });
         }
     }

@@ -49,6 +49,15 @@ pub struct HttpStats {
     pub no_cluster: AtomicU64,
 }
 
+/// Per listener (Envoy's `listener.ADDRESS.*`; a listener's name here is its address):
+/// TLS handshakes completed and failed, and connections no filter chain took.
+#[derive(Debug, Default)]
+pub struct ListenerStats {
+    pub ssl_handshake: AtomicU64,
+    pub ssl_connection_error: AtomicU64,
+    pub no_filter_chain_match: AtomicU64,
+}
+
 /// What the proxy currently runs on.
 #[derive(Debug, Default)]
 pub struct State {
@@ -82,6 +91,7 @@ pub struct Proxy {
         >,
     >,
     pub http_stats: Mutex<BTreeMap<String, Arc<HttpStats>>>,
+    pub listener_stats: Mutex<BTreeMap<String, Arc<ListenerStats>>>,
     /// Local rate limit stats by stat prefix.
     pub rate_limits: super::ratelimit::Registry,
     pub connected: AtomicBool,
@@ -94,6 +104,8 @@ pub struct Proxy {
     stop_all: Mutex<Option<Trigger>>,
     /// Where connections are served (see `workers`).
     pub(crate) workers: Workers,
+    /// Secrets from SDS and the TLS configs built from them.
+    pub tls: Arc<super::tls::TlsStore>,
 }
 
 impl Proxy {
@@ -107,6 +119,7 @@ impl Proxy {
             received: Mutex::default(),
             delta_held: Mutex::default(),
             http_stats: Mutex::default(),
+            listener_stats: Mutex::default(),
             rate_limits: Default::default(),
             connected: AtomicBool::new(false),
             initialized: AtomicBool::new(false),
@@ -114,6 +127,7 @@ impl Proxy {
             bound: Mutex::default(),
             shutdown,
             stop_all: Mutex::new(Some(stop_all)),
+            tls: Arc::default(),
         })
     }
 
@@ -130,6 +144,15 @@ impl Proxy {
             .lock()
             .unwrap()
             .entry(prefix.to_string())
+            .or_default()
+            .clone()
+    }
+
+    pub fn listener_stats(&self, name: &str) -> Arc<ListenerStats> {
+        self.listener_stats
+            .lock()
+            .unwrap()
+            .entry(name.to_string())
             .or_default()
             .clone()
     }

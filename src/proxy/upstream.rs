@@ -78,6 +78,10 @@ pub struct Host {
     pub addr: SocketAddr,
     pub weight: u32,
     pub healthy: bool,
+    /// Its transport socket match metadata, and whether connections to it use the
+    /// cluster's TLS context.
+    pub socket_match: std::collections::BTreeMap<String, String>,
+    pub tls: bool,
     pub stats: Arc<HostStats>,
     outlier: Mutex<OutlierState>,
     /// Idle connections per worker (`workers::current()`): a request only uses connections
@@ -95,11 +99,13 @@ impl std::fmt::Debug for IdleConn {
 }
 
 impl Host {
-    fn new(e: &Endpoint, stats: Arc<HostStats>) -> Host {
+    fn new(e: &Endpoint, stats: Arc<HostStats>, tls: bool) -> Host {
         Host {
             addr: e.addr,
             weight: e.weight,
             healthy: e.healthy,
+            socket_match: e.socket_match.clone(),
+            tls,
             stats,
             outlier: Mutex::default(),
             idle: Mutex::default(),
@@ -156,6 +162,9 @@ pub struct ClusterStats {
     pub upstream_rq_pending_total: AtomicU64,
     pub upstream_cx_total: AtomicU64,
     pub upstream_cx_connect_fail: AtomicU64,
+    /// TLS handshakes completed / failed (`ssl.handshake`, `ssl.connection_error`).
+    pub ssl_handshake: AtomicU64,
+    pub ssl_connection_error: AtomicU64,
     pub upstream_cx_active: AtomicU64,
     pub ejections_enforced_total: AtomicU64,
     pub ejections_overflow: AtomicU64,
@@ -192,6 +201,8 @@ pub struct Cluster {
     pending: AtomicU32,
     active_requests: AtomicU32,
     active_retries: AtomicU32,
+    /// Where TLS connections get their client config (the proxy's secrets).
+    pub tls_store: Option<Arc<super::tls::TlsStore>>,
 }
 
 /// A circuit breaker refused the request (answered 503 with `x-envoy-overloaded`).
@@ -229,6 +240,7 @@ impl Cluster {
             pending: AtomicU32::new(0),
             active_requests: AtomicU32::new(0),
             active_retries: AtomicU32::new(0),
+            tls_store: previous.and_then(|p| p.tls_store.clone()),
         };
         match &c.cfg.discovery {
             Discovery::Static(eps) => c.set_endpoints(eps),
@@ -242,6 +254,7 @@ impl Cluster {
                             addr: h.addr,
                             weight: h.weight,
                             healthy: h.healthy,
+                            socket_match: h.socket_match.clone(),
                         })
                         .collect();
                     c.set_endpoints_with(&eps, &p.hosts());
@@ -265,10 +278,15 @@ impl Cluster {
         let by_addr: HashMap<SocketAddr, &Arc<Host>> = old.iter().map(|h| (h.addr, h)).collect();
         let hosts = eps
             .iter()
-            .map(|e| match by_addr.get(&e.addr) {
-                Some(h) if h.weight == e.weight && h.healthy == e.healthy => (*h).clone(),
-                Some(h) => Arc::new(Host::new(e, h.stats.clone())),
-                None => Arc::new(Host::new(e, Arc::default())),
+            .map(|e| {
+                let tls = self.cfg.tls.is_some() && self.cfg.uses_tls(&e.socket_match);
+                match by_addr.get(&e.addr) {
+                    Some(h) if h.weight == e.weight && h.healthy == e.healthy && h.tls == tls => {
+                        (*h).clone()
+                    }
+                    Some(h) => Arc::new(Host::new(e, h.stats.clone(), tls)),
+                    None => Arc::new(Host::new(e, Arc::default(), tls)),
+                }
             })
             .collect();
         let hosts: Vec<Arc<Host>> = hosts;
@@ -536,10 +554,51 @@ impl Cluster {
             _ => return Err(fail()),
         };
         let _ = stream.set_nodelay(true);
-        let io = TokioIo::new(stream);
         host.stats.cx_total.fetch_add(1, Relaxed);
         self.stats.upstream_cx_total.fetch_add(1, Relaxed);
         let gauge = CxGauge::new(host.stats.clone(), self.stats.clone());
+        match (&self.cfg.tls, host.tls) {
+            (Some(t), true) => {
+                // Envoy counts a failed handshake as a connect failure
+                // (`upstream_cx_connect_fail`) and the request gets 503 UF.
+                let handshake = async {
+                    let store = self.tls_store.as_ref().ok_or("no secrets store")?;
+                    let cfg = store.client(t)?;
+                    let name = rustls::pki_types::ServerName::try_from(t.sni.clone())
+                        .or_else(|_| {
+                            rustls::pki_types::ServerName::try_from(host.addr.ip().to_string())
+                        })
+                        .map_err(|e| format!("SNI {:?}: {e}", t.sni))?;
+                    tokio_rustls::TlsConnector::from(cfg)
+                        .connect(name, stream)
+                        .await
+                        .map_err(|e| e.to_string())
+                };
+                let tls = match tokio::time::timeout(self.cfg.connect_timeout, handshake).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        self.stats.ssl_connection_error.fetch_add(1, Relaxed);
+                        tracing::debug!(cluster = %self.cfg.name, host = %host.addr, "TLS handshake failed: {e}");
+                        return Err(fail());
+                    }
+                    Err(_) => return Err(fail()),
+                };
+                self.stats.ssl_handshake.fetch_add(1, Relaxed);
+                self.handshake(TokioIo::new(tls), gauge, fail).await
+            }
+            _ => self.handshake(TokioIo::new(stream), gauge, fail).await,
+        }
+    }
+
+    async fn handshake<I>(
+        &self,
+        io: I,
+        gauge: CxGauge,
+        fail: impl Fn() -> SendError,
+    ) -> Result<IdleConn, SendError>
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
         if self.cfg.http2 {
             let (sender, conn) = http2::handshake(TokioExecutor::new(), io)
                 .await

@@ -11,7 +11,7 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3 as upstream_http;
 use envoy_types::util::pack_any;
 
 use super::*;
-use crate::model::{LoadBalancer, Mesh, TrafficPolicy};
+use crate::model::{ClientTls, LoadBalancer, Mesh, MtlsMode, SelectIndex, TrafficPolicy};
 
 /// Istio's default connect timeout.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -19,19 +19,52 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Every outbound cluster of the mesh, sorted by name.
 pub fn outbound_clusters(mesh: &Mesh) -> Vec<Resource> {
     let mut out = Vec::new();
+    let index = SelectIndex::new(mesh);
     for (host, svc) in &mesh.services {
         let policy = mesh.policies.get(host);
+        // The identities a client accepts from the service: its workloads' service accounts.
+        let mut sans: Vec<String> = index
+            .selected(svc)
+            .iter()
+            .filter(|w| w.labels.contains_key(crate::model::TLS_MODE_LABEL))
+            .map(|w| {
+                crate::security::spiffe_id(
+                    &svc.namespace,
+                    w.service_account.as_deref().unwrap_or("default"),
+                )
+            })
+            .collect();
+        sans.sort();
+        sans.dedup();
+        let server_mode = mesh.namespace_mtls(&svc.namespace);
         for port in &svc.ports {
             let base = policy.and_then(|p| p.traffic_policy.as_ref());
+            let tls = |tp: &TrafficPolicy| Transport {
+                port: port.port,
+                host,
+                sans: &sans,
+                mode: match tp.tls {
+                    Some(ClientTls::Disable) => TlsChoice::Plaintext,
+                    Some(ClientTls::IstioMutual) => TlsChoice::Mutual,
+                    // Istio's auto mTLS: mutual TLS to endpoints with a sidecar unless the
+                    // server side is known to refuse it.
+                    None if server_mode == MtlsMode::Disable => TlsChoice::Plaintext,
+                    None => TlsChoice::Auto,
+                },
+            };
             let name = outbound_cluster_name(port.port, None, host);
+            let tp = TrafficPolicy::merged(base, None);
             out.push(Resource::new(
                 name.clone(),
-                eds_cluster(&name, &TrafficPolicy::merged(base, None)),
+                eds_cluster(&name, &tp, &tls(&tp)),
             ));
             for subset in policy.map(|p| p.subsets.as_slice()).unwrap_or_default() {
                 let name = outbound_cluster_name(port.port, Some(&subset.name), host);
                 let tp = TrafficPolicy::merged(base, subset.traffic_policy.as_ref());
-                out.push(Resource::new(name.clone(), eds_cluster(&name, &tp)));
+                out.push(Resource::new(
+                    name.clone(),
+                    eds_cluster(&name, &tp, &tls(&tp)),
+                ));
             }
         }
     }
@@ -39,7 +72,55 @@ pub fn outbound_clusters(mesh: &Mesh) -> Vec<Resource> {
     out
 }
 
-fn eds_cluster(name: &str, tp: &TrafficPolicy) -> Cluster {
+/// How a cluster's connections are secured.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum TlsChoice {
+    Plaintext,
+    /// ISTIO_MUTUAL: every endpoint.
+    Mutual,
+    /// Auto mTLS: endpoints labelled with a sidecar (`tlsMode: istio`), plaintext to the rest.
+    Auto,
+}
+
+struct Transport<'a> {
+    port: u16,
+    host: &'a str,
+    sans: &'a [String],
+    mode: TlsChoice,
+}
+
+fn apply_transport(c: &mut Cluster, t: &Transport) {
+    let socket = || super::tls::upstream_socket(t.port, t.host, t.sans);
+    match t.mode {
+        TlsChoice::Plaintext => {}
+        TlsChoice::Mutual => c.transport_socket = Some(socket()),
+        TlsChoice::Auto => {
+            use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
+            c.transport_socket_matches = vec![
+                cluster::cluster::TransportSocketMatch {
+                    name: "tlsMode-istio".into(),
+                    r#match: Some(Struct {
+                        fields: [(
+                            "tlsMode".to_string(),
+                            Value {
+                                kind: Some(Kind::StringValue("istio".into())),
+                            },
+                        )]
+                        .into(),
+                    }),
+                    transport_socket: Some(socket()),
+                },
+                cluster::cluster::TransportSocketMatch {
+                    name: "tlsMode-disabled".into(),
+                    r#match: Some(Struct::default()),
+                    transport_socket: Some(super::tls::raw_buffer_socket()),
+                },
+            ];
+        }
+    }
+}
+
+fn eds_cluster(name: &str, tp: &TrafficPolicy, transport: &Transport) -> Cluster {
     let mut c = Cluster {
         name: name.to_string(),
         cluster_discovery_type: Some(cluster::cluster::ClusterDiscoveryType::Type(
@@ -53,6 +134,7 @@ fn eds_cluster(name: &str, tp: &TrafficPolicy) -> Cluster {
         ..Default::default()
     };
     apply_policy(&mut c, tp);
+    apply_transport(&mut c, transport);
     c
 }
 

@@ -7,7 +7,28 @@ use envoy_types::pb::envoy::config::core::v3 as core;
 use envoy_types::pb::envoy::config::endpoint::v3::{self as endpoint, ClusterLoadAssignment};
 
 use super::*;
-use crate::model::{port_endpoints, Mesh, SelectIndex};
+use crate::model::{port_endpoints, Mesh, SelectIndex, TLS_MODE_LABEL};
+
+/// `envoy.transport_socket_match: {tlsMode: istio}`: what auto mTLS's cluster match reads.
+fn tls_mode_metadata() -> core::Metadata {
+    use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
+    core::Metadata {
+        filter_metadata: [(
+            super::tls::SOCKET_MATCH_KEY.to_string(),
+            Struct {
+                fields: [(
+                    "tlsMode".to_string(),
+                    Value {
+                        kind: Some(Kind::StringValue("istio".into())),
+                    },
+                )]
+                .into(),
+            },
+        )]
+        .into(),
+        ..Default::default()
+    }
+}
 
 /// Assignments for every outbound cluster, keyed by cluster name.
 pub fn assignments(mesh: &Mesh) -> HashMap<String, Resource> {
@@ -23,7 +44,13 @@ pub fn assignments(mesh: &Mesh) -> HashMap<String, Resource> {
         for port in &svc.ports {
             let mut add = |name: String, labels| {
                 let eps = port_endpoints(&selected, port, labels)
-                    .map(|(e, p)| lb_endpoint(&e.address, p, e.weight, e.healthy))
+                    .map(|(e, p)| {
+                        let mut ep = lb_endpoint(&e.address, p, e.weight, e.healthy);
+                        if e.labels.get(TLS_MODE_LABEL).map(String::as_str) == Some("istio") {
+                            ep.metadata = Some(tls_mode_metadata());
+                        }
+                        ep
+                    })
                     .collect();
                 let cla = ClusterLoadAssignment {
                     cluster_name: name.clone(),
@@ -99,6 +126,7 @@ mod tests {
                     ports: Default::default(),
                     weight: 1,
                     healthy: true,
+                    service_account: None,
                 },
             })
             .collect();

@@ -14,9 +14,10 @@ use envoy_types::util::pack_any;
 
 use super::node::NodeInfo;
 use super::*;
-use crate::model::{LocalRateLimitSpec, Mesh, RateLimitPatch, RouteSelector};
+use crate::model::{LocalRateLimitSpec, Mesh, MtlsMode, RateLimitPatch, RouteSelector};
 use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
 use envoy_types::pb::envoy::r#type::v3 as types;
+use prost::Message;
 
 /// Ports (targetPort) on which this proxy's pod serves some service, sorted.
 pub fn inbound_ports(mesh: &Mesh, node: &NodeInfo) -> Vec<u16> {
@@ -64,6 +65,7 @@ pub fn listeners(mesh: &Mesh, node: &NodeInfo) -> Vec<Resource> {
             port,
             &filter_limits(true, Some(port)),
             &route_limits,
+            mesh.mtls_mode(&node.namespace, &node.labels, port),
         ));
     }
     out
@@ -144,6 +146,7 @@ pub fn inbound_listener(
     port: u16,
     limits: &[&LocalRateLimitSpec],
     route_limits: &[(&RouteSelector, &LocalRateLimitSpec)],
+    mtls: MtlsMode,
 ) -> Resource {
     let mut rc = super::route::inbound_route_config(port);
     for vh in &mut rc.virtual_hosts {
@@ -165,13 +168,44 @@ pub fn inbound_listener(
         hcm::http_connection_manager::RouteSpecifier::RouteConfig(rc),
         limits,
     );
-    listener(
+    let mut r = listener(
         format!("{ip}_{port}"),
         ip,
         port,
         manager,
         core::TrafficDirection::Inbound,
-    )
+    );
+    if mtls != MtlsMode::Disable {
+        let mut l = Listener::decode(r.any.value.as_slice()).expect("just encoded");
+        secure_inbound(&mut l, mtls);
+        r = Resource::new(r.name, l);
+    }
+    r
+}
+
+/// As istiod's inbound chains: the listener tells TLS from plaintext (tls_inspector); a TLS
+/// connection gets the mutual TLS chain (a client certificate of the mesh is required), a
+/// plaintext one the plaintext chain under PERMISSIVE and nothing under STRICT.
+fn secure_inbound(l: &mut Listener, mtls: MtlsMode) {
+    let plain = l.filter_chains.pop().expect("one chain");
+    let by_transport = |t: &str| listener::FilterChainMatch {
+        transport_protocol: t.to_string(),
+        ..Default::default()
+    };
+    l.listener_filters = vec![super::tls::tls_inspector()];
+    l.filter_chains = vec![listener::FilterChain {
+        name: "inbound-mtls".into(),
+        filter_chain_match: Some(by_transport("tls")),
+        transport_socket: Some(super::tls::downstream_socket()),
+        ..plain.clone()
+    }];
+    if mtls == MtlsMode::Permissive {
+        l.filter_chains.push(listener::FilterChain {
+            name: "inbound-plaintext".into(),
+            filter_chain_match: Some(by_transport("raw_buffer")),
+            ..plain
+        });
+    }
 }
 
 /// HCM with the fault filter (per-route config turns it on) before the router, as Istio does;

@@ -37,6 +37,9 @@ pub struct Snapshot {
     scopes: std::sync::Mutex<Scopes>,
     /// `mesh.scoped()`, computed once.
     scoped: bool,
+    /// Pilot's CA and the rotation epoch: each proxy's secrets (SDS) are issued per epoch.
+    /// `None`: no secrets are served.
+    pub security: Option<(Arc<super::secret::Issuer>, u64)>,
 }
 
 /// A sidecar's visibility class: its namespace and the Sidecar it is under.
@@ -82,6 +85,7 @@ impl Snapshot {
             scopes: Default::default(),
             scoped: mesh.scoped(),
             mesh,
+            security: None,
         }
     }
 
@@ -218,6 +222,8 @@ impl Snapshot {
                 routes: p.routes.clone(),
                 scope: self.scope(node),
                 kept_listeners: true,
+                node: self.node_for_secrets(node),
+                secrets: Default::default(),
             },
             _ => self.view(node),
         }
@@ -233,6 +239,8 @@ impl Snapshot {
                 routes: Arc::new(gateway::route_configs(&self.mesh, node)),
                 scope: None,
                 kept_listeners: false,
+                node: self.node_for_secrets(node),
+                secrets: Default::default(),
             };
         }
         let listeners = listener::listeners(&self.mesh, node);
@@ -250,7 +258,14 @@ impl Snapshot {
             routes: Arc::default(),
             scope: self.scope(node),
             kept_listeners: false,
+            node: self.node_for_secrets(node),
+            secrets: Default::default(),
         }
+    }
+
+    /// What a view needs to issue the proxy's secrets, when this snapshot serves any.
+    fn node_for_secrets(&self, node: &NodeInfo) -> Option<Arc<NodeInfo>> {
+        self.security.as_ref().map(|_| Arc::new(node.clone()))
     }
 }
 
@@ -264,8 +279,9 @@ fn listeners_key(mesh: &Mesh) -> u64 {
             format!("{:?}", p.target_port).hash(&mut h);
         }
     }
-    // Listeners carry the EnvoyFilters' rate limits.
+    // Listeners carry the EnvoyFilters' rate limits and the PeerAuthentications' TLS chains.
     format!("{:?}", mesh.envoy_filters).hash(&mut h);
+    format!("{:?}", mesh.peer_authentications).hash(&mut h);
     // What each sidecar sees (a change of visibility is compared in full).
     if mesh.scoped() {
         format!("{:?}", mesh.sidecars).hash(&mut h);
@@ -304,6 +320,10 @@ pub struct View {
     pub scope: Option<Arc<Scope>>,
     /// Listeners and inbound clusters are the previous view's (nothing they depend on changed).
     pub kept_listeners: bool,
+    /// The proxy, when the snapshot serves secrets.
+    node: Option<Arc<NodeInfo>>,
+    /// Its secrets, issued on first request.
+    secrets: std::sync::OnceLock<Arc<HashMap<String, Resource>>>,
 }
 
 impl View {
@@ -341,8 +361,25 @@ impl View {
                     .map_or(&self.snapshot.routes, |s| &s.routes)
                     .get(name)
             }),
+            SECRET_TYPE => self.secrets()?.get(name),
             _ => None,
         }
+    }
+
+    /// The proxy's secrets: its identity is its pod's service account (the registered
+    /// workload at its IP), `default` otherwise.
+    fn secrets(&self) -> Option<&HashMap<String, Resource>> {
+        let (issuer, epoch) = self.snapshot.security.as_ref()?;
+        let node = self.node.as_ref()?;
+        let secrets = self.secrets.get_or_init(|| {
+            let sa = node.ip.as_deref().map_or_else(
+                || "default".to_string(),
+                |ip| self.snapshot.mesh.service_account_at(&node.namespace, ip),
+            );
+            let id = crate::security::spiffe_id(&node.namespace, &sa);
+            issuer.secrets(&node.id, &id, *epoch)
+        });
+        Some(secrets)
     }
 }
 

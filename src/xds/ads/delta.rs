@@ -212,7 +212,8 @@ impl AdsConnection for DeltaConnection {
                 HashSet::new()
             };
             let only = match changes.as_ref().map(|c| c.get(type_url)) {
-                Some(None) => continue, // listeners kept
+                // Listeners kept; a type the snapshot does not track (secrets) is compared.
+                Some(None) if type_url == LISTENER_TYPE => continue,
                 Some(Some(n)) if n.is_empty() && forced.is_empty() => continue,
                 // Named types: only the changed names; CDS (wildcard) is compared whole.
                 Some(Some(n)) if type_url != CLUSTER_TYPE && !self.ctx.full_push => Some(

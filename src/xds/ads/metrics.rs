@@ -59,9 +59,9 @@ impl Histogram {
 /// Counters for `/metrics`, per type in [`PUSH_ORDER`] order.
 #[derive(Debug)]
 pub struct Metrics {
-    pub pushes: [AtomicU64; 4],
-    pub bytes_sent: [AtomicU64; 4],
-    pub nacks: [AtomicU64; 4],
+    pub pushes: [AtomicU64; 5],
+    pub bytes_sent: [AtomicU64; 5],
+    pub nacks: [AtomicU64; 5],
     pub stale_requests: AtomicU64,
     pub connected: AtomicU64,
     pub snapshots_built: AtomicU64,

@@ -1,0 +1,289 @@
+//! Mutual TLS between sidecars with certificates from pilot's CA (SDS over ADS): real Envoy
+//! 1.40 and meshbench proxy as clients and as servers, in all four pairings, against one
+//! pilot. Istio's default (no PeerAuthentication: PERMISSIVE, auto mTLS to endpoints with a
+//! sidecar), STRICT (plaintext refused), DestinationRule `tls.mode` DISABLE and ISTIO_MUTUAL.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A sidecar of either kind.
+struct Side {
+    kind: &'static str,
+    admin: SocketAddr,
+    pod_ip: String,
+    node_id: String,
+    _keep: Box<dyn std::any::Any + Send>,
+}
+
+async fn sidecar(
+    kind: &'static str,
+    bin: &std::path::PathBuf,
+    xds: SocketAddr,
+    app: &str,
+    tls_label: bool,
+) -> Side {
+    let mut labels = vec![("app", app)];
+    if tls_label {
+        labels.push(("security.istio.io/tlsMode", "istio"));
+    }
+    let pod = format!("{app}-0");
+    match kind {
+        "envoy" => {
+            let e = start_envoy(bin, xds, app, &pod, &labels).await;
+            Side {
+                kind,
+                admin: e.admin,
+                pod_ip: e.pod_ip.clone(),
+                node_id: e.node_id.clone(),
+                _keep: Box::new(e),
+            }
+        }
+        _ => {
+            let m = start_mesh_proxy(xds, app, &pod, &labels).await;
+            Side {
+                kind,
+                admin: m.admin,
+                pod_ip: m.pod_ip.clone(),
+                node_id: m.node_id.clone(),
+                _keep: Box::new(m),
+            }
+        }
+    }
+}
+
+/// One request through `client`'s outbound listener to `host:9080` on a fresh connection:
+/// the status and the answering workload, or the error.
+async fn call(client: &Side, host: &str) -> Result<(u16, String), String> {
+    let addr: SocketAddr = format!("{}:15001", client.pod_ip).parse().unwrap();
+    let mut c = Client::connect(addr).await.map_err(|e| e.to_string())?;
+    let r = c
+        .get(&format!("{host}:9080"), "/")
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((r.status, r.workload().unwrap_or_default().to_string()))
+}
+
+/// Calls until the answer is `want` (listeners bind and clusters warm a moment after the ACK).
+async fn until(client: &Side, host: &str, want: u16) -> (u16, String) {
+    let start = Instant::now();
+    loop {
+        let r = call(client, host).await;
+        if let Ok((s, w)) = &r {
+            if *s == want {
+                return (*s, w.clone());
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "{} client -> {host}: wanted {want}, got {r:?}",
+            client.kind
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A plaintext request straight to a server sidecar's inbound listener (no identity).
+async fn plaintext(addr: SocketAddr, host: &str) -> Result<u16, String> {
+    let mut c = Client::connect(addr).await.map_err(|e| e.to_string())?;
+    tokio::time::timeout(Duration::from_secs(5), c.get(host, "/"))
+        .await
+        .map_err(|_| "timeout".to_string())?
+        .map(|r| r.status)
+        .map_err(|e| e.to_string())
+}
+
+fn services(ports: &[(&str, u16)]) -> String {
+    ports
+        .iter()
+        .map(|(name, port)| {
+            format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{ports: [{{port: 9080, name: http, targetPort: {port}}}], selector: {{app: {name}}}}}\n")
+        })
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+fn peer_authentication(mode: &str) -> String {
+    format!("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: default, namespace: istio-system}}\nspec: {{mtls: {{mode: {mode}}}}}\n")
+}
+
+fn destination_rule(host: &str, mode: &str) -> String {
+    format!("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {host}}}\nspec: {{host: {host}, trafficPolicy: {{tls: {{mode: {mode}}}}}}}\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_between_envoy_and_meshbench_proxy_in_every_pairing() {
+    let Some(bin) = envoy_binary() else { return };
+    let p = start_pilot(Duration::ZERO).await;
+    let app_e = start_upstream("127.0.0.1", "reviews-e", Behavior::Ok).await;
+    let app_m = start_upstream("127.0.0.1", "reviews-m", Behavior::Ok).await;
+    apply_ok(
+        p.api,
+        &services(&[
+            ("reviews-e", app_e.addr.port()),
+            ("reviews-m", app_m.addr.port()),
+        ]),
+    )
+    .await;
+    let servers = [
+        (
+            sidecar("envoy", &bin, p.xds, "reviews-e", true).await,
+            "reviews-e",
+            app_e.addr.port(),
+        ),
+        (
+            sidecar("meshbench", &bin, p.xds, "reviews-m", true).await,
+            "reviews-m",
+            app_m.addr.port(),
+        ),
+    ];
+    let adds: Vec<String> = servers
+        .iter()
+        .map(|(s, app, _)| {
+            format!(r#"{{"name": "{app}-0", "namespace": "default", "address": "{}", "labels": {{"app": "{app}", "security.istio.io/tlsMode": "istio"}}, "serviceAccount": "bookinfo-{app}"}}"#, s.pod_ip)
+        })
+        .collect();
+    let v = endpoints_ok(p.api, &format!(r#"{{"add": [{}]}}"#, adds.join(",")))
+        .await
+        .version;
+    let clients = [
+        sidecar("envoy", &bin, p.xds, "client-e", false).await,
+        sidecar("meshbench", &bin, p.xds, "client-m", false).await,
+    ];
+    let everyone: Vec<&Side> = clients.iter().chain(servers.iter().map(|s| &s.0)).collect();
+    for s in &everyone {
+        wait_synced(p.api, &s.node_id, v).await;
+    }
+    let inbound = |(s, _, port): &(Side, &str, u16)| -> SocketAddr {
+        format!("{}:{port}", s.pod_ip).parse().unwrap()
+    };
+    let handshakes = |s: &Side, stat: String| {
+        let admin = s.admin;
+        async move { admin_stat(admin, &stat).await.unwrap_or(0) }
+    };
+    let cluster_stat =
+        |app: &str| format!("cluster.outbound|9080||{app}.default.svc.cluster.local.ssl.handshake");
+
+    // Istio's default: PERMISSIVE servers, auto mTLS from the clients (the endpoints carry the
+    // sidecar label): every pairing answers, each over a TLS handshake on both ends.
+    for c in &clients {
+        for (server, app, _) in &servers {
+            let (status, who) = until(c, app, 200).await;
+            assert_eq!(
+                (status, who.as_str()),
+                (200, *app),
+                "{} -> {}",
+                c.kind,
+                server.kind
+            );
+            assert!(
+                handshakes(c, cluster_stat(app)).await >= 1,
+                "{} client made no TLS handshake to {} server",
+                c.kind,
+                server.kind
+            );
+        }
+    }
+    for s in &servers {
+        let stat = format!(
+            "listener.{}.ssl.handshake",
+            inbound(s).to_string().replace(':', "_")
+        );
+        assert!(
+            handshakes(&s.0, stat.clone()).await >= 2,
+            "{} server: {stat} below 2 (one per client)",
+            s.0.kind
+        );
+        // PERMISSIVE also takes plaintext.
+        assert_eq!(
+            plaintext(inbound(s), s.1).await,
+            Ok(200),
+            "{} server",
+            s.0.kind
+        );
+    }
+
+    // STRICT: plaintext is refused by both servers; the sidecars still talk, over mTLS.
+    let v = apply_ok(p.api, &peer_authentication("STRICT"))
+        .await
+        .version;
+    for s in &everyone {
+        wait_synced(p.api, &s.node_id, v).await;
+    }
+    for s in &servers {
+        let start = Instant::now();
+        loop {
+            // The new chains apply to connections accepted after the update.
+            match plaintext(inbound(s), s.1).await {
+                Err(_) => break,
+                Ok(status) => assert!(
+                    start.elapsed() < Duration::from_secs(10),
+                    "{} server still answers plaintext under STRICT ({status})",
+                    s.0.kind
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    for c in &clients {
+        for (_, app, _) in &servers {
+            assert_eq!(
+                call(c, app).await.map(|r| r.0),
+                Ok(200),
+                "{} -> {app}",
+                c.kind
+            );
+        }
+    }
+
+    // A DestinationRule that turns TLS off makes the clients send plaintext: refused (503).
+    let v = apply_ok(
+        p.api,
+        &[
+            destination_rule("reviews-e", "DISABLE"),
+            destination_rule("reviews-m", "DISABLE"),
+        ]
+        .join("---\n"),
+    )
+    .await
+    .version;
+    for s in &everyone {
+        wait_synced(p.api, &s.node_id, v).await;
+    }
+    for c in &clients {
+        for (_, app, _) in &servers {
+            until(c, app, 503).await;
+        }
+    }
+
+    // ISTIO_MUTUAL (Istio's destination-rule-all-mtls.yaml): mutual TLS again, for every
+    // endpoint whatever its labels.
+    let v = apply_ok(
+        p.api,
+        &[
+            destination_rule("reviews-e", "ISTIO_MUTUAL"),
+            destination_rule("reviews-m", "ISTIO_MUTUAL"),
+        ]
+        .join("---\n"),
+    )
+    .await
+    .version;
+    for s in &everyone {
+        wait_synced(p.api, &s.node_id, v).await;
+    }
+    for c in &clients {
+        for (server, app, _) in &servers {
+            let before = handshakes(c, cluster_stat(app)).await;
+            until(c, app, 200).await;
+            assert!(
+                handshakes(c, cluster_stat(app)).await > before,
+                "{} -> {}: ISTIO_MUTUAL made no new handshake",
+                c.kind,
+                server.kind
+            );
+        }
+    }
+}
