@@ -334,6 +334,22 @@ impl Mesh {
             })
     }
 
+    /// A pod of the service `target` names (`service:port`), at its sidecar's inbound
+    /// listener (the pod IP and the app's port): where `via: direct` sends plaintext.
+    pub fn direct(&self, target: &str) -> Result<SocketAddr, Error> {
+        let service = target.split(':').next().unwrap_or(target);
+        let service = service.split('.').next().unwrap_or(service);
+        self.pods
+            .iter()
+            .find(|p| !p.plan.gateway && p.plan.service == service && p.running)
+            .map(|p| sock(&p.addr.pod_ip, p.plan.port))
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "via: direct: no running pod of service {service:?} (target {target:?})"
+                ))
+            })
+    }
+
     fn running(&self) -> impl Iterator<Item = &Pod> {
         self.pods
             .iter()

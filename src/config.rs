@@ -362,6 +362,9 @@ fn parse_object(origin: &Origin, value: Value) -> Result<Option<Object>, Outcome
         "PeerAuthentication" if matches!(api, "security.istio.io/v1" | "security.istio.io/v1beta1") => {
             Spec::PeerAuthentication(peer_authentication(origin, &object_name, spec_value)?)
         }
+        "AuthorizationPolicy" if matches!(api, "security.istio.io/v1" | "security.istio.io/v1beta1") => {
+            Spec::AuthorizationPolicy(authorization_policy(origin, spec_value)?)
+        }
         "RouteRule" if api == "config.istio.io/v1alpha2" => Spec::RouteRule(route_rule(origin, spec_value)?),
         "EnvoyFilter" if api == "networking.istio.io/v1alpha3" => Spec::EnvoyFilter(envoy_filter(origin, spec_value)?),
         "Gateway" if ISTIO_NETWORKING.contains(&api) => Spec::Gateway(gateway(origin, spec_value)?),
@@ -372,7 +375,7 @@ fn parse_object(origin: &Origin, value: Value) -> Result<Option<Object>, Outcome
         k => {
             return Err(e(
                 "kind",
-                format!("unsupported kind {k:?}: meshbench reads Service, Deployment, Gateway, VirtualService, DestinationRule, ServiceEntry, WorkloadEntry, EnvoyFilter, RouteRule and PeerAuthentication"),
+                format!("unsupported kind {k:?}: meshbench reads Service, Deployment, Gateway, VirtualService, DestinationRule, ServiceEntry, WorkloadEntry, EnvoyFilter, RouteRule, Sidecar, PeerAuthentication and AuthorizationPolicy"),
             ))
         }
     };
@@ -1800,6 +1803,272 @@ fn peer_authentication(
             .flatten()
             .map(|(p, m)| (p as u16, mode(&Some(m))))
             .collect(),
+    })
+}
+
+// ---- AuthorizationPolicy (security.istio.io) ------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawAuthz {
+    selector: Option<RawMatchLabels>,
+    target_ref: Option<Value>,
+    target_refs: Option<Value>,
+    action: Option<String>,
+    provider: Option<Value>,
+    rules: Option<Vec<RawAuthzRule>>,
+}
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawAuthzRule {
+    #[serde(default)]
+    from: Vec<RawAuthzFrom>,
+    #[serde(default)]
+    to: Vec<RawAuthzTo>,
+    #[serde(default)]
+    when: Vec<RawAuthzWhen>,
+}
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuthzFrom {
+    source: RawSource,
+}
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuthzTo {
+    operation: RawOperation,
+}
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawSource {
+    #[serde(default)]
+    principals: Vec<String>,
+    #[serde(default)]
+    not_principals: Vec<String>,
+    #[serde(default)]
+    namespaces: Vec<String>,
+    #[serde(default)]
+    not_namespaces: Vec<String>,
+    request_principals: Option<Value>,
+    not_request_principals: Option<Value>,
+    ip_blocks: Option<Value>,
+    not_ip_blocks: Option<Value>,
+    remote_ip_blocks: Option<Value>,
+    not_remote_ip_blocks: Option<Value>,
+    service_accounts: Option<Value>,
+    not_service_accounts: Option<Value>,
+}
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawOperation {
+    #[serde(default)]
+    methods: Vec<String>,
+    #[serde(default)]
+    not_methods: Vec<String>,
+    #[serde(default)]
+    paths: Vec<String>,
+    #[serde(default)]
+    not_paths: Vec<String>,
+    #[serde(default)]
+    ports: Vec<String>,
+    #[serde(default)]
+    not_ports: Vec<String>,
+    hosts: Option<Value>,
+    not_hosts: Option<Value>,
+}
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawAuthzWhen {
+    key: String,
+    #[serde(default)]
+    values: Vec<String>,
+    #[serde(default)]
+    not_values: Vec<String>,
+}
+
+/// Validated as Istio validates it; what meshbench does not run is refused as not supported.
+fn authorization_policy(origin: &Origin, v: Value) -> Result<AuthorizationPolicySpec, Outcome> {
+    let raw: RawAuthz = typed(origin, "spec", v).map_err(Outcome::Errors)?;
+    let e = |field: String, message: String| errs(origin, field, message);
+    let unsupported = |field: String, what: &str| {
+        e(
+            field,
+            format!(
+                "{what} is not supported by meshbench (Istio accepts it; remove it to run here)"
+            ),
+        )
+    };
+    let set = |v: &Option<Value>| v.as_ref().is_some_and(|v| !v.is_null());
+    if set(&raw.target_ref) || set(&raw.target_refs) {
+        return Err(unsupported(
+            "spec.targetRef".into(),
+            "targetRef (policies attached to waypoints or gateways)",
+        ));
+    }
+    if set(&raw.provider) {
+        return Err(unsupported("spec.provider".into(), "a CUSTOM provider"));
+    }
+    let action = match raw.action.as_deref().unwrap_or("ALLOW") {
+        "ALLOW" => AuthzAction::Allow,
+        "DENY" => AuthzAction::Deny,
+        a @ ("CUSTOM" | "AUDIT") => {
+            return Err(unsupported(
+                "spec.action".into(),
+                &format!("the {a} action"),
+            ))
+        }
+        a => {
+            return Err(e(
+                "spec.action".into(),
+                format!("{a:?} is not an action (ALLOW, DENY, AUDIT, CUSTOM)"),
+            ))
+        }
+    };
+    let selector = raw
+        .selector
+        .map(|s| s.match_labels)
+        .filter(|s| !s.is_empty());
+    let values = |field: &str, is: Vec<String>, not: Vec<String>| -> Result<Values, Outcome> {
+        for v in is.iter().chain(&not) {
+            if v.is_empty() {
+                return Err(e(field.to_string(), "empty values are not allowed".into()));
+            }
+            let inner = v.trim_start_matches('*').trim_end_matches('*');
+            if v != "*" && (inner.contains('*') || (v.starts_with('*') && v.ends_with('*'))) {
+                return Err(e(
+                    field.to_string(),
+                    format!("{v:?}: a wildcard may only be a prefix or a suffix"),
+                ));
+            }
+        }
+        Ok(Values { is, not })
+    };
+    let mut rules = Vec::new();
+    for (i, r) in raw.rules.unwrap_or_default().into_iter().enumerate() {
+        let f = |k: &str| format!("spec.rules[{i}].{k}");
+        let mut from = Vec::new();
+        for (j, s) in r.from.into_iter().enumerate() {
+            let s = s.source;
+            let g = |k: &str| f(&format!("from[{j}].source.{k}"));
+            for (v, k, what) in [
+                (
+                    &s.request_principals,
+                    "requestPrincipals",
+                    "requestPrincipals (JWT)",
+                ),
+                (
+                    &s.not_request_principals,
+                    "notRequestPrincipals",
+                    "notRequestPrincipals (JWT)",
+                ),
+                (&s.ip_blocks, "ipBlocks", "ipBlocks"),
+                (&s.not_ip_blocks, "notIpBlocks", "notIpBlocks"),
+                (&s.remote_ip_blocks, "remoteIpBlocks", "remoteIpBlocks"),
+                (
+                    &s.not_remote_ip_blocks,
+                    "notRemoteIpBlocks",
+                    "notRemoteIpBlocks",
+                ),
+                (
+                    &s.service_accounts,
+                    "serviceAccounts",
+                    "serviceAccounts (use principals)",
+                ),
+                (
+                    &s.not_service_accounts,
+                    "notServiceAccounts",
+                    "notServiceAccounts (use notPrincipals)",
+                ),
+            ] {
+                if set(v) {
+                    return Err(unsupported(g(k), what));
+                }
+            }
+            let src = AuthzSource {
+                principals: values(&g("principals"), s.principals, s.not_principals)?,
+                namespaces: values(&g("namespaces"), s.namespaces, s.not_namespaces)?,
+            };
+            if src.principals.is_empty() && src.namespaces.is_empty() {
+                return Err(e(
+                    f(&format!("from[{j}].source")),
+                    "a source must set at least one field".into(),
+                ));
+            }
+            from.push(src);
+        }
+        let mut to = Vec::new();
+        for (j, t) in r.to.into_iter().enumerate() {
+            let o = t.operation;
+            let g = |k: &str| f(&format!("to[{j}].operation.{k}"));
+            if set(&o.hosts) || set(&o.not_hosts) {
+                return Err(unsupported(g("hosts"), "host matching"));
+            }
+            for p in o.ports.iter().chain(&o.not_ports) {
+                if !p.parse::<u16>().is_ok_and(|p| p > 0) {
+                    return Err(e(g("ports"), format!("{p:?} is not a port")));
+                }
+            }
+            for p in o.paths.iter().chain(&o.not_paths) {
+                if p.contains('{') {
+                    return Err(unsupported(g("paths"), "path templates"));
+                }
+            }
+            let op = AuthzOperation {
+                methods: values(&g("methods"), o.methods, o.not_methods)?,
+                paths: values(&g("paths"), o.paths, o.not_paths)?,
+                ports: values(&g("ports"), o.ports, o.not_ports)?,
+            };
+            if op.methods.is_empty() && op.paths.is_empty() && op.ports.is_empty() {
+                return Err(e(
+                    f(&format!("to[{j}].operation")),
+                    "an operation must set at least one field".into(),
+                ));
+            }
+            to.push(op);
+        }
+        let mut when = Vec::new();
+        for (j, w) in r.when.into_iter().enumerate() {
+            let g = |k: &str| f(&format!("when[{j}].{k}"));
+            let header = w
+                .key
+                .strip_prefix("request.headers[")
+                .and_then(|k| k.strip_suffix(']'))
+                .filter(|k| !k.is_empty());
+            if header.is_none()
+                && !matches!(
+                    w.key.as_str(),
+                    "source.principal" | "source.namespace" | "destination.port"
+                )
+            {
+                return Err(unsupported(
+                    g("key"),
+                    &format!("the condition key {:?} (meshbench runs request.headers[NAME], source.principal, source.namespace and destination.port)", w.key),
+                ));
+            }
+            if w.values.is_empty() && w.not_values.is_empty() {
+                return Err(e(
+                    g("values"),
+                    "a condition needs values or notValues".into(),
+                ));
+            }
+            if w.key == "destination.port" {
+                for p in w.values.iter().chain(&w.not_values) {
+                    if !p.parse::<u16>().is_ok_and(|p| p > 0) {
+                        return Err(e(g("values"), format!("{p:?} is not a port")));
+                    }
+                }
+            }
+            when.push(AuthzCondition {
+                values: values(&g("values"), w.values, w.not_values)?,
+                key: w.key,
+            });
+        }
+        rules.push(AuthzRule { from, to, when });
+    }
+    Ok(AuthorizationPolicySpec {
+        selector,
+        action,
+        rules,
     })
 }
 

@@ -74,10 +74,11 @@ pub enum Kind {
     Gateway,
     Sidecar,
     PeerAuthentication,
+    AuthorizationPolicy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 11] = [
+    pub const ALL: [Kind; 12] = [
         Kind::Service,
         Kind::Deployment,
         Kind::VirtualService,
@@ -89,6 +90,7 @@ impl Kind {
         Kind::Gateway,
         Kind::Sidecar,
         Kind::PeerAuthentication,
+        Kind::AuthorizationPolicy,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -104,6 +106,7 @@ impl Kind {
             Kind::Gateway => "Gateway",
             Kind::Sidecar => "Sidecar",
             Kind::PeerAuthentication => "PeerAuthentication",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
         }
     }
 
@@ -171,6 +174,7 @@ pub enum Spec {
     Gateway(GatewaySpec),
     Sidecar(SidecarSpec),
     PeerAuthentication(PeerAuthenticationSpec),
+    AuthorizationPolicy(AuthorizationPolicySpec),
 }
 
 impl Spec {
@@ -187,6 +191,7 @@ impl Spec {
             Spec::Gateway(_) => Kind::Gateway,
             Spec::Sidecar(_) => Kind::Sidecar,
             Spec::PeerAuthentication(_) => Kind::PeerAuthentication,
+            Spec::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
         }
     }
 }
@@ -467,6 +472,69 @@ pub struct PeerAuthenticationSpec {
     pub ports: BTreeMap<u16, Option<MtlsMode>>,
 }
 
+/// An AuthorizationPolicy as far as meshbench runs it (ALLOW and DENY; sources by principal
+/// and namespace; operations by method, path and port; conditions on request headers, source
+/// principal and namespace, destination port). Each list of values matches when any value
+/// does; a source, operation or rule matches when all its lists do.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct AuthorizationPolicySpec {
+    /// `selector.matchLabels`; none: every workload of the namespace (of the mesh in the root
+    /// namespace).
+    pub selector: Option<Labels>,
+    pub action: AuthzAction,
+    pub rules: Vec<AuthzRule>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum AuthzAction {
+    Allow,
+    Deny,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct AuthzRule {
+    /// Any of these sources (none: any source).
+    pub from: Vec<AuthzSource>,
+    /// Any of these operations (none: any operation).
+    pub to: Vec<AuthzOperation>,
+    /// All of these conditions.
+    pub when: Vec<AuthzCondition>,
+}
+
+/// Values and negated values of one field (`principals` / `notPrincipals`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Values {
+    pub is: Vec<String>,
+    pub not: Vec<String>,
+}
+
+impl Values {
+    pub fn is_empty(&self) -> bool {
+        self.is.is_empty() && self.not.is_empty()
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct AuthzSource {
+    pub principals: Values,
+    pub namespaces: Values,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct AuthzOperation {
+    pub methods: Values,
+    pub paths: Values,
+    pub ports: Values,
+}
+
+/// `when`: `request.headers[NAME]`, `source.principal`, `source.namespace` or
+/// `destination.port`, with values.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct AuthzCondition {
+    pub key: String,
+    pub values: Values,
+}
+
 /// The pod label Istio's injector sets on workloads with a sidecar; auto mTLS sends mutual
 /// TLS only to endpoints that carry it.
 pub const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
@@ -621,6 +689,8 @@ pub struct Mesh {
     pub sidecars: BTreeMap<(String, String), SidecarSpec>,
     /// PeerAuthentications by (namespace, name).
     pub peer_authentications: BTreeMap<(String, String), PeerAuthenticationSpec>,
+    /// AuthorizationPolicies by (namespace, name).
+    pub authorization_policies: BTreeMap<(String, String), AuthorizationPolicySpec>,
 }
 
 /// The hosts one sidecar sees (sorted); `everything` when that is the whole mesh.
@@ -758,7 +828,23 @@ impl Mesh {
             gateway_routes: vec![],
             sidecars: BTreeMap::new(),
             peer_authentications: self.peer_authentications.clone(),
+            authorization_policies: self.authorization_policies.clone(),
         }
+    }
+
+    /// The AuthorizationPolicies that apply to a workload of `namespace` with `labels`: its
+    /// namespace's that select it (or select nothing) and the root namespace's, by name.
+    pub fn authorization_for<'a>(
+        &'a self,
+        namespace: &'a str,
+        labels: &'a Labels,
+    ) -> impl Iterator<Item = (&'a (String, String), &'a AuthorizationPolicySpec)> + 'a {
+        self.authorization_policies
+            .iter()
+            .filter(move |((ns, _), p)| {
+                (ns == namespace || ns == ROOT_NAMESPACE)
+                    && p.selector.as_ref().is_none_or(|s| labels_match(s, labels))
+            })
     }
 
     /// How a workload of `namespace` with `labels` accepts connections on `port` (its target

@@ -426,6 +426,7 @@ impl Pilot {
             gateway_routes: old.gateway_routes.clone(),
             sidecars: old.sidecars.clone(),
             peer_authentications: old.peer_authentications.clone(),
+            authorization_policies: old.authorization_policies.clone(),
             workloads: old.workloads[..entries.min(old.workloads.len())]
                 .iter()
                 .cloned()

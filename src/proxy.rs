@@ -19,6 +19,7 @@ pub mod ads;
 pub mod dataplane;
 pub mod path;
 pub mod ratelimit;
+pub mod rbac;
 pub mod resources;
 pub mod state;
 pub mod tls;

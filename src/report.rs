@@ -62,6 +62,9 @@ pub struct MeshCounts {
     pub ejections: u64,
     /// Requests refused by local rate limits (`*.http_local_rate_limit.enforced`).
     pub rate_limited: u64,
+    /// Requests refused by authorization policies (`http.*.rbac.denied`).
+    #[serde(default)]
+    pub rbac_denied: u64,
 }
 
 impl MeshCounts {
@@ -86,6 +89,8 @@ impl MeshCounts {
                 }
             } else if name.ends_with(".http_local_rate_limit.enforced") {
                 &mut self.rate_limited
+            } else if name.starts_with("http.") && name.ends_with(".rbac.denied") {
+                &mut self.rbac_denied
             } else {
                 continue;
             };
@@ -99,6 +104,7 @@ impl MeshCounts {
             overflows: self.overflows.saturating_sub(before.overflows),
             ejections: self.ejections.saturating_sub(before.ejections),
             rate_limited: self.rate_limited.saturating_sub(before.rate_limited),
+            rbac_denied: self.rbac_denied.saturating_sub(before.rbac_denied),
         }
     }
 }
@@ -685,8 +691,8 @@ pub fn summary(r: &Report) -> String {
         let m = &p.mesh;
         if *m != MeshCounts::default() {
             s.push_str(&format!(
-                "  mesh: {} retries, {} overflows, {} ejections, {} rate limited",
-                m.retries, m.overflows, m.ejections, m.rate_limited
+                "  mesh: {} retries, {} overflows, {} ejections, {} rate limited, {} denied by RBAC",
+                m.retries, m.overflows, m.ejections, m.rate_limited, m.rbac_denied
             ));
         }
         s.push('\n');

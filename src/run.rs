@@ -273,6 +273,7 @@ impl Runner<'_> {
                     target: match l.via {
                         Via::Sidecar => self.b.client_outbound(),
                         Via::Gateway => self.b.gateway()?,
+                        Via::Direct => self.b.direct(&l.target)?,
                     },
                     host: l.target.clone(),
                     path: l.path.clone(),
@@ -522,7 +523,7 @@ impl Runner<'_> {
                     passed,
                 );
             }
-            if let Some(max) = e.errors {
+            if let Some(bound) = e.errors {
                 let rate = if counts.requests == 0 {
                     0.0
                 } else {
@@ -530,9 +531,9 @@ impl Runner<'_> {
                 };
                 push(
                     format!("error rate ({scope})"),
-                    format!("<= {max}%"),
+                    bound.describe("%"),
                     format!("{rate:.3}% ({} of {})", counts.errors, counts.requests),
-                    counts.requests > 0 && rate <= max,
+                    counts.requests > 0 && bound.admits(rate),
                 );
             }
             let share = |n: u64| {
@@ -596,6 +597,7 @@ impl Runner<'_> {
                             ("overflows", mb.overflows, p.mesh.overflows),
                             ("ejections", mb.ejections, p.mesh.ejections),
                             ("rate limited", mb.rate_limited, p.mesh.rate_limited),
+                            ("RBAC denials", mb.rbac_denied, p.mesh.rbac_denied),
                         ] {
                             if let Some(b) = bound {
                                 push(

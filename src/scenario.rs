@@ -290,6 +290,10 @@ pub enum Via {
     #[default]
     Sidecar,
     Gateway,
+    /// Straight to the first pod of the target service, on its target port, in plaintext and
+    /// with no identity: what a workload outside the mesh (or an attacker who knows the
+    /// address) does. Under STRICT mTLS it must be refused.
+    Direct,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -386,6 +390,8 @@ pub struct MeshBounds {
     pub overflows: Option<Count>,
     pub ejections: Option<Count>,
     pub rate_limited: Option<Count>,
+    /// Requests the sidecars' authorization policies refused (`http.*.rbac.denied`).
+    pub rbac_denied: Option<Count>,
 }
 
 /// Degraded answers: over all services, or per service.
@@ -404,8 +410,9 @@ pub struct ExpectStep {
     /// Only the last `window` of the load (for a running background load).
     pub window: Option<Dur>,
     pub split: Option<Split>,
-    /// Largest error rate in percent (0 = not one failed request).
-    pub errors: Option<f64>,
+    /// Error rate in percent: a number is the largest (0 = not one failed request);
+    /// `{min: 100}` says every request must fail (an attack that must be refused).
+    pub errors: Option<Share>,
     /// Share of answers that were degraded (a number: at most that percent of all answers),
     /// or per service (`{reviews: 0}`: reviews was never missing from an answer).
     pub degraded: Option<Degraded>,

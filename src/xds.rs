@@ -14,6 +14,7 @@ pub mod endpoint;
 pub mod gateway;
 pub mod listener;
 pub mod node;
+pub mod rbac;
 pub mod route;
 pub mod secret;
 pub mod snapshot;

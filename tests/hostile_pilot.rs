@@ -337,7 +337,7 @@ async fn nack_floods_and_forged_node_ids_do_not_flood_or_forge_the_log() {
     use envoy_types::pb::google::rpc::Status as RpcStatus;
     let dir = TempDir::new("hostile-log");
     let (p, mut api) = pilot_process(&dir, "pilot").await;
-    api.apply("mesh.yaml", MESH).await.unwrap();
+    let applied = api.apply("mesh.yaml", MESH).await.unwrap().version;
     let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", p.xds))
         .await
         .unwrap();
@@ -364,7 +364,12 @@ async fn nack_floods_and_forged_node_ids_do_not_flood_or_forge_the_log() {
         ..Default::default()
     };
     tx.send(req("", false)).await.unwrap();
-    let cds = responses.message().await.unwrap().unwrap();
+    // The NACKs must name the latest response's nonce: a push of the applied version after
+    // an earlier snapshot's answer would make them stale (and uncounted).
+    let mut cds = responses.message().await.unwrap().unwrap();
+    while cds.version_info != applied.to_string() {
+        cds = responses.message().await.unwrap().unwrap();
+    }
     for _ in 0..20_000 {
         tx.send(req(&cds.nonce, true)).await.unwrap();
     }

@@ -287,3 +287,188 @@ async fn mutual_tls_between_envoy_and_meshbench_proxy_in_every_pairing() {
         }
     }
 }
+
+/// One request through `client`'s outbound listener: the status.
+async fn send(
+    client: &Side,
+    host: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> u16 {
+    let addr: SocketAddr = format!("{}:15001", client.pod_ip).parse().unwrap();
+    let mut c = Client::connect(addr).await.expect("outbound listener");
+    c.request(method, &format!("{host}:9080"), path, headers, "")
+        .await
+        .map(|r| r.status)
+        .unwrap_or(0)
+}
+
+const POLICIES: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: reviews-allow}
+spec:
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/default/sa/sleep]}}]
+    to: [{operation: {methods: [GET], paths: [/api/*, /exact]}}]
+  - from: [{source: {namespaces: [default]}}]
+    to: [{operation: {methods: [POST]}}]
+    when: [{key: 'request.headers[x-token]', values: [let-me-in]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: reviews-deny}
+spec:
+  action: DENY
+  rules:
+  - to: [{operation: {paths: [/api/admin/*]}}]
+  - from: [{source: {notPrincipals: [cluster.local/ns/default/sa/sleep]}}]
+    to: [{operation: {paths: [/api/secret]}}]
+";
+
+/// AuthorizationPolicies (ALLOW and DENY; principals, namespaces, methods, paths, header
+/// conditions, negations) allow and deny the same requests on an Envoy server sidecar and on
+/// a meshbench one, for callers of two identities and for a caller with none; the servers'
+/// `rbac.allowed` / `rbac.denied` counts agree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorization_policies_agree_between_envoy_and_meshbench_proxy() {
+    let Some(bin) = envoy_binary() else { return };
+    let p = start_pilot(Duration::ZERO).await;
+    let app_e = start_upstream("127.0.0.1", "reviews-e", Behavior::Ok).await;
+    let app_m = start_upstream("127.0.0.1", "reviews-m", Behavior::Ok).await;
+    apply_ok(
+        p.api,
+        &services(&[
+            ("reviews-e", app_e.addr.port()),
+            ("reviews-m", app_m.addr.port()),
+        ]),
+    )
+    .await;
+    let servers = [
+        (
+            sidecar("envoy", &bin, p.xds, "reviews-e", true).await,
+            "reviews-e",
+            app_e.addr.port(),
+        ),
+        (
+            sidecar("meshbench", &bin, p.xds, "reviews-m", true).await,
+            "reviews-m",
+            app_m.addr.port(),
+        ),
+    ];
+    // Callers: Envoy as `sleep`, meshbench proxy as `other`.
+    let clients = [
+        (
+            sidecar("envoy", &bin, p.xds, "client-e", false).await,
+            "sleep",
+        ),
+        (
+            sidecar("meshbench", &bin, p.xds, "client-m", false).await,
+            "other",
+        ),
+    ];
+    let mut adds: Vec<String> = servers
+        .iter()
+        .map(|(s, app, _)| format!(r#"{{"name": "{app}-0", "address": "{}", "labels": {{"app": "{app}", "security.istio.io/tlsMode": "istio"}}, "serviceAccount": "bookinfo-{app}"}}"#, s.pod_ip))
+        .collect();
+    adds.extend(clients.iter().map(|(c, sa)| {
+        format!(r#"{{"name": "{sa}-0", "address": "{}", "labels": {{"app": "{sa}"}}, "serviceAccount": "{sa}"}}"#, c.pod_ip)
+    }));
+    endpoints_ok(p.api, &format!(r#"{{"add": [{}]}}"#, adds.join(","))).await;
+    let v = apply_ok(p.api, POLICIES).await.version;
+    let everyone: Vec<&Side> = clients
+        .iter()
+        .map(|c| &c.0)
+        .chain(servers.iter().map(|s| &s.0))
+        .collect();
+    for s in &everyone {
+        wait_synced(p.api, &s.node_id, v).await;
+    }
+    for (c, _) in &clients {
+        for (_, app, _) in &servers {
+            // Warm: clusters and listeners ready, certificates in place.
+            let start = Instant::now();
+            while send(c, app, "GET", "/api/items", &[]).await == 0
+                || send(c, app, "POST", "/x", &[("x-token", "let-me-in")]).await != 200
+            {
+                assert!(
+                    start.elapsed() < Duration::from_secs(15),
+                    "{} -> {app} never ready",
+                    c.kind
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    let before: Vec<(u64, u64)> = {
+        let mut v = vec![];
+        for (s, _, port) in &servers {
+            v.push((
+                admin_stat(s.admin, &format!("http.inbound_{port}.rbac.allowed"))
+                    .await
+                    .unwrap_or(0),
+                admin_stat(s.admin, &format!("http.inbound_{port}.rbac.denied"))
+                    .await
+                    .unwrap_or(0),
+            ));
+        }
+        v
+    };
+    // (method, path, headers, expected status for sleep, for other)
+    let cases: [(&str, &str, &[(&str, &str)], u16, u16); 8] = [
+        ("GET", "/api/items", &[], 200, 403),
+        ("GET", "/exact", &[], 200, 403),
+        ("GET", "/exact/more", &[], 403, 403),
+        ("GET", "/api/admin/users", &[], 403, 403),
+        ("POST", "/api/items", &[("x-token", "let-me-in")], 200, 200),
+        ("POST", "/api/items", &[("x-token", "nope")], 403, 403),
+        ("GET", "/api/secret", &[], 200, 403),
+        ("DELETE", "/exact", &[], 403, 403),
+    ];
+    for (c, sa) in &clients {
+        for (server, app, _) in &servers {
+            for (method, path, headers, want_sleep, want_other) in &cases {
+                let want = if *sa == "sleep" {
+                    *want_sleep
+                } else {
+                    *want_other
+                };
+                let got = send(c, app, method, path, headers).await;
+                assert_eq!(
+                    got, want,
+                    "{sa} via {} -> {} server: {method} {path} {headers:?}",
+                    c.kind, server.kind
+                );
+            }
+        }
+    }
+    // No identity: plaintext straight to the server (PERMISSIVE takes it; RBAC does not).
+    for (s, app, port) in &servers {
+        let addr: SocketAddr = format!("{}:{port}", s.pod_ip).parse().unwrap();
+        let mut c = Client::connect(addr).await.unwrap();
+        let r = c.get(app, "/api/items").await.unwrap();
+        assert_eq!(r.status, 403, "{} server, no identity", s.kind);
+        assert_eq!(r.body, "RBAC: access denied", "{} server", s.kind);
+    }
+    let mut counts = vec![];
+    for ((s, _, port), (a0, d0)) in servers.iter().zip(before) {
+        let a = admin_stat(s.admin, &format!("http.inbound_{port}.rbac.allowed"))
+            .await
+            .unwrap_or(0);
+        let d = admin_stat(s.admin, &format!("http.inbound_{port}.rbac.denied"))
+            .await
+            .unwrap_or(0);
+        counts.push((a - a0, d - d0));
+    }
+    assert_eq!(
+        counts[0], counts[1],
+        "rbac.allowed/denied deltas, Envoy vs meshbench server"
+    );
+    // Every 403 above was one RBAC denial (the plaintext caller's too).
+    let refused = cases
+        .iter()
+        .map(|c| (c.3 == 403) as u64 + (c.4 == 403) as u64)
+        .sum::<u64>()
+        + 1;
+    assert_eq!(counts[0].1, refused, "{counts:?}");
+}

@@ -39,6 +39,15 @@ pub fn compile<'a>(
             _ => None,
         })
         .collect();
+    c.mesh.authorization_policies = objects
+        .iter()
+        .filter_map(|o| match &o.spec {
+            Spec::AuthorizationPolicy(p) => {
+                Some(((o.namespace.clone(), o.name.clone()), p.clone()))
+            }
+            _ => None,
+        })
+        .collect();
     c.route_rules(&objects);
     c.mesh.envoy_filters = objects
         .iter()

@@ -385,6 +385,8 @@ pub fn stats(proxy: &Proxy) -> Vec<Stat> {
             ("downstream_rq_5xx", &s.downstream_rq_5xx),
             ("no_route", &s.no_route),
             ("no_cluster", &s.no_cluster),
+            ("rbac.allowed", &s.rbac_allowed),
+            ("rbac.denied", &s.rbac_denied),
         ] {
             out.push(stat(
                 format!("http.{prefix}.{k}"),

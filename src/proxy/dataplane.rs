@@ -156,10 +156,13 @@ pub async fn serve_listener(
                     .listeners
                     .get(&name)
                     .map(|l| (l.tls.clone(), l.plaintext));
-                let svc = {
+                let svc = |peer: Option<Arc<str>>| {
                     let (p, name, stats) = (p.clone(), name.clone(), stats.clone());
-                    hyper::service::service_fn(move |req| {
+                    hyper::service::service_fn(move |mut req: Request<Incoming>| {
                         let (proxy, name, stats) = (p.clone(), name.clone(), stats.clone());
+                        if let Some(id) = &peer {
+                            req.extensions_mut().insert(path::PeerIdentity(id.clone()));
+                        }
                         async move { Ok::<_, Infallible>(handle(&proxy, &name, &stats, req).await) }
                     })
                 };
@@ -167,16 +170,25 @@ pub async fn serve_listener(
                     Some((Some(t), plaintext)) => {
                         match secure(&p, &lstats, conn, &t, plaintext).await {
                             Some(Accepted::Tls(s)) => {
-                                let _ = builder.serve_connection(TokioIo::new(s), svc).await;
+                                let peer = s
+                                    .get_ref()
+                                    .1
+                                    .peer_certificates()
+                                    .and_then(|c| c.first())
+                                    .and_then(|c| crate::security::uri_san(c))
+                                    .map(Arc::from);
+                                let _ = builder.serve_connection(TokioIo::new(s), svc(peer)).await;
                             }
                             Some(Accepted::Plain(c)) => {
-                                let _ = builder.serve_connection(TokioIo::new(c), svc).await;
+                                let _ = builder.serve_connection(TokioIo::new(c), svc(None)).await;
                             }
                             None => {}
                         }
                     }
                     _ => {
-                        let _ = builder.serve_connection(TokioIo::new(conn), svc).await;
+                        let _ = builder
+                            .serve_connection(TokioIo::new(conn), svc(None))
+                            .await;
                     }
                 }
             }

@@ -240,6 +240,11 @@ where
 static NO_RETRIES: std::sync::LazyLock<Arc<RetryPolicy>> =
     std::sync::LazyLock::new(|| Arc::new(RetryPolicy::default()));
 
+/// The authenticated identity of the connection a request came on (the peer certificate's
+/// URI SAN), put in the request's extensions by the listener.
+#[derive(Clone, Debug)]
+pub struct PeerIdentity(pub Arc<str>);
+
 /// What routing decided for a request.
 pub struct Routed<B> {
     pub req: Request<B>,
@@ -275,6 +280,32 @@ pub fn route<B, R: Body>(
     let Some(l) = state.listeners.get(listener) else {
         return Err(local(503, "listener draining"));
     };
+    // The RBAC filters come first (istiod's order: DENY, then ALLOW).
+    if !l.rbac.is_empty() {
+        let peer = req.extensions().get::<PeerIdentity>().map(|p| &*p.0);
+        let path = req.uri().path();
+        let r = super::rbac::Request {
+            headers: req.headers(),
+            method: req.method().as_str(),
+            path,
+            full_path: req.uri().path_and_query().map_or(path, |p| p.as_str()),
+            authority: req.uri().authority().map(|a| a.as_str()).or_else(|| {
+                req.headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+            }),
+            port: l.addr.port(),
+            peer,
+        };
+        for f in &l.rbac {
+            if f.allows(&r) {
+                stats.rbac_allowed.fetch_add(1, Relaxed);
+            } else {
+                stats.rbac_denied.fetch_add(1, Relaxed);
+                return Err(local(403, super::rbac::DENIED_BODY));
+            }
+        }
+    }
     let table = match &l.routes {
         RouteSource::Inline(t) => t,
         RouteSource::Rds(name) => match state.routes.get(name) {

@@ -47,6 +47,8 @@ const ROUTER_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.rou
 const FAULT_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault";
 const LOCAL_RATE_LIMIT_TYPE: &str =
     "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit";
+const RBAC_FILTER: &str = "envoy.filters.http.rbac";
+const RBAC_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC";
 const HTTP_OPTIONS_KEY: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 const SOCKET_MATCH_KEY: &str = "envoy.transport_socket_match";
 
@@ -105,6 +107,8 @@ pub struct ListenerCfg {
     pub tls: Option<super::tls::DownstreamTls>,
     /// Whether a plaintext connection has a chain (false under Istio's STRICT).
     pub plaintext: bool,
+    /// RBAC filters, in order (before the rate limit and fault filters).
+    pub rbac: Vec<Arc<super::rbac::Rbac>>,
 }
 
 const TLS_INSPECTOR: &str = "envoy.filters.listener.tls_inspector";
@@ -250,6 +254,7 @@ pub fn listener(
     let mut rate_limit = None;
     let mut has_rate_limit_filter = false;
     let mut seen_fault = false;
+    let mut rbac = Vec::new();
     for (i, f) in m.http_filters.iter().enumerate() {
         let last = i + 1 == m.http_filters.len();
         let type_url = match &f.config_type {
@@ -263,6 +268,24 @@ pub fn listener(
                     "listener {}: the router filter must be the last HTTP filter",
                     l.name
                 ))
+            }
+            (RBAC_FILTER, _) | (_, RBAC_TYPE) => {
+                if has_rate_limit_filter || seen_fault {
+                    return Err(format!(
+                        "listener {}: RBAC filters must come before the rate limit and fault filters",
+                        l.name
+                    ));
+                }
+                if let Some(hcm::http_filter::ConfigType::TypedConfig(a)) = &f.config_type {
+                    let pb = decode::<
+                        envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac,
+                    >(a)?;
+                    if let Some(r) =
+                        super::rbac::rbac(&pb).map_err(|e| format!("listener {}: {e}", l.name))?
+                    {
+                        rbac.push(Arc::new(r));
+                    }
+                }
             }
             (LOCAL_RATE_LIMIT_FILTER, _) | (_, LOCAL_RATE_LIMIT_TYPE) => {
                 if has_rate_limit_filter || seen_fault {
@@ -328,6 +351,7 @@ pub fn listener(
         has_rate_limit_filter,
         tls,
         plaintext,
+        rbac,
     })
 }
 
@@ -768,7 +792,37 @@ fn regex(r: &matcher::RegexMatcher) -> Result<regex::Regex, Reject> {
     })
 }
 
-fn string_match(m: &matcher::StringMatcher) -> Result<StrMatch, Reject> {
+/// A header matcher (route matches, RBAC).
+#[allow(deprecated)] // the deprecated header matchers are still sent by control planes
+pub(crate) fn header_matcher(h: &route::HeaderMatcher) -> Result<HeaderMatch, Reject> {
+    let matcher = header_value_matcher(h)?;
+    let name = http::HeaderName::from_bytes(h.name.as_bytes())
+        .map_err(|_| format!("invalid header name {:?}", h.name))?;
+    Ok(HeaderMatch {
+        name,
+        matcher,
+        invert: h.invert_match,
+    })
+}
+
+/// How a header matcher matches the value (its name aside: RBAC names pseudo-headers).
+#[allow(deprecated)] // the deprecated header matchers are still sent by control planes
+pub(crate) fn header_value_matcher(h: &route::HeaderMatcher) -> Result<StrMatch, Reject> {
+    use route::header_matcher::HeaderMatchSpecifier as H;
+    Ok(match &h.header_match_specifier {
+        Some(H::ExactMatch(s)) => StrMatch::Exact(s.clone()),
+        Some(H::PrefixMatch(s)) => StrMatch::Prefix(s.clone()),
+        Some(H::SuffixMatch(s)) => StrMatch::Suffix(s.clone()),
+        Some(H::ContainsMatch(s)) => StrMatch::Contains(s.clone()),
+        Some(H::SafeRegexMatch(re)) => StrMatch::Regex(regex(re)?),
+        Some(H::PresentMatch(p)) => StrMatch::Present(*p),
+        Some(H::StringMatch(sm)) => string_match(sm)?,
+        None => StrMatch::Present(true),
+        Some(_) => return Err(format!("header {}: unsupported header match", h.name)),
+    })
+}
+
+pub(crate) fn string_match(m: &matcher::StringMatcher) -> Result<StrMatch, Reject> {
     use matcher::string_matcher::MatchPattern;
     if m.ignore_case {
         return Err("ignore_case string matching is not supported".into());
@@ -785,7 +839,6 @@ fn string_match(m: &matcher::StringMatcher) -> Result<StrMatch, Reject> {
 
 #[allow(deprecated)] // the deprecated header matchers and fields are still sent by control planes
 fn convert_route(r: &route::Route, stats: &ratelimit::Registry) -> Result<Route, Reject> {
-    use route::header_matcher::HeaderMatchSpecifier as H;
     use route::route_match::PathSpecifier;
     let m = r.r#match.as_ref().ok_or("route has no match")?;
     if m.case_sensitive.as_ref().is_some_and(|c| !c.value)
@@ -804,27 +857,11 @@ fn convert_route(r: &route::Route, stats: &ratelimit::Registry) -> Result<Route,
             return Err("unsupported path match (prefix, path and safe_regex are supported)".into())
         }
     };
-    let mut headers = Vec::new();
-    for h in &m.headers {
-        let matcher = match &h.header_match_specifier {
-            Some(H::ExactMatch(s)) => StrMatch::Exact(s.clone()),
-            Some(H::PrefixMatch(s)) => StrMatch::Prefix(s.clone()),
-            Some(H::SuffixMatch(s)) => StrMatch::Suffix(s.clone()),
-            Some(H::ContainsMatch(s)) => StrMatch::Contains(s.clone()),
-            Some(H::SafeRegexMatch(re)) => StrMatch::Regex(regex(re)?),
-            Some(H::PresentMatch(p)) => StrMatch::Present(*p),
-            Some(H::StringMatch(sm)) => string_match(sm)?,
-            None => StrMatch::Present(true),
-            Some(_) => return Err(format!("header {}: unsupported header match", h.name)),
-        };
-        let name = http::HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| format!("invalid header name {:?}", h.name))?;
-        headers.push(HeaderMatch {
-            name,
-            matcher,
-            invert: h.invert_match,
-        });
-    }
+    let headers = m
+        .headers
+        .iter()
+        .map(header_matcher)
+        .collect::<Result<Vec<_>, _>>()?;
     let action = match &r.action {
         Some(route::route::Action::Route(a)) => a,
         Some(route::route::Action::Redirect(_)) => {

@@ -47,6 +47,9 @@ pub struct HttpStats {
     pub downstream_rq_5xx: AtomicU64,
     pub no_route: AtomicU64,
     pub no_cluster: AtomicU64,
+    /// RBAC decisions, each filter counting its own (`rbac.allowed`, `rbac.denied`).
+    pub rbac_allowed: AtomicU64,
+    pub rbac_denied: AtomicU64,
 }
 
 /// Per listener (Envoy's `listener.ADDRESS.*`; a listener's name here is its address):

@@ -66,6 +66,7 @@ pub fn listeners(mesh: &Mesh, node: &NodeInfo) -> Vec<Resource> {
             &filter_limits(true, Some(port)),
             &route_limits,
             mesh.mtls_mode(&node.namespace, &node.labels, port),
+            &super::rbac::filters(mesh, &node.namespace, &node.labels),
         ));
     }
     out
@@ -147,6 +148,7 @@ pub fn inbound_listener(
     limits: &[&LocalRateLimitSpec],
     route_limits: &[(&RouteSelector, &LocalRateLimitSpec)],
     mtls: MtlsMode,
+    rbac: &[envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac],
 ) -> Resource {
     let mut rc = super::route::inbound_route_config(port);
     for vh in &mut rc.virtual_hosts {
@@ -163,10 +165,21 @@ pub fn inbound_listener(
             }
         }
     }
-    let manager = http_connection_manager(
+    let mut manager = http_connection_manager(
         &format!("inbound_{port}"),
         hcm::http_connection_manager::RouteSpecifier::RouteConfig(rc),
         limits,
+    );
+    // istiod's order: the RBAC filters (DENY, then ALLOW) before everything else here.
+    manager.http_filters.splice(
+        0..0,
+        rbac.iter().map(|r| hcm::HttpFilter {
+            name: super::rbac::RBAC_FILTER.to_string(),
+            config_type: Some(hcm::http_filter::ConfigType::TypedConfig(pack_any(
+                r.clone(),
+            ))),
+            ..Default::default()
+        }),
     );
     let mut r = listener(
         format!("{ip}_{port}"),

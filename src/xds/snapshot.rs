@@ -282,6 +282,7 @@ fn listeners_key(mesh: &Mesh) -> u64 {
     // Listeners carry the EnvoyFilters' rate limits and the PeerAuthentications' TLS chains.
     format!("{:?}", mesh.envoy_filters).hash(&mut h);
     format!("{:?}", mesh.peer_authentications).hash(&mut h);
+    format!("{:?}", mesh.authorization_policies).hash(&mut h);
     // What each sidecar sees (a change of visibility is compared in full).
     if mesh.scoped() {
         format!("{:?}", mesh.sidecars).hash(&mut h);
