@@ -737,13 +737,18 @@ impl Scenario {
                                 .into(),
                         ));
                     }
-                    let shares = e.shed.iter().map(|s| ("shed", s)).chain(match &e.degraded {
-                        Some(Degraded::Any(s)) => vec![("degraded", s)],
-                        Some(Degraded::PerService(m)) => {
-                            m.values().map(|s| ("degraded", s)).collect()
-                        }
-                        None => vec![],
-                    });
+                    let shares = e
+                        .shed
+                        .iter()
+                        .map(|s| ("shed", s))
+                        .chain(e.errors.iter().map(|s| ("errors", s)))
+                        .chain(match &e.degraded {
+                            Some(Degraded::Any(s)) => vec![("degraded", s)],
+                            Some(Degraded::PerService(m)) => {
+                                m.values().map(|s| ("degraded", s)).collect()
+                            }
+                            None => vec![],
+                        });
                     for (what, s) in shares {
                         s.check()
                             .map_err(|m| at(i, format!("expect.{what}: {m}")))?;
