@@ -236,7 +236,13 @@ pub struct Mesh {
     pub pods: Vec<Pod>,
     pub client: Pod,
     log_dir: PathBuf,
+    /// The readiness prober's certificate (identity `istio-system/meshbench-prober`), for
+    /// sidecars that refuse plaintext (STRICT mTLS).
+    prober: Option<crate::security::Material>,
 }
+
+/// The readiness prober's service account (in the root namespace).
+pub const PROBER_SERVICE_ACCOUNT: &str = "meshbench-prober";
 
 impl Mesh {
     /// Plans the pods, starts pilot, applies manifests then config, starts every pod and the
@@ -276,8 +282,10 @@ impl Mesh {
             client: Pod::new(PodPlan::load_client(), backend.client_addr(), &token),
             backend,
             log_dir,
+            prober: None,
         };
         m.backend.start_pilot().await?;
+        m.prober = Some(m.prober_certificate().await?);
         m.pilot.apply_files(manifests).await?;
         m.pilot
             .apply("mesh.mtls", &mtls.peer_authentication())
@@ -293,7 +301,7 @@ impl Mesh {
             .register(m.pods.iter().map(Pod::endpoint).collect())
             .await?;
         for p in &m.pods {
-            wait_ready(p, &m.log_dir).await?;
+            wait_ready(p, &m.log_dir, m.prober.as_ref()).await?;
         }
         Ok(m)
     }
@@ -382,6 +390,18 @@ impl Mesh {
         Ok((self.backend.reach(f, addr).await?, addr))
     }
 
+    async fn prober_certificate(&self) -> Result<crate::security::Material, Error> {
+        let c = self
+            .pilot
+            .certificate(crate::model::ROOT_NAMESPACE, PROBER_SERVICE_ACCOUNT)
+            .await?;
+        Ok(crate::security::Material {
+            chain_pem: c.chain_pem.into_bytes(),
+            key_pem: c.key_pem.into_bytes(),
+            roots_pem: c.root_pem.into_bytes(),
+        })
+    }
+
     /// One fault step: the backend acts, the driver does what Kubernetes would.
     pub async fn fault(&mut self, f: &FaultStep) -> Result<(), Error> {
         match f {
@@ -397,7 +417,7 @@ impl Mesh {
                 self.backend.start_pod(&self.pods[i]).await?;
                 self.pods[i].running = true;
                 self.pilot.register(vec![self.pods[i].endpoint()]).await?;
-                wait_ready(&self.pods[i], &self.log_dir).await
+                wait_ready(&self.pods[i], &self.log_dir, self.prober.as_ref()).await
             }
             // A frozen or cut-off pod keeps its endpoint, as until a health check noticed.
             FaultStep::Pause(name) | FaultStep::Unpause(name) => {
@@ -416,6 +436,8 @@ impl Mesh {
             }
             FaultStep::ControlPlane(_) => {
                 self.backend.start_pilot().await?;
+                // A new pilot has a new CA (the root is not kept across restarts).
+                self.prober = Some(self.prober_certificate().await?);
                 self.pilot.replay().await?;
                 let running: Vec<Workload> = self
                     .pods
@@ -500,16 +522,29 @@ impl Mesh {
 
 /// Waits until the pod's app answers through its sidecar's inbound listener (the response
 /// carries the workload's identity header): the sidecar holds its config and the app listens.
-async fn wait_ready(p: &Pod, log_dir: &Path) -> Result<(), Error> {
+async fn wait_ready(
+    p: &Pod,
+    log_dir: &Path,
+    prober: Option<&crate::security::Material>,
+) -> Result<(), Error> {
     let addr = sock(&p.addr.pod_ip, p.plan.port);
     let http = HttpClient {
         timeout: Duration::from_secs(2),
     };
     let start = Instant::now();
     loop {
-        if let Ok(r) = http.request(addr, "GET", "/healthz", &[], "").await {
+        // Plaintext first; a sidecar under STRICT mTLS closes that, so then mutual TLS with
+        // the prober's certificate (as any caller of the mesh would).
+        let answer = match http.request(addr, "GET", "/healthz", &[], "").await {
+            Ok(r) => Some(r.headers),
+            Err(_) => match prober {
+                Some(m) => tls_healthz(addr, m).await,
+                None => None,
+            },
+        };
+        if let Some(headers) = answer {
             // A gateway is ready when its listener answers at all (404 with nothing bound).
-            if p.plan.gateway || r.headers.contains_key(crate::workload::IDENTITY_HEADER) {
+            if p.plan.gateway || headers.contains_key(crate::workload::IDENTITY_HEADER) {
                 return Ok(());
             }
         }
@@ -522,6 +557,43 @@ async fn wait_ready(p: &Pod, log_dir: &Path) -> Result<(), Error> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// `GET /healthz` over mutual TLS; the answer's headers.
+async fn tls_healthz(addr: SocketAddr, m: &crate::security::Material) -> Option<http::HeaderMap> {
+    let attempt = async {
+        let cfg = crate::security::client_config(
+            m,
+            vec![],
+            crate::security::ISTIO_ALPN
+                .iter()
+                .map(|a| a.to_vec())
+                .collect(),
+        )
+        .ok()?;
+        let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let name = rustls::pki_types::ServerName::try_from(addr.ip().to_string()).ok()?;
+        let tls = tokio_rustls::TlsConnector::from(cfg)
+            .connect(name, tcp)
+            .await
+            .ok()?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .ok()?;
+        tokio::spawn(conn);
+        let req = http::Request::builder()
+            .uri("/healthz")
+            .header(http::header::HOST, addr.to_string())
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .ok()?;
+        let resp = sender.send_request(req).await.ok()?;
+        Some(resp.headers().clone())
+    };
+    tokio::time::timeout(Duration::from_secs(2), attempt)
+        .await
+        .ok()
+        .flatten()
 }
 
 /// Pods from the manifests' Deployments x replicas, in file order.

@@ -744,6 +744,7 @@ pub fn router(pilot: Arc<Pilot>) -> Router {
             get(|State(p): State<Arc<Pilot>>| async move { Json(p.config_json()) }),
         )
         .route(api::ENDPOINTS, post(endpoints))
+        .route(api::CERTIFICATES, post(certificate))
         .route(
             api::PROXIES,
             get(
@@ -839,6 +840,54 @@ async fn delete_object(
         .into_response(),
         Ok(None) => error(StatusCode::NOT_FOUND, &format!("{key} does not exist")),
         Err(errors) => config_errors(StatusCode::CONFLICT, errors),
+    }
+}
+
+/// Issues a certificate for a namespace's service account (DNS labels both).
+async fn certificate(State(p): State<Arc<Pilot>>, body: Bytes) -> Response {
+    let req: api::CertificateRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("invalid certificate request: {e}"),
+            )
+        }
+    };
+    let label = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 63
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !s.starts_with('-')
+            && !s.ends_with('-')
+    };
+    if !label(&req.namespace) || !label(&req.service_account) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "namespace and serviceAccount must be DNS labels",
+        );
+    }
+    let spiffe = crate::security::spiffe_id(&req.namespace, &req.service_account);
+    let issuer = p.issuer.clone();
+    let issued = tokio::task::spawn_blocking(move || {
+        let i = issuer.issue(&spiffe)?;
+        Ok::<_, String>((spiffe, i))
+    })
+    .await;
+    match issued {
+        Ok(Ok((spiffe, i))) => Json(api::Certificate {
+            spiffe,
+            chain_pem: i.chain_pem,
+            key_pem: i.key_pem,
+            root_pem: p.issuer.root_pem().to_string(),
+            not_after_ms: crate::clock::unix_ms(i.not_after),
+        })
+        .into_response(),
+        _ => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "cannot issue a certificate",
+        ),
     }
 }
 

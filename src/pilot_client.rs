@@ -234,6 +234,29 @@ impl PilotApi {
         }
     }
 
+    /// A certificate from pilot's CA for `namespace`'s service account `sa`.
+    pub async fn certificate(&self, namespace: &str, sa: &str) -> Result<api::Certificate, Error> {
+        let body = serde_json::to_string(&api::CertificateRequest {
+            namespace: namespace.into(),
+            service_account: sa.into(),
+        })
+        .expect("requests serialise");
+        match self
+            .http
+            .json(
+                self.addr,
+                "POST",
+                api::CERTIFICATES,
+                &self.write_headers(),
+                &body,
+            )
+            .await?
+        {
+            Ok(c) => Ok(c),
+            Err((status, e)) => Err(refused("a certificate request", status, &e)),
+        }
+    }
+
     /// Registers workloads as endpoints, as a Kubernetes endpoints controller would.
     pub async fn register(&self, add: Vec<Workload>) -> Result<EndpointsApplied, Error> {
         self.endpoints(&EndpointBatch {

@@ -228,6 +228,46 @@ fn overload_with_envoy() {
     overload("envoy");
 }
 
+/// scenarios/mtls.yaml: strict mutual TLS end to end (through the gateway), a plaintext
+/// caller with no identity refused at a pod's address, and an AuthorizationPolicy that lets
+/// only productpage's identity read reviews: the pages keep their reviews while the load
+/// client's sidecar is denied (counted by the sidecars' RBAC stats).
+fn mtls(proxy: &str) {
+    let (out, _, report) = run_quick("mtls", proxy, &format!("mtls-{proxy}"));
+    let named = |n: &str| phase(&report, n);
+    assert_eq!(named("strict")["load"]["errors"], 0);
+    let attack = named("no-identity");
+    assert_eq!(attack["load"]["errors"], attack["load"]["requests"]);
+    assert_eq!(
+        attack["load"]["status"]["transport_error"], attack["load"]["requests"],
+        "refused at the handshake, not answered"
+    );
+    assert_eq!(named("authorized")["mesh"]["rbac_denied"], 0);
+    let denied = named("other-identity");
+    assert_eq!(
+        denied["mesh"]["rbac_denied"], denied["load"]["requests"],
+        "every request of the other identity is one RBAC denial"
+    );
+    assert_eq!(denied["load"]["status"]["403"], denied["load"]["requests"]);
+    assert!(leftovers().is_empty(), "processes left: {:?}", leftovers());
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn mtls_with_meshbench_proxy() {
+    let _serial = serial();
+    mtls("meshbench");
+}
+
+#[test]
+fn mtls_with_envoy() {
+    let _serial = serial();
+    if common::envoy_binary().is_none() {
+        return;
+    }
+    mtls("envoy");
+}
+
 #[test]
 fn malformed_scenario_exits_2_naming_the_place() {
     let o = run(&[

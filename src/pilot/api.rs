@@ -20,6 +20,26 @@ pub const CONFIG: &str = "/v1/config";
 pub const METRICS: &str = "/metrics";
 /// `GET`: [`Health`].
 pub const HEALTH: &str = "/healthz";
+/// `POST` a [`CertificateRequest`]: a workload certificate from pilot's CA ([`Certificate`]),
+/// for callers that hold the REST token (the harness's readiness prober, tools).
+pub const CERTIFICATES: &str = "/v1/certificates";
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CertificateRequest {
+    pub namespace: String,
+    pub service_account: String,
+}
+
+/// A certificate for `spiffe`, its key, and the root to trust (PEM).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Certificate {
+    pub spiffe: String,
+    pub chain_pem: String,
+    pub key_pem: String,
+    pub root_pem: String,
+    pub not_after_ms: f64,
+}
 
 /// Answer to an accepted `POST /v1/apply`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -95,6 +95,14 @@ impl Issuer {
         self.ca.root_pem()
     }
 
+    /// A certificate for `spiffe` with this issuer's lifetime (not cached, not a proxy's).
+    pub fn issue(&self, spiffe: &str) -> Result<crate::security::Issued, String> {
+        let i = self.ca.issue(spiffe, self.ttl)?;
+        self.issued
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(i)
+    }
+
     /// The secrets of proxy `node_id` with identity `spiffe` for `epoch`: issued once per
     /// (proxy, epoch, identity), shared after. A certificate that cannot be issued leaves
     /// the proxy with the root only (its TLS clusters and listeners keep warming).
