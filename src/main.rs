@@ -149,6 +149,9 @@ enum Command {
         backend: Option<BackendArg>,
         #[arg(long, value_enum)]
         proxy: Option<ProxyArg>,
+        /// Mutual TLS between the sidecars, overriding the scenario's `mesh.mtls`.
+        #[arg(long, value_enum)]
+        mtls: Option<MtlsArg>,
         #[arg(long)]
         out: Option<PathBuf>,
         /// Shorten every duration (for CI).
@@ -339,6 +342,13 @@ impl From<XdsModeArg> for xds::XdsMode {
             XdsModeArg::Delta => xds::XdsMode::Delta,
         }
     }
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum MtlsArg {
+    Off,
+    Permissive,
+    Strict,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -579,6 +589,7 @@ async fn run(cmd: Command) -> ExitCode {
             scenario,
             backend,
             proxy,
+            mtls,
             out,
             quick,
             keep,
@@ -598,6 +609,11 @@ async fn run(cmd: Command) -> ExitCode {
                 proxy: proxy.map(|p| match p {
                     ProxyArg::Meshbench => meshbench::scenario::ProxyKind::Meshbench,
                     ProxyArg::Envoy => meshbench::scenario::ProxyKind::Envoy,
+                }),
+                mtls: mtls.map(|m| match m {
+                    MtlsArg::Off => meshbench::scenario::MtlsSetting::Off,
+                    MtlsArg::Permissive => meshbench::scenario::MtlsSetting::Permissive,
+                    MtlsArg::Strict => meshbench::scenario::MtlsSetting::Strict,
                 }),
                 out,
                 quick,

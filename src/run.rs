@@ -31,6 +31,8 @@ pub const CONVERGE_LIMIT: Duration = Duration::from_secs(30);
 pub struct RunOptions {
     pub backend: Option<BackendKind>,
     pub proxy: Option<ProxyKind>,
+    /// Overrides the scenario's `mesh.mtls`.
+    pub mtls: Option<crate::scenario::MtlsSetting>,
     pub out: Option<PathBuf>,
     pub quick: bool,
     /// Docker backend: leave the containers for debugging.
@@ -108,6 +110,9 @@ pub async fn run(
     }
     if let Some(p) = opts.proxy {
         scenario.mesh.proxy = p;
+    }
+    if let Some(m) = opts.mtls {
+        scenario.mesh.mtls = m;
     }
 
     if opts.quick {
