@@ -34,6 +34,8 @@ pub struct Config {
     /// nginx as a lean C reference proxy (one worker, upstream keep-alive, logging off).
     pub nginx: Option<PathBuf>,
     pub meshbench_exe: PathBuf,
+    /// Also measure sidecar -> sidecar with and without mutual TLS (`MtlsEntry`).
+    pub mtls: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +93,31 @@ pub struct Report {
     pub ratios: BTreeMap<String, f64>,
     /// Whether the generator measures what wrk measures: closed-loop cases where both ran.
     pub generator_vs_wrk: Vec<Agreement>,
+    /// `--mtls`: a client sidecar calling a server sidecar (which forwards to the upstream),
+    /// plaintext and mutual TLS, pooled and with a new upstream connection per request.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub mtls: Vec<MtlsEntry>,
+    /// mTLS over plaintext, per proxy, connection mode and case, from this run.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub mtls_ratios: BTreeMap<String, f64>,
+}
+
+/// One sidecar-to-sidecar measurement: CPU and RSS are the two sidecars' together.
+#[derive(Clone, Debug, Serialize)]
+pub struct MtlsEntry {
+    pub proxy: String,
+    pub mtls: bool,
+    /// A new client -> server connection per request (`maxRequestsPerConnection: 1`): what a
+    /// TLS handshake costs.
+    pub new_connections: bool,
+    pub case: String,
+    pub rps: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub cpu_us_per_request: Option<f64>,
+    pub peak_rss_mb: Option<f64>,
+    pub requests: u64,
+    pub errors: u64,
 }
 
 /// The generator against wrk on one target and load, from the same run.
@@ -229,9 +256,19 @@ async fn wait_for<F: std::future::Future<Output = bool>>(
 
 /// The benchmark's load: GET / with the upstream's Host over HTTP/1.1 keep-alive.
 fn spec(addr: SocketAddr, connections: usize, duration: Duration, rate: Option<f64>) -> LoadSpec {
+    spec_to(addr, HOST, connections, duration, rate)
+}
+
+fn spec_to(
+    addr: SocketAddr,
+    host: &str,
+    connections: usize,
+    duration: Duration,
+    rate: Option<f64>,
+) -> LoadSpec {
     LoadSpec {
         target: addr,
-        host: HOST.into(),
+        host: host.into(),
         path: "/".into(),
         connections,
         duration,
@@ -636,6 +673,8 @@ async fn run(cfg: Config) -> Result<Report, Error> {
         cases: BTreeMap::new(),
         ratios: BTreeMap::new(),
         generator_vs_wrk: Vec::new(),
+        mtls: Vec::new(),
+        mtls_ratios: BTreeMap::new(),
     };
     for t in &targets {
         load::run(spec(t.addr, 16, cfg.warmup, None)).await;
@@ -674,7 +713,220 @@ async fn run(cfg: Config) -> Result<Report, Error> {
     }
     report.ratios = ratios(&report.cases);
     report.generator_vs_wrk = agreements(&report.cases);
+    if cfg.mtls {
+        let clients: Vec<(&'static str, SocketAddr, Option<u32>)> = targets
+            .iter()
+            .filter(|t| t.name == "meshbench" || t.name == "envoy")
+            .map(|t| (t.name, t.addr, t.pid))
+            .collect();
+        let api = PilotApi::new(pilot.api).with_token(Some(&pilot.token));
+        report.mtls = mtls_cases(&cfg, &api, xds, upstream, &clients, dir).await?;
+        report.mtls_ratios = mtls_ratios(&report.mtls);
+    }
     Ok(report)
+}
+
+/// Sidecar to sidecar, plaintext and mTLS: each client sidecar of the run calls a server
+/// sidecar of its own kind (Envoy -> Envoy, meshbench -> meshbench) that forwards to the
+/// upstream; services `{plain,mtls}-{m,e}[-new]` select the server pods, DestinationRules set
+/// `tls.mode` (DISABLE / ISTIO_MUTUAL) and, for `-new`, one request per upstream connection.
+async fn mtls_cases(
+    cfg: &Config,
+    api: &PilotApi,
+    xds: SocketAddr,
+    upstream: SocketAddr,
+    clients: &[(&'static str, SocketAddr, Option<u32>)],
+    dir: &Path,
+) -> Result<Vec<MtlsEntry>, Error> {
+    let exe = &cfg.meshbench_exe;
+    let concurrency = cfg.concurrency.to_string();
+    let mut servers: Vec<(&'static str, String, Process)> = vec![];
+    for (name, ..) in clients {
+        let (short, ip) = match *name {
+            "meshbench" => ("m", loopback(6)),
+            _ => ("e", loopback(7)),
+        };
+        let app = format!("server-{short}");
+        let child = if *name == "meshbench" {
+            let id = sidecar_id(&ip, &format!("{app}-0"), "default");
+            spawn(
+                exe,
+                &[
+                    "proxy",
+                    "--xds",
+                    &xds.to_string(),
+                    "--node-id",
+                    &id,
+                    "--label",
+                    &format!("app={app}"),
+                    "--label",
+                    "security.istio.io/tlsMode=istio",
+                    "--app-ip",
+                    &upstream.ip().to_string(),
+                    "--admin",
+                    &format!("{ip}:15000"),
+                    "--concurrency",
+                    &concurrency,
+                ],
+                "meshbench server sidecar",
+            )?
+        } else {
+            let envoy = cfg
+                .envoy
+                .as_ref()
+                .expect("an envoy client means an envoy binary");
+            let b = EnvoyBootstrap {
+                pod_ip: ip.clone(),
+                pod_name: format!("{app}-0"),
+                namespace: "default".into(),
+                service: app.clone(),
+                labels: [
+                    ("app".to_string(), app.clone()),
+                    ("security.istio.io/tlsMode".to_string(), "istio".to_string()),
+                ]
+                .into(),
+                app_ip: upstream.ip().to_string(),
+                admin: format!("{ip}:15000").parse().expect("valid"),
+                xds,
+                xds_mode: Default::default(),
+                router: false,
+            };
+            let bootstrap = dir.join("envoy-server.json");
+            std::fs::write(&bootstrap, b.to_json().to_string())
+                .map_err(|e| Error::Environment(e.to_string()))?;
+            let bootstrap = bootstrap.display().to_string();
+            spawn(
+                envoy,
+                &[
+                    "-c",
+                    &bootstrap,
+                    "--concurrency",
+                    &concurrency,
+                    "--use-dynamic-base-id",
+                    "--log-level",
+                    "error",
+                ],
+                "Envoy server sidecar",
+            )?
+        };
+        servers.push((short, ip, child));
+    }
+    let mut docs = vec![];
+    for (short, ip, _) in &servers {
+        docs.push(format!(
+            "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: server-{short}-0}}\nspec: {{address: {ip}, labels: {{app: server-{short}, security.istio.io/tlsMode: istio}}, serviceAccount: server-{short}, ports: {{http: {}}}}}\n",
+            upstream.port()
+        ));
+        for (tls, mode) in [("plain", "DISABLE"), ("mtls", "ISTIO_MUTUAL")] {
+            for new in [false, true] {
+                let name = format!("{tls}-{short}{}", if new { "-new" } else { "" });
+                docs.push(format!(
+                    "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{ports: [{{port: 9080, name: http, targetPort: {}}}], selector: {{app: server-{short}}}}}\n",
+                    upstream.port()
+                ));
+                let pool = if new {
+                    ", connectionPool: {http: {maxRequestsPerConnection: 1}}"
+                } else {
+                    ""
+                };
+                docs.push(format!(
+                    "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {name}}}\nspec: {{host: {name}, trafficPolicy: {{tls: {{mode: {mode}}}{pool}}}}}\n"
+                ));
+            }
+        }
+    }
+    let mut api = api.clone();
+    api.apply("bench-mtls", &docs.join("---\n"))
+        .await
+        .map_err(|e| Error::Environment(format!("bench mTLS mesh rejected: {e}")))?;
+    let mut out = vec![];
+    for ((name, addr, client_pid), (short, _, server)) in clients.iter().zip(&servers) {
+        let pids: Vec<u32> = client_pid.iter().copied().chain(server.pid()).collect();
+        let usage = || {
+            let s: Vec<_> = pids.iter().filter_map(|p| proc_stats(*p)).collect();
+            (s.len() == pids.len()).then(|| {
+                (
+                    s.iter().map(|x| x.cpu_s).sum::<f64>(),
+                    s.iter().map(|x| x.peak_rss_mb).sum::<f64>(),
+                )
+            })
+        };
+        for new in [false, true] {
+            for tls in [false, true] {
+                let host = format!(
+                    "{}-{short}{}:9080",
+                    if tls { "mtls" } else { "plain" },
+                    if new { "-new" } else { "" }
+                );
+                let ready = || async {
+                    let r =
+                        load::run(spec_to(*addr, &host, 1, Duration::from_millis(30), None)).await;
+                    r.requests > 0 && r.status.keys().all(|s| s == "200")
+                };
+                wait_for(&format!("{name} -> {host}"), Duration::from_secs(20), ready).await?;
+                load::run(spec_to(*addr, &host, 16, cfg.warmup, None)).await;
+                for (case, connections, rate) in [("c16", 16, None), ("rate", 8, Some(cfg.rate))] {
+                    let before = usage();
+                    let r = load::run(spec_to(*addr, &host, connections, cfg.duration, rate)).await;
+                    let after = usage();
+                    let cpu = before.zip(after).map(|(b, a)| a.0 - b.0);
+                    let e = MtlsEntry {
+                        proxy: name.to_string(),
+                        mtls: tls,
+                        new_connections: new,
+                        case: case.into(),
+                        rps: r.achieved_rps,
+                        p50_ms: r.latency_ms.p50,
+                        p99_ms: r.latency_ms.p99,
+                        cpu_us_per_request: cpu.map(|c| 1e6 * c / r.requests.max(1) as f64),
+                        peak_rss_mb: after.map(|a| a.1),
+                        requests: r.requests,
+                        errors: r.errors,
+                    };
+                    tracing::info!(?e, "measured");
+                    out.push(e);
+                }
+            }
+        }
+    }
+    drop(servers);
+    Ok(out)
+}
+
+/// mTLS / plaintext for rps, p50, p99 and CPU per request, per proxy, mode and case; and the
+/// CPU a handshake adds per request (new connections: mTLS minus plaintext, microseconds).
+fn mtls_ratios(entries: &[MtlsEntry]) -> BTreeMap<String, f64> {
+    let mut r = BTreeMap::new();
+    let find = |proxy: &str, tls: bool, new: bool, case: &str| {
+        entries.iter().find(|e| {
+            e.proxy == proxy && e.mtls == tls && e.new_connections == new && e.case == case
+        })
+    };
+    for e in entries.iter().filter(|e| e.mtls) {
+        let Some(p) = find(&e.proxy, false, e.new_connections, &e.case) else {
+            continue;
+        };
+        let key = format!(
+            "{}.{}.{}",
+            e.case,
+            e.proxy,
+            if e.new_connections {
+                "new_connections"
+            } else {
+                "pooled"
+            }
+        );
+        r.insert(format!("{key}.mtls_rps_vs_plain"), e.rps / p.rps);
+        r.insert(format!("{key}.mtls_p50_vs_plain"), e.p50_ms / p.p50_ms);
+        r.insert(format!("{key}.mtls_p99_vs_plain"), e.p99_ms / p.p99_ms);
+        if let (Some(a), Some(b)) = (e.cpu_us_per_request, p.cpu_us_per_request) {
+            r.insert(format!("{key}.mtls_cpu_per_request_vs_plain"), a / b);
+            if e.new_connections {
+                r.insert(format!("{key}.handshake_cpu_us"), a - b);
+            }
+        }
+    }
+    r
 }
 
 /// The generator against wrk wherever both measured.
@@ -799,6 +1051,31 @@ pub fn table(report: &Report) -> String {
     out.push_str("ratios (one run):\n");
     for (k, v) in &report.ratios {
         out.push_str(&format!("  {k}: {v:.3}\n"));
+    }
+    if !report.mtls.is_empty() {
+        out.push_str(&format!(
+            "sidecar -> sidecar (CPU and RSS: both sidecars):\n{:<5} {:<10} {:<5} {:<7} {:>8} {:>8} {:>8} {:>9} {:>7} {:>7}\n",
+            "case", "proxy", "tls", "conns", "rps", "p50 ms", "p99 ms", "cpu us/r", "RSS MB", "errors"
+        ));
+        let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+        for e in &report.mtls {
+            out.push_str(&format!(
+                "{:<5} {:<10} {:<5} {:<7} {:>8.0} {:>8.3} {:>8.3} {:>9} {:>7} {:>7}\n",
+                e.case,
+                e.proxy,
+                if e.mtls { "mtls" } else { "plain" },
+                if e.new_connections { "new" } else { "pooled" },
+                e.rps,
+                e.p50_ms,
+                e.p99_ms,
+                opt(e.cpu_us_per_request),
+                opt(e.peak_rss_mb),
+                e.errors
+            ));
+        }
+        for (k, v) in &report.mtls_ratios {
+            out.push_str(&format!("  {k}: {v:.3}\n"));
+        }
     }
     out
 }

@@ -280,6 +280,10 @@ enum BenchCommand {
         /// Short runs (1 s each) for smoke tests.
         #[arg(long)]
         quick: bool,
+        /// Also sidecar -> sidecar, plaintext vs mutual TLS, pooled and with a new
+        /// connection per request (the handshake's cost).
+        #[arg(long)]
+        mtls: bool,
     },
     /// What tenant scoping saves: N services in T tenant namespaces and P simulated proxies,
     /// with no scoping and with a Sidecar per tenant, SotW and delta (a fresh pilot each):
@@ -799,6 +803,7 @@ async fn run(cmd: Command) -> ExitCode {
                     rate,
                     concurrency,
                     quick,
+                    mtls,
                 },
         } => {
             let Ok(exe) = std::env::current_exe() else {
@@ -825,6 +830,7 @@ async fn run(cmd: Command) -> ExitCode {
                 envoy,
                 nginx: meshbench::bench::find_nginx(),
                 meshbench_exe: exe,
+                mtls,
             };
             if cfg.nginx.is_none() {
                 eprintln!("warning: nginx not found (set MESHBENCH_NGINX); no nginx reference");
