@@ -98,6 +98,9 @@ pub struct PilotArgs {
     pub token: String,
     /// `--trusted-peer` addresses.
     pub trusted_peers: Vec<std::net::IpAddr>,
+    /// The CA's private key (PEM), in the environment: pilots started with the same key
+    /// share one root, so a restart keeps every issued certificate valid.
+    pub ca_key: Option<String>,
 }
 
 impl PilotArgs {
@@ -110,12 +113,17 @@ impl PilotArgs {
             config_files: vec![],
             token: crate::pilot::new_token(),
             trusted_peers: vec![],
+            ca_key: None,
         }
     }
 
     /// The environment pilot needs besides its arguments.
     pub fn env(&self) -> Vec<(String, String)> {
-        vec![(crate::pilot::TOKEN_ENV.to_string(), self.token.clone())]
+        let mut env = vec![(crate::pilot::TOKEN_ENV.to_string(), self.token.clone())];
+        if let Some(k) = &self.ca_key {
+            env.push((crate::pilot::CA_KEY_ENV.to_string(), k.clone()));
+        }
+        env
     }
 
     /// The arguments after the program name.

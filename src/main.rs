@@ -34,6 +34,10 @@ enum Command {
         /// REST API listen address (/v1/apply, /v1/proxies, /metrics, ...).
         #[arg(long, default_value = pilot::DEFAULT_API_ADDR)]
         api_addr: SocketAddr,
+        /// Also serve ADS over mutual TLS here (istiod's 15012): clients present a certificate
+        /// of pilot's CA, and a node must be the identity its certificate proves.
+        #[arg(long)]
+        xds_tls_addr: Option<SocketAddr>,
         /// Kubernetes/Istio YAML or JSON files to load at start (repeatable). Any error stops the start.
         #[arg(long = "config")]
         config: Vec<PathBuf>,
@@ -94,6 +98,15 @@ enum Command {
         /// ADS method: sotw (state of the world) or delta.
         #[arg(long, value_enum, default_value = "sotw")]
         xds_mode: XdsModeArg,
+        /// ADS over mutual TLS (pilot's --xds-tls-addr): this proxy's certificate chain
+        /// (PEM file); needs --xds-key and --xds-ca.
+        #[arg(long, requires_all = ["xds_key", "xds_ca"])]
+        xds_cert: Option<PathBuf>,
+        #[arg(long, requires = "xds_cert")]
+        xds_key: Option<PathBuf>,
+        /// The root pilot's certificate must chain to (PEM file).
+        #[arg(long, requires = "xds_cert")]
+        xds_ca: Option<PathBuf>,
     },
     /// Fake workload: answers every request with its identity (x-meshbench-workload: SERVICE-VERSION).
     Workload {
@@ -441,6 +454,7 @@ async fn run(cmd: Command) -> ExitCode {
         Command::Pilot {
             xds_addr,
             api_addr,
+            xds_tls_addr,
             config,
             debounce,
             debounce_max,
@@ -481,8 +495,18 @@ async fn run(cmd: Command) -> ExitCode {
                 api_token: Some(token),
                 trusted_peers,
                 cert_ttl,
+                ca_key: std::env::var(pilot::CA_KEY_ENV)
+                    .ok()
+                    .filter(|k| !k.is_empty()),
             };
-            match pilot::run(cfg, xds, api, stop).await {
+            let xds_tls = match xds_tls_addr {
+                Some(a) => match pilot::bind(a).await {
+                    Ok(l) => Some(l),
+                    Err(e) => return fail(EXIT_ENVIRONMENT, &e),
+                },
+                None => None,
+            };
+            match pilot::run(cfg, xds, api, xds_tls, stop).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e @ pilot::Error::Config(_)) => fail(EXIT_BAD_INPUT, &e),
                 Err(e) => fail(EXIT_ENVIRONMENT, &e),
@@ -497,7 +521,30 @@ async fn run(cmd: Command) -> ExitCode {
             app_ip,
             concurrency,
             xds_mode,
+            xds_cert,
+            xds_key,
+            xds_ca,
         } => {
+            let xds_tls = match (xds_cert, xds_key, xds_ca) {
+                (Some(c), Some(k), Some(a)) => {
+                    let read = |p: &PathBuf| {
+                        std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+                    };
+                    match (read(&c), read(&k), read(&a)) {
+                        (Ok(chain_pem), Ok(key_pem), Ok(roots_pem)) => {
+                            Some(meshbench::security::Material {
+                                chain_pem,
+                                key_pem,
+                                roots_pem,
+                            })
+                        }
+                        (Err(e), ..) | (_, Err(e), _) | (.., Err(e)) => {
+                            return fail(EXIT_BAD_INPUT, &e)
+                        }
+                    }
+                }
+                _ => None,
+            };
             let labels: model::Labels = labels.into_iter().collect();
             let admin = admin.unwrap_or_else(|| proxy::default_admin(&node_id));
             let cluster = cluster
@@ -522,6 +569,7 @@ async fn run(cmd: Command) -> ExitCode {
                     || std::thread::available_parallelism().map_or(1, |n| n.get()),
                     usize::from,
                 ),
+                xds_tls,
             };
             match proxy::run(cfg, sock, stop).await {
                 Ok(()) => ExitCode::SUCCESS,

@@ -68,6 +68,9 @@ pub struct Config {
     /// Lifetime of the workload certificates pilot's CA issues; they are issued again at
     /// half of it (istio-agent's grace ratio).
     pub cert_ttl: Duration,
+    /// The CA's private key (PEM); `None`: a new one (a new root at every start).
+    #[serde(skip)]
+    pub ca_key: Option<String>,
 }
 
 impl Default for Config {
@@ -81,6 +84,7 @@ impl Default for Config {
             api_token: None,
             trusted_peers: vec![],
             cert_ttl: crate::security::DEFAULT_CERT_TTL,
+            ca_key: None,
         }
     }
 }
@@ -156,7 +160,11 @@ impl Pilot {
         }
         let mesh = Arc::new(mesh);
         let ledger = Arc::new(Ledger::default());
-        let ca = crate::security::Ca::generate().map_err(Error::Serve)?;
+        let ca = match &cfg.ca_key {
+            Some(pem) => crate::security::Ca::from_key_pem(pem)
+                .map_err(|e| Error::Serve(format!("{CA_KEY_ENV}: {e}")))?,
+            None => crate::security::Ca::generate().map_err(Error::Serve)?,
+        };
         let cert_ttl = cfg.cert_ttl.clamp(MIN_CERT_TTL, crate::model::MAX_DURATION);
         let issuer = Arc::new(Issuer::new(ca, cert_ttl));
         let epoch = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -482,11 +490,70 @@ pub async fn run(
     cfg: Config,
     xds: TcpListener,
     api: TcpListener,
+    xds_tls: Option<TcpListener>,
     shutdown: Shutdown,
 ) -> Result<(), Error> {
-    tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), xds = ?xds.local_addr().ok(), api = ?api.local_addr().ok(), "pilot starting");
+    tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), xds = ?xds.local_addr().ok(), api = ?api.local_addr().ok(), xds_tls = ?xds_tls.as_ref().and_then(|l| l.local_addr().ok()), "pilot starting");
     let pilot = Pilot::start(&cfg)?;
+    if let Some(l) = xds_tls {
+        let tls = serve_xds_tls(pilot.clone(), l, shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = tls.await {
+                tracing::error!("ADS over mTLS: {e}");
+            }
+        });
+    }
     serve(pilot, xds, api, shutdown).await
+}
+
+/// Serves ADS over mutual TLS (istiod's 15012): a client must present a certificate of the
+/// mesh's root, and a stream's node must be the identity that certificate proves. Pilot's own
+/// certificate names `spiffe://cluster.local/ns/istio-system/sa/istiod` and
+/// `istiod.istio-system.svc`, and lives as long as a workload certificate's lifetime allows
+/// (at least a year; it is issued at start).
+pub async fn serve_xds_tls(
+    pilot: Arc<Pilot>,
+    listener: TcpListener,
+    shutdown: Shutdown,
+) -> Result<(), Error> {
+    let spiffe = crate::security::pilot_id();
+    let issued = pilot
+        .issuer
+        .ca()
+        .issue_with_dns(
+            &spiffe,
+            &[crate::security::PILOT_DNS_NAME],
+            pilot.issuer.ttl.max(Duration::from_secs(365 * 24 * 3600)),
+        )
+        .map_err(Error::Serve)?;
+    let mut cfg = crate::security::server_config(
+        &crate::security::Material {
+            chain_pem: issued.chain_pem.into_bytes(),
+            key_pem: issued.key_pem.into_bytes(),
+            roots_pem: pilot.issuer.root_pem().as_bytes().to_vec(),
+        },
+        true,
+    )
+    .map_err(Error::Serve)?;
+    Arc::get_mut(&mut cfg).expect("just built").alpn_protocols = vec![b"h2".to_vec()];
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .add_service(pilot.ads().into_service())
+        .serve_with_incoming_shutdown(
+            crate::xds::ads::tls::incoming(
+                net::incoming(
+                    listener,
+                    Limits::new(MAX_XDS_CONNECTIONS),
+                    shutdown.clone().wait(),
+                ),
+                cfg,
+            ),
+            shutdown.wait(),
+        )
+        .await
+        .map_err(|e| Error::Serve(format!("ADS over mTLS: {e}")))
 }
 
 /// Checks one endpoint of a batch: names Kubernetes would accept, an IP address, real ports.
@@ -693,6 +760,8 @@ fn host_is_pilot(host: &str, port: u16) -> bool {
 
 /// Environment variable through which a harness hands pilot its REST token.
 pub const TOKEN_ENV: &str = "MESHBENCH_API_TOKEN";
+/// The CA's private key (PKCS#8 PEM); absent: a new key at start.
+pub const CA_KEY_ENV: &str = "MESHBENCH_CA_KEY";
 
 /// Pilot's REST token: from [`TOKEN_ENV`], else read from `file`, else generated and written
 /// to `file` (mode 0600). Returns the token and the file it is in, if any.

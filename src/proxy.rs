@@ -18,6 +18,7 @@ pub mod admin;
 pub mod ads;
 pub mod dataplane;
 pub mod path;
+pub mod proto;
 pub mod ratelimit;
 pub mod rbac;
 pub mod resources;

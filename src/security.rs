@@ -30,6 +30,12 @@ pub fn spiffe_id(namespace: &str, service_account: &str) -> String {
     format!("spiffe://{TRUST_DOMAIN}/ns/{namespace}/sa/{service_account}")
 }
 
+/// Pilot's DNS name on its mTLS xDS port (istiod's), and its identity.
+pub const PILOT_DNS_NAME: &str = "istiod.istio-system.svc";
+pub fn pilot_id() -> String {
+    spiffe_id("istio-system", "istiod")
+}
+
 /// Istio's workload certificate lifetime (istio-agent's default is 24 h; rotation at half of it).
 pub const DEFAULT_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
 
@@ -60,6 +66,23 @@ fn rcgen_err(e: rcgen::Error) -> String {
 impl Ca {
     /// A new root, valid for ten years.
     pub fn generate() -> Result<Ca, String> {
+        Ca::with_key(KeyPair::generate().map_err(rcgen_err)?)
+    }
+
+    /// A new CA key (PKCS#8 PEM) for [`Ca::from_key_pem`].
+    pub fn new_key_pem() -> String {
+        KeyPair::generate()
+            .map(|k| k.serialize_pem())
+            .unwrap_or_default()
+    }
+
+    /// The root of an existing key: the same subject and key as every root made from it, so
+    /// certificates one made verify against any other (as a CA kept across restarts).
+    pub fn from_key_pem(pem: &str) -> Result<Ca, String> {
+        Ca::with_key(KeyPair::from_pem(pem).map_err(rcgen_err)?)
+    }
+
+    fn with_key(key: KeyPair) -> Result<Ca, String> {
         let mut p = CertificateParams::default();
         p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         let mut dn = DistinguishedName::new();
@@ -74,7 +97,6 @@ impl Ca {
         let now = time::OffsetDateTime::now_utc();
         p.not_before = now - time::Duration::hours(1);
         p.not_after = now + time::Duration::days(3650);
-        let key = KeyPair::generate().map_err(rcgen_err)?;
         let issuer = CertifiedIssuer::self_signed(p, key).map_err(rcgen_err)?;
         let root_pem = issuer.pem();
         Ok(Ca { issuer, root_pem })
@@ -86,6 +108,16 @@ impl Ca {
 
     /// A certificate for `spiffe` valid for `ttl` (from a minute ago, for clock skew).
     pub fn issue(&self, spiffe: &str, ttl: Duration) -> Result<Issued, String> {
+        self.issue_with_dns(spiffe, &[], ttl)
+    }
+
+    /// As [`Ca::issue`], with DNS names too (pilot's own serving certificate).
+    pub fn issue_with_dns(
+        &self,
+        spiffe: &str,
+        dns: &[&str],
+        ttl: Duration,
+    ) -> Result<Issued, String> {
         let mut p = CertificateParams::default();
         p.subject_alt_names = vec![SanType::URI(
             spiffe
@@ -93,6 +125,13 @@ impl Ca {
                 .try_into()
                 .map_err(|e| format!("identity {spiffe:?}: {e}"))?,
         )];
+        for d in dns {
+            p.subject_alt_names.push(SanType::DnsName(
+                d.to_string()
+                    .try_into()
+                    .map_err(|e| format!("{d:?}: {e}"))?,
+            ));
+        }
         p.distinguished_name = DistinguishedName::new();
         p.is_ca = IsCa::NoCa;
         p.key_usages = vec![
@@ -349,6 +388,22 @@ mod tests {
         let s = srv.await.unwrap();
         c?;
         s
+    }
+
+    /// A CA made again from its key (a restarted pilot) trusts what the first one issued.
+    #[tokio::test]
+    async fn a_root_made_again_from_its_key_trusts_earlier_certificates() {
+        let key = Ca::new_key_pem();
+        let (a, b) = (
+            Ca::from_key_pem(&key).unwrap(),
+            Ca::from_key_pem(&key).unwrap(),
+        );
+        let id = spiffe_id("default", "x");
+        let mut old = material(&a, &id);
+        old.roots_pem = b.root_pem().as_bytes().to_vec();
+        let mut new = material(&b, &id);
+        new.roots_pem = a.root_pem().as_bytes().to_vec();
+        handshake(old, new, vec![id]).await.unwrap();
     }
 
     #[tokio::test]

@@ -595,3 +595,103 @@ async fn certificate_rotation_under_load_loses_no_request() {
         );
     }
 }
+
+/// ADS over mutual TLS (pilot's `--xds-tls-addr`, istiod's 15012): meshbench proxy and Envoy
+/// present certificates from pilot's CA and get their config; a proxy whose certificate is
+/// another identity than the pod it claims is refused and never configured; a plaintext
+/// client gets nothing from the TLS port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xds_over_mutual_tls_binds_each_node_to_its_certificate() {
+    use meshbench::pilot_client::PilotApi;
+    let Some(bin) = envoy_binary() else { return };
+    let p = start_pilot(Duration::ZERO).await;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tls_addr = l.local_addr().unwrap();
+    let (_stop_tls, stop) = meshbench::shutdown::channel();
+    tokio::spawn(meshbench::pilot::serve_xds_tls(p.pilot.clone(), l, stop));
+    let api = PilotApi::new(p.api);
+    let cert = |sa: &'static str| {
+        let api = api.clone();
+        async move {
+            let c = api.certificate("default", sa).await.unwrap();
+            meshbench::security::Material {
+                chain_pem: c.chain_pem.into_bytes(),
+                key_pem: c.key_pem.into_bytes(),
+                roots_pem: c.root_pem.into_bytes(),
+            }
+        }
+    };
+    let (reviews, other) = (cert("bookinfo-reviews").await, cert("other").await);
+    apply_ok(p.api, &services(&[("reviews", 9080)])).await;
+    let labels = [("app", "reviews")];
+    let start = |pod: &'static str, m: meshbench::security::Material| async move {
+        let ip = unique_loopback();
+        let id = meshbench::xds::node::sidecar_id(&ip, pod, "default");
+        let proxy = start_mesh_proxy_tls(
+            tls_addr,
+            "reviews",
+            id.clone(),
+            ip.clone(),
+            &labels,
+            Default::default(),
+            1,
+            Some(m),
+        )
+        .await;
+        (proxy, ip, id)
+    };
+    let (_mesh, m_ip, m_id) = start("reviews-m-0", reviews.clone()).await;
+    let (_impostor, x_ip, x_id) = start("reviews-x-0", other).await;
+    let envoy = start_envoy_tls(
+        &bin,
+        tls_addr,
+        "reviews",
+        "reviews-e-0",
+        "default",
+        &labels,
+        Default::default(),
+        false,
+        Some(&reviews),
+    )
+    .await;
+    // Every pod runs as bookinfo-reviews; the impostor's certificate says `other`.
+    let adds: Vec<String> = [("reviews-m-0", &m_ip), ("reviews-e-0", &envoy.pod_ip), ("reviews-x-0", &x_ip)]
+        .iter()
+        .map(|(n, ip)| format!(r#"{{"name": "{n}", "address": "{ip}", "labels": {{"app": "reviews"}}, "serviceAccount": "bookinfo-reviews"}}"#))
+        .collect();
+    let v = endpoints_ok(p.api, &format!(r#"{{"add": [{}]}}"#, adds.join(",")))
+        .await
+        .version;
+    wait_synced(p.api, &m_id, v).await;
+    wait_synced(p.api, &envoy.node_id, v).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let listed: Vec<String> = proxies(p.api)
+        .await
+        .into_iter()
+        .map(|s| s.node.id)
+        .collect();
+    assert!(
+        !listed.contains(&x_id),
+        "the impostor was served: {listed:?}"
+    );
+    // Plaintext gRPC to the TLS port: no answer.
+    use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+    let plain = tokio::time::timeout(Duration::from_secs(3), async {
+        let mut c = AggregatedDiscoveryServiceClient::connect(format!("http://{tls_addr}"))
+            .await
+            .ok()?;
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.send(Default::default()).await.ok()?;
+        let mut s = c
+            .stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .ok()?
+            .into_inner();
+        s.message().await.ok()?
+    })
+    .await;
+    assert!(
+        !matches!(plain, Ok(Some(_))),
+        "a plaintext client got a response"
+    );
+}

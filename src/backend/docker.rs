@@ -155,6 +155,8 @@ pub struct DockerBackend {
     meshbench_image: String,
     envoy_image: Option<String>,
     token: String,
+    /// The CA key every pilot of the run starts with (a restarted pilot keeps the root).
+    ca_key: String,
 }
 
 impl DockerBackend {
@@ -201,6 +203,7 @@ impl DockerBackend {
             meshbench_image,
             envoy_image,
             token: crate::pilot::new_token(),
+            ca_key: crate::security::Ca::new_key_pem(),
         })
     }
 
@@ -421,6 +424,7 @@ impl Backend for DockerBackend {
         );
         args.debounce = self.opts.debounce;
         args.token = self.token.clone();
+        args.ca_key = Some(self.ca_key.clone());
         // The harness reaches the network from the host through the bridge's gateway: only
         // that address (and no workload container) may use the REST API.
         args.trusted_peers = vec![format!("{}.1", self.base).parse().expect("valid address")];

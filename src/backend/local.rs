@@ -28,6 +28,8 @@ pub struct LocalBackend {
     opts: Options,
     base: String,
     token: String,
+    /// The CA key every pilot of the run starts with (a restarted pilot keeps the root).
+    ca_key: String,
     pilot: Option<PilotProcess>,
     pods: HashMap<String, Procs>,
 }
@@ -38,6 +40,7 @@ impl LocalBackend {
         LocalBackend {
             base: format!("127.{}.{}", 30 + pid % 60, (pid / 60) % 250),
             token: crate::pilot::new_token(),
+            ca_key: crate::security::Ca::new_key_pem(),
             opts,
             pilot: None,
             pods: HashMap::new(),
@@ -111,6 +114,7 @@ impl Backend for LocalBackend {
         let mut args = PilotArgs::new(self.pilot_xds(), self.pilot_api());
         args.debounce = self.opts.debounce;
         args.token = self.token.clone();
+        args.ca_key = Some(self.ca_key.clone());
         let log = log_file(&self.opts.log_dir, "pilot");
         let p = PilotProcess::start(&self.opts.meshbench_exe, &args, &self.opts.run_id, log)
             .await

@@ -107,10 +107,31 @@ async fn session(proxy: &Arc<Proxy>) -> Result<(), String> {
         .map_err(|e| e.to_string())?
         .connect_timeout(Duration::from_secs(1))
         .tcp_nodelay(true);
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
+    let channel = match &proxy.cfg.xds_tls {
+        None => endpoint.connect().await,
+        Some(m) => {
+            // Pilot's certificate must name istiod; ALPN h2 (gRPC).
+            let pilot = crate::security::pilot_id();
+            let cfg = crate::security::client_config(m, vec![pilot], vec![b"h2".to_vec()])?;
+            let addr = proxy.cfg.xds.clone();
+            let connector = tower::service_fn(move |_: http::Uri| {
+                let (cfg, addr) = (cfg.clone(), addr.clone());
+                async move {
+                    let tcp = tokio::net::TcpStream::connect(&addr).await?;
+                    tcp.set_nodelay(true)?;
+                    let name =
+                        rustls::pki_types::ServerName::try_from(crate::security::PILOT_DNS_NAME)
+                            .expect("a DNS name");
+                    let tls = tokio_rustls::TlsConnector::from(cfg)
+                        .connect(name, tcp)
+                        .await?;
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+                }
+            });
+            endpoint.connect_with_connector(connector).await
+        }
+    }
+    .map_err(|e| format!("connect: {e}"))?;
     let mut client =
         AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(256 << 20);
     let received = proxy.received.lock().unwrap().clone();

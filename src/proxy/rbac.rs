@@ -8,7 +8,7 @@
 use envoy_types::pb::envoy::config::rbac::v3 as pb;
 use envoy_types::pb::envoy::extensions::filters::http::rbac::v3 as filter;
 
-use super::resources::{header_value_matcher, string_match, Reject, StrMatch};
+use super::proto::{header_value_matcher, string_match, Reject, StrMatch};
 
 /// A header condition; the name may be a pseudo-header (`:method`, `:path`, `:authority`).
 #[derive(Debug)]

@@ -31,17 +31,15 @@ use envoy_types::pb::envoy::extensions::filters::common::fault::v3 as common_fau
 use envoy_types::pb::envoy::extensions::filters::http::fault::v3 as fault;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
 use envoy_types::pb::envoy::extensions::upstreams::http::v3 as upstream_http;
-use envoy_types::pb::envoy::r#type::matcher::v3 as matcher;
 use envoy_types::pb::envoy::r#type::v3 as types;
-use envoy_types::pb::google::protobuf::{self, Any};
-use prost::{Message, Name};
+use envoy_types::pb::google::protobuf;
+use prost::Name;
 
+pub use super::proto::{decode, Reject, StrMatch};
+use super::proto::{header_value_matcher, regex};
 use super::ratelimit::{self, LocalRateLimit, TokenBucket};
 use crate::xds::{FAULT_FILTER, HCM_FILTER, LOCAL_RATE_LIMIT_FILTER, ROUTER_FILTER};
 use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3 as local_ratelimit;
-
-/// Why a resource was rejected; becomes the NACK's error_detail.
-pub type Reject = String;
 
 const ROUTER_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
 const FAULT_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault";
@@ -51,17 +49,6 @@ const RBAC_FILTER: &str = "envoy.filters.http.rbac";
 const RBAC_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC";
 const HTTP_OPTIONS_KEY: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 const SOCKET_MATCH_KEY: &str = "envoy.transport_socket_match";
-
-pub fn decode<T: Message + Default + Name>(any: &Any) -> Result<T, Reject> {
-    if any.type_url != T::type_url() {
-        return Err(format!(
-            "expected {} but got {}",
-            T::type_url(),
-            any.type_url
-        ));
-    }
-    T::decode(any.value.as_slice()).map_err(|e| format!("cannot decode {}: {e}", T::full_name()))
-}
 
 /// A protobuf duration, clamped to [0, `MAX_DURATION`] (timers downstream add it to now).
 fn duration(d: &protobuf::Duration) -> Duration {
@@ -565,30 +552,6 @@ pub struct HeaderMatch {
 }
 
 #[derive(Debug)]
-pub enum StrMatch {
-    Exact(String),
-    Prefix(String),
-    Suffix(String),
-    Contains(String),
-    Regex(regex::Regex),
-    Present(bool),
-}
-
-impl StrMatch {
-    pub fn matches(&self, v: Option<&str>) -> bool {
-        match (self, v) {
-            (StrMatch::Present(p), v) => v.is_some() == *p,
-            (_, None) => false,
-            (StrMatch::Exact(s), Some(v)) => v == s,
-            (StrMatch::Prefix(s), Some(v)) => v.starts_with(s.as_str()),
-            (StrMatch::Suffix(s), Some(v)) => v.ends_with(s.as_str()),
-            (StrMatch::Contains(s), Some(v)) => v.contains(s.as_str()),
-            (StrMatch::Regex(r), Some(v)) => r.is_match(v),
-        }
-    }
-}
-
-#[derive(Debug)]
 pub enum Target {
     Cluster(String),
     /// (cluster, weight), total weight
@@ -782,16 +745,6 @@ impl RouteTable {
     }
 }
 
-fn regex(r: &matcher::RegexMatcher) -> Result<regex::Regex, Reject> {
-    regex::Regex::new(&format!("^(?:{})$", r.regex)).map_err(|e| {
-        format!(
-            "invalid regex {:?}: {}",
-            r.regex,
-            e.to_string().lines().last().unwrap_or("")
-        )
-    })
-}
-
 /// A header matcher (route matches, RBAC).
 #[allow(deprecated)] // the deprecated header matchers are still sent by control planes
 pub(crate) fn header_matcher(h: &route::HeaderMatcher) -> Result<HeaderMatch, Reject> {
@@ -802,38 +755,6 @@ pub(crate) fn header_matcher(h: &route::HeaderMatcher) -> Result<HeaderMatch, Re
         name,
         matcher,
         invert: h.invert_match,
-    })
-}
-
-/// How a header matcher matches the value (its name aside: RBAC names pseudo-headers).
-#[allow(deprecated)] // the deprecated header matchers are still sent by control planes
-pub(crate) fn header_value_matcher(h: &route::HeaderMatcher) -> Result<StrMatch, Reject> {
-    use route::header_matcher::HeaderMatchSpecifier as H;
-    Ok(match &h.header_match_specifier {
-        Some(H::ExactMatch(s)) => StrMatch::Exact(s.clone()),
-        Some(H::PrefixMatch(s)) => StrMatch::Prefix(s.clone()),
-        Some(H::SuffixMatch(s)) => StrMatch::Suffix(s.clone()),
-        Some(H::ContainsMatch(s)) => StrMatch::Contains(s.clone()),
-        Some(H::SafeRegexMatch(re)) => StrMatch::Regex(regex(re)?),
-        Some(H::PresentMatch(p)) => StrMatch::Present(*p),
-        Some(H::StringMatch(sm)) => string_match(sm)?,
-        None => StrMatch::Present(true),
-        Some(_) => return Err(format!("header {}: unsupported header match", h.name)),
-    })
-}
-
-pub(crate) fn string_match(m: &matcher::StringMatcher) -> Result<StrMatch, Reject> {
-    use matcher::string_matcher::MatchPattern;
-    if m.ignore_case {
-        return Err("ignore_case string matching is not supported".into());
-    }
-    Ok(match &m.match_pattern {
-        Some(MatchPattern::Exact(s)) => StrMatch::Exact(s.clone()),
-        Some(MatchPattern::Prefix(s)) => StrMatch::Prefix(s.clone()),
-        Some(MatchPattern::Suffix(s)) => StrMatch::Suffix(s.clone()),
-        Some(MatchPattern::Contains(s)) => StrMatch::Contains(s.clone()),
-        Some(MatchPattern::SafeRegex(r)) => StrMatch::Regex(regex(r)?),
-        _ => return Err("unsupported string match".into()),
     })
 }
 

@@ -33,6 +33,10 @@ pub struct Config {
     /// Worker threads serving connections (Envoy's --concurrency); 1 serves them on the
     /// runtime the proxy runs on.
     pub workers: usize,
+    /// ADS over mutual TLS (pilot's `--xds-tls-addr`): the certificate this proxy presents,
+    /// and the root pilot's certificate must chain to (pilot must be `istiod`).
+    #[serde(skip)]
+    pub xds_tls: Option<crate::security::Material>,
 }
 
 /// Per listener stat prefix: `http.PREFIX.*`.

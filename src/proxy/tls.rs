@@ -11,7 +11,7 @@ use envoy_types::pb::envoy::config::core::v3 as core;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
 use envoy_types::pb::google::protobuf::Any;
 
-use super::resources::{decode, Reject};
+use super::proto::{decode, Reject};
 use crate::security::{self, Material};
 
 pub const TLS_SOCKET: &str = "envoy.transport_sockets.tls";

@@ -13,6 +13,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod sotw;
 pub mod stream;
+pub mod tls;
 
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -82,7 +83,16 @@ impl AdsServer {
             id: self.next_conn.fetch_add(1, Ordering::Relaxed),
             ledger: self.ledger.clone(),
             full_push: self.full_push,
-            peer: request.remote_addr(),
+            peer: request.remote_addr().or_else(|| {
+                request
+                    .extensions()
+                    .get::<tls::XdsConnectInfo>()
+                    .map(|c| c.remote_addr)
+            }),
+            identity: request
+                .extensions()
+                .get::<tls::XdsConnectInfo>()
+                .map(|c| c.identity.clone().unwrap_or_default()),
             trusted: self.trusted_peers.clone().into(),
             _slot: slot,
         })

@@ -37,8 +37,15 @@ impl EnvoyBootstrap {
     }
 
     pub fn to_json(&self) -> Value {
+        self.to_json_with_tls(None)
+    }
+
+    /// As [`EnvoyBootstrap::to_json`]; with `tls`, ADS goes over mutual TLS (pilot's
+    /// `--xds-tls-addr`): Envoy presents that certificate and checks that pilot's chains to
+    /// the root and names `istiod`.
+    pub fn to_json_with_tls(&self, tls: Option<&crate::security::Material>) -> Value {
         let ads = json!({"ads": {}, "resource_api_version": "V3"});
-        json!({
+        let mut v = json!({
             "node": {
                 "id": self.node_id(),
                 "cluster": self.service,
@@ -78,7 +85,32 @@ impl EnvoyBootstrap {
                     },
                 }],
             },
-        })
+        });
+        if let Some(m) = tls {
+            let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+            v["static_resources"]["clusters"][0]["transport_socket"] = json!({
+                "name": "envoy.transport_sockets.tls",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                    "sni": crate::security::PILOT_DNS_NAME,
+                    "common_tls_context": {
+                        "alpn_protocols": ["h2"],
+                        "tls_certificates": [{
+                            "certificate_chain": {"inline_string": text(&m.chain_pem)},
+                            "private_key": {"inline_string": text(&m.key_pem)},
+                        }],
+                        "validation_context": {
+                            "trusted_ca": {"inline_string": text(&m.roots_pem)},
+                            "match_typed_subject_alt_names": [{
+                                "san_type": "URI",
+                                "matcher": {"exact": crate::security::pilot_id()},
+                            }],
+                        },
+                    },
+                },
+            });
+        }
+        v
     }
 }
 

@@ -95,6 +95,10 @@ impl Issuer {
         self.ca.root_pem()
     }
 
+    pub fn ca(&self) -> &Ca {
+        &self.ca
+    }
+
     /// A certificate for `spiffe` with this issuer's lifetime (not cached, not a proxy's).
     pub fn issue(&self, spiffe: &str) -> Result<crate::security::Issued, String> {
         let i = self.ca.issue(spiffe, self.ttl)?;

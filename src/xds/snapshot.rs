@@ -263,6 +263,16 @@ impl Snapshot {
         }
     }
 
+    /// A proxy's SPIFFE identity: the service account of the workload registered at its pod
+    /// IP in its namespace (`default` when none).
+    pub fn identity(&self, node: &NodeInfo) -> String {
+        let sa = node.ip.as_deref().map_or_else(
+            || "default".to_string(),
+            |ip| self.mesh.service_account_at(&node.namespace, ip),
+        );
+        crate::security::spiffe_id(&node.namespace, &sa)
+    }
+
     /// What a view needs to issue the proxy's secrets, when this snapshot serves any.
     fn node_for_secrets(&self, node: &NodeInfo) -> Option<Arc<NodeInfo>> {
         self.security.as_ref().map(|_| Arc::new(node.clone()))
@@ -372,14 +382,9 @@ impl View {
     fn secrets(&self) -> Option<&HashMap<String, Resource>> {
         let (issuer, epoch) = self.snapshot.security.as_ref()?;
         let node = self.node.as_ref()?;
-        let secrets = self.secrets.get_or_init(|| {
-            let sa = node.ip.as_deref().map_or_else(
-                || "default".to_string(),
-                |ip| self.snapshot.mesh.service_account_at(&node.namespace, ip),
-            );
-            let id = crate::security::spiffe_id(&node.namespace, &sa);
-            issuer.secrets(&node.id, &id, *epoch)
-        });
+        let secrets = self
+            .secrets
+            .get_or_init(|| issuer.secrets(&node.id, &self.snapshot.identity(node), *epoch));
         Some(secrets)
     }
 }

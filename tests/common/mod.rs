@@ -237,6 +237,25 @@ async fn start_envoy_as(
     xds_mode: meshbench::xds::XdsMode,
     router: bool,
 ) -> Envoy {
+    start_envoy_tls(
+        binary, xds, service, pod, namespace, labels, xds_mode, router, None,
+    )
+    .await
+}
+
+/// Envoy as a sidecar whose ADS goes over mutual TLS with `tls` (pilot's TLS port).
+#[allow(clippy::too_many_arguments, dead_code)]
+pub async fn start_envoy_tls(
+    binary: &PathBuf,
+    xds: SocketAddr,
+    service: &str,
+    pod: &str,
+    namespace: &str,
+    labels: &[(&str, &str)],
+    xds_mode: meshbench::xds::XdsMode,
+    router: bool,
+    tls: Option<&meshbench::security::Material>,
+) -> Envoy {
     let dir = TempDir::new("envoy");
     let pod_ip = unique_loopback();
     let b = EnvoyBootstrap {
@@ -255,7 +274,7 @@ async fn start_envoy_as(
         router,
     };
     let config = dir.0.join("bootstrap.json");
-    std::fs::write(&config, b.to_json().to_string()).unwrap();
+    std::fs::write(&config, b.to_json_with_tls(tls).to_string()).unwrap();
     let admin_path = dir.0.join("admin.txt");
     let log = std::fs::File::create(dir.0.join("envoy.log")).unwrap();
     let child = Command::new(binary)
@@ -628,6 +647,24 @@ async fn start_mesh_proxy_as(
     xds_mode: meshbench::xds::XdsMode,
     workers: usize,
 ) -> MeshProxy {
+    start_mesh_proxy_tls(
+        xds, service, node_id, pod_ip, labels, xds_mode, workers, None,
+    )
+    .await
+}
+
+/// meshbench proxy whose ADS goes over mutual TLS with `tls` (pilot's TLS port).
+#[allow(clippy::too_many_arguments, dead_code)]
+pub async fn start_mesh_proxy_tls(
+    xds: SocketAddr,
+    service: &str,
+    node_id: String,
+    pod_ip: String,
+    labels: &[(&str, &str)],
+    xds_mode: meshbench::xds::XdsMode,
+    workers: usize,
+    tls: Option<meshbench::security::Material>,
+) -> MeshProxy {
     let admin_sock = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = admin_sock.local_addr().unwrap();
     let cfg = meshbench::proxy::Config {
@@ -643,6 +680,7 @@ async fn start_mesh_proxy_as(
         xds_mode,
         admin_token: None,
         workers,
+        xds_tls: tls,
     };
     let (trigger, stop) = shutdown::channel();
     tokio::spawn(meshbench::proxy::run(cfg, admin_sock, stop));
@@ -669,6 +707,7 @@ pub async fn start_mesh_proxy_on(xds: SocketAddr, ip: &str) -> SocketAddr {
         xds_mode: Default::default(),
         admin_token: None,
         workers: 1,
+        xds_tls: None,
     };
     let (trigger, stop) = shutdown::channel();
     std::mem::forget(trigger);

@@ -36,6 +36,9 @@ pub struct StreamCtx {
     pub full_push: bool,
     /// Where the stream comes from (`None` when the transport does not say).
     pub peer: Option<SocketAddr>,
+    /// Over mutual TLS: the identity the client's certificate proves (empty: none). A node
+    /// must be that identity (its namespace and service account).
+    pub identity: Option<String>,
     /// Peers besides loopback that may claim any identity.
     pub trusted: Arc<[IpAddr]>,
     /// Holds one of the server's stream slots while the stream lives.
@@ -202,8 +205,22 @@ pub fn first_node(
             )));
         }
     }
-    let replaced = ctx.ledger.register(ctx.id, &info);
     let snap = snapshots.borrow_and_update().clone();
+    if let Some(proven) = &ctx.identity {
+        let expected = snap.identity(&info);
+        if *proven != expected {
+            return Err(Status::permission_denied(format!(
+                "the client certificate is {} but node {} is {expected}",
+                if proven.is_empty() {
+                    "no identity"
+                } else {
+                    proven
+                },
+                super::ledger::peer_str(&info.id, 128)
+            )));
+        }
+    }
+    let replaced = ctx.ledger.register(ctx.id, &info);
     let view = snap.view(&info);
     Ok((info, view, replaced))
 }
