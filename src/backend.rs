@@ -128,6 +128,9 @@ pub struct Pod {
     pub running: bool,
     /// The bearer token of its app's control listener (one per run).
     pub control_token: String,
+    /// With mutual TLS on: the certificate its sidecar presents to pilot's mTLS xDS port
+    /// (the "first certificate the harness provisions", as Kubernetes would mount a token).
+    pub xds_tls: Option<crate::security::Material>,
 }
 
 impl Pod {
@@ -142,7 +145,29 @@ impl Pod {
             addr,
             running: false,
             control_token: control_token.into(),
+            xds_tls: None,
         }
+    }
+
+    /// Where its sidecar reaches pilot: the mTLS port when it has a certificate.
+    pub fn xds_addr(&self, plain: SocketAddr) -> SocketAddr {
+        match self.xds_tls {
+            Some(_) => SocketAddr::new(plain.ip(), XDS_TLS_PORT),
+            None => plain,
+        }
+    }
+
+    /// The environment that hands its meshbench sidecar the xDS certificate (PEM).
+    pub fn xds_tls_env(&self) -> Vec<(String, String)> {
+        let Some(m) = &self.xds_tls else {
+            return vec![];
+        };
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        vec![
+            (XDS_CERT_ENV.to_string(), text(&m.chain_pem)),
+            (XDS_KEY_ENV.to_string(), text(&m.key_pem)),
+            (XDS_CA_ENV.to_string(), text(&m.roots_pem)),
+        ]
     }
 
     /// Its app's control listener (POD_IP:15098).
@@ -241,6 +266,14 @@ pub struct Mesh {
     prober: Option<crate::security::Material>,
 }
 
+/// Pilot's mTLS xDS port in both backends (istiod's).
+pub const XDS_TLS_PORT: u16 = 15012;
+/// `meshbench proxy` reads its xDS certificate, key and root (PEM) from these when no
+/// `--xds-cert` file is given.
+pub const XDS_CERT_ENV: &str = "MESHBENCH_XDS_CERT";
+pub const XDS_KEY_ENV: &str = "MESHBENCH_XDS_KEY";
+pub const XDS_CA_ENV: &str = "MESHBENCH_XDS_CA";
+
 /// The readiness prober's service account (in the root namespace).
 pub const PROBER_SERVICE_ACCOUNT: &str = "meshbench-prober";
 
@@ -286,6 +319,19 @@ impl Mesh {
         };
         m.backend.start_pilot().await?;
         m.prober = Some(m.prober_certificate().await?);
+        if mtls != crate::scenario::MtlsSetting::Off {
+            // Each sidecar proves its identity to pilot with a certificate of its pod's
+            // service account, issued before it starts.
+            for p in m.pods.iter_mut().chain(std::iter::once(&mut m.client)) {
+                let sa = p.plan.service_account.as_deref().unwrap_or("default");
+                let c = m.pilot.certificate(&p.plan.namespace, sa).await?;
+                p.xds_tls = Some(crate::security::Material {
+                    chain_pem: c.chain_pem.into_bytes(),
+                    key_pem: c.key_pem.into_bytes(),
+                    roots_pem: c.root_pem.into_bytes(),
+                });
+            }
+        }
         m.pilot.apply_files(manifests).await?;
         m.pilot
             .apply("mesh.mtls", &mtls.peer_authentication())

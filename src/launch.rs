@@ -101,6 +101,8 @@ pub struct PilotArgs {
     /// The CA's private key (PEM), in the environment: pilots started with the same key
     /// share one root, so a restart keeps every issued certificate valid.
     pub ca_key: Option<String>,
+    /// `--xds-tls-addr`: ADS over mutual TLS too.
+    pub xds_tls: Option<SocketAddr>,
 }
 
 impl PilotArgs {
@@ -114,6 +116,7 @@ impl PilotArgs {
             token: crate::pilot::new_token(),
             trusted_peers: vec![],
             ca_key: None,
+            xds_tls: None,
         }
     }
 
@@ -148,6 +151,10 @@ impl PilotArgs {
         for p in &self.trusted_peers {
             a.push("--trusted-peer".into());
             a.push(p.to_string());
+        }
+        if let Some(t) = self.xds_tls {
+            a.push("--xds-tls-addr".into());
+            a.push(t.to_string());
         }
         a
     }

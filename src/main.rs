@@ -543,7 +543,19 @@ async fn run(cmd: Command) -> ExitCode {
                         }
                     }
                 }
-                _ => None,
+                // The harness hands the PEM over in the environment.
+                _ => match (
+                    std::env::var(meshbench::backend::XDS_CERT_ENV),
+                    std::env::var(meshbench::backend::XDS_KEY_ENV),
+                    std::env::var(meshbench::backend::XDS_CA_ENV),
+                ) {
+                    (Ok(c), Ok(k), Ok(a)) if !c.is_empty() => Some(meshbench::security::Material {
+                        chain_pem: c.into_bytes(),
+                        key_pem: k.into_bytes(),
+                        roots_pem: a.into_bytes(),
+                    }),
+                    _ => None,
+                },
             };
             let labels: model::Labels = labels.into_iter().collect();
             let admin = admin.unwrap_or_else(|| proxy::default_admin(&node_id));

@@ -425,6 +425,11 @@ impl Backend for DockerBackend {
         args.debounce = self.opts.debounce;
         args.token = self.token.clone();
         args.ca_key = Some(self.ca_key.clone());
+        args.xds_tls = Some(
+            format!("0.0.0.0:{}", super::XDS_TLS_PORT)
+                .parse()
+                .expect("valid"),
+        );
         // The harness reaches the network from the host through the bridge's gateway: only
         // that address (and no workload container) may use the REST API.
         args.trusted_peers = vec![format!("{}.1", self.base).parse().expect("valid address")];
@@ -540,20 +545,25 @@ impl Backend for DockerBackend {
         let sidecar_name = format!("{name}-sidecar");
         c.sidecar = Some(match &self.envoy_image {
             None => {
+                let xds = p.xds_addr(xds);
                 let args = sidecar_args(p, &xds.to_string(), self.opts.xds);
-                self.run(
+                self.run_with_env(
                     &sidecar_name,
                     "sidecar",
                     &self.meshbench_image,
                     "/meshbench",
                     &args,
+                    &p.xds_tls_env(),
                     Net::Join(&infra),
                 )
                 .await?
             }
             Some(envoy_image) => {
-                let bootstrap = envoy_bootstrap(p, xds, self.opts.xds);
-                let mut args = vec!["--config-yaml".to_string(), bootstrap.to_json().to_string()];
+                let bootstrap = envoy_bootstrap(p, p.xds_addr(xds), self.opts.xds);
+                let mut args = vec![
+                    "--config-yaml".to_string(),
+                    bootstrap.to_json_with_tls(p.xds_tls.as_ref()).to_string(),
+                ];
                 args.extend(ENVOY_ARGS.map(String::from));
                 self.run(
                     &sidecar_name,

@@ -55,11 +55,12 @@ impl LocalBackend {
 
     fn spawn_sidecar(&self, p: &Pod) -> Result<Process, Error> {
         let log = log_file(&self.opts.log_dir, &format!("{}-sidecar", p.plan.name));
-        let xds = self.pilot_xds();
+        let xds = p.xds_addr(self.pilot_xds());
         match self.opts.proxy {
             ProxyKind::Meshbench => {
                 let mut c = command(&self.opts.meshbench_exe, &self.opts.run_id);
                 c.args(sidecar_args(p, &xds.to_string(), self.opts.xds))
+                    .envs(p.xds_tls_env())
                     .stderr(log);
                 Process::spawn(c, &format!("the sidecar of {}", p.plan.name))
             }
@@ -70,7 +71,7 @@ impl LocalBackend {
                     .opts
                     .log_dir
                     .join(format!("{}-envoy.json", p.plan.name));
-                std::fs::write(&path, b.to_json().to_string())
+                std::fs::write(&path, b.to_json_with_tls(p.xds_tls.as_ref()).to_string())
                     .map_err(|e| Error::Environment(format!("{}: {e}", path.display())))?;
                 let mut c = command(envoy, &self.opts.run_id);
                 c.arg("-c").arg(&path).args(ENVOY_ARGS).stderr(log);
@@ -115,6 +116,7 @@ impl Backend for LocalBackend {
         args.debounce = self.opts.debounce;
         args.token = self.token.clone();
         args.ca_key = Some(self.ca_key.clone());
+        args.xds_tls = Some(self.addr(1, super::XDS_TLS_PORT));
         let log = log_file(&self.opts.log_dir, "pilot");
         let p = PilotProcess::start(&self.opts.meshbench_exe, &args, &self.opts.run_id, log)
             .await

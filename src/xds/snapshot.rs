@@ -273,6 +273,37 @@ impl Snapshot {
         crate::security::spiffe_id(&node.namespace, &sa)
     }
 
+    /// Whether a client certificate's identity may speak for `node`, as istiod checks its
+    /// xDS clients: the identity's namespace is the node's, and when a workload is registered
+    /// at the node's pod IP, the service account is that workload's.
+    pub fn may_speak_for(&self, node: &NodeInfo, proven: &str) -> Result<(), String> {
+        let prefix = format!("spiffe://{}/ns/", crate::security::TRUST_DOMAIN);
+        let (ns, sa) = proven
+            .strip_prefix(&prefix)
+            .and_then(|r| r.split_once("/sa/"))
+            .ok_or_else(|| format!("{proven:?} is not a SPIFFE identity of this mesh"))?;
+        if ns != node.namespace {
+            return Err(format!(
+                "the certificate is of namespace {ns}, the node of {}",
+                node.namespace
+            ));
+        }
+        let registered = node.ip.as_deref().and_then(|ip| {
+            self.mesh
+                .workloads
+                .iter()
+                .find(|w| w.namespace == node.namespace && w.entry.address == ip)
+                .map(|w| w.entry.service_account.as_deref().unwrap_or("default"))
+        });
+        match registered {
+            Some(expected) if expected != sa => Err(format!(
+                "the certificate is service account {sa}, the pod at {} runs as {expected}",
+                node.ip.as_deref().unwrap_or("?")
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// What a view needs to issue the proxy's secrets, when this snapshot serves any.
     fn node_for_secrets(&self, node: &NodeInfo) -> Option<Arc<NodeInfo>> {
         self.security.as_ref().map(|_| Arc::new(node.clone()))

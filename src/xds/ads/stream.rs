@@ -207,15 +207,9 @@ pub fn first_node(
     }
     let snap = snapshots.borrow_and_update().clone();
     if let Some(proven) = &ctx.identity {
-        let expected = snap.identity(&info);
-        if *proven != expected {
+        if let Err(why) = snap.may_speak_for(&info, proven) {
             return Err(Status::permission_denied(format!(
-                "the client certificate is {} but node {} is {expected}",
-                if proven.is_empty() {
-                    "no identity"
-                } else {
-                    proven
-                },
+                "node {}: {why}",
                 super::ledger::peer_str(&info.id, 128)
             )));
         }
