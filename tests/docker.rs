@@ -170,7 +170,8 @@ fn docker_quick_canary_with_envoy() {
     canary("envoy");
 }
 
-/// Istio's bookinfo tasks (meshbench proxy) and the overload scenario (Envoy) on containers:
+/// Istio's bookinfo tasks and the mTLS scenario (meshbench proxy) and the overload scenario
+/// (Envoy) on containers:
 /// the workloads' call plan and run-time behaviour changes (control port on the pod IP),
 /// rate limits and outlier detection work on the docker backend as on the local one.
 #[test]
@@ -179,7 +180,9 @@ fn docker_istio_tasks_and_overload() {
     if !engine() {
         return;
     }
-    let mut runs = vec![("istio-tasks", "meshbench")];
+    // mtls.yaml: certificates by environment and inline bootstrap, xDS over mTLS, the
+    // no-identity caller refused at a container's address.
+    let mut runs = vec![("istio-tasks", "meshbench"), ("mtls", "meshbench")];
     if common::envoy_binary().is_some() {
         runs.push(("overload", "envoy"));
     }
