@@ -77,6 +77,7 @@ fn bench(c: &mut Criterion) {
         labels: [("app".to_string(), "svc-1".to_string())].into(),
         app_ip: "127.0.0.1".into(),
         router: false,
+        proven: None,
     };
     g.bench_function("proxy_view", |b| b.iter(|| snap.view(&node)));
     let view = snap.view(&node);

@@ -156,12 +156,15 @@ pub async fn serve_listener(
                     .listeners
                     .get(&name)
                     .map(|l| (l.tls.clone(), l.plaintext));
-                let svc = |peer: Option<Arc<str>>| {
+                let svc = |peer: Option<Arc<str>>, plain: bool| {
                     let (p, name, stats) = (p.clone(), name.clone(), stats.clone());
                     hyper::service::service_fn(move |mut req: Request<Incoming>| {
                         let (proxy, name, stats) = (p.clone(), name.clone(), stats.clone());
                         if let Some(id) = &peer {
                             req.extensions_mut().insert(path::PeerIdentity(id.clone()));
+                        }
+                        if plain {
+                            req.extensions_mut().insert(path::Plaintext);
                         }
                         async move { Ok::<_, Infallible>(handle(&proxy, &name, &stats, req).await) }
                     })
@@ -177,17 +180,21 @@ pub async fn serve_listener(
                                     .and_then(|c| c.first())
                                     .and_then(|c| crate::security::uri_san(c))
                                     .map(Arc::from);
-                                let _ = builder.serve_connection(TokioIo::new(s), svc(peer)).await;
+                                let _ = builder
+                                    .serve_connection(TokioIo::new(s), svc(peer, false))
+                                    .await;
                             }
                             Some(Accepted::Plain(c)) => {
-                                let _ = builder.serve_connection(TokioIo::new(c), svc(None)).await;
+                                let _ = builder
+                                    .serve_connection(TokioIo::new(c), svc(None, true))
+                                    .await;
                             }
                             None => {}
                         }
                     }
                     _ => {
                         let _ = builder
-                            .serve_connection(TokioIo::new(conn), svc(None))
+                            .serve_connection(TokioIo::new(conn), svc(None, true))
                             .await;
                     }
                 }

@@ -245,6 +245,10 @@ static NO_RETRIES: std::sync::LazyLock<Arc<RetryPolicy>> =
 #[derive(Clone, Debug)]
 pub struct PeerIdentity(pub Arc<str>);
 
+/// Marks the requests of a plaintext connection.
+#[derive(Clone, Copy, Debug)]
+pub struct Plaintext;
+
 /// What routing decided for a request.
 pub struct Routed<B> {
     pub req: Request<B>,
@@ -280,6 +284,14 @@ pub fn route<B, R: Body>(
     let Some(l) = state.listeners.get(listener) else {
         return Err(local(503, "listener draining"));
     };
+    // A plaintext connection accepted before the listener became TLS-only (STRICT) gets
+    // nothing more (Envoy drains the old chain's connections).
+    if !l.plaintext && req.extensions().get::<Plaintext>().is_some() {
+        return Err(local(
+            503,
+            "plaintext connection refused: the listener is mTLS only",
+        ));
+    }
     // The RBAC filters come first (istiod's order: DENY, then ALLOW).
     if !l.rbac.is_empty() {
         let peer = req.extensions().get::<PeerIdentity>().map(|p| &*p.0);

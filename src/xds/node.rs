@@ -27,6 +27,10 @@ pub struct NodeInfo {
     /// A gateway (`router~...`): it gets gateway listeners and routes, no sidecar ones.
     #[serde(default)]
     pub router: bool,
+    /// Over mutual TLS: the identity its client certificate proved (its secrets are issued
+    /// for that identity).
+    #[serde(skip)]
+    pub proven: Option<String>,
 }
 
 /// Builds the node id Istio would give a sidecar.
@@ -88,6 +92,7 @@ impl NodeInfo {
             labels,
             app_ip,
             router: parts.first() == Some(&"router"),
+            proven: None,
         }
     }
 }

@@ -266,6 +266,9 @@ impl Snapshot {
     /// A proxy's SPIFFE identity: the service account of the workload registered at its pod
     /// IP in its namespace (`default` when none).
     pub fn identity(&self, node: &NodeInfo) -> String {
+        if let Some(p) = &node.proven {
+            return p.clone();
+        }
         let sa = node.ip.as_deref().map_or_else(
             || "default".to_string(),
             |ip| self.mesh.service_account_at(&node.namespace, ip),
@@ -467,6 +470,7 @@ mod tests {
             .into(),
             app_ip: "127.0.6.5".into(),
             router: false,
+            proven: None,
         };
         let view = snap.view(&node);
         for r in view.all(CLUSTER_TYPE) {

@@ -118,6 +118,14 @@ pub async fn drive<C: AdsConnection>(
                     break;
                 }
                 let snap = snapshots.borrow_and_update().clone();
+                // A registration may change who the node is: its certificate must still
+                // speak for it.
+                if let (Some(proven), Some(node)) = (&c.ctx().identity, &c.peer().node) {
+                    if let Err(why) = snap.may_speak_for(node, proven) {
+                        tracing::warn!(conn = c.ctx().id, "closing: {why}");
+                        break;
+                    }
+                }
                 if c.on_snapshot(snap).await.is_err() {
                     break;
                 }
@@ -160,6 +168,21 @@ impl Peer {
             tracing::warn!(conn = ctx.id, type_url = %super::ledger::peer_str(type_url, 128), "request for an unknown type ignored");
             return Ok(None);
         };
+        // Secrets (private keys) go only to a proven identity (the mTLS port) or a trusted
+        // peer (loopback, the harness host), as istiod serves none on its plaintext port.
+        if known == crate::xds::SECRET_TYPE && ctx.identity.is_none() {
+            let trusted = ctx
+                .peer
+                .is_none_or(|p| crate::net::is_loopback(&p) || ctx.trusted.contains(&p.ip()));
+            if !trusted {
+                let _ = tx
+                    .send(Err(Status::permission_denied(
+                        "secrets are served over mutual TLS (pilot --xds-tls-addr) only",
+                    )))
+                    .await;
+                return Err(Closed);
+            }
+        }
         if self.node.is_none() {
             match first_node(ctx, node, snapshots) {
                 Ok((info, view, replaced)) => {
@@ -214,6 +237,8 @@ pub fn first_node(
             )));
         }
     }
+    let mut info = info;
+    info.proven = ctx.identity.clone();
     let replaced = ctx.ledger.register(ctx.id, &info);
     let view = snap.view(&info);
     Ok((info, view, replaced))
