@@ -61,8 +61,25 @@ async fn cost_of_change(
             s.bytes_by_type[0].load(Relaxed),
         )
     };
-    // Quiet first: nothing still in flight.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Quiet first: nothing still in flight (the earlier sync's last chunks may still be
+    // arriving on a loaded machine): wait until no byte arrives for 200 ms.
+    let total = || {
+        fleet
+            .sims
+            .iter()
+            .map(|s| s.bytes.load(Relaxed))
+            .sum::<u64>()
+    };
+    let start = std::time::Instant::now();
+    let mut last = total();
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = total();
+        if now == last || start.elapsed() > Duration::from_secs(10) {
+            break;
+        }
+        last = now;
+    }
     let before: Vec<_> = fleet.sims.iter().map(|s| now(s)).collect();
     let v = change.await;
     reached_all(fleet, v).await;
