@@ -114,10 +114,12 @@ fn destination_rule(host: &str, mode: &str) -> String {
     format!("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {host}}}\nspec: {{host: {host}, trafficPolicy: {{tls: {{mode: {mode}}}}}}}\n")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mutual_tls_between_envoy_and_meshbench_proxy_in_every_pairing() {
-    let Some(bin) = envoy_binary() else { return };
-    let p = start_pilot(Duration::ZERO).await;
+/// Services `reviews-e` and `reviews-m`, each with its app behind a server sidecar (Envoy,
+/// meshbench proxy) labelled with the sidecar mark: (sidecar, service, app port), and the apps.
+async fn two_servers(
+    p: &TestPilot,
+    bin: &std::path::PathBuf,
+) -> ([(Side, &'static str, u16); 2], [Upstream; 2]) {
     let app_e = start_upstream("127.0.0.1", "reviews-e", Behavior::Ok).await;
     let app_m = start_upstream("127.0.0.1", "reviews-m", Behavior::Ok).await;
     apply_ok(
@@ -130,16 +132,24 @@ async fn mutual_tls_between_envoy_and_meshbench_proxy_in_every_pairing() {
     .await;
     let servers = [
         (
-            sidecar("envoy", &bin, p.xds, "reviews-e", true).await,
+            sidecar("envoy", bin, p.xds, "reviews-e", true).await,
             "reviews-e",
             app_e.addr.port(),
         ),
         (
-            sidecar("meshbench", &bin, p.xds, "reviews-m", true).await,
+            sidecar("meshbench", bin, p.xds, "reviews-m", true).await,
             "reviews-m",
             app_m.addr.port(),
         ),
     ];
+    (servers, [app_e, app_m])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_between_envoy_and_meshbench_proxy_in_every_pairing() {
+    let Some(bin) = envoy_binary() else { return };
+    let p = start_pilot(Duration::ZERO).await;
+    let (servers, _apps) = two_servers(&p, &bin).await;
     let adds: Vec<String> = servers
         .iter()
         .map(|(s, app, _)| {
@@ -334,28 +344,7 @@ spec:
 async fn authorization_policies_agree_between_envoy_and_meshbench_proxy() {
     let Some(bin) = envoy_binary() else { return };
     let p = start_pilot(Duration::ZERO).await;
-    let app_e = start_upstream("127.0.0.1", "reviews-e", Behavior::Ok).await;
-    let app_m = start_upstream("127.0.0.1", "reviews-m", Behavior::Ok).await;
-    apply_ok(
-        p.api,
-        &services(&[
-            ("reviews-e", app_e.addr.port()),
-            ("reviews-m", app_m.addr.port()),
-        ]),
-    )
-    .await;
-    let servers = [
-        (
-            sidecar("envoy", &bin, p.xds, "reviews-e", true).await,
-            "reviews-e",
-            app_e.addr.port(),
-        ),
-        (
-            sidecar("meshbench", &bin, p.xds, "reviews-m", true).await,
-            "reviews-m",
-            app_m.addr.port(),
-        ),
-    ];
+    let (servers, _apps) = two_servers(&p, &bin).await;
     // Callers: Envoy as `sleep`, meshbench proxy as `other`.
     let clients = [
         (

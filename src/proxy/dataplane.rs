@@ -156,15 +156,14 @@ pub async fn serve_listener(
                     .listeners
                     .get(&name)
                     .map(|l| (l.tls.clone(), l.plaintext));
-                let svc = |peer: Option<Arc<str>>, plain: bool| {
+                // `Some`: a TLS connection (with the identity its client proved, if any);
+                // plaintext requests carry nothing, so they pay no extension insert.
+                let svc = |tls: Option<Option<Arc<str>>>| {
                     let (p, name, stats) = (p.clone(), name.clone(), stats.clone());
                     hyper::service::service_fn(move |mut req: Request<Incoming>| {
                         let (proxy, name, stats) = (p.clone(), name.clone(), stats.clone());
-                        if let Some(id) = &peer {
+                        if let Some(id) = &tls {
                             req.extensions_mut().insert(path::PeerIdentity(id.clone()));
-                        }
-                        if plain {
-                            req.extensions_mut().insert(path::Plaintext);
                         }
                         async move { Ok::<_, Infallible>(handle(&proxy, &name, &stats, req).await) }
                     })
@@ -181,20 +180,18 @@ pub async fn serve_listener(
                                     .and_then(|c| crate::security::uri_san(c))
                                     .map(Arc::from);
                                 let _ = builder
-                                    .serve_connection(TokioIo::new(s), svc(peer, false))
+                                    .serve_connection(TokioIo::new(s), svc(Some(peer)))
                                     .await;
                             }
                             Some(Accepted::Plain(c)) => {
-                                let _ = builder
-                                    .serve_connection(TokioIo::new(c), svc(None, true))
-                                    .await;
+                                let _ = builder.serve_connection(TokioIo::new(c), svc(None)).await;
                             }
                             None => {}
                         }
                     }
                     _ => {
                         let _ = builder
-                            .serve_connection(TokioIo::new(conn), svc(None, true))
+                            .serve_connection(TokioIo::new(conn), svc(None))
                             .await;
                     }
                 }

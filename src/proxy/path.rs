@@ -240,14 +240,10 @@ where
 static NO_RETRIES: std::sync::LazyLock<Arc<RetryPolicy>> =
     std::sync::LazyLock::new(|| Arc::new(RetryPolicy::default()));
 
-/// The authenticated identity of the connection a request came on (the peer certificate's
-/// URI SAN), put in the request's extensions by the listener.
+/// Marks the requests of a TLS connection, with its authenticated identity (the peer
+/// certificate's URI SAN) when the client presented one; plaintext requests carry none.
 #[derive(Clone, Debug)]
-pub struct PeerIdentity(pub Arc<str>);
-
-/// Marks the requests of a plaintext connection.
-#[derive(Clone, Copy, Debug)]
-pub struct Plaintext;
+pub struct PeerIdentity(pub Option<Arc<str>>);
 
 /// What routing decided for a request.
 pub struct Routed<B> {
@@ -286,7 +282,7 @@ pub fn route<B, R: Body>(
     };
     // A plaintext connection accepted before the listener became TLS-only (STRICT) gets
     // nothing more (Envoy drains the old chain's connections).
-    if !l.plaintext && req.extensions().get::<Plaintext>().is_some() {
+    if !l.plaintext && req.extensions().get::<PeerIdentity>().is_none() {
         return Err(local(
             503,
             "plaintext connection refused: the listener is mTLS only",
@@ -294,7 +290,10 @@ pub fn route<B, R: Body>(
     }
     // The RBAC filters come first (istiod's order: DENY, then ALLOW).
     if !l.rbac.is_empty() {
-        let peer = req.extensions().get::<PeerIdentity>().map(|p| &*p.0);
+        let peer = req
+            .extensions()
+            .get::<PeerIdentity>()
+            .and_then(|p| p.0.as_deref());
         let path = req.uri().path();
         let r = super::rbac::Request {
             headers: req.headers(),
