@@ -595,6 +595,8 @@ struct RawHttpMatch {
     uri: Option<RawStringMatch>,
     #[serde(default)]
     headers: BTreeMap<String, RawStringMatch>,
+    #[serde(default, rename = "withoutHeaders")]
+    without_headers: BTreeMap<String, RawStringMatch>,
     #[serde(flatten)]
     other: BTreeMap<String, Value>,
 }
@@ -811,7 +813,7 @@ fn http_match(origin: &Origin, field: &str, m: RawHttpMatch) -> Result<HttpMatch
         return Err(errs(
             origin,
             format!("{field}.{k}"),
-            format!("match on {k} is not supported (uri and headers are)"),
+            format!("match on {k} is not supported (uri, headers and withoutHeaders are)"),
         ));
     }
     let uri = m
@@ -823,7 +825,16 @@ fn http_match(origin: &Origin, field: &str, m: RawHttpMatch) -> Result<HttpMatch
         let sm = string_match(origin, &format!("{field}.headers.{h}"), sm)?;
         headers.insert(h.to_ascii_lowercase(), sm);
     }
-    Ok(HttpMatch { uri, headers })
+    let mut without_headers = BTreeMap::new();
+    for (h, sm) in m.without_headers {
+        let sm = string_match(origin, &format!("{field}.withoutHeaders.{h}"), sm)?;
+        without_headers.insert(h.to_ascii_lowercase(), sm);
+    }
+    Ok(HttpMatch {
+        uri,
+        headers,
+        without_headers,
+    })
 }
 
 fn virtual_service(origin: &Origin, v: Value) -> Result<VirtualServiceSpec, Outcome> {

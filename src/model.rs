@@ -316,6 +316,9 @@ pub enum StringMatch {
 pub struct HttpMatch {
     pub uri: Option<StringMatch>,
     pub headers: BTreeMap<String, StringMatch>,
+    /// `withoutHeaders`: headers that must not match (an absent header counts as empty, so
+    /// it qualifies, as istiod writes it).
+    pub without_headers: BTreeMap<String, StringMatch>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]

@@ -17,6 +17,7 @@
 pub mod admin;
 pub mod ads;
 pub mod dataplane;
+pub mod normalize;
 pub mod path;
 pub mod proto;
 pub mod ratelimit;

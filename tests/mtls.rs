@@ -462,6 +462,203 @@ async fn authorization_policies_agree_between_envoy_and_meshbench_proxy() {
     assert_eq!(counts[0].1, refused, "{counts:?}");
 }
 
+/// One request written byte for byte (paths and header values a client library would not
+/// send), plaintext straight to `addr` on a connection of its own: the status and the
+/// request target the app received (empty when none did).
+async fn raw(addr: SocketAddr, host: &str, path: &str, headers: &[(&str, &[u8])]) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("inbound listener");
+    let mut req =
+        format!("GET {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n").into_bytes();
+    for (k, v) in headers {
+        req.extend_from_slice(format!("{k}: ").as_bytes());
+        req.extend_from_slice(v);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"\r\n");
+    s.write_all(&req).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .expect("an answer within 5 s")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf);
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let prefix = format!("{UPSTREAM_PATH_HEADER}: ");
+    let upstream = text
+        .lines()
+        .take_while(|l| !l.is_empty())
+        .find(|l| l.to_ascii_lowercase().starts_with(&prefix))
+        .map(|l| l[prefix.len()..].to_string())
+        .unwrap_or_default();
+    (status, upstream)
+}
+
+const PATH_POLICIES: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-admin}
+spec:
+  action: DENY
+  rules:
+  - to: [{operation: {paths: [/admin, /admin/*]}}]
+  - when: [{key: 'request.headers[x-tag]', values: [blocked, 'pre*']}]
+";
+
+/// What a policy sees is what Envoy sees: paths normalized first (istiod's `normalize_path`:
+/// dot segments, `%2E`, backslashes, escaped unreserved characters; escaped slashes kept), so
+/// `/public/../admin` cannot slip past a DENY on `/admin`, and the app receives the normalized
+/// path; a repeated header matches when any of its values does; a header value that is not
+/// UTF-8 is matched by its bytes. Both servers answer each request alike, and as expected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorization_sees_paths_and_headers_as_envoy_does() {
+    let Some(bin) = envoy_binary() else { return };
+    let p = start_pilot(Duration::ZERO).await;
+    let (servers, _apps) = two_servers(&p, &bin).await;
+    let adds: Vec<String> = servers
+        .iter()
+        .map(|(s, app, _)| format!(r#"{{"name": "{app}-0", "address": "{}", "labels": {{"app": "{app}", "security.istio.io/tlsMode": "istio"}}}}"#, s.pod_ip))
+        .collect();
+    endpoints_ok(p.api, &format!(r#"{{"add": [{}]}}"#, adds.join(","))).await;
+    let v = apply_ok(p.api, PATH_POLICIES).await.version;
+    for (s, _, _) in &servers {
+        wait_synced(p.api, &s.node_id, v).await;
+    }
+    let inbound = |(s, _, port): &(Side, &str, u16)| -> SocketAddr {
+        format!("{}:{port}", s.pod_ip).parse().unwrap()
+    };
+    for s in &servers {
+        let start = Instant::now();
+        while raw(inbound(s), s.1, "/admin", &[]).await.0 != 403 {
+            assert!(
+                start.elapsed() < Duration::from_secs(15),
+                "{} server: no RBAC",
+                s.0.kind
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // (path, headers, status, the path the app receives)
+    let cases: &[(&str, &[(&str, &[u8])], u16, &str)] = &[
+        ("/admin/x", &[], 403, ""),
+        ("/public/../admin/x", &[], 403, ""),
+        ("/public/%2e%2E/admin/x", &[], 403, ""),
+        ("/%61dmin/x", &[], 403, ""),
+        ("/public\\..\\admin", &[], 403, ""),
+        ("/public/..%2fadmin/x", &[], 200, "/public/..%2fadmin/x"),
+        ("/public/./x?q=/../admin", &[], 200, "/public/x?q=/../admin"),
+        ("/a/b/..", &[], 200, "/a/"),
+        ("/a/%7Eb/%2F", &[], 200, "/a/~b/%2F"),
+        ("/a{b}|c", &[], 200, "/a%7Bb%7D%7Cc"),
+        ("/ok", &[("x-tag", b"blocked")], 403, ""),
+        // A repeated header matches when any of its values does; commas do not split.
+        (
+            "/ok",
+            &[("x-tag", b"blocked"), ("x-tag", b"other")],
+            403,
+            "",
+        ),
+        (
+            "/ok",
+            &[("x-tag", b"other"), ("x-tag", b"blocked")],
+            403,
+            "",
+        ),
+        ("/ok", &[("x-tag", b"a"), ("x-tag", b"pre1")], 403, ""),
+        (
+            "/ok",
+            &[("x-tag", b"a"), ("x-tag", b"blockedx")],
+            200,
+            "/ok",
+        ),
+        ("/ok", &[("x-tag", b"blocked,other")], 200, "/ok"),
+        ("/ok", &[("x-tag", b" blocked ")], 403, ""),
+        ("/ok", &[("x-tag", b"pre\xe9")], 403, ""),
+        ("/ok", &[("x-tag", b"caf\xe9")], 200, "/ok"),
+    ];
+    for s in &servers {
+        for (path, headers, status, upstream) in cases {
+            assert_eq!(
+                raw(inbound(s), s.1, path, headers).await,
+                (*status, upstream.to_string()),
+                "{} server: GET {path} {headers:?}",
+                s.0.kind
+            );
+        }
+    }
+    // Characters a path may not hold as they are: whatever Envoy does, meshbench does.
+    for path in [
+        "/a\"b^c",
+        "/caf%C3%A9",
+        "/a/%zz/../b",
+        "//a//../b",
+        "/a[b]c'!$&()*+,;=:@",
+        "/A/%2a/%7e",
+        "/a%2",
+        "/a/.//b",
+    ] {
+        let e = raw(inbound(&servers[0]), servers[0].1, path, &[]).await;
+        let m = raw(inbound(&servers[1]), servers[1].1, path, &[]).await;
+        assert_eq!(e, m, "GET {path}: Envoy then meshbench proxy");
+    }
+}
+
+/// Auto mTLS leaves plaintext to a workload whose PeerAuthentication turns mTLS off, at the
+/// workload level (Envoy's server) or for its port under a STRICT workload mode (meshbench's
+/// server), as istiod does by dropping the endpoints' `tlsMode` metadata: both clients reach
+/// both servers, and their cluster makes no TLS handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_mtls_sends_plaintext_where_a_workload_turns_mtls_off() {
+    let Some(bin) = envoy_binary() else { return };
+    let p = start_pilot(Duration::ZERO).await;
+    let (servers, _apps) = two_servers(&p, &bin).await;
+    let adds: Vec<String> = servers
+        .iter()
+        .map(|(s, app, _)| format!(r#"{{"name": "{app}-0", "address": "{}", "labels": {{"app": "{app}", "security.istio.io/tlsMode": "istio"}}}}"#, s.pod_ip))
+        .collect();
+    endpoints_ok(p.api, &format!(r#"{{"add": [{}]}}"#, adds.join(","))).await;
+    let m_port = servers[1].2;
+    let v = apply_ok(
+        p.api,
+        &format!("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: e-off}}\nspec: {{selector: {{matchLabels: {{app: reviews-e}}}}, mtls: {{mode: DISABLE}}}}\n---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: m-port-off}}\nspec: {{selector: {{matchLabels: {{app: reviews-m}}}}, mtls: {{mode: STRICT}}, portLevelMtls: {{{m_port}: {{mode: DISABLE}}}}}}\n"),
+    )
+    .await
+    .version;
+    let clients = [
+        sidecar("envoy", &bin, p.xds, "client-e", false).await,
+        sidecar("meshbench", &bin, p.xds, "client-m", false).await,
+    ];
+    for s in clients.iter().chain(servers.iter().map(|s| &s.0)) {
+        wait_synced(p.api, &s.node_id, v).await;
+    }
+    for c in &clients {
+        for (server, app, _) in &servers {
+            let (status, who) = until(c, app, 200).await;
+            assert_eq!(
+                (status, who.as_str()),
+                (200, *app),
+                "{} -> {}",
+                c.kind,
+                server.kind
+            );
+            let stat =
+                format!("cluster.outbound|9080||{app}.default.svc.cluster.local.ssl.handshake");
+            assert_eq!(
+                admin_stat(c.admin, &stat).await.unwrap_or(0),
+                0,
+                "{} client -> {} server: TLS where mTLS is off",
+                c.kind,
+                server.kind
+            );
+        }
+    }
+}
+
 /// Certificates that live 4 s, rotated every 2 s, under load through both pairings (Envoy
 /// client -> meshbench server, meshbench client -> Envoy server), with a new upstream TLS
 /// connection every 5 requests: not one request fails across the rotations, and every proxy

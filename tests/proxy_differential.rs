@@ -253,6 +253,57 @@ async fn envoy_and_meshbench_proxy_agree_case_by_case() {
         assert_eq!(seen[0], seen[1]);
     }
 
+    // 3b. withoutHeaders (istiod: invert_match with treat_missing_header_as_empty), headers
+    // given more than once, and a dot segment in the path (normalized before routing).
+    apply(vs(
+        "reviews",
+        "  - match: [{headers: {end-user: {exact: jason}}}]\n    route: [{destination: {host: reviews, subset: v2}}]\n  - match: [{uri: {prefix: /admin}}]\n    route: [{destination: {host: reviews, subset: v1}}]\n  - match: [{withoutHeaders: {x-canary: {prefix: skip}}}]\n    route: [{destination: {host: reviews, subset: v3}}]\n  - route: [{destination: {host: reviews, subset: v1}}]\n",
+    ))
+    .await;
+    // (path, headers, the version that answers)
+    let cases: &[(&str, &[(&str, &str)], &str)] = &[
+        ("/", &[], "reviews-v3"),
+        ("/", &[("x-canary", "skip-it")], "reviews-v1"),
+        ("/", &[("x-canary", "yes")], "reviews-v3"),
+        // Any value matching is a match, then inverted: both orders are "with".
+        (
+            "/",
+            &[("x-canary", "yes"), ("x-canary", "skip")],
+            "reviews-v1",
+        ),
+        (
+            "/",
+            &[("x-canary", "skip"), ("x-canary", "yes")],
+            "reviews-v1",
+        ),
+        (
+            "/",
+            &[("end-user", "kim"), ("end-user", "jason")],
+            "reviews-v2",
+        ),
+        (
+            "/",
+            &[("end-user", "jason"), ("end-user", "kim")],
+            "reviews-v2",
+        ),
+        ("/", &[("end-user", "jason,kim")], "reviews-v3"),
+        ("/x/../admin", &[], "reviews-v1"),
+    ];
+    for (path, headers, want) in cases {
+        let expected = BTreeMap::from([(
+            Outcome {
+                status: 200,
+                workload: want.to_string(),
+                overloaded: false,
+            },
+            5,
+        )]);
+        for s in &sidecars {
+            let m = run_requests(s, "reviews:9080", path, headers, 5).await;
+            assert_eq!(m, expected, "{} {path} {headers:?}", s.name);
+        }
+    }
+
     // 4. retries on a failing upstream: 1 try + 2 retries each.
     apply(vs(
         "flaky",

@@ -401,12 +401,14 @@ impl Compiler {
                     );
                 }
             }
-            for (h, sm) in &m.headers {
+            let headers = m.headers.iter().map(|h| ("headers", h));
+            let without = m.without_headers.iter().map(|h| ("withoutHeaders", h));
+            for (key, (h, sm)) in headers.chain(without) {
                 if let StringMatch::Regex(re) = sm {
                     if let Err(e) = regex::Regex::new(re) {
                         self.error(
                             o,
-                            format!("{field}.match[{i}].headers.{h}.regex"),
+                            format!("{field}.match[{i}].{key}.{h}.regex"),
                             format!("invalid regex: {}", one_line(&e.to_string())),
                         );
                     }

@@ -252,7 +252,7 @@ fn config_dump(proxy: &Proxy) -> Value {
                 "routes": vh.routes.iter().map(|r| json!({
                     "name": r.name,
                     "match": match &r.path { PathMatch::Prefix(p) => json!({"prefix": p}), PathMatch::Exact(p) => json!({"path": p}), PathMatch::Regex(re) => json!({"safe_regex": re.as_str()}) },
-                    "headers": r.headers.iter().map(|h| json!({"name": h.name.as_str(), "match": format!("{:?}", h.matcher), "invert": h.invert})).collect::<Vec<_>>(),
+                    "headers": r.headers.iter().map(|h| json!({"name": h.name.as_str(), "match": format!("{:?}", h.value.matcher), "invert": h.value.invert, "treat_missing_header_as_empty": h.value.missing_as_empty})).collect::<Vec<_>>(),
                     "route": match &r.target {
                         Target::Cluster(c) => json!({"cluster": c}),
                         Target::Weighted(w, _) => json!({"weighted_clusters": {"clusters": w.iter().map(|(n, w)| json!({"name": n, "weight": w})).collect::<Vec<_>>()}}),

@@ -263,10 +263,10 @@ fn route_matches<B>(r: &Route, req: &Request<B>) -> bool {
         PathMatch::Exact(p) => path == p,
         PathMatch::Regex(re) => re.is_match(path),
     };
-    ok && r.headers.iter().all(|h| {
-        let v = req.headers().get(&h.name).and_then(|v| v.to_str().ok());
-        h.matcher.matches(v) != h.invert
-    })
+    ok && r
+        .headers
+        .iter()
+        .all(|h| h.value.matches_header(req.headers(), &h.name))
 }
 
 /// Layer 1: finds the route and its cluster, or the local reply Envoy would give (404 no
@@ -287,6 +287,24 @@ pub fn route<B, R: Body>(
             503,
             "plaintext connection refused: the listener is mTLS only",
         ));
+    }
+    // The connection manager rewrites the path before any filter sees it.
+    if !l.path.is_noop() {
+        if let Some(pq) = req.uri().path_and_query() {
+            use super::normalize::Outcome;
+            match l.path.apply(pq.as_str()) {
+                Outcome::Unchanged => {}
+                Outcome::Reject => return Err(local(400, "")),
+                Outcome::Rewritten(p) => {
+                    let mut parts = std::mem::take(req.uri_mut()).into_parts();
+                    parts.path_and_query = http::uri::PathAndQuery::try_from(p).ok();
+                    match http::Uri::from_parts(parts) {
+                        Ok(u) if u.path_and_query().is_some() => *req.uri_mut() = u,
+                        _ => return Err(local(400, "")),
+                    }
+                }
+            }
+        }
     }
     // The RBAC filters come first (istiod's order: DENY, then ALLOW).
     if !l.rbac.is_empty() {

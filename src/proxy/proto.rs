@@ -31,6 +31,22 @@ pub enum StrMatch {
 }
 
 impl StrMatch {
+    /// Bytes as Envoy matches header values: a value that is not UTF-8 is compared byte by
+    /// byte (regexes see it with replacement characters).
+    pub fn matches_bytes(&self, v: &[u8]) -> bool {
+        match self {
+            StrMatch::Present(p) => *p,
+            StrMatch::Exact(s) => v == s.as_bytes(),
+            StrMatch::Prefix(s) => v.starts_with(s.as_bytes()),
+            StrMatch::Suffix(s) => v.ends_with(s.as_bytes()),
+            StrMatch::Contains(s) => s.is_empty() || v.windows(s.len()).any(|w| w == s.as_bytes()),
+            StrMatch::Regex(r) => match std::str::from_utf8(v) {
+                Ok(v) => r.is_match(v),
+                Err(_) => r.is_match(&String::from_utf8_lossy(v)),
+            },
+        }
+    }
+
     pub fn matches(&self, v: Option<&str>) -> bool {
         match (self, v) {
             (StrMatch::Present(p), v) => v.is_some() == *p,
@@ -41,6 +57,55 @@ impl StrMatch {
             (StrMatch::Contains(s), Some(v)) => v.contains(s.as_str()),
             (StrMatch::Regex(r), Some(v)) => r.is_match(v),
         }
+    }
+}
+
+/// A header condition as Envoy 1.40's `HeaderMatcher` evaluates it: a header given more than
+/// once matches when any of its values does (each value on its own, not joined; a value with
+/// commas is one value), and `invert_match` inverts that; an absent header matches nothing,
+/// inverted or not, unless it is a presence test or `treat_missing_header_as_empty` makes it
+/// the empty value. Observed with real Envoy in tests/mtls.rs and tests/proxy_differential.rs.
+#[derive(Debug)]
+pub struct ValueMatch {
+    pub matcher: StrMatch,
+    pub invert: bool,
+    pub missing_as_empty: bool,
+}
+
+impl ValueMatch {
+    pub fn of(h: &route::HeaderMatcher) -> Result<ValueMatch, Reject> {
+        Ok(ValueMatch {
+            matcher: header_value_matcher(h)?,
+            invert: h.invert_match,
+            missing_as_empty: h.treat_missing_header_as_empty,
+        })
+    }
+
+    /// Against a single value, or none.
+    pub fn matches(&self, v: Option<&[u8]>) -> bool {
+        match v {
+            Some(v) => self.matcher.matches_bytes(v) != self.invert,
+            None => self.absent(),
+        }
+    }
+
+    fn absent(&self) -> bool {
+        match &self.matcher {
+            _ if self.missing_as_empty => self.matcher.matches_bytes(b"") != self.invert,
+            // An absent header matches only `present_match: false`, or an inverted
+            // `present_match: true`.
+            StrMatch::Present(p) => *p == self.invert,
+            _ => false,
+        }
+    }
+
+    /// Against every value of a header of `headers`.
+    pub fn matches_header(&self, headers: &http::HeaderMap, name: &http::HeaderName) -> bool {
+        let mut values = headers.get_all(name).iter().peekable();
+        if values.peek().is_none() {
+            return self.absent();
+        }
+        values.any(|v| self.matcher.matches_bytes(v.as_bytes())) != self.invert
     }
 }
 
@@ -56,7 +121,7 @@ pub(crate) fn regex(r: &matcher::RegexMatcher) -> Result<regex::Regex, Reject> {
 
 /// How a header matcher matches the value (its name aside: RBAC names pseudo-headers).
 #[allow(deprecated)] // the deprecated header matchers are still sent by control planes
-pub(crate) fn header_value_matcher(h: &route::HeaderMatcher) -> Result<StrMatch, Reject> {
+fn header_value_matcher(h: &route::HeaderMatcher) -> Result<StrMatch, Reject> {
     use route::header_matcher::HeaderMatchSpecifier as H;
     Ok(match &h.header_match_specifier {
         Some(H::ExactMatch(s)) => StrMatch::Exact(s.clone()),
@@ -84,4 +149,55 @@ pub(crate) fn string_match(m: &matcher::StringMatcher) -> Result<StrMatch, Rejec
         Some(MatchPattern::SafeRegex(r)) => StrMatch::Regex(regex(r)?),
         _ => return Err("unsupported string match".into()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hm(m: StrMatch, invert: bool, missing_as_empty: bool) -> ValueMatch {
+        ValueMatch {
+            matcher: m,
+            invert,
+            missing_as_empty,
+        }
+    }
+
+    /// Envoy's header matching: absent headers match nothing, inverted or not, except presence
+    /// tests and `treat_missing_header_as_empty`; of repeated headers any value may match.
+    #[test]
+    fn header_matching_follows_envoy() {
+        let exact = || StrMatch::Exact("a".into());
+        assert!(!hm(exact(), false, false).matches(None));
+        assert!(!hm(exact(), true, false).matches(None));
+        assert!(hm(exact(), true, true).matches(None));
+        assert!(!hm(exact(), false, true).matches(None));
+        assert!(hm(StrMatch::Exact(String::new()), false, true).matches(None));
+        assert!(!hm(StrMatch::Present(true), false, false).matches(None));
+        assert!(hm(StrMatch::Present(true), true, false).matches(None));
+        assert!(hm(StrMatch::Present(false), false, false).matches(None));
+        assert!(!hm(StrMatch::Present(false), true, false).matches(None));
+        assert!(hm(StrMatch::Present(true), false, true).matches(None));
+
+        let mut headers = http::HeaderMap::new();
+        let name = http::HeaderName::from_static("x-tag");
+        headers.append(&name, "b".parse().unwrap());
+        assert!(!hm(exact(), false, false).matches_header(&headers, &name));
+        assert!(hm(exact(), true, false).matches_header(&headers, &name));
+        // Any value matching is a match, which invert_match then inverts.
+        headers.append(&name, "a".parse().unwrap());
+        assert!(hm(exact(), false, false).matches_header(&headers, &name));
+        assert!(!hm(exact(), true, false).matches_header(&headers, &name));
+        assert!(!hm(StrMatch::Exact("b,a".into()), false, false).matches_header(&headers, &name));
+        let mut one = http::HeaderMap::new();
+        one.insert(&name, "b,a".parse().unwrap());
+        assert!(!hm(exact(), false, false).matches_header(&one, &name));
+        // Bytes that are not UTF-8 still match by bytes.
+        let raw = http::HeaderValue::from_bytes(b"caf\xe9").unwrap();
+        let mut h = http::HeaderMap::new();
+        h.insert(&name, raw);
+        assert!(hm(StrMatch::Prefix("caf".into()), false, false).matches_header(&h, &name));
+        assert!(hm(StrMatch::Exact("caf".into()), true, false).matches_header(&h, &name));
+        assert!(hm(StrMatch::Contains("af".into()), false, false).matches_header(&h, &name));
+    }
 }

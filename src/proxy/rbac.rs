@@ -8,30 +8,37 @@
 use envoy_types::pb::envoy::config::rbac::v3 as pb;
 use envoy_types::pb::envoy::extensions::filters::http::rbac::v3 as filter;
 
-use super::proto::{header_value_matcher, string_match, Reject, StrMatch};
+use super::proto::{string_match, Reject, StrMatch, ValueMatch};
 
 /// A header condition; the name may be a pseudo-header (`:method`, `:path`, `:authority`).
 #[derive(Debug)]
 pub struct HeaderMatch {
-    pub name: String,
-    pub matcher: StrMatch,
-    pub invert: bool,
+    pub name: HeaderKey,
+    pub value: ValueMatch,
+}
+
+#[derive(Debug)]
+pub enum HeaderKey {
+    Method,
+    Path,
+    Authority,
+    Header(http::HeaderName),
 }
 
 fn header_matcher(
     h: &envoy_types::pb::envoy::config::route::v3::HeaderMatcher,
 ) -> Result<HeaderMatch, Reject> {
-    let name = h.name.to_ascii_lowercase();
-    if name.is_empty()
-        || (name.starts_with(':') && !matches!(name.as_str(), ":method" | ":path" | ":authority"))
-        || (!name.starts_with(':') && http::HeaderName::from_bytes(name.as_bytes()).is_err())
-    {
-        return Err(format!("RBAC: invalid header name {:?}", h.name));
-    }
+    let invalid = || format!("RBAC: invalid header name {:?}", h.name);
+    let name = match h.name.to_ascii_lowercase().as_str() {
+        ":method" => HeaderKey::Method,
+        ":path" => HeaderKey::Path,
+        ":authority" => HeaderKey::Authority,
+        n if n.starts_with(':') || n.is_empty() => return Err(invalid()),
+        n => HeaderKey::Header(http::HeaderName::from_bytes(n.as_bytes()).map_err(|_| invalid())?),
+    };
     Ok(HeaderMatch {
-        matcher: header_value_matcher(h)?,
+        value: ValueMatch::of(h)?,
         name,
-        invert: h.invert_match,
     })
 }
 
@@ -88,13 +95,13 @@ pub struct Request<'a> {
 }
 
 fn header_matches(h: &HeaderMatch, r: &Request) -> bool {
-    let v = match h.name.as_str() {
-        ":method" => Some(r.method),
-        ":path" => Some(r.full_path),
-        ":authority" => r.authority,
-        name => r.headers.get(name).and_then(|v| v.to_str().ok()),
+    let v = match &h.name {
+        HeaderKey::Method => Some(r.method),
+        HeaderKey::Path => Some(r.full_path),
+        HeaderKey::Authority => r.authority,
+        HeaderKey::Header(name) => return h.value.matches_header(r.headers, name),
     };
-    h.matcher.matches(v) != h.invert
+    h.value.matches(v.map(str::as_bytes))
 }
 
 impl Permission {

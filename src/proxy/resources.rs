@@ -35,8 +35,8 @@ use envoy_types::pb::envoy::r#type::v3 as types;
 use envoy_types::pb::google::protobuf;
 use prost::Name;
 
-pub use super::proto::{decode, Reject, StrMatch};
-use super::proto::{header_value_matcher, regex};
+use super::proto::regex;
+pub use super::proto::{decode, Reject, StrMatch, ValueMatch};
 use super::ratelimit::{self, LocalRateLimit, TokenBucket};
 use crate::xds::{FAULT_FILTER, HCM_FILTER, LOCAL_RATE_LIMIT_FILTER, ROUTER_FILTER};
 use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3 as local_ratelimit;
@@ -96,6 +96,8 @@ pub struct ListenerCfg {
     pub plaintext: bool,
     /// RBAC filters, in order (before the rate limit and fault filters).
     pub rbac: Vec<Arc<super::rbac::Rbac>>,
+    /// Path rewrites before the filters and routing (`normalize_path` and the like).
+    pub path: super::normalize::PathOptions,
 }
 
 const TLS_INSPECTOR: &str = "envoy.filters.listener.tls_inspector";
@@ -237,6 +239,7 @@ pub fn listener(
         ));
     }
     let m: hcm::HttpConnectionManager = decode(any)?;
+    let path = path_options(&m).map_err(|e| format!("listener {}: {e}", l.name))?;
     let mut default_fault = None;
     let mut rate_limit = None;
     let mut has_rate_limit_filter = false;
@@ -339,6 +342,27 @@ pub fn listener(
         tls,
         plaintext,
         rbac,
+        path,
+    })
+}
+
+/// `normalize_path`, `merge_slashes` and `path_with_escaped_slashes_action` (Envoy's defaults
+/// when unset: none of them).
+fn path_options(m: &hcm::HttpConnectionManager) -> Result<super::normalize::PathOptions, Reject> {
+    use super::normalize::EscapedSlashes;
+    use hcm::http_connection_manager::PathWithEscapedSlashesAction as A;
+    let escaped_slashes = match A::try_from(m.path_with_escaped_slashes_action) {
+        Ok(A::ImplementationSpecificDefault | A::KeepUnchanged) => EscapedSlashes::Keep,
+        Ok(A::RejectRequest) => EscapedSlashes::Reject,
+        Ok(A::UnescapeAndForward) => EscapedSlashes::Unescape,
+        _ => {
+            return Err("path_with_escaped_slashes_action: KEEP_UNCHANGED, REJECT_REQUEST and UNESCAPE_AND_FORWARD are supported (not UNESCAPE_AND_REDIRECT)".into())
+        }
+    };
+    Ok(super::normalize::PathOptions {
+        normalize: m.normalize_path.as_ref().is_some_and(|b| b.value),
+        merge_slashes: m.merge_slashes,
+        escaped_slashes,
     })
 }
 
@@ -547,8 +571,7 @@ pub enum PathMatch {
 #[derive(Debug)]
 pub struct HeaderMatch {
     pub name: http::HeaderName,
-    pub matcher: StrMatch,
-    pub invert: bool,
+    pub value: ValueMatch,
 }
 
 #[derive(Debug)]
@@ -748,14 +771,10 @@ impl RouteTable {
 /// A header matcher (route matches, RBAC).
 #[allow(deprecated)] // the deprecated header matchers are still sent by control planes
 pub(crate) fn header_matcher(h: &route::HeaderMatcher) -> Result<HeaderMatch, Reject> {
-    let matcher = header_value_matcher(h)?;
+    let value = ValueMatch::of(h)?;
     let name = http::HeaderName::from_bytes(h.name.as_bytes())
         .map_err(|_| format!("invalid header name {:?}", h.name))?;
-    Ok(HeaderMatch {
-        name,
-        matcher,
-        invert: h.invert_match,
-    })
+    Ok(HeaderMatch { name, value })
 }
 
 #[allow(deprecated)] // the deprecated header matchers and fields are still sent by control planes

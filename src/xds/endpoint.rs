@@ -7,7 +7,7 @@ use envoy_types::pb::envoy::config::core::v3 as core;
 use envoy_types::pb::envoy::config::endpoint::v3::{self as endpoint, ClusterLoadAssignment};
 
 use super::*;
-use crate::model::{port_endpoints, Mesh, SelectIndex, TLS_MODE_LABEL};
+use crate::model::{port_endpoints, Mesh, MtlsMode, SelectIndex, TLS_MODE_LABEL};
 
 /// `envoy.transport_socket_match: {tlsMode: istio}`: what auto mTLS's cluster match reads.
 fn tls_mode_metadata() -> core::Metadata {
@@ -46,7 +46,11 @@ pub fn assignments(mesh: &Mesh) -> HashMap<String, Resource> {
                 let eps = port_endpoints(&selected, port, labels)
                     .map(|(e, p)| {
                         let mut ep = lb_endpoint(&e.address, p, e.weight, e.healthy);
-                        if e.labels.get(TLS_MODE_LABEL).map(String::as_str) == Some("istio") {
+                        // istiod's mtlsChecker: no mTLS to a port its PeerAuthentications
+                        // (workload or port level included) turn off.
+                        if e.labels.get(TLS_MODE_LABEL).map(String::as_str) == Some("istio")
+                            && mesh.mtls_mode(&svc.namespace, &e.labels, p) != MtlsMode::Disable
+                        {
                             ep.metadata = Some(tls_mode_metadata());
                         }
                         ep
@@ -146,5 +150,82 @@ mod tests {
             assert!(!a.is_empty(), "{} selects nothing", svc.name);
             assert_eq!(a, b, "{}", svc.name);
         }
+    }
+}
+
+#[cfg(test)]
+mod mtls_tests {
+    use super::*;
+    use prost::Message;
+
+    /// Which of reviews' endpoints carry the `tlsMode: istio` metadata that auto mTLS reads,
+    /// with `extra` PeerAuthentications applied.
+    fn tls_marked(extra: &str) -> Vec<(String, bool)> {
+        let mut text = String::from("apiVersion: v1\nkind: Service\nmetadata: {name: reviews}\nspec: {ports: [{port: 9080, name: http, targetPort: 8080}], selector: {app: reviews}}\n");
+        for (v, ip) in [("v1", "10.0.0.1"), ("v2", "10.0.0.2")] {
+            text.push_str(&format!("---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: reviews-{v}}}\nspec: {{address: {ip}, labels: {{app: reviews, version: {v}, security.istio.io/tlsMode: istio}}}}\n"));
+        }
+        text.push_str(extra);
+        let objects = crate::config::parse("t.yaml", &text).unwrap().objects;
+        let mesh = crate::model::compile::compile(objects.iter(), [], false).unwrap();
+        let a = &assignments(&mesh)["outbound|9080||reviews.default.svc.cluster.local"];
+        let cla = ClusterLoadAssignment::decode(a.any.value.as_slice()).unwrap();
+        let mut out: Vec<(String, bool)> = cla.endpoints[0]
+            .lb_endpoints
+            .iter()
+            .map(|e| {
+                let Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(ep)) = &e.host_identifier
+                else {
+                    panic!("no endpoint")
+                };
+                let Some(core::address::Address::SocketAddress(sa)) =
+                    ep.address.as_ref().and_then(|a| a.address.as_ref())
+                else {
+                    panic!("no address")
+                };
+                (sa.address.clone(), e.metadata.is_some())
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn auto_mtls_skips_endpoints_whose_port_is_disabled() {
+        let pa = |spec: &str| {
+            format!("---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: pa}}\nspec: {spec}\n")
+        };
+        let both = vec![
+            ("10.0.0.1".to_string(), true),
+            ("10.0.0.2".to_string(), true),
+        ];
+        let only_v1 = vec![
+            ("10.0.0.1".to_string(), true),
+            ("10.0.0.2".to_string(), false),
+        ];
+        let none = vec![
+            ("10.0.0.1".to_string(), false),
+            ("10.0.0.2".to_string(), false),
+        ];
+        assert_eq!(tls_marked(""), both);
+        // Workload level: v2 turns mTLS off.
+        assert_eq!(
+            tls_marked(&pa(
+                "{selector: {matchLabels: {version: v2}}, mtls: {mode: DISABLE}}"
+            )),
+            only_v1
+        );
+        // Port level, on the target port (8080), under a STRICT workload mode.
+        assert_eq!(
+            tls_marked(&pa("{selector: {matchLabels: {version: v2}}, mtls: {mode: STRICT}, portLevelMtls: {8080: {mode: DISABLE}}}")),
+            only_v1
+        );
+        // Port level on another port changes nothing.
+        assert_eq!(
+            tls_marked(&pa("{selector: {matchLabels: {version: v2}}, mtls: {mode: STRICT}, portLevelMtls: {9090: {mode: DISABLE}}}")),
+            both
+        );
+        // Namespace level.
+        assert_eq!(tls_marked(&pa("{mtls: {mode: DISABLE}}")), none);
     }
 }

@@ -223,7 +223,9 @@ fn secure_inbound(l: &mut Listener, mtls: MtlsMode) {
 
 /// HCM with the fault filter (per-route config turns it on) before the router, as Istio does;
 /// local rate limits inserted by EnvoyFilters come first. Never an empty filter list: Envoy
-/// ACKs that and then hangs every request.
+/// ACKs that and then hangs every request. Paths are normalized as istiod's default mesh
+/// config (`pathNormalization` BASE) asks: dot segments resolved before RBAC and routing,
+/// escaped slashes kept.
 pub(super) fn http_connection_manager(
     stat_prefix: &str,
     routes: hcm::http_connection_manager::RouteSpecifier,
@@ -246,6 +248,9 @@ pub(super) fn http_connection_manager(
                 filter(ROUTER_FILTER, pack_any(Router::default())),
             ])
             .collect(),
+        normalize_path: Some(envoy_types::pb::google::protobuf::BoolValue { value: true }),
+        path_with_escaped_slashes_action:
+            hcm::http_connection_manager::PathWithEscapedSlashesAction::KeepUnchanged as i32,
         ..Default::default()
     }
 }

@@ -264,6 +264,20 @@ fn route_match(m: &model::HttpMatch) -> route::RouteMatch {
             )),
             ..Default::default()
         })
+        .chain(
+            m.without_headers
+                .iter()
+                .map(|(name, sm)| route::HeaderMatcher {
+                    name: name.clone(),
+                    header_match_specifier: Some(
+                        route::header_matcher::HeaderMatchSpecifier::StringMatch(string_matcher(
+                            sm,
+                        )),
+                    ),
+                    invert_match: true,
+                    treat_missing_header_as_empty: true,
+                }),
+        )
         .collect();
     route::RouteMatch {
         path_specifier,

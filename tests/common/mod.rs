@@ -501,6 +501,9 @@ impl Upstream {
     }
 }
 
+/// The request target an upstream received, echoed in its answer.
+pub const UPSTREAM_PATH_HEADER: &str = "x-upstream-path";
+
 pub async fn start_upstream(ip: &str, identity: &str, behavior: Behavior) -> Upstream {
     let l = TcpListener::bind((ip, 0)).await.unwrap();
     let addr = l.local_addr().unwrap();
@@ -528,7 +531,11 @@ pub async fn start_upstream(ip: &str, identity: &str, behavior: Behavior) -> Ups
                             };
                             let mut r = hyper::Response::builder()
                                 .status(status)
-                                .header(workload::IDENTITY_HEADER, id);
+                                .header(workload::IDENTITY_HEADER, id)
+                                .header(
+                                    UPSTREAM_PATH_HEADER,
+                                    req.uri().path_and_query().map_or("", |p| p.as_str()),
+                                );
                             if let Behavior::Grpc(g) = behavior {
                                 r = r
                                     .header("content-type", "application/grpc")
