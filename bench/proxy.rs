@@ -37,18 +37,14 @@ fn bench(c: &mut Criterion) {
         b.iter(|| table.virtual_host(black_box("svc-57:9080")).is_some())
     });
     let vh = table.virtual_host("svc-57:9080").unwrap();
-    let headers = [("end-user", "alice")];
+    let mut headers = http::HeaderMap::new();
+    headers.insert("end-user", http::HeaderValue::from_static("alice"));
     g.bench_function("route_match_header_then_default", |b| {
         b.iter(|| {
             vh.routes.iter().position(|r| {
-                r.headers.iter().all(|h| {
-                    h.matcher.matches(black_box(
-                        headers
-                            .iter()
-                            .find(|(k, _)| *k == h.name.as_str())
-                            .map(|(_, v)| *v),
-                    )) != h.invert
-                })
+                r.headers
+                    .iter()
+                    .all(|h| h.value.matches_header(black_box(&headers), &h.name))
             })
         })
     });
@@ -83,6 +79,7 @@ fn bench(c: &mut Criterion) {
             tls: None,
             tls_matches: vec![],
             tls_default: false,
+            original_dst: false,
         };
         let cluster = Cluster::new(cfg, None);
         g.bench_function(format!("cluster_pick_{name}_100_hosts"), |b| {

@@ -76,6 +76,7 @@ fn bench(c: &mut Criterion) {
         namespace: "default".into(),
         labels: [("app".to_string(), "svc-1".to_string())].into(),
         app_ip: "127.0.0.1".into(),
+        capture: false,
         router: false,
         proven: None,
     };

@@ -6,10 +6,10 @@ import os,re,sys,collections
 root=next((a for a in sys.argv[1:] if not a.startswith('-')), os.path.join(os.path.dirname(__file__), '..', 'src'))
 # Lowest first. A module may import modules of its own or a lower layer only.
 LAYERS = [
-    ('base', ['model', 'clock', 'shutdown', 'measure', 'net', 'security']),
+    ('base', ['model', 'clock', 'shutdown', 'measure', 'net', 'security', 'capture']),
     ('input', ['config']),
     ('xds', ['xds']),
-    ('daemons', ['pilot', 'proxy', 'workload']),
+    ('daemons', ['pilot', 'proxy', 'workload', 'agent']),
     ('harness-client', ['pilot_client', 'launch']),
     ('harness-tools', ['load', 'sim']),
     ('harness-data', ['scenario', 'report', 'gate']),
@@ -18,7 +18,7 @@ LAYERS = [
     ('harness-runner', ['run']),
 ]
 # Pairs that must never import each other, whatever the layers say.
-FORBIDDEN = [('proxy', 'pilot'), ('pilot', 'proxy'), ('model', None)]
+FORBIDDEN = [('proxy', 'pilot'), ('pilot', 'proxy'), ('agent', 'pilot'), ('agent', 'proxy'), ('model', None)]
 mods={}
 for dp,dn,fn in os.walk(root):
     for f in fn:

@@ -824,5 +824,6 @@ pub(crate) fn envoy_bootstrap(p: &Pod, xds: SocketAddr, mode: XdsMode) -> EnvoyB
         xds,
         xds_mode: mode,
         router: p.plan.gateway,
+        capture: false,
     }
 }

@@ -611,6 +611,7 @@ async fn run(cfg: Config) -> Result<Report, Error> {
             xds,
             xds_mode: Default::default(),
             router: false,
+            capture: false,
         };
         let bootstrap = dir.join("envoy.json");
         std::fs::write(&bootstrap, b.to_json().to_string())
@@ -790,6 +791,7 @@ async fn mtls_cases(
                 xds,
                 xds_mode: Default::default(),
                 router: false,
+                capture: false,
             };
             let bootstrap = dir.join("envoy-server.json");
             std::fs::write(&bootstrap, b.to_json().to_string())

@@ -1,8 +1,10 @@
 //! meshbench: a service mesh on one machine (control plane, sidecars, fake workloads) and the
 //! harness that measures it. See ARCHITECTURE.md for processes, ports and data flow.
 
+pub mod agent;
 pub mod backend;
 pub mod bench;
+pub mod capture;
 pub mod churn;
 pub mod clock;
 pub mod config;

@@ -73,11 +73,16 @@ enum Command {
     /// Sidecar proxy: ADS client + HTTP data plane + Envoy-style admin port (listeners come from LDS).
     Proxy {
         /// ADS server address (host:port).
-        #[arg(long)]
-        xds: String,
+        #[arg(long, required_unless_present = "bootstrap")]
+        xds: Option<String>,
         /// Node id, Istio's form: sidecar~POD_IP~POD.NS~NS.svc.cluster.local
-        #[arg(long)]
-        node_id: String,
+        #[arg(long, required_unless_present = "bootstrap")]
+        node_id: Option<String>,
+        /// Take node, admin address, xDS address and certificate from this Envoy bootstrap
+        /// (as `meshbench agent` writes it) instead of the flags; SIGHUP re-reads it and moves
+        /// ADS to a new address or certificate in process (the agent's hot restart).
+        #[arg(long, conflicts_with_all = ["xds", "node_id", "admin", "labels", "cluster", "capture", "xds_cert"])]
+        bootstrap: Option<PathBuf>,
         /// Admin listen address (default POD_IP:15000).
         #[arg(long)]
         admin: Option<SocketAddr>,
@@ -98,6 +103,11 @@ enum Command {
         /// ADS method: sotw (state of the world) or delta.
         #[arg(long, value_enum, default_value = "sotw")]
         xds_mode: XdsModeArg,
+        /// The pod's traffic reaches this proxy through iptables capture (Istio's rules,
+        /// `meshbench capture-rules`): ask pilot for Istio's listener layout (node metadata
+        /// INTERCEPTION_MODE=REDIRECT: virtualOutbound on 15001, virtualInbound on 15006).
+        #[arg(long)]
+        capture: bool,
         /// ADS over mutual TLS (pilot's --xds-tls-addr): this proxy's certificate chain
         /// (PEM file); needs --xds-key and --xds-ca.
         #[arg(long, requires_all = ["xds_key", "xds_ca"])]
@@ -107,6 +117,82 @@ enum Command {
         /// The root pilot's certificate must chain to (PEM file).
         #[arg(long, requires = "xds_cert")]
         xds_ca: Option<PathBuf>,
+    },
+    /// pilot-agent's role, a sidecar container's entry point: writes the proxy's bootstrap
+    /// from the pod's identity, runs Envoy or meshbench proxy (as uid 1337 when root),
+    /// restarts it when it dies, serves /healthz/ready on 15021, hot-restarts it on SIGHUP
+    /// (a bootstrap change: Envoy with the next --restart-epoch; meshbench proxy in process)
+    /// and drains it on SIGTERM.
+    Agent {
+        /// The proxy: envoy (found as MESHBENCH_ENVOY or on PATH, or --envoy) or meshbench.
+        #[arg(long, value_enum, default_value = "meshbench")]
+        proxy: AgentProxyArg,
+        /// Envoy's binary (default: MESHBENCH_ENVOY, else envoy on PATH).
+        #[arg(long)]
+        envoy: Option<PathBuf>,
+        /// ADS server address (ip:port).
+        #[arg(long)]
+        xds: SocketAddr,
+        /// The pod's IP (the node id's).
+        #[arg(long)]
+        pod_ip: String,
+        /// The pod's name.
+        #[arg(long)]
+        pod: String,
+        #[arg(long, default_value = "default")]
+        namespace: String,
+        /// Pod labels (repeatable k=v), sent as node.metadata.LABELS.
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// node.cluster: the app's service name (default: the `app` label).
+        #[arg(long)]
+        service: Option<String>,
+        /// Pod-local address the app listens on.
+        #[arg(long, default_value = xds::node::DEFAULT_APP_IP)]
+        app_ip: String,
+        /// The pod's traffic is captured (Istio's listener layout).
+        #[arg(long)]
+        capture: bool,
+        /// The proxy's admin address (default POD_IP:15000).
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+        /// Readiness (/healthz/ready) and agent stats (/stats) address (default POD_IP:15021).
+        #[arg(long)]
+        readiness: Option<SocketAddr>,
+        /// How long a drain lasts (SIGTERM; Envoy's --drain-time-s on hot restarts).
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        drain: Duration,
+        /// Where the bootstraps (envoy-revN.json) go.
+        #[arg(long, default_value = "/tmp/meshbench-agent")]
+        dir: PathBuf,
+        /// The proxy's user and group (default 1337 when the agent runs as root, else the
+        /// agent's own).
+        #[arg(long)]
+        proxy_uid: Option<u32>,
+        /// ADS over mutual TLS: certificate chain, key and root PEM files (re-read on SIGHUP).
+        #[arg(long, requires_all = ["xds_key", "xds_ca"])]
+        xds_cert: Option<PathBuf>,
+        #[arg(long, requires = "xds_cert")]
+        xds_key: Option<PathBuf>,
+        #[arg(long, requires = "xds_cert")]
+        xds_ca: Option<PathBuf>,
+        /// ADS method: sotw or delta.
+        #[arg(long, value_enum, default_value = "sotw")]
+        xds_mode: XdsModeArg,
+        /// The proxy's worker threads.
+        #[arg(long, default_value_t = 1)]
+        concurrency: u16,
+    },
+    /// Print the iptables rules (for `iptables-restore --noflush`) that capture a pod's
+    /// traffic as Istio's proxy_init does: inbound TCP to 15006, outbound TCP to 15001,
+    /// except the sidecar's own (uid/gid 1337), the app's loopback traffic and excluded ports.
+    CaptureRules {
+        /// Inbound port not to capture (repeatable), besides Istio's 15008/15090/15021/15020.
+        #[arg(long = "exclude-inbound")]
+        exclude_inbound: Vec<u16>,
+        /// Outbound destination port not to capture (repeatable).
+        #[arg(long = "exclude-outbound")]
+        exclude_outbound: Vec<u16>,
     },
     /// Fake workload: answers every request with its identity (x-meshbench-workload: SERVICE-VERSION).
     Workload {
@@ -123,6 +209,10 @@ enum Command {
         /// The pod's sidecar outbound listener (POD_IP:15001); outbound calls go through it.
         #[arg(long)]
         sidecar: Option<SocketAddr>,
+        /// Call services by name (`SERVICE:PORT`) instead of through --sidecar: the pod's
+        /// traffic capture (iptables, `meshbench capture-rules`) takes the calls to the sidecar.
+        #[arg(long, conflicts_with = "sidecar")]
+        direct: bool,
         /// A call per request: HOST:PORT[;timeout=D][;attempts=N][;path=P] (repeatable;
         /// default: what bookinfo's real app of this service and version calls).
         #[arg(long = "call", value_parser = workload::Call::parse)]
@@ -347,6 +437,12 @@ enum BackendArg {
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
+enum AgentProxyArg {
+    Envoy,
+    Meshbench,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
 enum XdsModeArg {
     Sotw,
     Delta,
@@ -433,6 +529,8 @@ fn main() -> ExitCode {
         Command::Proxy { .. }
         | Command::Workload { .. }
         | Command::Pause
+        | Command::CaptureRules { .. }
+        | Command::Agent { .. }
         | Command::Netcheck { .. } => tokio::runtime::Builder::new_current_thread(),
         _ => tokio::runtime::Builder::new_multi_thread(),
     };
@@ -515,16 +613,42 @@ async fn run(cmd: Command) -> ExitCode {
         Command::Proxy {
             xds,
             node_id,
+            bootstrap,
             admin,
             labels,
             cluster,
             app_ip,
             concurrency,
             xds_mode,
+            capture,
             xds_cert,
             xds_key,
             xds_ca,
         } => {
+            let workers = concurrency.map_or_else(
+                || std::thread::available_parallelism().map_or(1, |n| n.get()),
+                usize::from,
+            );
+            if let Some(path) = bootstrap {
+                let cfg = match proxy::config_from_bootstrap(&path, workers) {
+                    Ok(c) => c,
+                    Err(e) => return fail(EXIT_BAD_INPUT, &e),
+                };
+                let sock = match pilot::bind(cfg.admin).await {
+                    Ok(l) => l,
+                    Err(e) => return fail(EXIT_ENVIRONMENT, &e),
+                };
+                return match proxy::run_with_bootstrap(cfg, sock, stop, Some(path)).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => fail(EXIT_ENVIRONMENT, &e),
+                };
+            }
+            let (Some(xds), Some(node_id)) = (xds, node_id) else {
+                return fail(
+                    EXIT_BAD_INPUT,
+                    &"--xds and --node-id are required without --bootstrap",
+                );
+            };
             let xds_tls = match (xds_cert, xds_key, xds_ca) {
                 (Some(c), Some(k), Some(a)) => {
                     let read = |p: &PathBuf| {
@@ -577,16 +701,115 @@ async fn run(cmd: Command) -> ExitCode {
                 admin_token: std::env::var(proxy::admin::ADMIN_TOKEN_ENV)
                     .ok()
                     .filter(|t| !t.is_empty()),
-                workers: concurrency.map_or_else(
-                    || std::thread::available_parallelism().map_or(1, |n| n.get()),
-                    usize::from,
-                ),
+                workers,
                 xds_tls,
+                capture,
             };
             match proxy::run(cfg, sock, stop).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(EXIT_ENVIRONMENT, &e),
             }
+        }
+        Command::Agent {
+            proxy: kind,
+            envoy,
+            xds,
+            pod_ip,
+            pod,
+            namespace,
+            labels,
+            service,
+            app_ip,
+            capture,
+            admin,
+            readiness,
+            drain,
+            dir,
+            proxy_uid,
+            xds_cert,
+            xds_key,
+            xds_ca,
+            xds_mode,
+            concurrency,
+        } => {
+            let kind = match kind {
+                AgentProxyArg::Envoy => match envoy.or_else(xds::bootstrap::find_envoy) {
+                    Some(p) => meshbench::agent::Kind::Envoy(p),
+                    None => return fail(
+                        EXIT_ENVIRONMENT,
+                        &"Envoy not found: set MESHBENCH_ENVOY, put envoy on PATH or give --envoy",
+                    ),
+                },
+                AgentProxyArg::Meshbench => match std::env::current_exe() {
+                    Ok(p) => meshbench::agent::Kind::Meshbench(p),
+                    Err(e) => return fail(EXIT_ENVIRONMENT, &e),
+                },
+            };
+            let ip: std::net::IpAddr = match pod_ip.parse() {
+                Ok(ip) => ip,
+                Err(_) => {
+                    return fail(
+                        EXIT_BAD_INPUT,
+                        &format!("--pod-ip {pod_ip:?} is not an IP address"),
+                    )
+                }
+            };
+            let labels: model::Labels = labels.into_iter().collect();
+            let readiness =
+                readiness.unwrap_or_else(|| SocketAddr::new(ip, meshbench::agent::READINESS_PORT));
+            let bootstrap = xds::bootstrap::EnvoyBootstrap {
+                pod_ip: pod_ip.clone(),
+                pod_name: pod,
+                namespace,
+                service: service
+                    .or_else(|| labels.get("app").cloned())
+                    .unwrap_or_default(),
+                labels,
+                app_ip,
+                admin: admin.unwrap_or_else(|| SocketAddr::new(ip, proxy::DEFAULT_ADMIN_PORT)),
+                xds,
+                xds_mode: xds_mode.into(),
+                router: false,
+                capture,
+            };
+            // SAFETY: geteuid has no preconditions.
+            let root = unsafe { libc::geteuid() } == 0;
+            let cfg = meshbench::agent::Config {
+                kind,
+                bootstrap,
+                tls_files: match (xds_cert, xds_key, xds_ca) {
+                    (Some(c), Some(k), Some(a)) => Some([c, k, a]),
+                    _ => None,
+                },
+                dir,
+                drain,
+                uid: proxy_uid
+                    .or(root.then_some(meshbench::capture::PROXY_UID))
+                    .filter(|u| *u != 0 || !root),
+                concurrency,
+            };
+            let sock = match pilot::bind(readiness).await {
+                Ok(l) => l,
+                Err(e) => return fail(EXIT_ENVIRONMENT, &e),
+            };
+            match meshbench::agent::run(cfg, sock, stop).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(EXIT_ENVIRONMENT, &e),
+            }
+        }
+        Command::CaptureRules {
+            exclude_inbound,
+            exclude_outbound,
+        } => {
+            print!(
+                "{}",
+                meshbench::capture::Rules {
+                    exclude_inbound,
+                    exclude_outbound,
+                }
+                .render()
+            );
+            ExitCode::SUCCESS
         }
         Command::Workload {
             service,
@@ -594,6 +817,7 @@ async fn run(cmd: Command) -> ExitCode {
             addr,
             pod,
             sidecar,
+            direct,
             calls,
             no_calls,
             mode,
@@ -640,6 +864,7 @@ async fn run(cmd: Command) -> ExitCode {
                 version,
                 pod,
                 sidecar,
+                direct,
                 behaviour,
                 control,
                 control_token,
@@ -973,6 +1198,7 @@ async fn run(cmd: Command) -> ExitCode {
                 xds,
                 xds_mode: xds_mode.into(),
                 router: false,
+                capture: false,
             };
             println!(
                 "{}",

@@ -850,6 +850,16 @@ impl Mesh {
             })
     }
 
+    /// Every service port number, sorted (a captured sidecar's `0.0.0.0_PORT` listeners).
+    pub fn service_port_numbers(&self) -> Vec<u16> {
+        let ports: std::collections::BTreeSet<u16> = self
+            .services
+            .values()
+            .flat_map(|s| s.ports.iter().map(|p| p.port))
+            .collect();
+        ports.into_iter().collect()
+    }
+
     /// How a workload of `namespace` with `labels` accepts connections on `port` (its target
     /// port), as Istio resolves PeerAuthentications: the workload's own (its port-level mode,
     /// then its mode), then the namespace's, then the root namespace's; PERMISSIVE when none

@@ -210,3 +210,49 @@ pub fn is_loopback(addr: &SocketAddr) -> bool {
         }
     }
 }
+
+/// Where a connection redirected by iptables (`REDIRECT`) was going: `SO_ORIGINAL_DST`
+/// (IPv4) or `IP6T_SO_ORIGINAL_DST` (IPv6). `None` when the socket was not redirected and
+/// the kernel has nothing to say (the caller then uses the local address).
+pub fn original_dst(stream: &tokio::net::TcpStream) -> Option<SocketAddr> {
+    use std::os::fd::AsRawFd;
+    let fd = stream.as_raw_fd();
+    let local = stream.local_addr().ok()?;
+    // SAFETY: getsockopt writes at most `len` bytes into the zeroed storage we own.
+    unsafe {
+        let mut storage: libc::sockaddr_storage = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        let (level, opt) = if local.is_ipv4() {
+            (libc::SOL_IP, libc::SO_ORIGINAL_DST)
+        } else {
+            (libc::SOL_IPV6, libc::IP6T_SO_ORIGINAL_DST)
+        };
+        let rc = libc::getsockopt(
+            fd,
+            level,
+            opt,
+            &mut storage as *mut _ as *mut libc::c_void,
+            &mut len,
+        );
+        if rc != 0 {
+            return None;
+        }
+        match storage.ss_family as libc::c_int {
+            libc::AF_INET => {
+                let a = &*(&storage as *const _ as *const libc::sockaddr_in);
+                Some(SocketAddr::new(
+                    std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)).into(),
+                    u16::from_be(a.sin_port),
+                ))
+            }
+            libc::AF_INET6 => {
+                let a = &*(&storage as *const _ as *const libc::sockaddr_in6);
+                Some(SocketAddr::new(
+                    std::net::Ipv6Addr::from(a.sin6_addr.s6_addr).into(),
+                    u16::from_be(a.sin6_port),
+                ))
+            }
+            _ => None,
+        }
+    }
+}

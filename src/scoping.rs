@@ -267,6 +267,7 @@ async fn real_sidecars(
             xds,
             xds_mode: Default::default(),
             router: false,
+            capture: false,
         };
         let path = cfg.out.join(format!("envoy-{case}.json"));
         std::fs::write(&path, b.to_json().to_string())

@@ -430,7 +430,8 @@ impl Sim {
                 let names: BTreeSet<String> = held
                     .values()
                     .filter_map(|a| Listener::decode(a.value.as_slice()).ok())
-                    .filter_map(|l| resources::listener(&l, &Default::default()).ok())
+                    .filter_map(|l| resources::listeners(&l, &Default::default()).ok())
+                    .flatten()
                     .filter_map(|l| match l.routes {
                         RouteSource::Rds(n) => Some(n),
                         RouteSource::Inline(_) => None,

@@ -280,8 +280,12 @@ pub struct Config {
     pub service: String,
     pub version: String,
     pub pod: String,
-    /// The pod's sidecar outbound listener (POD_IP:15001); calls are skipped without it.
+    /// The pod's sidecar outbound listener (POD_IP:15001); calls are skipped without it
+    /// (unless `direct`).
     pub sidecar: Option<SocketAddr>,
+    /// Calls go to the service by name (`SERVICE:PORT`, resolved as any client would): the
+    /// pod's traffic capture takes them to the sidecar (Istio's way; `mesh.capture`).
+    pub direct: bool,
     pub behaviour: Behaviour,
     /// The control listener (POD_IP:15098) and the token its requests must carry.
     pub control: Option<SocketAddr>,
@@ -357,10 +361,19 @@ pub fn bookinfo_calls(service: &str, version: &str) -> Vec<Call> {
 
 type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
 
-/// Keep-alive connections to the sidecar.
+/// Keep-alive connections to the sidecar, or per destination when calling by name.
 #[derive(Default)]
 struct SidecarPool {
     idle: Mutex<Vec<Sender>>,
+    by_host: Mutex<std::collections::HashMap<String, Vec<Sender>>>,
+}
+
+/// Where a call's connection goes.
+#[derive(Clone, Copy)]
+enum Via {
+    Sidecar(SocketAddr),
+    /// To `SERVICE:PORT` itself (resolved by name; captured to the sidecar).
+    Name,
 }
 
 /// What one call gave: the answer's status, identities and degraded services, or why it
@@ -372,9 +385,29 @@ struct Answer {
 }
 
 impl SidecarPool {
-    async fn sender(&self, sidecar: SocketAddr, host: &str) -> Result<Sender, String> {
+    fn pop(&self, via: Via, host: &str) -> Option<Sender> {
+        match via {
+            Via::Sidecar(_) => self.idle.lock().unwrap().pop(),
+            Via::Name => self.by_host.lock().unwrap().get_mut(host)?.pop(),
+        }
+    }
+
+    fn push(&self, via: Via, host: &str, s: Sender) {
+        match via {
+            Via::Sidecar(_) => self.idle.lock().unwrap().push(s),
+            Via::Name => self
+                .by_host
+                .lock()
+                .unwrap()
+                .entry(host.to_string())
+                .or_default()
+                .push(s),
+        }
+    }
+
+    async fn sender(&self, via: Via, host: &str) -> Result<Sender, String> {
         loop {
-            let s = self.idle.lock().unwrap().pop();
+            let s = self.pop(via, host);
             match s {
                 Some(mut s) if !s.is_closed() => {
                     if s.ready().await.is_ok() {
@@ -383,9 +416,14 @@ impl SidecarPool {
                 }
                 Some(_) => continue,
                 None => {
-                    let stream = TcpStream::connect(sidecar)
-                        .await
-                        .map_err(|e| format!("{host}: connect to sidecar: {e}"))?;
+                    let stream = match via {
+                        Via::Sidecar(sidecar) => TcpStream::connect(sidecar)
+                            .await
+                            .map_err(|e| format!("{host}: connect to sidecar: {e}"))?,
+                        Via::Name => TcpStream::connect(host)
+                            .await
+                            .map_err(|e| format!("{host}: connect: {e}"))?,
+                    };
                     let _ = stream.set_nodelay(true);
                     let (s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
                         .await
@@ -401,12 +439,12 @@ impl SidecarPool {
     /// a timeout is dropped with this future, and closed).
     async fn attempt(
         &self,
-        sidecar: SocketAddr,
+        via: Via,
         call: &Call,
         forward: &[(&'static str, HeaderValue)],
     ) -> Result<Answer, String> {
         let host = &call.host;
-        let mut sender = self.sender(sidecar, host).await?;
+        let mut sender = self.sender(via, host).await?;
         let mut req = Request::builder().uri(&call.path).header("host", host);
         for (k, v) in forward {
             req = req.header(*k, v.clone());
@@ -423,7 +461,7 @@ impl SidecarPool {
             .collect()
             .await
             .map_err(|e| format!("{host}: {e}"))?;
-        self.idle.lock().unwrap().push(sender);
+        self.push(via, host, sender);
         Ok(Answer {
             status,
             identities,
@@ -435,17 +473,17 @@ impl SidecarPool {
     /// the last attempt failed.
     async fn call(
         &self,
-        sidecar: SocketAddr,
+        via: Via,
         call: &Call,
         forward: &[(&'static str, HeaderValue)],
     ) -> Result<Answer, String> {
         let mut last = Err(format!("{}: no attempt", call.host));
         for attempt in 1..=call.attempts.max(1) {
             let r = match call.timeout {
-                Some(t) => tokio::time::timeout(t, self.attempt(sidecar, call, forward))
+                Some(t) => tokio::time::timeout(t, self.attempt(via, call, forward))
                     .await
                     .unwrap_or_else(|_| Err(format!("{}: timed out after {t:?}", call.host))),
-                None => self.attempt(sidecar, call, forward).await,
+                None => self.attempt(via, call, forward).await,
             };
             let done = matches!(&r, Ok(a) if (200..300).contains(&a.status));
             last = r.map_err(|e| format!("{e} (attempt {attempt} of {})", call.attempts));
@@ -600,18 +638,23 @@ impl App {
         let mut failures = Vec::new();
         let mut errors = serde_json::Map::new();
         let mut degraded: Vec<String> = Vec::new();
-        if let Some(sidecar) = self.cfg.sidecar.filter(|_| !b.calls.is_empty()) {
+        let via = if self.cfg.direct {
+            Some(Via::Name)
+        } else {
+            self.cfg.sidecar.map(Via::Sidecar)
+        };
+        if let Some(via) = via.filter(|_| !b.calls.is_empty()) {
             let answers = match b.mode {
                 CallMode::Sequential => {
                     let mut out = Vec::with_capacity(b.calls.len());
                     for c in &b.calls {
-                        out.push(self.pool.call(sidecar, c, &forward).await);
+                        out.push(self.pool.call(via, c, &forward).await);
                     }
                     out
                 }
                 CallMode::Parallel => {
                     futures::future::join_all(
-                        b.calls.iter().map(|c| self.pool.call(sidecar, c, &forward)),
+                        b.calls.iter().map(|c| self.pool.call(via, c, &forward)),
                     )
                     .await
                 }

@@ -116,6 +116,15 @@ fn handle(
             reply(StatusCode::OK, "text/plain", "OK\n".into())
         }
         (_, "/quitquitquit") => reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "This endpoint requires POST\n".into()),
+        // As Envoy's: stop accepting (every listener, or only inbound ones with
+        // `inboundonly`); connections already open are served, and answers close them.
+        (&Method::POST, "/drain_listeners") if !may_quit(proxy, peer, &req) => reply(StatusCode::FORBIDDEN, "text/plain", "drain_listeners needs a loopback peer or the admin token\n".into()),
+        (&Method::POST, "/drain_listeners") => {
+            let inbound_only = req.uri().query().is_some_and(|q| q.split('&').any(|p| p == "inboundonly"));
+            proxy.drain_listeners(inbound_only);
+            reply(StatusCode::OK, "text/plain", "OK\n".into())
+        }
+        (_, "/drain_listeners") => reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "This endpoint requires POST\n".into()),
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "invalid path; see /clusters, /config_dump, /stats, /stats/prometheus, /ready, /server_info, /listeners, /quitquitquit\n".into()),
     }
 }
@@ -275,6 +284,10 @@ fn config_dump(proxy: &Proxy) -> Value {
                 "name": l.name,
                 "address": l.addr.to_string(),
                 "stat_prefix": l.stat_prefix,
+                "bind_to_port": l.bind,
+                "use_original_dst": l.use_original_dst,
+                "original_dst_filter": l.original_dst,
+                "tcp_proxy": l.tcp_proxy,
                 "rds": match &l.routes { RouteSource::Rds(n) => Some(n.clone()), RouteSource::Inline(_) => None },
                 "route_config": match &l.routes { RouteSource::Inline(t) => Some(route_json(t)), RouteSource::Rds(_) => None },
             })

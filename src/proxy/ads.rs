@@ -51,7 +51,14 @@ pub async fn run(proxy: Arc<Proxy>, shutdown: Shutdown) {
             r = session(&proxy) => {
                 proxy.connected.store(false, Relaxed);
                 proxy.xds_stats.disconnects.fetch_add(1, Relaxed);
-                tracing::warn!("ADS stream to {} ended: {}; keeping the last good config", proxy.cfg.xds, r.err().unwrap_or_else(|| "closed by server".into()));
+                tracing::warn!("ADS stream to {} ended: {}; keeping the last good config", proxy.xds_target().addr, r.err().unwrap_or_else(|| "closed by server".into()));
+            }
+            _ = proxy.xds_reload.notified() => {
+                // A reload: the new target at once, no back-off.
+                proxy.connected.store(false, Relaxed);
+                tracing::info!("ADS target reloaded: {}", proxy.xds_target().addr);
+                failures = 0;
+                continue;
             }
             _ = shutdown.clone().wait() => return,
         }
@@ -103,17 +110,18 @@ struct Session<'a> {
 }
 
 async fn session(proxy: &Arc<Proxy>) -> Result<(), String> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", proxy.cfg.xds))
+    let target = proxy.xds_target();
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", target.addr))
         .map_err(|e| e.to_string())?
         .connect_timeout(Duration::from_secs(1))
         .tcp_nodelay(true);
-    let channel = match &proxy.cfg.xds_tls {
+    let channel = match &target.tls {
         None => endpoint.connect().await,
         Some(m) => {
             // Pilot's certificate must name istiod; ALPN h2 (gRPC).
             let pilot = crate::security::pilot_id();
             let cfg = crate::security::client_config(m, vec![pilot], vec![b"h2".to_vec()])?;
-            let addr = proxy.cfg.xds.clone();
+            let addr = target.addr.clone();
             let connector = tower::service_fn(move |_: http::Uri| {
                 let (cfg, addr) = (cfg.clone(), addr.clone());
                 async move {
@@ -222,7 +230,11 @@ impl Session<'_> {
         Node {
             id: cfg.node_id.clone(),
             cluster: cfg.cluster.clone(),
-            metadata: Some(node::metadata(&cfg.labels, &cfg.app_ip)),
+            metadata: Some(if cfg.capture {
+                node::capture_metadata(&cfg.labels, &cfg.app_ip)
+            } else {
+                node::metadata(&cfg.labels, &cfg.app_ip)
+            }),
             user_agent_name: "meshbench".into(),
             ..Default::default()
         }
@@ -231,7 +243,7 @@ impl Session<'_> {
     fn opened(&self, resuming: bool) {
         self.proxy.connected.store(true, Relaxed);
         self.proxy.xds_stats.connects.fetch_add(1, Relaxed);
-        tracing::info!(xds = %self.proxy.cfg.xds, mode = %self.proxy.cfg.xds_mode, resuming, "ADS stream open");
+        tracing::info!(xds = %self.proxy.xds_target().addr, mode = %self.proxy.cfg.xds_mode, resuming, "ADS stream open");
     }
 
     /// A first request for a type (also after a reconnect), with what is held of it.
@@ -624,14 +636,21 @@ impl Session<'_> {
 
     async fn apply_listeners(&self, resources: &[Any]) -> Result<Vec<String>, Reject> {
         let mut listeners = HashMap::new();
+        let mut names = Vec::new();
         let mut errors = Vec::new();
         for any in resources {
             match decode::<PbListener>(any)
-                .and_then(|l| resources::listener(&l, &self.proxy.rate_limits))
+                .and_then(|l| resources::listeners(&l, &self.proxy.rate_limits))
             {
-                Ok(l) => {
-                    if listeners.insert(l.name.clone(), l).is_some() {
-                        errors.push("duplicate listener name".to_string());
+                Ok(ls) => {
+                    // The last is the listener itself; those before it, its port chains.
+                    if let Some(l) = ls.last() {
+                        names.push(l.name.clone());
+                    }
+                    for l in ls {
+                        if listeners.insert(l.name.clone(), l).is_some() {
+                            errors.push("duplicate listener name".to_string());
+                        }
                     }
                 }
                 Err(e) => errors.push(e),
@@ -655,7 +674,7 @@ impl Session<'_> {
             });
             return Err(e);
         }
-        Ok(listeners.keys().cloned().collect())
+        Ok(names)
     }
 
     fn apply_routes(&self, resources: &[Any]) -> Result<Vec<String>, Reject> {

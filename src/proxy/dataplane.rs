@@ -43,8 +43,12 @@ pub async fn sync_listeners(
         .iter()
         .map(|(n, (a, _))| (n.clone(), *a))
         .collect();
+    if proxy.draining.load(Relaxed) {
+        // Draining: what is bound stays as it is (or stopped); nothing new is bound.
+        return Ok(());
+    }
     let mut new = Vec::new();
-    for (name, l) in wanted {
+    for (name, l) in wanted.iter().filter(|(_, l)| l.bind) {
         if current.get(name) == Some(&l.addr) {
             continue;
         }
@@ -71,7 +75,7 @@ pub async fn sync_listeners(
         bound.insert(name, (addr, trigger));
     }
     bound.retain(|name, (_, t)| {
-        let keep = wanted.contains_key(name);
+        let keep = wanted.get(name).is_some_and(|l| l.bind);
         if !keep {
             t.fire();
         }
@@ -141,7 +145,7 @@ pub async fn serve_listener(
         let Ok(conn) = conn.detach() else { continue };
         stats.downstream_cx_total.fetch_add(1, Relaxed);
         stats.downstream_cx_active.fetch_add(1, Relaxed);
-        let (p, name, stats, builder, lstats) = (
+        let (p, mut name, mut stats, builder, mut lstats) = (
             proxy.clone(),
             name.clone(),
             stats.clone(),
@@ -151,6 +155,36 @@ pub async fn serve_listener(
         // On the least busy worker (or here, on one thread), for the connection's whole life.
         proxy.workers.dispatch(move || async move {
             if let Ok(conn) = conn.attach() {
+                // A captured connection goes to the listener (and chain) of its original
+                // destination; any other stays here, at no cost.
+                let mut dst = None;
+                if let Some((to, original)) = handoff(&p, &name, &conn.stream) {
+                    let prefix = p
+                        .state()
+                        .listeners
+                        .get(&to)
+                        .map_or_else(|| to.clone(), |l| l.stat_prefix.clone());
+                    stats.downstream_cx_total.fetch_sub(1, Relaxed);
+                    stats.downstream_cx_active.fetch_sub(1, Relaxed);
+                    stats = p.http_stats(&prefix);
+                    stats.downstream_cx_total.fetch_add(1, Relaxed);
+                    stats.downstream_cx_active.fetch_add(1, Relaxed);
+                    lstats = p.listener_stats(&to);
+                    name = to;
+                    dst = Some(original);
+                }
+                let tcp = p
+                    .state()
+                    .listeners
+                    .get(&name)
+                    .and_then(|l| l.tcp_proxy.clone());
+                if let Some(cluster) = tcp {
+                    if let Some(dst) = dst.or(conn.local) {
+                        tcp_proxy(&p, &cluster, dst, conn).await;
+                    }
+                    stats.downstream_cx_active.fetch_sub(1, Relaxed);
+                    return;
+                }
                 let tls = p
                     .state()
                     .listeners
@@ -199,6 +233,78 @@ pub async fn serve_listener(
             stats.downstream_cx_active.fetch_sub(1, Relaxed);
         });
     }
+}
+
+/// Where a connection of a listener with `use_original_dst` or the `original_dst` filter
+/// goes: the listener of its original destination (exact address, then the wildcard address
+/// on that port; else the receiving one), then that listener's chain for the destination
+/// port. `None` for every other listener (no system call).
+fn handoff(
+    proxy: &Proxy,
+    bound: &str,
+    stream: &tokio::net::TcpStream,
+) -> Option<(String, SocketAddr)> {
+    let state = proxy.state();
+    let l = state.listeners.get(bound)?;
+    if !l.use_original_dst && !l.original_dst {
+        return None;
+    }
+    let local = stream.local_addr().ok()?;
+    let dst = net::original_dst(stream).unwrap_or(local);
+    let mut name = bound;
+    let mut target = l;
+    if l.use_original_dst && dst != local {
+        let wildcard = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), dst.port());
+        let found = state
+            .listeners
+            .iter()
+            .find(|(_, c)| c.addr == dst && !c.name.contains('|'))
+            .or_else(|| {
+                state
+                    .listeners
+                    .iter()
+                    .find(|(_, c)| c.addr == wildcard && !c.name.contains('|'))
+            });
+        if let Some((n, c)) = found {
+            name = n;
+            target = c;
+        }
+    }
+    if let Some(sub) = target.by_port.get(&dst.port()) {
+        name = sub;
+    }
+    Some((name.to_string(), dst))
+}
+
+/// Envoy's `tcp_proxy`: bytes both ways between the connection and the cluster's host (for
+/// ORIGINAL_DST, where the connection was going), until either side closes.
+async fn tcp_proxy(proxy: &Proxy, cluster: &str, dst: SocketAddr, mut conn: net::Conn) {
+    let target = {
+        let state = proxy.state();
+        let Some(c) = state.clusters.get(cluster) else {
+            tracing::debug!("tcp_proxy: no cluster {cluster}");
+            return;
+        };
+        if c.cfg.original_dst {
+            Some((dst, c.cfg.connect_timeout))
+        } else {
+            c.pick().map(|h| (h.addr, c.cfg.connect_timeout))
+        }
+    };
+    let Some((target, timeout)) = target else {
+        return;
+    };
+    // A connection sent back to where it came from would loop forever.
+    if conn.local == Some(target) {
+        return;
+    }
+    let Ok(Ok(mut up)) =
+        tokio::time::timeout(timeout, tokio::net::TcpStream::connect(target)).await
+    else {
+        return;
+    };
+    let _ = up.set_nodelay(true);
+    let _ = tokio::io::copy_bidirectional(&mut conn.stream, &mut up).await;
 }
 
 enum Accepted {
@@ -261,7 +367,14 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     stats.downstream_rq_total.fetch_add(1, Relaxed);
-    let resp = path::serve(proxy.state(), listener, stats, &Pooled, req).await;
+    let mut resp = path::serve(proxy.state(), listener, stats, &Pooled, req).await;
+    if proxy.draining.load(Relaxed) {
+        // Draining: the client opens its next request elsewhere.
+        resp.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+    }
     let c = match resp.status().as_u16() {
         200..=299 => &stats.downstream_rq_2xx,
         300..=399 => &stats.downstream_rq_3xx,

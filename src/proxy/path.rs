@@ -872,6 +872,7 @@ mod tests {
             tls: None,
             tls_matches: vec![],
             tls_default: false,
+            original_dst: false,
         };
         Arc::new(Cluster::new(cfg, None))
     }

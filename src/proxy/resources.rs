@@ -98,64 +98,94 @@ pub struct ListenerCfg {
     pub rbac: Vec<Arc<super::rbac::Rbac>>,
     /// Path rewrites before the filters and routing (`normalize_path` and the like).
     pub path: super::normalize::PathOptions,
+    /// Bound to its address (`bind_to_port`, default true); an unbound listener receives
+    /// what a `use_original_dst` listener hands it.
+    pub bind: bool,
+    /// Hands each connection to the listener of its original destination (iptables capture).
+    pub use_original_dst: bool,
+    /// The `original_dst` listener filter: chains are chosen by the original destination.
+    pub original_dst: bool,
+    /// Chains matched by `destination_port`, each run as a listener of its own (named
+    /// `NAME|PORT`, unbound).
+    pub by_port: HashMap<u16, String>,
+    /// A `tcp_proxy` chain (no HTTP): the cluster its connections go to.
+    pub tcp_proxy: Option<String>,
 }
 
 const TLS_INSPECTOR: &str = "envoy.filters.listener.tls_inspector";
+const ORIGINAL_DST_FILTER: &str = "envoy.filters.listener.original_dst";
+const ORIGINAL_DST_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst";
+const TCP_PROXY_FILTER: &str = "envoy.filters.network.tcp_proxy";
+const TCP_PROXY_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
 const TLS_INSPECTOR_TYPE: &str =
     "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector";
 
-/// The chains of a listener as meshbench runs them: one chain, or a TLS and a plaintext chain
-/// told apart by `transport_protocol` (`tls` / `raw_buffer`, which needs the tls_inspector),
-/// all with the same network filters. Returns the filters' chain, the TLS context, and
-/// whether plaintext connections are served.
-fn chains(
-    l: &listener::Listener,
+/// The listener filters meshbench runs: `tls_inspector` and `original_dst`; returns
+/// whether each is there.
+fn listener_filters(l: &listener::Listener) -> Result<(bool, bool), Reject> {
+    let err = |m: &str| format!("listener {}: {m}", l.name);
+    let (mut inspector, mut original_dst) = (false, false);
+    for f in &l.listener_filters {
+        let type_url = match &f.config_type {
+            Some(listener::listener_filter::ConfigType::TypedConfig(a)) => a.type_url.as_str(),
+            _ => "",
+        };
+        if f.filter_disabled.is_some() {
+            return Err(err("listener filter conditions are not supported"));
+        }
+        if f.name == TLS_INSPECTOR || type_url == TLS_INSPECTOR_TYPE {
+            inspector = true;
+        } else if f.name == ORIGINAL_DST_FILTER || type_url == ORIGINAL_DST_TYPE {
+            original_dst = true;
+        } else {
+            return Err(err(&format!(
+                "listener filter {} is not supported (only {TLS_INSPECTOR} and {ORIGINAL_DST_FILTER})",
+                f.name
+            )));
+        }
+    }
+    Ok((inspector, original_dst))
+}
+
+/// A group of chains as meshbench runs them (a listener's, or those of one destination port):
+/// one chain, or a TLS and a plaintext chain told apart by `transport_protocol` (`tls` /
+/// `raw_buffer`, which needs the tls_inspector), all with the same network filters. Returns
+/// the filters' chain, the TLS context, and whether plaintext connections are served.
+fn chains<'a>(
+    name: &str,
+    group: &[&'a listener::FilterChain],
+    inspector: bool,
 ) -> Result<
     (
-        &listener::FilterChain,
+        &'a listener::FilterChain,
         Option<super::tls::DownstreamTls>,
         bool,
     ),
     Reject,
 > {
     use super::tls::Socket;
-    let err = |m: &str| format!("listener {}: {m}", l.name);
-    let mut inspector = false;
-    for f in &l.listener_filters {
-        let type_url = match &f.config_type {
-            Some(listener::listener_filter::ConfigType::TypedConfig(a)) => a.type_url.as_str(),
-            _ => "",
-        };
-        if f.name == TLS_INSPECTOR || type_url == TLS_INSPECTOR_TYPE {
-            if f.filter_disabled.is_some() {
-                return Err(err("listener filter conditions are not supported"));
-            }
-            inspector = true;
-        } else {
-            return Err(err(&format!(
-                "listener filter {} is not supported (only {TLS_INSPECTOR})",
-                f.name
-            )));
-        }
-    }
-    if l.filter_chains.is_empty() || l.filter_chains.len() > 2 || l.default_filter_chain.is_some() {
+    let err = |m: &str| format!("listener {name}: {m}");
+    if group.is_empty() || group.len() > 2 {
         return Err(err(
-            "one filter chain, or a TLS and a plaintext chain, is supported (no default chain)",
+            "one filter chain, or a TLS and a plaintext chain, per destination port is supported",
         ));
     }
     let mut tls = None;
     let mut plaintext = false;
-    for chain in &l.filter_chains {
+    for chain in group {
         let transport = match &chain.filter_chain_match {
             None => None,
             Some(m) => {
                 let only_transport = listener::FilterChainMatch {
                     transport_protocol: m.transport_protocol.clone(),
+                    destination_port: m.destination_port.clone(),
                     ..Default::default()
                 };
                 if *m != only_transport {
                     return Err(err(
-                        "filter chain matches on transport_protocol only are supported",
+                        "filter chain matches on destination_port and transport_protocol only are supported",
                     ));
                 }
                 match m.transport_protocol.as_str() {
@@ -194,19 +224,22 @@ fn chains(
                 plaintext = true;
             }
         }
-        if chain.filters != l.filter_chains[0].filters {
+        if chain.filters != group[0].filters {
             return Err(err(
                 "filter chains with different network filters are not supported",
             ));
         }
     }
-    Ok((&l.filter_chains[0], tls, plaintext))
+    Ok((group[0], tls, plaintext))
 }
 
-pub fn listener(
+/// A listener as meshbench runs it: the listener itself and, for chains matched by
+/// destination port, one unbound listener per port (`NAME|PORT`) that the listener hands
+/// those connections to.
+pub fn listeners(
     l: &listener::Listener,
     stats: &ratelimit::Registry,
-) -> Result<ListenerCfg, Reject> {
+) -> Result<Vec<ListenerCfg>, Reject> {
     let addr = match l.address.as_ref().and_then(|a| a.address.as_ref()) {
         Some(core::address::Address::SocketAddress(sa)) => socket_addr(sa)?,
         _ => {
@@ -216,11 +249,116 @@ pub fn listener(
             ))
         }
     };
-    let (chain, tls, plaintext) = chains(l)?;
+    if l.default_filter_chain.is_some() {
+        return Err(format!(
+            "listener {}: default_filter_chain is not supported (give a chain without a match)",
+            l.name
+        ));
+    }
+    let (inspector, original_dst) = listener_filters(l)?;
+    let mut groups: std::collections::BTreeMap<Option<u16>, Vec<&listener::FilterChain>> =
+        Default::default();
+    for c in &l.filter_chains {
+        let port = match c
+            .filter_chain_match
+            .as_ref()
+            .and_then(|m| m.destination_port.as_ref())
+        {
+            None => None,
+            Some(p) if p.value > 0 && p.value <= 65535 => Some(p.value as u16),
+            Some(p) => {
+                return Err(format!(
+                    "listener {}: destination_port {} is not a port",
+                    l.name, p.value
+                ))
+            }
+        };
+        groups.entry(port).or_default().push(c);
+    }
+    if groups.is_empty() {
+        return Err(format!("listener {}: no filter chain", l.name));
+    }
+    let mut out = Vec::new();
+    let mut by_port = HashMap::new();
+    for (port, group) in &groups {
+        let Some(port) = port else { continue };
+        let name = format!("{}|{port}", l.name);
+        let mut sub = chain_group(
+            &name,
+            SocketAddr::new(addr.ip(), *port),
+            group,
+            inspector,
+            stats,
+        )?;
+        sub.bind = false;
+        by_port.insert(*port, name);
+        out.push(sub);
+    }
+    let mut main = match groups.get(&None) {
+        Some(group) => chain_group(&l.name, addr, group, inspector, stats)?,
+        // Only port-matched chains: other connections find no chain and are closed.
+        None => ListenerCfg::closed(&l.name, addr),
+    };
+    main.bind = l.bind_to_port.as_ref().is_none_or(|b| b.value);
+    main.use_original_dst = l.use_original_dst.as_ref().is_some_and(|b| b.value);
+    main.original_dst = original_dst;
+    main.by_port = by_port;
+    out.push(main);
+    Ok(out)
+}
+
+impl ListenerCfg {
+    /// A listener with no chain for what it receives (connections are closed).
+    fn closed(name: &str, addr: SocketAddr) -> ListenerCfg {
+        ListenerCfg {
+            name: name.into(),
+            addr,
+            stat_prefix: name.into(),
+            routes: RouteSource::Inline(Arc::new(RouteTable::default())),
+            default_fault: None,
+            rate_limit: None,
+            has_rate_limit_filter: false,
+            tls: None,
+            plaintext: false,
+            rbac: vec![],
+            path: Default::default(),
+            bind: true,
+            use_original_dst: false,
+            original_dst: false,
+            by_port: HashMap::new(),
+            tcp_proxy: None,
+        }
+    }
+}
+
+/// A `tcp_proxy` network filter's cluster.
+fn tcp_proxy_cluster(name: &str, any: &protobuf::Any) -> Result<String, Reject> {
+    use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{
+        tcp_proxy::ClusterSpecifier, TcpProxy,
+    };
+    let t: TcpProxy = decode(any)?;
+    match t.cluster_specifier {
+        Some(ClusterSpecifier::Cluster(c)) if !c.is_empty() => Ok(c),
+        _ => Err(format!(
+            "listener {name}: tcp_proxy: only a single cluster is supported (no weighted clusters)"
+        )),
+    }
+}
+
+/// One group of chains (a listener's own, or one destination port's): an HTTP connection
+/// manager, or a `tcp_proxy`.
+fn chain_group(
+    name: &str,
+    addr: SocketAddr,
+    group: &[&listener::FilterChain],
+    inspector: bool,
+    stats: &ratelimit::Registry,
+) -> Result<ListenerCfg, Reject> {
+    let (chain, tls, plaintext) = chains(name, group, inspector)?;
     let [filter] = chain.filters.as_slice() else {
         return Err(format!(
-            "listener {}: exactly one network filter (the HTTP connection manager) is supported",
-            l.name
+            "listener {}: exactly one network filter (the HTTP connection manager or tcp_proxy) is supported",
+            name
         ));
     };
     let any = match &filter.config_type {
@@ -228,18 +366,31 @@ pub fn listener(
         _ => {
             return Err(format!(
                 "listener {}: network filter {} has no typed_config",
-                l.name, filter.name
+                name, filter.name
             ))
         }
     };
+    if filter.name == TCP_PROXY_FILTER || any.type_url == TCP_PROXY_TYPE {
+        if tls.is_some() {
+            return Err(format!(
+                "listener {}: tcp_proxy behind TLS is not supported",
+                name
+            ));
+        }
+        return Ok(ListenerCfg {
+            tcp_proxy: Some(tcp_proxy_cluster(name, any)?),
+            plaintext: true,
+            ..ListenerCfg::closed(name, addr)
+        });
+    }
     if filter.name != HCM_FILTER && any.type_url != hcm::HttpConnectionManager::type_url() {
         return Err(format!(
             "listener {}: unsupported network filter {}",
-            l.name, filter.name
+            name, filter.name
         ));
     }
     let m: hcm::HttpConnectionManager = decode(any)?;
-    let path = path_options(&m).map_err(|e| format!("listener {}: {e}", l.name))?;
+    let path = path_options(&m).map_err(|e| format!("listener {}: {e}", name))?;
     let mut default_fault = None;
     let mut rate_limit = None;
     let mut has_rate_limit_filter = false;
@@ -256,14 +407,14 @@ pub fn listener(
             (ROUTER_FILTER, _) | (_, ROUTER_TYPE) => {
                 return Err(format!(
                     "listener {}: the router filter must be the last HTTP filter",
-                    l.name
+                    name
                 ))
             }
             (RBAC_FILTER, _) | (_, RBAC_TYPE) => {
                 if has_rate_limit_filter || seen_fault {
                     return Err(format!(
                         "listener {}: RBAC filters must come before the rate limit and fault filters",
-                        l.name
+                        name
                     ));
                 }
                 if let Some(hcm::http_filter::ConfigType::TypedConfig(a)) = &f.config_type {
@@ -271,7 +422,7 @@ pub fn listener(
                         envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac,
                     >(a)?;
                     if let Some(r) =
-                        super::rbac::rbac(&pb).map_err(|e| format!("listener {}: {e}", l.name))?
+                        super::rbac::rbac(&pb).map_err(|e| format!("listener {}: {e}", name))?
                     {
                         rbac.push(Arc::new(r));
                     }
@@ -279,14 +430,14 @@ pub fn listener(
             }
             (LOCAL_RATE_LIMIT_FILTER, _) | (_, LOCAL_RATE_LIMIT_TYPE) => {
                 if has_rate_limit_filter || seen_fault {
-                    return Err(format!("listener {}: one local rate limit filter, before the fault filter, is supported", l.name));
+                    return Err(format!("listener {}: one local rate limit filter, before the fault filter, is supported", name));
                 }
                 has_rate_limit_filter = true;
                 if let Some(hcm::http_filter::ConfigType::TypedConfig(a)) = &f.config_type {
                     let pb = decode::<local_ratelimit::LocalRateLimit>(a)?;
                     rate_limit = Some(
                         local_rate_limit(&pb, stats)
-                            .map_err(|e| format!("listener {}: local rate limit: {e}", l.name))?,
+                            .map_err(|e| format!("listener {}: local rate limit: {e}", name))?,
                     );
                 }
             }
@@ -297,16 +448,11 @@ pub fn listener(
                     default_fault = Some(fc).filter(|f| f.abort.is_some() || f.delay.is_some());
                 }
             }
-            (name, _) => {
-                return Err(format!(
-                    "listener {}: unsupported HTTP filter {name}",
-                    l.name
-                ))
-            }
+            (name, _) => return Err(format!("listener {}: unsupported HTTP filter {name}", name)),
         }
     }
     if m.http_filters.is_empty() {
-        return Err(format!("listener {}: the HTTP connection manager has no filters (requests would hang); add the router", l.name));
+        return Err(format!("listener {}: the HTTP connection manager has no filters (requests would hang); add the router", name));
     }
     let routes = match &m.route_specifier {
         Some(hcm::http_connection_manager::RouteSpecifier::Rds(rds)) => {
@@ -317,7 +463,7 @@ pub fn listener(
                 Some(core::config_source::ConfigSourceSpecifier::Ads(_))
             );
             if !ads {
-                return Err(format!("listener {}: RDS must come over ADS", l.name));
+                return Err(format!("listener {}: RDS must come over ADS", name));
             }
             RouteSource::Rds(rds.route_config_name.clone())
         }
@@ -327,12 +473,12 @@ pub fn listener(
         _ => {
             return Err(format!(
                 "listener {}: the HTTP connection manager needs RDS or an inline route config",
-                l.name
+                name
             ))
         }
     };
     Ok(ListenerCfg {
-        name: l.name.clone(),
+        name: name.to_string(),
         addr,
         stat_prefix: m.stat_prefix.clone(),
         routes,
@@ -343,6 +489,7 @@ pub fn listener(
         plaintext,
         rbac,
         path,
+        ..ListenerCfg::closed(name, addr)
     })
 }
 
@@ -525,7 +672,7 @@ fn socket_addr(sa: &core::SocketAddress) -> Result<SocketAddr, Reject> {
 
 // ---- Routes ----------------------------------------------------------------------------------
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct RouteTable {
     pub name: String,
     pub virtual_hosts: Vec<VirtualHost>,
@@ -1097,6 +1244,8 @@ pub struct ClusterCfg {
     /// `tls_default`.
     pub tls_matches: Vec<(std::collections::BTreeMap<String, String>, bool)>,
     pub tls_default: bool,
+    /// ORIGINAL_DST: no endpoints; a `tcp_proxy` connection goes to its original destination.
+    pub original_dst: bool,
 }
 
 impl ClusterCfg {
@@ -1201,9 +1350,31 @@ pub fn cluster(c: &cluster::Cluster) -> Result<ClusterCfg, Reject> {
                 .ok_or_else(|| err("a STATIC cluster needs a load_assignment"))?;
             Discovery::Static(endpoints(cla)?)
         }
-        _ => return Err(err("only EDS and STATIC clusters are supported")),
+        Some(ClusterDiscoveryType::Type(t)) if t == DiscoveryType::OriginalDst as i32 => {
+            if c.lb_policy != LbPolicy::ClusterProvided as i32 {
+                return Err(err(
+                    "an ORIGINAL_DST cluster needs lb_policy CLUSTER_PROVIDED",
+                ));
+            }
+            if c.load_assignment.is_some() || c.lb_config.is_some() {
+                return Err(err(
+                    "an ORIGINAL_DST cluster takes no load_assignment; original_dst_lb_config is not supported",
+                ));
+            }
+            Discovery::Static(vec![])
+        }
+        _ => {
+            return Err(err(
+                "only EDS, STATIC and ORIGINAL_DST clusters are supported",
+            ))
+        }
     };
+    let original_dst = c.cluster_discovery_type
+        == Some(ClusterDiscoveryType::Type(
+            DiscoveryType::OriginalDst as i32,
+        ));
     let lb = match LbPolicy::try_from(c.lb_policy) {
+        Ok(LbPolicy::ClusterProvided) if original_dst => Lb::RoundRobin,
         Ok(LbPolicy::RoundRobin) => Lb::RoundRobin,
         Ok(LbPolicy::LeastRequest) => Lb::LeastRequest,
         Ok(LbPolicy::Random) => Lb::Random,
@@ -1340,6 +1511,7 @@ pub fn cluster(c: &cluster::Cluster) -> Result<ClusterCfg, Reject> {
         tls,
         tls_matches,
         tls_default,
+        original_dst,
     })
 }
 

@@ -37,6 +37,9 @@ pub struct Config {
     /// and the root pilot's certificate must chain to (pilot must be `istiod`).
     #[serde(skip)]
     pub xds_tls: Option<crate::security::Material>,
+    /// The pod's traffic reaches this proxy through iptables capture: node metadata
+    /// `INTERCEPTION_MODE: REDIRECT` asks pilot for Istio's listener layout.
+    pub capture: bool,
 }
 
 /// Per listener stat prefix: `http.PREFIX.*`.
@@ -113,12 +116,26 @@ pub struct Proxy {
     pub(crate) workers: Workers,
     /// Secrets from SDS and the TLS configs built from them.
     pub tls: Arc<super::tls::TlsStore>,
+    /// Where ADS goes (the config's, until a reload replaces it) and the signal that ends the
+    /// current stream so the next one uses the new target.
+    xds_target: RwLock<XdsTarget>,
+    pub(crate) xds_reload: tokio::sync::Notify,
+    /// `/drain_listeners` was called: no new connections, answers close theirs.
+    pub draining: AtomicBool,
+}
+
+/// The ADS server and how to reach it.
+#[derive(Clone, Debug)]
+pub struct XdsTarget {
+    pub addr: String,
+    pub tls: Option<crate::security::Material>,
 }
 
 impl Proxy {
     /// A proxy with no config yet; `stop_all` is what `/quitquitquit` fires, `shutdown` what
     /// every task of this proxy watches.
     pub fn new(cfg: Config, shutdown: Shutdown, stop_all: Trigger) -> std::io::Result<Proxy> {
+        let cfg_xds = (cfg.xds.clone(), cfg.xds_tls.clone());
         Ok(Proxy {
             workers: Workers::start(cfg.workers)?,
             cfg,
@@ -135,7 +152,51 @@ impl Proxy {
             shutdown,
             stop_all: Mutex::new(Some(stop_all)),
             tls: Arc::default(),
+            xds_target: RwLock::new(XdsTarget {
+                addr: cfg_xds.0,
+                tls: cfg_xds.1,
+            }),
+            xds_reload: tokio::sync::Notify::new(),
+            draining: AtomicBool::new(false),
         })
+    }
+
+    /// Stops accepting on every bound listener (inbound ones only: those whose stat prefix
+    /// says inbound, as Envoy's traffic direction); LDS binds nothing more while draining.
+    pub fn drain_listeners(&self, inbound_only: bool) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let state = self.state();
+        let inbound = |name: &str| {
+            state.listeners.get(name).is_some_and(|l| {
+                l.stat_prefix.starts_with("inbound")
+                    || l.name == crate::xds::listener::VIRTUAL_INBOUND
+            })
+        };
+        let mut bound = self.bound.lock().unwrap();
+        let names: Vec<String> = bound
+            .keys()
+            .filter(|n| !inbound_only || inbound(n))
+            .cloned()
+            .collect();
+        for n in names {
+            if let Some((_, t)) = bound.remove(&n) {
+                t.fire();
+            }
+        }
+    }
+
+    /// Where ADS goes now.
+    pub fn xds_target(&self) -> XdsTarget {
+        self.xds_target.read().unwrap().clone()
+    }
+
+    /// In-process reload (the agent's hot restart for meshbench proxy): the next ADS stream
+    /// goes to `target`; the current one ends at once. Listeners, connections and the config
+    /// in force are kept.
+    pub fn reload_xds(&self, target: XdsTarget) {
+        *self.xds_target.write().unwrap() = target;
+        self.xds_reload.notify_one();
     }
 
     pub fn state(&self) -> Arc<State> {

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use serde_json::{json, Value};
 
-use super::node::{router_id, sidecar_id, APP_IP_KEY, LABELS_KEY};
+use super::node::{router_id, sidecar_id, APP_IP_KEY, INTERCEPTION_MODE_KEY, LABELS_KEY, REDIRECT};
 use crate::model::Labels;
 
 #[derive(Clone, Debug)]
@@ -25,6 +25,8 @@ pub struct EnvoyBootstrap {
     pub xds_mode: super::XdsMode,
     /// A gateway proxy (`router~...` node id) rather than a sidecar.
     pub router: bool,
+    /// The pod's traffic is captured (node metadata `INTERCEPTION_MODE: REDIRECT`).
+    pub capture: bool,
 }
 
 impl EnvoyBootstrap {
@@ -45,11 +47,15 @@ impl EnvoyBootstrap {
     /// the root and names `istiod`.
     pub fn to_json_with_tls(&self, tls: Option<&crate::security::Material>) -> Value {
         let ads = json!({"ads": {}, "resource_api_version": "V3"});
+        let mut metadata = json!({ LABELS_KEY: self.labels, APP_IP_KEY: self.app_ip });
+        if self.capture {
+            metadata[INTERCEPTION_MODE_KEY] = json!(REDIRECT);
+        }
         let mut v = json!({
             "node": {
                 "id": self.node_id(),
                 "cluster": self.service,
-                "metadata": { LABELS_KEY: self.labels, APP_IP_KEY: self.app_ip },
+                "metadata": metadata,
             },
             "admin": {
                 "address": {"socket_address": {"address": self.admin.ip().to_string(), "port_value": self.admin.port()}},
@@ -114,6 +120,105 @@ impl EnvoyBootstrap {
     }
 }
 
+/// What `meshbench proxy --bootstrap` takes from a bootstrap that [`EnvoyBootstrap`] wrote
+/// (the agent writes one file for either proxy kind).
+#[derive(Clone, Debug)]
+pub struct Parsed {
+    pub node_id: String,
+    pub cluster: String,
+    pub labels: Labels,
+    pub app_ip: String,
+    pub capture: bool,
+    pub admin: SocketAddr,
+    pub xds: SocketAddr,
+    pub xds_mode: super::XdsMode,
+    pub tls: Option<crate::security::Material>,
+}
+
+/// Reads back what [`EnvoyBootstrap::to_json_with_tls`] writes; other bootstraps are refused
+/// with the field that does not fit.
+pub fn parse(v: &Value) -> Result<Parsed, String> {
+    let s = |ptr: &str| -> Result<String, String> {
+        v.pointer(ptr)
+            .and_then(Value::as_str)
+            .map(String::from)
+            .ok_or_else(|| format!("bootstrap: {ptr} is missing or not a string"))
+    };
+    let addr = |ptr: &str| -> Result<SocketAddr, String> {
+        let a = v
+            .pointer(&format!("{ptr}/address"))
+            .and_then(Value::as_str)
+            .ok_or_else(|| format!("bootstrap: {ptr}/address is missing"))?;
+        let p = v
+            .pointer(&format!("{ptr}/port_value"))
+            .and_then(Value::as_u64)
+            .filter(|p| *p > 0 && *p <= 65535)
+            .ok_or_else(|| format!("bootstrap: {ptr}/port_value is not a port"))?;
+        let ip: std::net::IpAddr = a
+            .parse()
+            .map_err(|_| format!("bootstrap: {ptr}/address {a:?} is not an IP address"))?;
+        Ok(SocketAddr::new(ip, p as u16))
+    };
+    let meta = v.pointer("/node/metadata");
+    let labels: Labels = meta
+        .and_then(|m| m.get(LABELS_KEY))
+        .and_then(Value::as_object)
+        .map(|o| {
+            o.iter()
+                .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
+                .collect()
+        })
+        .unwrap_or_default();
+    let xds_mode = match s("/dynamic_resources/ads_config/api_type")?.as_str() {
+        "GRPC" => super::XdsMode::Sotw,
+        "DELTA_GRPC" => super::XdsMode::Delta,
+        other => {
+            return Err(format!(
+                "bootstrap: api_type {other:?} (GRPC or DELTA_GRPC)"
+            ))
+        }
+    };
+    let cluster0 = "/static_resources/clusters/0";
+    let tls = match v.pointer(&format!(
+        "{cluster0}/transport_socket/typed_config/common_tls_context"
+    )) {
+        None => None,
+        Some(c) => {
+            let pem = |ptr: &str| -> Result<Vec<u8>, String> {
+                c.pointer(ptr)
+                    .and_then(Value::as_str)
+                    .map(|t| t.as_bytes().to_vec())
+                    .ok_or_else(|| format!("bootstrap: xds_cluster TLS {ptr} is missing"))
+            };
+            Some(crate::security::Material {
+                chain_pem: pem("/tls_certificates/0/certificate_chain/inline_string")?,
+                key_pem: pem("/tls_certificates/0/private_key/inline_string")?,
+                roots_pem: pem("/validation_context/trusted_ca/inline_string")?,
+            })
+        }
+    };
+    Ok(Parsed {
+        node_id: s("/node/id")?,
+        cluster: s("/node/cluster")?,
+        app_ip: meta
+            .and_then(|m| m.get(APP_IP_KEY))
+            .and_then(Value::as_str)
+            .unwrap_or(super::node::DEFAULT_APP_IP)
+            .to_string(),
+        capture: meta
+            .and_then(|m| m.get(INTERCEPTION_MODE_KEY))
+            .and_then(Value::as_str)
+            == Some(REDIRECT),
+        labels,
+        admin: addr("/admin/address/socket_address")?,
+        xds: addr(&format!(
+            "{cluster0}/load_assignment/endpoints/0/lb_endpoints/0/endpoint/address/socket_address"
+        ))?,
+        xds_mode,
+        tls,
+    })
+}
+
 /// Finds Envoy as docs/contracts.md says: `MESHBENCH_ENVOY`, else `envoy` on PATH.
 pub fn find_envoy() -> Option<PathBuf> {
     std::env::var_os("MESHBENCH_ENVOY")
@@ -126,4 +231,49 @@ pub fn find_envoy() -> Option<PathBuf> {
                     .find(|p| p.is_file())
             })
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_reads_back_what_to_json_writes() {
+        let b = EnvoyBootstrap {
+            pod_ip: "10.1.0.2".into(),
+            pod_name: "reviews-v1-0".into(),
+            namespace: "default".into(),
+            service: "reviews".into(),
+            labels: [("app".to_string(), "reviews".to_string())].into(),
+            app_ip: "127.0.0.1".into(),
+            admin: "10.1.0.2:15000".parse().unwrap(),
+            xds: "10.1.0.1:15012".parse().unwrap(),
+            xds_mode: super::super::XdsMode::Delta,
+            router: false,
+            capture: true,
+        };
+        let m = crate::security::Material {
+            chain_pem: b"chain".to_vec(),
+            key_pem: b"key".to_vec(),
+            roots_pem: b"root".to_vec(),
+        };
+        let p = parse(&b.to_json_with_tls(Some(&m))).unwrap();
+        assert_eq!(p.node_id, b.node_id());
+        assert_eq!(
+            (p.cluster.as_str(), &p.labels, p.app_ip.as_str()),
+            ("reviews", &b.labels, "127.0.0.1")
+        );
+        assert!(p.capture);
+        assert_eq!((p.admin, p.xds), (b.admin, b.xds));
+        assert_eq!(p.xds_mode, super::super::XdsMode::Delta);
+        let t = p.tls.unwrap();
+        assert_eq!(
+            (t.chain_pem, t.key_pem, t.roots_pem),
+            (m.chain_pem, m.key_pem, m.roots_pem)
+        );
+        let plain = parse(&b.to_json()).unwrap();
+        assert!(plain.tls.is_none());
+        let err = parse(&serde_json::json!({"node": {"id": "x"}})).unwrap_err();
+        assert!(err.contains("/node/cluster"), "{err}");
+    }
 }

@@ -208,6 +208,31 @@ fn apply_policy(c: &mut Cluster, tp: &TrafficPolicy) {
 }
 
 /// The inbound cluster for a pod port: a STATIC cluster pointing at the app's pod-local address.
+/// `PassthroughCluster` and `InboundPassthroughCluster` (ORIGINAL_DST): a captured sidecar's
+/// connections to destinations the mesh does not know go where they were going.
+pub fn passthrough_clusters() -> Vec<Resource> {
+    [
+        super::listener::PASSTHROUGH_CLUSTER,
+        super::listener::INBOUND_PASSTHROUGH_CLUSTER,
+    ]
+    .into_iter()
+    .map(|name| {
+        Resource::new(
+            name,
+            Cluster {
+                name: name.into(),
+                cluster_discovery_type: Some(cluster::cluster::ClusterDiscoveryType::Type(
+                    cluster::cluster::DiscoveryType::OriginalDst as i32,
+                )),
+                lb_policy: cluster::cluster::LbPolicy::ClusterProvided as i32,
+                connect_timeout: Some(pb_duration(DEFAULT_CONNECT_TIMEOUT)),
+                ..Default::default()
+            },
+        )
+    })
+    .collect()
+}
+
 pub fn inbound_cluster(port: u16, app_ip: &str) -> Resource {
     let name = inbound_cluster_name(port);
     let c = Cluster {

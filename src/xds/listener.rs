@@ -53,6 +53,39 @@ pub fn listeners(mesh: &Mesh, node: &NodeInfo) -> Vec<Resource> {
             .map(|p| &p.limit)
             .collect()
     };
+    if node.capture {
+        let mut out = vec![virtual_outbound()];
+        for port in mesh.service_port_numbers() {
+            out.push(outbound_port_listener(
+                port,
+                &filter_limits(false, Some(port)),
+            ));
+        }
+        let inbound = inbound_ports(mesh, node)
+            .into_iter()
+            .map(|port| {
+                let route_limits: Vec<(&RouteSelector, &LocalRateLimitSpec)> = patches
+                    .iter()
+                    .filter(|p| p.context.inbound() && (p.port.is_none() || p.port == Some(port)))
+                    .filter_map(|p| p.route.as_ref().map(|r| (r, &p.limit)))
+                    .collect();
+                let l = inbound_listener(
+                    "0.0.0.0",
+                    port,
+                    &filter_limits(true, Some(port)),
+                    &route_limits,
+                    mesh.mtls_mode(&node.namespace, &node.labels, port),
+                    &super::rbac::filters(mesh, &node.namespace, &node.labels),
+                );
+                (
+                    port,
+                    Listener::decode(l.any.value.as_slice()).expect("just encoded"),
+                )
+            })
+            .collect();
+        out.push(virtual_inbound(inbound));
+        return out;
+    }
     let mut out = vec![outbound_listener(ip, &filter_limits(false, None))];
     for port in inbound_ports(mesh, node) {
         let route_limits: Vec<(&RouteSelector, &LocalRateLimitSpec)> = patches
@@ -122,6 +155,125 @@ pub fn local_rate_limit(spec: &LocalRateLimitSpec) -> LocalRateLimit {
             .map(|code| types::HttpStatus { code: code as i32 }),
         ..Default::default()
     }
+}
+
+/// Where iptables sends a captured pod's outbound connections (Istio's `virtualOutbound`):
+/// each goes to the listener of its original destination (`use_original_dst`), else through
+/// the passthrough chain to where it was going.
+pub const VIRTUAL_OUTBOUND: &str = "virtualOutbound";
+/// Where iptables sends a captured pod's inbound connections, on 15006.
+pub const VIRTUAL_INBOUND: &str = "virtualInbound";
+pub use crate::capture::INBOUND_CAPTURE_PORT;
+pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
+pub const INBOUND_PASSTHROUGH_CLUSTER: &str = "InboundPassthroughCluster";
+const ORIGINAL_DST_FILTER: &str = "envoy.filters.listener.original_dst";
+const TCP_PROXY_FILTER: &str = "envoy.filters.network.tcp_proxy";
+
+fn tcp_proxy_chain(name: &str, cluster: &str) -> listener::FilterChain {
+    use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{
+        tcp_proxy::ClusterSpecifier, TcpProxy,
+    };
+    listener::FilterChain {
+        name: name.into(),
+        filters: vec![listener::Filter {
+            name: TCP_PROXY_FILTER.into(),
+            config_type: Some(listener::filter::ConfigType::TypedConfig(pack_any(
+                TcpProxy {
+                    stat_prefix: cluster.into(),
+                    cluster_specifier: Some(ClusterSpecifier::Cluster(cluster.into())),
+                    ..Default::default()
+                },
+            ))),
+        }],
+        ..Default::default()
+    }
+}
+
+/// `virtualOutbound`: 0.0.0.0:15001 with `use_original_dst`; what no listener takes passes
+/// through (Istio's ALLOW_ANY outbound traffic policy).
+pub fn virtual_outbound() -> Resource {
+    let l = Listener {
+        name: VIRTUAL_OUTBOUND.into(),
+        address: Some(socket_address("0.0.0.0", OUTBOUND_PORT)),
+        use_original_dst: Some(protobuf::BoolValue { value: true }),
+        filter_chains: vec![tcp_proxy_chain(
+            "PassthroughFilterChain",
+            PASSTHROUGH_CLUSTER,
+        )],
+        traffic_direction: core::TrafficDirection::Outbound as i32,
+        ..Default::default()
+    };
+    Resource::new(VIRTUAL_OUTBOUND, l)
+}
+
+/// `0.0.0.0_PORT`: not bound (`bind_to_port: false`); `virtualOutbound` hands it the
+/// connections to any address on PORT, routed by route configuration `PORT`.
+pub fn outbound_port_listener(port: u16, limits: &[&LocalRateLimitSpec]) -> Resource {
+    let manager = http_connection_manager(
+        &format!("outbound_0.0.0.0_{port}"),
+        hcm::http_connection_manager::RouteSpecifier::Rds(hcm::Rds {
+            config_source: Some(ads_source()),
+            route_config_name: port.to_string(),
+        }),
+        limits,
+    );
+    let name = format!("0.0.0.0_{port}");
+    let mut r = listener(
+        name.clone(),
+        "0.0.0.0",
+        port,
+        manager,
+        core::TrafficDirection::Outbound,
+    );
+    let mut l = Listener::decode(r.any.value.as_slice()).expect("just encoded");
+    l.bind_to_port = Some(protobuf::BoolValue { value: false });
+    r = Resource::new(name, l);
+    r
+}
+
+/// `virtualInbound`: 0.0.0.0:15006 with the `original_dst` listener filter; each inbound
+/// port's chains (as the explicit layout's inbound listener has them, TLS split included)
+/// matched by destination port, and a passthrough chain for any other port.
+fn virtual_inbound(ports: Vec<(u16, Listener)>) -> Resource {
+    let original_dst = listener::ListenerFilter {
+        name: ORIGINAL_DST_FILTER.into(),
+        config_type: Some(listener::listener_filter::ConfigType::TypedConfig(pack_any(
+            envoy_types::pb::envoy::extensions::filters::listener::original_dst::v3::OriginalDst::default(),
+        ))),
+        ..Default::default()
+    };
+    let mut listener_filters = vec![original_dst];
+    let mut filter_chains = Vec::new();
+    for (port, l) in ports {
+        if !l.listener_filters.is_empty() && listener_filters.len() == 1 {
+            listener_filters.extend(l.listener_filters);
+        }
+        for mut chain in l.filter_chains {
+            let m = chain
+                .filter_chain_match
+                .get_or_insert_with(Default::default);
+            m.destination_port = Some(protobuf::UInt32Value { value: port as u32 });
+            chain.name = if chain.name.is_empty() {
+                format!("0.0.0.0_{port}")
+            } else {
+                format!("0.0.0.0_{port}_{}", chain.name)
+            };
+            filter_chains.push(chain);
+        }
+    }
+    filter_chains.push(tcp_proxy_chain(
+        "InboundPassthroughFilterChain",
+        INBOUND_PASSTHROUGH_CLUSTER,
+    ));
+    let l = Listener {
+        name: VIRTUAL_INBOUND.into(),
+        address: Some(socket_address("0.0.0.0", INBOUND_CAPTURE_PORT)),
+        listener_filters,
+        filter_chains,
+        traffic_direction: core::TrafficDirection::Inbound as i32,
+        ..Default::default()
+    };
+    Resource::new(VIRTUAL_INBOUND, l)
 }
 
 pub fn outbound_listener(ip: &str, limits: &[&LocalRateLimitSpec]) -> Resource {

@@ -10,6 +10,10 @@ use serde::{Deserialize, Serialize};
 use crate::model::{Labels, DEFAULT_NAMESPACE, DOMAIN_SUFFIX};
 
 pub const APP_IP_KEY: &str = "APP_IP";
+/// Istio's key for how the pod's traffic reaches the sidecar; `REDIRECT` (iptables capture)
+/// gets Istio's listener layout (`virtualOutbound`, `virtualInbound`, `0.0.0.0_PORT`).
+pub const INTERCEPTION_MODE_KEY: &str = "INTERCEPTION_MODE";
+pub const REDIRECT: &str = "REDIRECT";
 pub const LABELS_KEY: &str = "LABELS";
 pub const DEFAULT_APP_IP: &str = "127.0.0.1";
 
@@ -24,6 +28,8 @@ pub struct NodeInfo {
     pub namespace: String,
     pub labels: Labels,
     pub app_ip: String,
+    /// Traffic is captured (INTERCEPTION_MODE REDIRECT): Istio's listener layout.
+    pub capture: bool,
     /// A gateway (`router~...`): it gets gateway listeners and routes, no sidecar ones.
     #[serde(default)]
     pub router: bool,
@@ -83,6 +89,9 @@ impl NodeInfo {
                 _ => None,
             })
             .unwrap_or_else(|| DEFAULT_APP_IP.to_string());
+        let capture = meta
+            .and_then(|m| struct_field(m, INTERCEPTION_MODE_KEY))
+            .is_some_and(|v| matches!(v, ValueKind::StringValue(s) if s == REDIRECT));
         NodeInfo {
             id: node.id.clone(),
             cluster: node.cluster.clone(),
@@ -91,6 +100,7 @@ impl NodeInfo {
             namespace,
             labels,
             app_ip,
+            capture,
             router: parts.first() == Some(&"router"),
             proven: None,
         }
@@ -99,6 +109,18 @@ impl NodeInfo {
 
 fn struct_field<'a>(s: &'a Struct, key: &str) -> Option<&'a ValueKind> {
     s.fields.get(key).and_then(|v| v.kind.as_ref())
+}
+
+/// The metadata struct a captured sidecar sends: LABELS, APP_IP and INTERCEPTION_MODE REDIRECT.
+pub fn capture_metadata(labels: &Labels, app_ip: &str) -> Struct {
+    let mut m = metadata(labels, app_ip);
+    m.fields.insert(
+        INTERCEPTION_MODE_KEY.to_string(),
+        envoy_types::pb::google::protobuf::Value {
+            kind: Some(ValueKind::StringValue(REDIRECT.to_string())),
+        },
+    );
+    m
 }
 
 /// The metadata struct a sidecar sends: LABELS and APP_IP.
@@ -150,6 +172,13 @@ mod tests {
         });
         assert_eq!(other.ip, None);
         assert!(!info.router);
+        assert!(!info.capture);
+        let captured = NodeInfo::from_node(&Node {
+            id: sidecar_id("127.0.1.2", "reviews-v1-abc", "default"),
+            metadata: Some(capture_metadata(&labels, "127.0.0.1")),
+            ..Default::default()
+        });
+        assert!(captured.capture);
         let gw = NodeInfo::from_node(&Node {
             id: router_id("127.0.1.3", "istio-ingressgateway-0", "istio-system"),
             ..Default::default()

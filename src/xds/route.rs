@@ -73,17 +73,23 @@ fn parse_retry_on(s: &str) -> (String, Vec<u32>) {
     (conditions.join(","), codes)
 }
 
-/// Route configurations shared by every sidecar, keyed by name.
+/// Route configurations shared by every sidecar, keyed by name: `15001` (every service
+/// port, for sidecars the app calls explicitly) and, as istiod names them for captured
+/// sidecars, one per service port number (`9080`: the services on that port, reached through
+/// the `0.0.0.0_9080` listener). A proxy receives only those its listeners name.
 pub fn route_configs(mesh: &Mesh) -> HashMap<String, Resource> {
     let mut used = BTreeSet::new();
     let mut virtual_hosts = Vec::new();
+    // Per port number: the domains taken and the virtual hosts.
+    let mut by_port: std::collections::BTreeMap<u16, (BTreeSet<String>, Vec<VirtualHost>)> =
+        Default::default();
     for (host, svc) in &mesh.services {
         for (i, port) in svc.ports.iter().enumerate() {
-            let domains: Vec<String> = domains(svc, port, i == 0)
+            let names: Vec<String> = domains(svc, port, i == 0)
                 .into_iter()
                 .filter(|d| used.insert(d.clone()))
                 .collect();
-            let routes = match mesh.routes.get(host) {
+            let routes: Vec<route::Route> = match mesh.routes.get(host) {
                 Some(hr) => hr
                     .http
                     .iter()
@@ -96,24 +102,40 @@ pub fn route_configs(mesh: &Mesh) -> HashMap<String, Resource> {
                     retry_policy(None),
                 )],
             };
+            let (taken, hosts) = by_port.entry(port.port).or_default();
+            let port_domains: Vec<String> = domains(svc, port, true)
+                .into_iter()
+                .filter(|d| taken.insert(d.clone()))
+                .collect();
+            hosts.push(VirtualHost {
+                name: format!("{host}:{}", port.port),
+                domains: port_domains,
+                routes: routes.clone(),
+                ..Default::default()
+            });
             virtual_hosts.push(VirtualHost {
                 name: format!("{host}:{}", port.port),
-                domains,
+                domains: names,
                 routes,
                 ..Default::default()
             });
         }
     }
-    let rc = RouteConfiguration {
-        name: OUTBOUND_ROUTE_NAME.to_string(),
-        virtual_hosts,
-        validate_clusters: Some(protobuf::BoolValue { value: false }),
-        ..Default::default()
+    let config = |name: String, virtual_hosts| {
+        let rc = RouteConfiguration {
+            name: name.clone(),
+            virtual_hosts,
+            validate_clusters: Some(protobuf::BoolValue { value: false }),
+            ..Default::default()
+        };
+        (name.clone(), Resource::new(name, rc))
     };
-    HashMap::from([(
-        OUTBOUND_ROUTE_NAME.to_string(),
-        Resource::new(OUTBOUND_ROUTE_NAME, rc),
-    )])
+    let mut out: HashMap<String, Resource> = by_port
+        .into_iter()
+        .map(|(port, (_, hosts))| config(port.to_string(), hosts))
+        .collect();
+    out.extend([config(OUTBOUND_ROUTE_NAME.to_string(), virtual_hosts)]);
+    out
 }
 
 /// Domains as the seed shows them: each name form with and without `:port`, then addresses.

@@ -244,13 +244,16 @@ impl Snapshot {
             };
         }
         let listeners = listener::listeners(&self.mesh, node);
-        let inbound = match &node.ip {
+        let mut inbound: Vec<Resource> = match &node.ip {
             Some(_) => listener::inbound_ports(&self.mesh, node)
                 .into_iter()
                 .map(|p| cluster::inbound_cluster(p, &node.app_ip))
                 .collect(),
             None => vec![],
         };
+        if node.capture && node.ip.is_some() {
+            inbound.extend(cluster::passthrough_clusters());
+        }
         View {
             snapshot: self.clone(),
             listeners,
@@ -323,6 +326,8 @@ fn listeners_key(mesh: &Mesh) -> u64 {
             format!("{:?}", p.target_port).hash(&mut h);
         }
     }
+    // A captured sidecar has a listener per service port number.
+    mesh.service_port_numbers().hash(&mut h);
     // Listeners carry the EnvoyFilters' rate limits and the PeerAuthentications' TLS chains.
     format!("{:?}", mesh.envoy_filters).hash(&mut h);
     format!("{:?}", mesh.peer_authentications).hash(&mut h);
@@ -469,6 +474,7 @@ mod tests {
             ]
             .into(),
             app_ip: "127.0.6.5".into(),
+            capture: false,
             router: false,
             proven: None,
         };

@@ -272,6 +272,7 @@ pub async fn start_envoy_tls(
         xds,
         xds_mode,
         router,
+        capture: false,
     };
     let config = dir.0.join("bootstrap.json");
     std::fs::write(&config, b.to_json_with_tls(tls).to_string()).unwrap();
@@ -687,6 +688,7 @@ pub async fn start_mesh_proxy_tls(
         xds_mode,
         admin_token: None,
         workers,
+        capture: false,
         xds_tls: tls,
     };
     let (trigger, stop) = shutdown::channel();
@@ -714,6 +716,7 @@ pub async fn start_mesh_proxy_on(xds: SocketAddr, ip: &str) -> SocketAddr {
         xds_mode: Default::default(),
         admin_token: None,
         workers: 1,
+        capture: false,
         xds_tls: None,
     };
     let (trigger, stop) = shutdown::channel();
