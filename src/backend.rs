@@ -44,6 +44,9 @@ pub struct Options {
     pub keep: bool,
     /// Namespaces whose pods get a network of their own (docker only).
     pub tenants: Vec<String>,
+    /// Istio's traffic capture (docker only): service VIPs, iptables in each pod, apps
+    /// calling by name, sidecars as uid 1337 with the captured layout.
+    pub capture: bool,
 }
 
 impl Options {
@@ -131,6 +134,11 @@ pub struct Pod {
     /// With mutual TLS on: the certificate its sidecar presents to pilot's mTLS xDS port
     /// (the "first certificate the harness provisions", as Kubernetes would mount a token).
     pub xds_tls: Option<crate::security::Material>,
+    /// Its traffic is captured (iptables): its app calls services by name, its sidecar gets
+    /// the captured layout. Gateways are never captured, as in Istio.
+    pub capture: bool,
+    /// Host names to resolve to service VIPs (`name`, `name.ns`, ... -> VIP), with capture.
+    pub hosts: Vec<(String, String)>,
 }
 
 impl Pod {
@@ -146,6 +154,8 @@ impl Pod {
             running: false,
             control_token: control_token.into(),
             xds_tls: None,
+            capture: false,
+            hosts: vec![],
         }
     }
 
@@ -216,6 +226,14 @@ pub trait Backend: Send + Sync {
     fn pod_limit(&self) -> usize;
     /// Addresses of the k-th planned pod, and of the load client.
     fn pod_addr(&self, k: usize, plan: &PodPlan) -> PodAddr;
+    /// Pods' traffic is captured (`Options::capture`).
+    fn capture(&self) -> bool {
+        false
+    }
+    /// The virtual IP of the run's `k`th service (capture mode), if this backend has them.
+    fn service_ip(&self, _k: usize) -> Option<String> {
+        None
+    }
     fn client_addr(&self) -> PodAddr;
     /// Pilot's ADS and REST addresses, as the harness reaches them.
     fn pilot_xds(&self) -> SocketAddr;
@@ -317,6 +335,40 @@ impl Mesh {
             log_dir,
             prober: None,
         };
+        let capture = m.backend.capture();
+        let mut manifest_texts: Vec<(String, String)> = Vec::new();
+        if capture {
+            // The harness plays Kubernetes' part: each Service gets a virtual IP of the run's
+            // own range, and every captured pod resolves the service's names to it.
+            let services = services_of(manifests)?;
+            let mut ips = BTreeMap::new();
+            let mut hosts = Vec::new();
+            for (k, (ns, name)) in services.iter().enumerate() {
+                let ip = m.backend.service_ip(k).ok_or_else(|| {
+                    Error::Config(format!("mesh.capture: no virtual IP for service {ns}/{name} (this backend gives {k})"))
+                })?;
+                for h in [
+                    name.clone(),
+                    format!("{name}.{ns}"),
+                    format!("{name}.{ns}.svc"),
+                    format!("{name}.{ns}.svc.cluster.local"),
+                ] {
+                    hosts.push((h, ip.clone()));
+                }
+                ips.insert((ns.clone(), name.clone()), ip);
+            }
+            for p in m.pods.iter_mut().chain(std::iter::once(&mut m.client)) {
+                p.capture = !p.plan.gateway;
+                p.hosts = hosts.clone();
+            }
+            for f in manifests {
+                let text = std::fs::read_to_string(f)
+                    .map_err(|e| Error::Config(format!("cannot read {f}: {e}")))?;
+                let with = config::with_cluster_ips(f, &text, &ips)
+                    .map_err(|e| Error::Config(format!("{}", e[0])))?;
+                manifest_texts.push((f.clone(), with));
+            }
+        }
         m.backend.start_pilot().await?;
         m.prober = Some(m.prober_certificate().await?);
         if mtls != crate::scenario::MtlsSetting::Off {
@@ -332,7 +384,13 @@ impl Mesh {
                 });
             }
         }
-        m.pilot.apply_files(manifests).await?;
+        if capture {
+            for (f, text) in &manifest_texts {
+                m.pilot.apply(f, text).await?;
+            }
+        } else {
+            m.pilot.apply_files(manifests).await?;
+        }
         m.pilot
             .apply("mesh.mtls", &mtls.peer_authentication())
             .await?;
@@ -370,9 +428,15 @@ impl Mesh {
     pub fn pilot_pid(&self) -> Option<u32> {
         self.backend.pilot_pid()
     }
-    /// The load client's sidecar outbound listener: where loads and probes are sent.
-    pub fn client_outbound(&self) -> SocketAddr {
-        sock(&self.client.addr.pod_ip, crate::xds::OUTBOUND_PORT)
+    /// The load client's sidecar outbound listener: where loads and probes are sent. With
+    /// capture there is none to send to (apps call by name; the kernel redirects them).
+    pub fn client_outbound(&self) -> Result<SocketAddr, Error> {
+        if self.client.capture {
+            return Err(Error::Config(
+                "via: sidecar sends to the load client's sidecar as an app would in explicit mode; with mesh.capture: iptables use via: gateway or via: direct".into(),
+            ));
+        }
+        Ok(sock(&self.client.addr.pod_ip, crate::xds::OUTBOUND_PORT))
     }
 
     /// The first gateway pod's listener (where `via: gateway` loads enter the mesh).
@@ -727,6 +791,21 @@ pub fn plan_pods(manifests: &[String], limit: usize) -> Result<Vec<PodPlan>, Err
     Ok(pods)
 }
 
+/// The Services of the manifests that select pods (namespace, name), in file order.
+pub fn services_of(manifests: &[String]) -> Result<Vec<(String, String)>, Error> {
+    let mut out = Vec::new();
+    for f in manifests {
+        let parsed =
+            config::parse_file(Path::new(f)).map_err(|e| Error::Config(format!("{}", e[0])))?;
+        for o in parsed.objects {
+            if matches!(&o.spec, Spec::Service(s) if !s.selector.is_empty()) {
+                out.push((o.namespace.clone(), o.name.clone()));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Finds a pod by name, or by a Deployment's name for its first pod.
 pub fn find_pod<'a>(
     names: impl Iterator<Item = &'a str> + Clone,
@@ -761,13 +840,19 @@ pub(crate) fn workload_args(p: &Pod, addr: &str) -> Vec<String> {
         &p.plan.name,
         "--addr",
         addr,
-        "--sidecar",
-        &format!("{}:{}", p.addr.pod_ip, crate::xds::OUTBOUND_PORT),
         "--control",
         &p.control().to_string(),
     ]
     .map(String::from)
     .to_vec();
+    if p.capture {
+        a.push("--direct".into());
+    } else {
+        a.extend([
+            "--sidecar".into(),
+            format!("{}:{}", p.addr.pod_ip, crate::xds::OUTBOUND_PORT),
+        ]);
+    }
     a.extend(p.plan.behaviour.to_args());
     a
 }
@@ -800,6 +885,9 @@ pub(crate) fn sidecar_args(p: &Pod, xds: &str, mode: XdsMode) -> Vec<String> {
     for (k, v) in &p.plan.labels {
         a.extend(["--label".to_string(), format!("{k}={v}")]);
     }
+    if p.capture {
+        a.push("--capture".into());
+    }
     a
 }
 
@@ -824,6 +912,6 @@ pub(crate) fn envoy_bootstrap(p: &Pod, xds: SocketAddr, mode: XdsMode) -> EnvoyB
         xds,
         xds_mode: mode,
         router: p.plan.gateway,
-        capture: false,
+        capture: p.capture,
     }
 }

@@ -57,6 +57,39 @@ pub fn parse(file: &str, text: &str) -> Result<Parsed, Vec<ConfigError>> {
     }
 }
 
+/// The documents of `text` with each selecting Service's `spec.clusterIP` set from `ips`
+/// ((namespace, name) -> IP; headless Services, `clusterIP: None`, are left alone), as one
+/// JSON array: what the harness applies when it plays Kubernetes' part of giving services
+/// virtual IPs (`mesh.capture`). Invalid documents give `parse`'s errors.
+pub fn with_cluster_ips(
+    file: &str,
+    text: &str,
+    ips: &std::collections::BTreeMap<(String, String), String>,
+) -> Result<String, Vec<ConfigError>> {
+    parse(file, text)?;
+    let mut docs = Vec::new();
+    for (_, mut v) in split_documents(file, text)? {
+        if v.get("kind").and_then(Value::as_str) == Some("Service") {
+            let name = v
+                .pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            let ns = v
+                .pointer("/metadata/namespace")
+                .and_then(Value::as_str)
+                .unwrap_or(crate::model::DEFAULT_NAMESPACE);
+            let headless = v.pointer("/spec/clusterIP").and_then(Value::as_str) == Some("None");
+            if let (Some(ip), false) = (ips.get(&(ns.to_string(), name.to_string())), headless) {
+                if let Some(spec) = v.get_mut("spec").and_then(Value::as_object_mut) {
+                    spec.insert("clusterIP".into(), Value::String(ip.clone()));
+                }
+            }
+        }
+        docs.push(v);
+    }
+    Ok(Value::Array(docs).to_string())
+}
+
 /// Reads and parses a file from disk.
 pub fn parse_file(path: &std::path::Path) -> Result<Parsed, Vec<ConfigError>> {
     let file = path.display().to_string();

@@ -255,6 +255,10 @@ enum Command {
         /// Mutual TLS between the sidecars, overriding the scenario's `mesh.mtls`.
         #[arg(long, value_enum)]
         mtls: Option<MtlsArg>,
+        /// How apps reach their sidecars, overriding the scenario's `mesh.capture`: explicit,
+        /// or iptables (Istio's capture; docker backend, run as root).
+        #[arg(long, value_enum)]
+        capture: Option<CaptureArg>,
         #[arg(long)]
         out: Option<PathBuf>,
         /// Shorten every duration (for CI).
@@ -462,6 +466,12 @@ enum MtlsArg {
     Off,
     Permissive,
     Strict,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CaptureArg {
+    Explicit,
+    Iptables,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -879,6 +889,7 @@ async fn run(cmd: Command) -> ExitCode {
             backend,
             proxy,
             mtls,
+            capture,
             out,
             quick,
             keep,
@@ -903,6 +914,10 @@ async fn run(cmd: Command) -> ExitCode {
                     MtlsArg::Off => meshbench::scenario::MtlsSetting::Off,
                     MtlsArg::Permissive => meshbench::scenario::MtlsSetting::Permissive,
                     MtlsArg::Strict => meshbench::scenario::MtlsSetting::Strict,
+                }),
+                capture: capture.map(|c| match c {
+                    CaptureArg::Explicit => meshbench::scenario::CaptureMode::Explicit,
+                    CaptureArg::Iptables => meshbench::scenario::CaptureMode::Iptables,
                 }),
                 out,
                 quick,

@@ -33,6 +33,8 @@ pub struct RunOptions {
     pub proxy: Option<ProxyKind>,
     /// Overrides the scenario's `mesh.mtls`.
     pub mtls: Option<crate::scenario::MtlsSetting>,
+    /// Overrides the scenario's `mesh.capture`.
+    pub capture: Option<crate::scenario::CaptureMode>,
     pub out: Option<PathBuf>,
     pub quick: bool,
     /// Docker backend: leave the containers for debugging.
@@ -88,6 +90,9 @@ pub async fn run(
     shutdown: Shutdown,
 ) -> Result<(Report, PathBuf), Error> {
     let backend = opts.backend.unwrap_or(scenario.backend);
+    if let Some(c) = opts.capture {
+        scenario.mesh.capture = c;
+    }
     if backend == BackendKind::Local {
         if let Some(i) = scenario.steps.iter().position(|s| {
             matches!(
@@ -104,6 +109,12 @@ pub async fn run(
         if !scenario.topology.tenants.is_empty() {
             return Err(Error::BadInput(format!(
                 "{}: topology.tenants (a network per tenant) needs the docker backend (--backend docker); the local backend shares the host's network",
+                scenario.file.display()
+            )));
+        }
+        if scenario.mesh.capture == crate::scenario::CaptureMode::Iptables {
+            return Err(Error::BadInput(format!(
+                "{}: mesh.capture: iptables needs the docker backend (--backend docker): capture rules live in a pod's own network namespace, and local pods share the host's",
                 scenario.file.display()
             )));
         }
@@ -136,6 +147,7 @@ pub async fn run(
         xds: scenario.mesh.xds,
         keep: opts.keep,
         tenants: scenario.topology.tenants.clone(),
+        capture: scenario.mesh.capture == crate::scenario::CaptureMode::Iptables,
     };
     // The effective scenario (defaults applied, --quick and --proxy folded in) beside the report.
     std::fs::create_dir_all(&out)
@@ -276,7 +288,7 @@ impl Runner<'_> {
                 let live = Arc::new(Live::default());
                 let spec = LoadSpec {
                     target: match l.via {
-                        Via::Sidecar => self.b.client_outbound(),
+                        Via::Sidecar => self.b.client_outbound()?,
                         Via::Gateway => self.b.gateway()?,
                         Via::Direct => self.b.direct(&l.target)?,
                     },
@@ -376,17 +388,28 @@ impl Runner<'_> {
         let text = std::fs::read_to_string(file)
             .map_err(|e| Error::BadInput(format!("cannot read {file}: {e}")))?;
         // Probes start before the change so the old rule's traffic is seen first.
-        let probe = self.scenario.probe.clone().map(|p| {
-            let window = p.window.map_or(Duration::from_secs(2), |w| w.0);
-            let target = self.b.client_outbound();
-            tokio::spawn(probe(
-                target,
-                p.target.clone(),
-                p.path.clone(),
-                p.service.clone(),
-                window + Duration::from_millis(300),
-            ))
-        });
+        let probe = self
+            .scenario
+            .probe
+            .clone()
+            .map(|p| {
+                let window = p.window.map_or(Duration::from_secs(2), |w| w.0);
+                // Through the load client's sidecar; with capture, a pod of the target service
+                // (its inbound is captured to its sidecar).
+                let target = self
+                    .b
+                    .client_outbound()
+                    .or_else(|_| self.b.direct(&p.target))
+                    .ok()?;
+                Some(tokio::spawn(probe(
+                    target,
+                    p.target.clone(),
+                    p.path.clone(),
+                    p.service.clone(),
+                    window + Duration::from_millis(300),
+                )))
+            })
+            .flatten();
         if probe.is_some() {
             tokio::time::sleep(Duration::from_millis(300)).await;
         }

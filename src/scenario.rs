@@ -93,6 +93,20 @@ pub struct Mesh {
     /// strict (mutual TLS only).
     #[serde(default)]
     pub mtls: MtlsSetting,
+    /// How apps reach their sidecars: explicit (default: apps send to the sidecar's 15001
+    /// with the service as Host) or iptables (Istio's way, docker backend only: each service
+    /// gets a virtual IP, apps call `SERVICE:PORT` by name and the pod's iptables rules take
+    /// the connections to the sidecar; sidecars get Istio's captured listener layout).
+    #[serde(default)]
+    pub capture: CaptureMode,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CaptureMode {
+    #[default]
+    Explicit,
+    Iptables,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -824,6 +838,7 @@ impl Scenario {
                 debounce: None,
                 xds: Default::default(),
                 mtls: Default::default(),
+                capture: Default::default(),
             }),
             topology,
             probe: raw.probe,

@@ -114,13 +114,23 @@ fn run_scenario(scenario: &Path, out: &Path, extra: &[&str]) -> (Output, serde_j
     (o, report)
 }
 
-fn canary(proxy: &str) {
-    let out = out_dir(proxy);
-    let (o, report) = run_scenario(
-        &root().join("scenarios/bookinfo-canary.yaml"),
-        &out,
-        &["--quick", "--proxy", proxy],
-    );
+/// Capture writes iptables rules into each pod's namespace from this host: root only.
+fn can_capture() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        eprintln!("skipped: mesh.capture: iptables needs root");
+    }
+    root
+}
+
+fn canary(proxy: &str, capture: bool) {
+    let out = out_dir(&format!("{proxy}{}", if capture { "-capture" } else { "" }));
+    let mut args = vec!["--quick", "--proxy", proxy];
+    if capture {
+        args.extend(["--capture", "iptables"]);
+    }
+    let (o, report) = run_scenario(&root().join("scenarios/bookinfo-canary.yaml"), &out, &args);
     let t = text(&o);
     assert_eq!(o.status.code(), Some(0), "{t}");
     assert!(
@@ -148,6 +158,18 @@ fn canary(proxy: &str) {
     // Each container's output was saved before removal.
     assert!(out.join("logs/pilot.log").exists());
     assert!(out.join("logs/reviews-v3-0-sidecar.log").exists());
+    if capture {
+        // The apps know service names only (no sidecar address), and the run says so.
+        let app = std::fs::read_to_string(out.join("logs/productpage-v1-0.log")).unwrap();
+        assert!(
+            app.contains("\"direct\":true") && app.contains("\"sidecar\":null"),
+            "{app}"
+        );
+        let sc: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("scenario.json")).unwrap())
+                .unwrap();
+        assert_eq!(sc["mesh"]["capture"], "iptables");
+    }
     assert!(leftovers().is_empty(), "left: {:?}", leftovers());
     std::fs::remove_dir_all(&out).unwrap();
 }
@@ -158,7 +180,10 @@ fn docker_quick_canary_with_meshbench_proxy() {
     if !engine() {
         return;
     }
-    canary("meshbench");
+    canary("meshbench", false);
+    if can_capture() {
+        canary("meshbench", true);
+    }
 }
 
 #[test]
@@ -167,7 +192,10 @@ fn docker_quick_canary_with_envoy() {
     if !engine() || common::envoy_binary().is_none() {
         return;
     }
-    canary("envoy");
+    canary("envoy", false);
+    if can_capture() {
+        canary("envoy", true);
+    }
 }
 
 /// Istio's bookinfo tasks and the mTLS scenario (meshbench proxy) and the overload scenario
@@ -378,6 +406,27 @@ fn no_engine_is_an_environment_error() {
         "{t}"
     );
     let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn capture_needs_the_docker_backend() {
+    let o = meshbench()
+        .args([
+            "run",
+            root()
+                .join("scenarios/bookinfo-canary.yaml")
+                .to_str()
+                .unwrap(),
+        ])
+        .args(["--backend", "local", "--capture", "iptables"])
+        .output()
+        .unwrap();
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{t}");
+    assert!(
+        t.contains("mesh.capture: iptables needs the docker backend"),
+        "{t}"
+    );
 }
 
 #[test]

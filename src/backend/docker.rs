@@ -128,11 +128,13 @@ impl Containers {
 
 /// How a container joins the network.
 enum Net<'a> {
-    /// Its own namespace on network `net`, at `ip`, with DNS aliases.
+    /// Its own namespace on network `net`, at `ip`, with DNS aliases and /etc/hosts lines
+    /// (`name:ip`; containers that join it share its hosts file).
     Own {
         net: &'a str,
         ip: &'a str,
         aliases: Vec<String>,
+        hosts: Vec<String>,
     },
     /// Another container's namespace (a pod's infra container).
     Join(&'a str),
@@ -162,6 +164,22 @@ pub struct DockerBackend {
 impl DockerBackend {
     /// Connects to the engine, builds (or finds) the images and creates the run's network.
     pub async fn new(opts: Options) -> Result<DockerBackend, Error> {
+        if opts.capture {
+            // SAFETY: geteuid has no preconditions.
+            if unsafe { libc::geteuid() } != 0 {
+                return Err(Error::Environment("mesh.capture: iptables writes each pod's rules from this host (nsenter into the pod's network namespace): run as root on the Docker engine's host".into()));
+            }
+            for tool in ["nsenter", "iptables-restore"] {
+                let found = std::env::var_os("PATH").is_some_and(|paths| {
+                    std::env::split_paths(&paths).any(|d| d.join(tool).is_file())
+                });
+                if !found {
+                    return Err(Error::Environment(format!(
+                        "mesh.capture: iptables needs {tool} on this host (Debian: apt-get install iptables util-linux)"
+                    )));
+                }
+            }
+        }
         let (docker, engine) = connect().await?;
         let image = |b: image::Built| {
             if let Some(s) = b.build_s {
@@ -205,6 +223,63 @@ impl DockerBackend {
             token: crate::pilot::new_token(),
             ca_key: crate::security::Ca::new_key_pem(),
         })
+    }
+
+    /// Istio's proxy_init rules in the pod's network namespace, written from this host with
+    /// `nsenter` into the infra container's namespace: the images hold one binary each (no
+    /// iptables), and this needs only root on the engine's host, which the capture check at
+    /// start asks for.
+    async fn apply_capture(&self, infra: &str, p: &Pod) -> Result<(), Error> {
+        let pid = self
+            .docker
+            .inspect_container(infra, None)
+            .await
+            .map_err(|e| engine_error("inspecting a pod", e))?
+            .state
+            .and_then(|s| s.pid)
+            .filter(|p| *p > 0)
+            .ok_or_else(|| Error::Environment(format!("pod {}: no process id", p.plan.name)))?;
+        let rules = crate::capture::Rules {
+            // The harness reads the sidecar's admin and drives the app's control port.
+            exclude_inbound: vec![
+                crate::proxy::DEFAULT_ADMIN_PORT,
+                crate::workload::CONTROL_PORT,
+            ],
+            exclude_outbound: vec![],
+        }
+        .render();
+        let mut child = tokio::process::Command::new("nsenter")
+            .args([
+                "-t",
+                &pid.to_string(),
+                "-n",
+                "iptables-restore",
+                "--noflush",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| Error::Environment(format!("nsenter: {e}")))?;
+        use tokio::io::AsyncWriteExt;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(rules.as_bytes())
+                .await
+                .map_err(|e| Error::Environment(format!("iptables-restore: {e}")))?;
+        }
+        let out = child
+            .wait_with_output()
+            .await
+            .map_err(|e| Error::Environment(format!("iptables-restore: {e}")))?;
+        if !out.status.success() {
+            return Err(Error::Environment(format!(
+                "pod {}: iptables-restore in its namespace failed: {}",
+                p.plan.name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(())
     }
 
     fn pilot_ip(&self) -> String {
@@ -268,7 +343,7 @@ impl DockerBackend {
         cmd: &[String],
         net: Net<'_>,
     ) -> Result<String, Error> {
-        self.run_with_env(name, role, image, entrypoint, cmd, &[], net)
+        self.run_with_env(name, role, image, entrypoint, cmd, &[], net, None)
             .await
     }
 
@@ -283,6 +358,7 @@ impl DockerBackend {
         cmd: &[String],
         env: &[(String, String)],
         net: Net<'_>,
+        user: Option<u32>,
     ) -> Result<String, Error> {
         let full_name = format!("mb-{}-{name}", self.opts.run_id);
         let labels = HashMap::from([
@@ -290,24 +366,33 @@ impl DockerBackend {
             ("meshbench.role".to_string(), role.to_string()),
             ("meshbench.name".to_string(), name.to_string()),
         ]);
+        let mut extra_hosts = None;
         let (network_mode, networking_config, hostname) = match net {
-            Net::Own { net, ip, aliases } => (
-                net.to_string(),
-                Some(NetworkingConfig {
-                    endpoints_config: Some(HashMap::from([(
-                        net.to_string(),
-                        EndpointSettings {
-                            ipam_config: Some(EndpointIpamConfig {
-                                ipv4_address: Some(ip.to_string()),
+            Net::Own {
+                net,
+                ip,
+                aliases,
+                hosts,
+            } => {
+                extra_hosts = Some(hosts).filter(|h| !h.is_empty());
+                (
+                    net.to_string(),
+                    Some(NetworkingConfig {
+                        endpoints_config: Some(HashMap::from([(
+                            net.to_string(),
+                            EndpointSettings {
+                                ipam_config: Some(EndpointIpamConfig {
+                                    ipv4_address: Some(ip.to_string()),
+                                    ..Default::default()
+                                }),
+                                aliases: Some(aliases),
                                 ..Default::default()
-                            }),
-                            aliases: Some(aliases),
-                            ..Default::default()
-                        },
-                    )])),
-                }),
-                Some(name.to_string()),
-            ),
+                            },
+                        )])),
+                    }),
+                    Some(name.to_string()),
+                )
+            }
             Net::Join(infra) => (format!("container:{infra}"), None, None),
         };
         let body = ContainerCreateBody {
@@ -315,6 +400,7 @@ impl DockerBackend {
             entrypoint: Some(vec![entrypoint.to_string()]),
             cmd: Some(cmd.to_vec()),
             hostname,
+            user: user.map(|u| format!("{u}:{u}")),
             env: Some(
                 std::iter::once(format!("{}={}", RUN_ENV, self.opts.run_id))
                     .chain(env.iter().map(|(k, v)| format!("{k}={v}")))
@@ -323,6 +409,7 @@ impl DockerBackend {
             labels: Some(labels),
             host_config: Some(HostConfig {
                 network_mode: Some(network_mode),
+                extra_hosts,
                 ..Default::default()
             }),
             networking_config,
@@ -391,6 +478,17 @@ impl Backend for DockerBackend {
     fn pod_limit(&self) -> usize {
         POD_LIMIT
     }
+    fn capture(&self) -> bool {
+        self.opts.capture
+    }
+
+    /// Service VIPs: 10.214.N.(k+1), N being the run's /24 of 10.213.0.0/16 (never routed:
+    /// the pods' capture rules take every connection to them to the sidecar).
+    fn service_ip(&self, k: usize) -> Option<String> {
+        let n = self.base.strip_prefix("10.213.")?;
+        (k < 254).then(|| format!("10.214.{n}.{}", k + 1))
+    }
+
     fn pod_addr(&self, k: usize, plan: &super::PodPlan) -> PodAddr {
         PodAddr {
             pod_ip: format!("{}.{}", self.net_of(&plan.namespace).1, 10 + k),
@@ -446,7 +544,9 @@ impl Backend for DockerBackend {
                     net: &self.network,
                     ip: &ip,
                     aliases: vec!["pilot".into(), "istiod".into()],
+                    hosts: vec![],
                 },
+                None,
             )
             .await?;
         // Pilot serves every tenant's sidecars on that tenant's network.
@@ -489,12 +589,18 @@ impl Backend for DockerBackend {
         let name = &p.plan.name;
         let s = &p.plan.service;
         let ns = &p.plan.namespace;
-        let aliases = vec![
-            name.clone(),
-            s.clone(),
-            format!("{s}.{ns}"),
-            format!("{s}.{ns}.svc.cluster.local"),
-        ];
+        // With capture, service names are the VIPs' (hosts file), not the pods' (DNS).
+        let aliases = if self.opts.capture {
+            vec![name.clone()]
+        } else {
+            vec![
+                name.clone(),
+                s.clone(),
+                format!("{s}.{ns}"),
+                format!("{s}.{ns}.svc.cluster.local"),
+            ]
+        };
+        let hosts: Vec<String> = p.hosts.iter().map(|(h, ip)| format!("{h}:{ip}")).collect();
         let infra = self
             .run(
                 name,
@@ -506,9 +612,14 @@ impl Backend for DockerBackend {
                     net: self.net_of(ns).0,
                     ip: &p.addr.pod_ip,
                     aliases: aliases.clone(),
+                    hosts,
                 },
             )
             .await?;
+        if p.capture {
+            // proxy_init's job, before the app and the sidecar start.
+            self.apply_capture(&infra, p).await?;
+        }
         // Gateways and the load client are the mesh's entry points: they reach every tenant.
         if p.plan.gateway || p.plan.is_load_client() {
             let last = p
@@ -538,6 +649,7 @@ impl Backend for DockerBackend {
                     &args,
                     &workload_env(p),
                     Net::Join(&infra),
+                    None,
                 )
                 .await?,
             );
@@ -555,6 +667,7 @@ impl Backend for DockerBackend {
                     &args,
                     &p.xds_tls_env(),
                     Net::Join(&infra),
+                    p.capture.then_some(crate::capture::PROXY_UID),
                 )
                 .await?
             }
@@ -565,13 +678,15 @@ impl Backend for DockerBackend {
                     bootstrap.to_json_with_tls(p.xds_tls.as_ref()).to_string(),
                 ];
                 args.extend(ENVOY_ARGS.map(String::from));
-                self.run(
+                self.run_with_env(
                     &sidecar_name,
                     "sidecar",
                     envoy_image,
                     "/envoy",
                     &args,
+                    &[],
                     Net::Join(&infra),
+                    p.capture.then_some(crate::capture::PROXY_UID),
                 )
                 .await?
             }

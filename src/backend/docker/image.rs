@@ -108,6 +108,9 @@ fn rootfs(binary: &Path, dest: &str) -> Result<BTreeMap<String, Vec<u8>>, Error>
     };
     let mut files = BTreeMap::new();
     files.insert(dest.to_string(), read(binary)?);
+    // Names resolve from the hosts file first (captured pods map service names to VIPs
+    // there; without this file glibc asks DNS first).
+    files.insert("/etc/nsswitch.conf".into(), b"hosts: files dns\n".to_vec());
     for lib in shared_libraries(binary)? {
         let content = read(&lib)?;
         files.insert(lib.to_string_lossy().into_owned(), content);
