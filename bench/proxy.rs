@@ -80,6 +80,7 @@ fn bench(c: &mut Criterion) {
             tls_matches: vec![],
             tls_default: false,
             original_dst: false,
+            bind_source: None,
         };
         let cluster = Cluster::new(cfg, None);
         g.bench_function(format!("cluster_pick_{name}_100_hosts"), |b| {

@@ -68,20 +68,53 @@ pub struct Stats {
     pub draining: AtomicBool,
 }
 
-/// Writes `name` in `dir` readable by the proxy's user only (it may hold a private key).
+/// Writes `name` in `dir` (the agent's own directory, which the proxy's user cannot write)
+/// readable by the proxy's user only (it may hold a private key): created afresh with mode
+/// 0600 without following links, given to the user by its descriptor, then renamed in place.
 fn write_private(dir: &Path, name: &str, text: &str, uid: Option<u32>) -> Result<PathBuf, String> {
-    use std::os::unix::fs::PermissionsExt;
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join(name);
     let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, text).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| format!("{}: {e}", tmp.display()))?;
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+        .map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
     if let Some(u) = uid {
-        std::os::unix::fs::chown(&tmp, Some(u), Some(u))
+        std::os::unix::fs::fchown(&f, Some(u), Some(u))
             .map_err(|e| format!("cannot give {} to uid {u}: {e}", tmp.display()))?;
     }
+    f.write_all(text.as_bytes())
+        .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
     std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(path)
+}
+
+/// A directory of ours: created (0755) if missing, refused if it is a link or someone else's.
+fn own_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    if let Err(e) = std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)
+    {
+        return Err(format!("{}: {e}", dir.display()));
+    }
+    let m = std::fs::symlink_metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if !m.is_dir() || m.uid() != me {
+        return Err(format!(
+            "{} is not a directory of this user (a link, or owned by uid {}): choose another --dir",
+            dir.display(),
+            m.uid()
+        ));
+    }
+    Ok(())
 }
 
 fn read_material(files: &[PathBuf; 3]) -> Result<crate::security::Material, String> {
@@ -121,8 +154,9 @@ fn spawn(cfg: &Config, epoch: u64, path: &Path) -> Result<tokio::process::Child,
                 .args(["--parent-shutdown-time-s", &(drain + 5).to_string()])
                 .args(["--concurrency", &cfg.concurrency.to_string()])
                 .args(["--log-level", "warn"]);
-            // Parent and child share a base id: chosen at epoch 0, read back after.
-            let base = cfg.dir.join("base-id");
+            // Parent and child share a base id: chosen at epoch 0, read back after (Envoy,
+            // as the proxy's user, writes it in a directory of its own).
+            let base = cfg.dir.join("proxy").join("base-id");
             match std::fs::read_to_string(&base).ok().filter(|_| epoch > 0) {
                 Some(id) => {
                     c.args(["--base-id", id.trim()]);
@@ -156,11 +190,13 @@ fn spawn(cfg: &Config, epoch: u64, path: &Path) -> Result<tokio::process::Child,
 /// `readiness`, then the drain.
 pub async fn run(cfg: Config, readiness: TcpListener, shutdown: Shutdown) -> Result<(), String> {
     use tokio::signal::unix::{signal, SignalKind};
-    std::fs::create_dir_all(&cfg.dir).map_err(|e| format!("{}: {e}", cfg.dir.display()))?;
+    own_dir(&cfg.dir)?;
+    let proxy_dir = cfg.dir.join("proxy");
+    own_dir(&proxy_dir)?;
     if let Some(u) = cfg.uid {
-        // Envoy (as the proxy user) writes its base id here.
-        std::os::unix::fs::chown(&cfg.dir, Some(u), Some(u))
-            .map_err(|e| format!("cannot give {} to uid {u}: {e}", cfg.dir.display()))?;
+        // Envoy (as the proxy's user) writes its base id there; nothing else is.
+        std::os::unix::fs::chown(&proxy_dir, Some(u), Some(u))
+            .map_err(|e| format!("cannot give {} to uid {u}: {e}", proxy_dir.display()))?;
     }
     let stats = Arc::new(Stats::default());
     let admin = cfg.bootstrap.admin;
@@ -176,8 +212,9 @@ pub async fn run(cfg: Config, readiness: TcpListener, shutdown: Shutdown) -> Res
     stats.starts.fetch_add(1, Relaxed);
     let mut started = Instant::now();
     let mut backoff = BACKOFF_FIRST;
-    // Envoy parents draining after a hot restart (they exit by themselves).
+    // Envoy parents draining after a hot restart (they exit by themselves); reaped each tick.
     let mut parents: Vec<tokio::process::Child> = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         parents.retain_mut(|p| matches!(p.try_wait(), Ok(None)));
         tokio::select! {
@@ -186,30 +223,38 @@ pub async fn run(cfg: Config, readiness: TcpListener, shutdown: Shutdown) -> Res
                 if started.elapsed() > BACKOFF_MAX {
                     backoff = BACKOFF_FIRST;
                 }
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = shutdown.clone().wait() => return Ok(()),
-                }
-                backoff = (backoff * 2).min(BACKOFF_MAX);
-                // A dead proxy leaves no parent to take sockets from: a fresh epoch 0 (its
-                // sockets were closed with it), unless a parent is still draining.
-                if parents.is_empty() {
-                    epoch = 0;
-                    let _ = std::fs::remove_file(cfg.dir.join("base-id"));
-                } else {
-                    epoch += 1;
+                // Start again until it starts (a failed start waits longer each time).
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.clone().wait() => return Ok(()),
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    // A dead proxy leaves no parent to take sockets from: epoch 0 with a
+                    // new base id (parents still draining keep theirs).
+                    let _ = std::fs::remove_file(cfg.dir.join("proxy").join("base-id"));
+                    match write_bootstrap(&cfg, 0).and_then(|p| spawn(&cfg, 0, &p)) {
+                        Ok(c) => {
+                            child = c;
+                            epoch = 0;
+                            break;
+                        }
+                        Err(e) => tracing::warn!("{e}; trying again in {backoff:?}"),
+                    }
                 }
                 stats.epoch.store(epoch, Relaxed);
-                child = spawn(&cfg, epoch, &write_bootstrap(&cfg, epoch)?)?;
                 stats.starts.fetch_add(1, Relaxed);
                 stats.restarts.fetch_add(1, Relaxed);
                 started = Instant::now();
             }
             _ = hup.recv() => {
-                stats.hot_restarts.fetch_add(1, Relaxed);
-                epoch += 1;
-                stats.epoch.store(epoch, Relaxed);
-                let path = match write_bootstrap(&cfg, epoch) {
+                if matches!(cfg.kind, Kind::Envoy(_)) && !parents.is_empty() {
+                    // Envoy takes one parent at a time.
+                    tracing::warn!("SIGHUP during a hot restart: ignored (the parent is still draining)");
+                    continue;
+                }
+                let next = epoch + 1;
+                let path = match write_bootstrap(&cfg, next) {
                     Ok(p) => p,
                     Err(e) => {
                         tracing::warn!("SIGHUP: {e}; keeping the running proxy");
@@ -217,22 +262,31 @@ pub async fn run(cfg: Config, readiness: TcpListener, shutdown: Shutdown) -> Res
                     }
                 };
                 match &cfg.kind {
-                    Kind::Envoy(_) => {
-                        tracing::info!("hot restart: epoch {epoch}");
-                        let next = spawn(&cfg, epoch, &path)?;
-                        stats.starts.fetch_add(1, Relaxed);
-                        parents.push(std::mem::replace(&mut child, next));
-                        started = Instant::now();
-                    }
+                    Kind::Envoy(_) => match spawn(&cfg, next, &path) {
+                        Ok(c) => {
+                            tracing::info!("hot restart: epoch {next}");
+                            parents.push(std::mem::replace(&mut child, c));
+                            stats.starts.fetch_add(1, Relaxed);
+                            started = Instant::now();
+                        }
+                        Err(e) => {
+                            tracing::warn!("hot restart: {e}; keeping the running proxy");
+                            continue;
+                        }
+                    },
                     Kind::Meshbench(_) => {
-                        tracing::info!("reload: bootstrap rev {epoch}");
+                        tracing::info!("reload: bootstrap rev {next}");
                         if let Some(pid) = child.id() {
                             // SAFETY: a signal to our own child.
                             unsafe { libc::kill(pid as i32, libc::SIGHUP) };
                         }
                     }
                 }
+                epoch = next;
+                stats.epoch.store(epoch, Relaxed);
+                stats.hot_restarts.fetch_add(1, Relaxed);
             }
+            _ = tick.tick() => {}
             _ = shutdown.clone().wait() => break,
         }
     }

@@ -85,6 +85,11 @@ pub const FAULT_FILTER: &str = "envoy.filters.http.fault";
 pub const ROUTER_FILTER: &str = "envoy.filters.http.router";
 pub const LOCAL_RATE_LIMIT_FILTER: &str = "envoy.filters.http.local_ratelimit";
 pub const HCM_FILTER: &str = "envoy.filters.network.http_connection_manager";
+pub const TCP_PROXY_FILTER: &str = "envoy.filters.network.tcp_proxy";
+pub const ORIGINAL_DST_FILTER: &str = "envoy.filters.listener.original_dst";
+/// Where a captured sidecar's inbound passthrough connections come from (Istio's): the
+/// capture rules let loopback traffic from it through instead of capturing it again.
+pub const INBOUND_PASSTHROUGH_SOURCE: &str = "127.0.0.6";
 
 /// One encoded resource with a content hash (the per-resource version).
 #[derive(Clone, Debug)]

@@ -273,7 +273,10 @@ spec:
     let routes = meshbench::xds::route::route_configs(&mesh);
     let rc =
         <envoy_types::pb::envoy::config::route::v3::RouteConfiguration as prost::Message>::decode(
-            routes.values().next().unwrap().any.value.as_slice(),
+            routes[meshbench::xds::OUTBOUND_ROUTE_NAME]
+                .any
+                .value
+                .as_slice(),
         )
         .unwrap();
     let text = format!("{rc:?}");

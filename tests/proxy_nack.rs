@@ -202,7 +202,14 @@ async fn bad_resources_are_nacked_precisely_and_the_last_good_config_serves() {
     );
     script.set(
         ROUTE_TYPE,
-        snapshot.routes.values().map(|r| r.any.clone()).collect(),
+        // The explicit layout's one route configuration (the per-port ones are for captured
+        // sidecars).
+        snapshot
+            .routes
+            .get(meshbench::xds::OUTBOUND_ROUTE_NAME)
+            .map(|r| r.any.clone())
+            .into_iter()
+            .collect(),
     );
     let sock = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let xds = sock.local_addr().unwrap();

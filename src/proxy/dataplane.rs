@@ -43,12 +43,12 @@ pub async fn sync_listeners(
         .iter()
         .map(|(n, (a, _))| (n.clone(), *a))
         .collect();
-    if proxy.draining.load(Relaxed) {
-        // Draining: what is bound stays as it is (or stopped); nothing new is bound.
-        return Ok(());
-    }
     let mut new = Vec::new();
-    for (name, l) in wanted.iter().filter(|(_, l)| l.bind) {
+    // A drained listener is not bound again.
+    for (name, l) in wanted
+        .iter()
+        .filter(|(n, l)| l.bind && !proxy.is_drained(n))
+    {
         if current.get(name) == Some(&l.addr) {
             continue;
         }
@@ -75,7 +75,7 @@ pub async fn sync_listeners(
         bound.insert(name, (addr, trigger));
     }
     bound.retain(|name, (_, t)| {
-        let keep = wanted.get(name).is_some_and(|l| l.bind);
+        let keep = wanted.get(name).is_some_and(|l| l.bind) && !proxy.is_drained(name);
         if !keep {
             t.fire();
         }
@@ -143,8 +143,6 @@ pub async fn serve_listener(
     while let Some(Ok(conn)) = conns.next().await {
         let _ = conn.stream.set_nodelay(true);
         let Ok(conn) = conn.detach() else { continue };
-        stats.downstream_cx_total.fetch_add(1, Relaxed);
-        stats.downstream_cx_active.fetch_add(1, Relaxed);
         let (p, mut name, mut stats, builder, mut lstats) = (
             proxy.clone(),
             name.clone(),
@@ -164,74 +162,91 @@ pub async fn serve_listener(
                         .listeners
                         .get(&to)
                         .map_or_else(|| to.clone(), |l| l.stat_prefix.clone());
-                    stats.downstream_cx_total.fetch_sub(1, Relaxed);
-                    stats.downstream_cx_active.fetch_sub(1, Relaxed);
                     stats = p.http_stats(&prefix);
-                    stats.downstream_cx_total.fetch_add(1, Relaxed);
-                    stats.downstream_cx_active.fetch_add(1, Relaxed);
                     lstats = p.listener_stats(&to);
                     name = to;
                     dst = Some(original);
                 }
-                let tcp = p
+                // Counted where it was handed, once.
+                stats.downstream_cx_total.fetch_add(1, Relaxed);
+                stats.downstream_cx_active.fetch_add(1, Relaxed);
+                let (tcp, no_chain) = p
                     .state()
                     .listeners
                     .get(&name)
-                    .and_then(|l| l.tcp_proxy.clone());
-                if let Some(cluster) = tcp {
+                    .map_or((None, true), |l| (l.tcp_proxy.clone(), l.no_chain));
+                if no_chain {
+                    lstats.no_filter_chain_match.fetch_add(1, Relaxed);
+                } else if let Some(cluster) = tcp {
                     if let Some(dst) = dst.or(conn.local) {
                         tcp_proxy(&p, &cluster, dst, conn).await;
                     }
-                    stats.downstream_cx_active.fetch_sub(1, Relaxed);
-                    return;
+                } else {
+                    serve(&p, &name, &stats, &builder, &lstats, conn).await;
                 }
-                let tls = p
-                    .state()
-                    .listeners
-                    .get(&name)
-                    .map(|l| (l.tls.clone(), l.plaintext));
-                // `Some`: a TLS connection (with the identity its client proved, if any);
-                // plaintext requests carry nothing, so they pay no extension insert.
-                let svc = |tls: Option<Option<Arc<str>>>| {
-                    let (p, name, stats) = (p.clone(), name.clone(), stats.clone());
-                    hyper::service::service_fn(move |mut req: Request<Incoming>| {
-                        let (proxy, name, stats) = (p.clone(), name.clone(), stats.clone());
-                        if let Some(id) = &tls {
-                            req.extensions_mut().insert(path::PeerIdentity(id.clone()));
-                        }
-                        async move { Ok::<_, Infallible>(handle(&proxy, &name, &stats, req).await) }
-                    })
-                };
-                match tls {
-                    Some((Some(t), plaintext)) => {
-                        match secure(&p, &lstats, conn, &t, plaintext).await {
-                            Some(Accepted::Tls(s)) => {
-                                let peer = s
-                                    .get_ref()
-                                    .1
-                                    .peer_certificates()
-                                    .and_then(|c| c.first())
-                                    .and_then(|c| crate::security::uri_san(c))
-                                    .map(Arc::from);
-                                let _ = builder
-                                    .serve_connection(TokioIo::new(s), svc(Some(peer)))
-                                    .await;
-                            }
-                            Some(Accepted::Plain(c)) => {
-                                let _ = builder.serve_connection(TokioIo::new(c), svc(None)).await;
-                            }
-                            None => {}
-                        }
+                stats.downstream_cx_active.fetch_sub(1, Relaxed);
+            }
+        });
+    }
+}
+
+/// HTTP on one connection of listener `name` (TLS first when its chain has it).
+async fn serve(
+    p: &Arc<Proxy>,
+    name: &str,
+    stats: &Arc<HttpStats>,
+    builder: &hyper_util::server::conn::auto::Builder<TokioExecutor>,
+    lstats: &ListenerStats,
+    conn: net::Conn,
+) {
+    let name = name.to_string();
+    {
+        {
+            let tls = p
+                .state()
+                .listeners
+                .get(&name)
+                .map(|l| (l.tls.clone(), l.plaintext));
+            // `Some`: a TLS connection (with the identity its client proved, if any);
+            // plaintext requests carry nothing, so they pay no extension insert.
+            let svc = |tls: Option<Option<Arc<str>>>| {
+                let (p, name, stats) = (p.clone(), name.clone(), stats.clone());
+                hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                    let (proxy, name, stats) = (p.clone(), name.clone(), stats.clone());
+                    if let Some(id) = &tls {
+                        req.extensions_mut().insert(path::PeerIdentity(id.clone()));
                     }
-                    _ => {
-                        let _ = builder
-                            .serve_connection(TokioIo::new(conn), svc(None))
-                            .await;
+                    async move { Ok::<_, Infallible>(handle(&proxy, &name, &stats, req).await) }
+                })
+            };
+            match tls {
+                Some((Some(t), plaintext)) => {
+                    match secure(&p, &lstats, conn, &t, plaintext).await {
+                        Some(Accepted::Tls(s)) => {
+                            let peer = s
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|c| c.first())
+                                .and_then(|c| crate::security::uri_san(c))
+                                .map(Arc::from);
+                            let _ = builder
+                                .serve_connection(TokioIo::new(s), svc(Some(peer)))
+                                .await;
+                        }
+                        Some(Accepted::Plain(c)) => {
+                            let _ = builder.serve_connection(TokioIo::new(c), svc(None)).await;
+                        }
+                        None => {}
                     }
+                }
+                _ => {
+                    let _ = builder
+                        .serve_connection(TokioIo::new(conn), svc(None))
+                        .await;
                 }
             }
-            stats.downstream_cx_active.fetch_sub(1, Relaxed);
-        });
+        }
     }
 }
 
@@ -286,21 +301,29 @@ async fn tcp_proxy(proxy: &Proxy, cluster: &str, dst: SocketAddr, mut conn: net:
             return;
         };
         if c.cfg.original_dst {
-            Some((dst, c.cfg.connect_timeout))
+            Some((dst, c.cfg.connect_timeout, c.cfg.bind_source))
         } else {
-            c.pick().map(|h| (h.addr, c.cfg.connect_timeout))
+            c.pick().map(|h| (h.addr, c.cfg.connect_timeout, None))
         }
     };
-    let Some((target, timeout)) = target else {
+    let Some((target, timeout, bind)) = target else {
         return;
     };
     // A connection sent back to where it came from would loop forever.
     if conn.local == Some(target) {
         return;
     }
-    let Ok(Ok(mut up)) =
-        tokio::time::timeout(timeout, tokio::net::TcpStream::connect(target)).await
-    else {
+    let connect = async {
+        let sock = match target {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        if let Some(ip) = bind {
+            sock.bind(SocketAddr::new(ip, 0))?;
+        }
+        sock.connect(target).await
+    };
+    let Ok(Ok(mut up)) = tokio::time::timeout(timeout, connect).await else {
         return;
     };
     let _ = up.set_nodelay(true);
@@ -368,7 +391,7 @@ pub async fn handle(
 ) -> Response<ProxyBody> {
     stats.downstream_rq_total.fetch_add(1, Relaxed);
     let mut resp = path::serve(proxy.state(), listener, stats, &Pooled, req).await;
-    if proxy.draining.load(Relaxed) {
+    if proxy.is_drained(listener) {
         // Draining: the client opens its next request elsewhere.
         resp.headers_mut().insert(
             http::header::CONNECTION,

@@ -84,28 +84,29 @@ fn has_escaped_slash(path: &str) -> bool {
 
 fn unescape_slashes(path: &str) -> String {
     let b = path.as_bytes();
-    let mut out = String::with_capacity(path.len());
+    let mut out: Vec<u8> = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' && i + 2 < b.len() {
             match (b[i + 1], b[i + 2] | 0x20) {
                 (b'2', b'f') => {
-                    out.push('/');
+                    out.push(b'/');
                     i += 3;
                     continue;
                 }
                 (b'5', b'c') => {
-                    out.push('\\');
+                    out.push(b'\\');
                     i += 3;
                     continue;
                 }
                 _ => {}
             }
         }
-        out.push(b[i] as char);
+        out.push(b[i]);
         i += 1;
     }
-    out
+    // Only ASCII escapes were replaced by ASCII bytes: still UTF-8.
+    String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 fn merge_slashes(path: &str) -> String {

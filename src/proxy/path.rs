@@ -873,6 +873,7 @@ mod tests {
             tls_matches: vec![],
             tls_default: false,
             original_dst: false,
+            bind_source: None,
         };
         Arc::new(Cluster::new(cfg, None))
     }

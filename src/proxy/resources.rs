@@ -110,13 +110,15 @@ pub struct ListenerCfg {
     pub by_port: HashMap<u16, String>,
     /// A `tcp_proxy` chain (no HTTP): the cluster its connections go to.
     pub tcp_proxy: Option<String>,
+    /// No chain takes what arrives here (only port-matched chains): connections are closed,
+    /// as Envoy closes a connection no filter chain matches.
+    pub no_chain: bool,
 }
 
 const TLS_INSPECTOR: &str = "envoy.filters.listener.tls_inspector";
-const ORIGINAL_DST_FILTER: &str = "envoy.filters.listener.original_dst";
+use crate::xds::{ORIGINAL_DST_FILTER, TCP_PROXY_FILTER};
 const ORIGINAL_DST_TYPE: &str =
     "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst";
-const TCP_PROXY_FILTER: &str = "envoy.filters.network.tcp_proxy";
 const TCP_PROXY_TYPE: &str =
     "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
 const TLS_INSPECTOR_TYPE: &str =
@@ -297,7 +299,10 @@ pub fn listeners(
     let mut main = match groups.get(&None) {
         Some(group) => chain_group(&l.name, addr, group, inspector, stats)?,
         // Only port-matched chains: other connections find no chain and are closed.
-        None => ListenerCfg::closed(&l.name, addr),
+        None => ListenerCfg {
+            no_chain: true,
+            ..ListenerCfg::closed(&l.name, addr)
+        },
     };
     main.bind = l.bind_to_port.as_ref().is_none_or(|b| b.value);
     main.use_original_dst = l.use_original_dst.as_ref().is_some_and(|b| b.value);
@@ -327,6 +332,7 @@ impl ListenerCfg {
             original_dst: false,
             by_port: HashMap::new(),
             tcp_proxy: None,
+            no_chain: false,
         }
     }
 }
@@ -1246,6 +1252,8 @@ pub struct ClusterCfg {
     pub tls_default: bool,
     /// ORIGINAL_DST: no endpoints; a `tcp_proxy` connection goes to its original destination.
     pub original_dst: bool,
+    /// `upstream_bind_config.source_address` (ORIGINAL_DST clusters): connections come from it.
+    pub bind_source: Option<std::net::IpAddr>,
 }
 
 impl ClusterCfg {
@@ -1385,10 +1393,27 @@ pub fn cluster(c: &cluster::Cluster) -> Result<ClusterCfg, Reject> {
         }
     };
     let (tls, tls_matches, tls_default) = cluster_transport(c)?;
+    // An ORIGINAL_DST cluster may say where its connections come from (istiod's inbound
+    // passthrough binds 127.0.0.6); nothing else of a bind config is run.
+    let bind_source = match &c.upstream_bind_config {
+        Some(b) if original_dst => {
+            let only_source = core::BindConfig {
+                source_address: b.source_address.clone(),
+                ..Default::default()
+            };
+            let sa = b
+                .source_address
+                .as_ref()
+                .filter(|_| *b == only_source)
+                .ok_or_else(|| err("upstream_bind_config: only source_address is supported"))?;
+            Some(socket_addr(sa)?.ip())
+        }
+        _ => None,
+    };
     if !c.health_checks.is_empty()
         || c.lb_subset_config.is_some()
         || c.load_balancing_policy.is_some()
-        || c.upstream_bind_config.is_some()
+        || (c.upstream_bind_config.is_some() && !original_dst)
     {
         return Err(err(
             "health checks, subset LB, load_balancing_policy and bind config are not supported",
@@ -1512,6 +1537,7 @@ pub fn cluster(c: &cluster::Cluster) -> Result<ClusterCfg, Reject> {
         tls_matches,
         tls_default,
         original_dst,
+        bind_source,
     })
 }
 

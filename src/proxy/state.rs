@@ -120,8 +120,10 @@ pub struct Proxy {
     /// current stream so the next one uses the new target.
     xds_target: RwLock<XdsTarget>,
     pub(crate) xds_reload: tokio::sync::Notify,
-    /// `/drain_listeners` was called: no new connections, answers close theirs.
+    /// `/drain_listeners` was called: the listeners it drained take no new connections
+    /// (LDS does not bind them again) and their answers close their connections.
     pub draining: AtomicBool,
+    pub drained: RwLock<std::collections::HashSet<String>>,
 }
 
 /// The ADS server and how to reach it.
@@ -158,32 +160,43 @@ impl Proxy {
             }),
             xds_reload: tokio::sync::Notify::new(),
             draining: AtomicBool::new(false),
+            drained: RwLock::default(),
         })
     }
 
     /// Stops accepting on every bound listener (inbound ones only: those whose stat prefix
     /// says inbound, as Envoy's traffic direction); LDS binds nothing more while draining.
     pub fn drain_listeners(&self, inbound_only: bool) {
-        self.draining
-            .store(true, std::sync::atomic::Ordering::Relaxed);
         let state = self.state();
         let inbound = |name: &str| {
-            state.listeners.get(name).is_some_and(|l| {
-                l.stat_prefix.starts_with("inbound")
-                    || l.name == crate::xds::listener::VIRTUAL_INBOUND
-            })
+            name == crate::xds::listener::VIRTUAL_INBOUND
+                || name.starts_with(&format!("{}|", crate::xds::listener::VIRTUAL_INBOUND))
+                || state
+                    .listeners
+                    .get(name)
+                    .is_some_and(|l| l.stat_prefix.starts_with("inbound"))
         };
-        let mut bound = self.bound.lock().unwrap();
-        let names: Vec<String> = bound
+        let names: Vec<String> = state
+            .listeners
             .keys()
             .filter(|n| !inbound_only || inbound(n))
             .cloned()
             .collect();
+        self.drained.write().unwrap().extend(names.iter().cloned());
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut bound = self.bound.lock().unwrap();
         for n in names {
             if let Some((_, t)) = bound.remove(&n) {
                 t.fire();
             }
         }
+    }
+
+    /// Whether `listener` was drained (a cheap check until a drain begins).
+    pub fn is_drained(&self, listener: &str) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Relaxed)
+            && self.drained.read().unwrap().contains(listener)
     }
 
     /// Where ADS goes now.

@@ -274,6 +274,9 @@ mod tests {
         let plain = parse(&b.to_json()).unwrap();
         assert!(plain.tls.is_none());
         let err = parse(&serde_json::json!({"node": {"id": "x"}})).unwrap_err();
-        assert!(err.starts_with("bootstrap: /") && err.contains("missing"), "{err}");
+        assert!(
+            err.starts_with("bootstrap: /") && err.contains("missing"),
+            "{err}"
+        );
     }
 }

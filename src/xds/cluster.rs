@@ -217,6 +217,19 @@ pub fn passthrough_clusters() -> Vec<Resource> {
     ]
     .into_iter()
     .map(|name| {
+        // Inbound passthrough connects from 127.0.0.6, which the capture rules let through
+        // (from the sidecar's uid to the pod's own address would be captured again: a loop).
+        let upstream_bind_config = (name == super::listener::INBOUND_PASSTHROUGH_CLUSTER)
+            .then(|| envoy_types::pb::envoy::config::core::v3::BindConfig {
+                source_address: Some(envoy_types::pb::envoy::config::core::v3::SocketAddress {
+                    address: INBOUND_PASSTHROUGH_SOURCE.into(),
+                    port_specifier: Some(
+                        envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier::PortValue(0),
+                    ),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
         Resource::new(
             name,
             Cluster {
@@ -226,6 +239,7 @@ pub fn passthrough_clusters() -> Vec<Resource> {
                 )),
                 lb_policy: cluster::cluster::LbPolicy::ClusterProvided as i32,
                 connect_timeout: Some(pb_duration(DEFAULT_CONNECT_TIMEOUT)),
+                upstream_bind_config,
                 ..Default::default()
             },
         )

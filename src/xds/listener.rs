@@ -61,6 +61,14 @@ pub fn listeners(mesh: &Mesh, node: &NodeInfo) -> Vec<Resource> {
                 &filter_limits(false, Some(port)),
             ));
         }
+        // Ports no Service declares pass through only where nothing is enforced: not
+        // under STRICT, and not when an AuthorizationPolicy applies (Istio puts mTLS and
+        // network RBAC on its passthrough chains; meshbench has neither, so it refuses).
+        let enforced = mesh.mtls_mode(&node.namespace, &node.labels, 0) == MtlsMode::Strict
+            || mesh
+                .authorization_for(&node.namespace, &node.labels)
+                .next()
+                .is_some();
         let inbound = inbound_ports(mesh, node)
             .into_iter()
             .map(|port| {
@@ -83,7 +91,7 @@ pub fn listeners(mesh: &Mesh, node: &NodeInfo) -> Vec<Resource> {
                 )
             })
             .collect();
-        out.push(virtual_inbound(inbound));
+        out.push(virtual_inbound(inbound, !enforced));
         return out;
     }
     let mut out = vec![outbound_listener(ip, &filter_limits(false, None))];
@@ -166,8 +174,6 @@ pub const VIRTUAL_INBOUND: &str = "virtualInbound";
 pub use crate::capture::INBOUND_CAPTURE_PORT;
 pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
 pub const INBOUND_PASSTHROUGH_CLUSTER: &str = "InboundPassthroughCluster";
-const ORIGINAL_DST_FILTER: &str = "envoy.filters.listener.original_dst";
-const TCP_PROXY_FILTER: &str = "envoy.filters.network.tcp_proxy";
 
 fn tcp_proxy_chain(name: &str, cluster: &str) -> listener::FilterChain {
     use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{
@@ -233,8 +239,8 @@ pub fn outbound_port_listener(port: u16, limits: &[&LocalRateLimitSpec]) -> Reso
 
 /// `virtualInbound`: 0.0.0.0:15006 with the `original_dst` listener filter; each inbound
 /// port's chains (as the explicit layout's inbound listener has them, TLS split included)
-/// matched by destination port, and a passthrough chain for any other port.
-fn virtual_inbound(ports: Vec<(u16, Listener)>) -> Resource {
+/// matched by destination port, and (`passthrough`) a chain for any other port.
+fn virtual_inbound(ports: Vec<(u16, Listener)>, passthrough: bool) -> Resource {
     let original_dst = listener::ListenerFilter {
         name: ORIGINAL_DST_FILTER.into(),
         config_type: Some(listener::listener_filter::ConfigType::TypedConfig(pack_any(
@@ -261,10 +267,12 @@ fn virtual_inbound(ports: Vec<(u16, Listener)>) -> Resource {
             filter_chains.push(chain);
         }
     }
-    filter_chains.push(tcp_proxy_chain(
-        "InboundPassthroughFilterChain",
-        INBOUND_PASSTHROUGH_CLUSTER,
-    ));
+    if passthrough {
+        filter_chains.push(tcp_proxy_chain(
+            "InboundPassthroughFilterChain",
+            INBOUND_PASSTHROUGH_CLUSTER,
+        ));
+    }
     let l = Listener {
         name: VIRTUAL_INBOUND.into(),
         address: Some(socket_address("0.0.0.0", INBOUND_CAPTURE_PORT)),
