@@ -187,6 +187,26 @@ async fn stale_nonces_are_ignored_and_eds_is_incremental() {
     )
     .await;
 
+    // Both ACKs are in before the change (else the EDS ACK may arrive after the next push
+    // and count as stale too).
+    let start = std::time::Instant::now();
+    loop {
+        let acked = proxies(p.api).await.into_iter().any(|x| {
+            x.node.pod == "eds"
+                && x.types.get("eds").and_then(|t| t.acked_version.clone())
+                    == Some(eds.version_info.clone())
+                && x.types.get("cds").and_then(|t| t.acked_version.clone())
+                    == Some(cds.version_info.clone())
+        });
+        if acked {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "ACKs not recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     // An endpoint change: only EDS is pushed, CDS is unchanged.
     let batch = r#"{"add": [{"name": "r2", "address": "127.0.0.2", "labels": {"app": "reviews"}, "ports": {"http": 2}}]}"#;
     let (s, _) = json(p.api, "POST", "/v1/endpoints", batch).await;
