@@ -73,14 +73,6 @@ fn enter_pod_namespace(pilot_port_hint: &[u16]) -> Result<(), String> {
     Ok(())
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A sidecar process running as uid 1337, killed on drop.
 struct Sidecar {
     admin: SocketAddr,

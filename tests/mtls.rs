@@ -145,6 +145,16 @@ async fn two_servers(
     (servers, [app_e, app_m])
 }
 
+/// Registers the servers' pods as their services' endpoints (sidecar-labelled, no service
+/// account).
+async fn register(p: &TestPilot, servers: &[(Side, &'static str, u16)]) {
+    let adds: Vec<String> = servers
+        .iter()
+        .map(|(s, app, _)| format!(r#"{{"name": "{app}-0", "address": "{}", "labels": {{"app": "{app}", "security.istio.io/tlsMode": "istio"}}}}"#, s.pod_ip))
+        .collect();
+    endpoints_ok(p.api, &format!(r#"{{"add": [{}]}}"#, adds.join(","))).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_between_envoy_and_meshbench_proxy_in_every_pairing() {
     let Some(bin) = envoy_binary() else { return };
@@ -520,11 +530,7 @@ async fn authorization_sees_paths_and_headers_as_envoy_does() {
     let Some(bin) = envoy_binary() else { return };
     let p = start_pilot(Duration::ZERO).await;
     let (servers, _apps) = two_servers(&p, &bin).await;
-    let adds: Vec<String> = servers
-        .iter()
-        .map(|(s, app, _)| format!(r#"{{"name": "{app}-0", "address": "{}", "labels": {{"app": "{app}", "security.istio.io/tlsMode": "istio"}}}}"#, s.pod_ip))
-        .collect();
-    endpoints_ok(p.api, &format!(r#"{{"add": [{}]}}"#, adds.join(","))).await;
+    register(&p, &servers).await;
     let v = apply_ok(p.api, PATH_POLICIES).await.version;
     for (s, _, _) in &servers {
         wait_synced(p.api, &s.node_id, v).await;
@@ -617,11 +623,7 @@ async fn auto_mtls_sends_plaintext_where_a_workload_turns_mtls_off() {
     let Some(bin) = envoy_binary() else { return };
     let p = start_pilot(Duration::ZERO).await;
     let (servers, _apps) = two_servers(&p, &bin).await;
-    let adds: Vec<String> = servers
-        .iter()
-        .map(|(s, app, _)| format!(r#"{{"name": "{app}-0", "address": "{}", "labels": {{"app": "{app}", "security.istio.io/tlsMode": "istio"}}}}"#, s.pod_ip))
-        .collect();
-    endpoints_ok(p.api, &format!(r#"{{"add": [{}]}}"#, adds.join(","))).await;
+    register(&p, &servers).await;
     let m_port = servers[1].2;
     let v = apply_ok(
         p.api,

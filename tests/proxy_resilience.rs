@@ -15,14 +15,6 @@ use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Pilot as a child process (the library's one way to start it), on port `api`.
 async fn spawn_pilot(xds: u16, api: u16, config: &std::path::Path) -> PilotProcess {
     let mut args = PilotArgs::new(

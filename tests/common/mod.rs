@@ -38,6 +38,15 @@ pub fn envoy_binary() -> Option<PathBuf> {
 static NEXT_IP: AtomicU32 = AtomicU32::new(1);
 
 /// A loopback address no other test process uses: 127.X.Y.Z from the pid and a counter.
+/// A loopback port free at the time of asking.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub fn unique_loopback() -> String {
     let n = NEXT_IP.fetch_add(1, Ordering::Relaxed);
     let pid = std::process::id();
