@@ -47,14 +47,23 @@ pub struct Config {
     pub kind: Kind,
     /// The pod's identity, the proxy's admin address and where xDS is.
     pub bootstrap: EnvoyBootstrap,
-    /// The xDS certificate (chain, key, root) files, read at start and on SIGHUP.
-    pub tls_files: Option<[PathBuf; 3]>,
+    /// The xDS certificate (chain, key, root), if ADS runs over mutual TLS.
+    pub tls: Option<Tls>,
     /// Where the bootstraps go.
     pub dir: PathBuf,
     pub drain: Duration,
     /// The user (and group) the proxy runs as; `None` keeps the agent's.
     pub uid: Option<u32>,
     pub concurrency: u16,
+}
+
+/// Where the agent's xDS certificate comes from.
+#[derive(Clone, Debug)]
+pub enum Tls {
+    /// Files, read at start and again on SIGHUP (a rotated certificate).
+    Files([PathBuf; 3]),
+    /// Given once (the harness hands it over in the environment).
+    Inline(crate::security::Material),
 }
 
 /// What the agent has done, for `/stats` on the readiness port.
@@ -130,7 +139,11 @@ fn read_material(files: &[PathBuf; 3]) -> Result<crate::security::Material, Stri
 /// The bootstrap of restart epoch `epoch`, written as `envoy-rev{epoch}.json` (and, for
 /// meshbench proxy, as `bootstrap.json`, the file it re-reads on SIGHUP).
 fn write_bootstrap(cfg: &Config, epoch: u64) -> Result<PathBuf, String> {
-    let material = cfg.tls_files.as_ref().map(read_material).transpose()?;
+    let material = match &cfg.tls {
+        Some(Tls::Files(f)) => Some(read_material(f)?),
+        Some(Tls::Inline(m)) => Some(m.clone()),
+        None => None,
+    };
     let text = cfg
         .bootstrap
         .to_json_with_tls(material.as_ref())
@@ -180,6 +193,15 @@ fn spawn(cfg: &Config, epoch: u64, path: &Path) -> Result<tokio::process::Child,
     };
     if let Some(u) = cfg.uid {
         cmd.uid(u).gid(u);
+    }
+    // The proxy dies with the agent, also when the agent is killed (SIGKILL leaves no time to
+    // stop it): as a container's processes die with its first one.
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
     }
     cmd.kill_on_drop(true)
         .spawn()

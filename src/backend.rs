@@ -8,6 +8,8 @@
 //! trait; a new pod kind is a [`PodPlan`] the driver starts like any other.
 
 pub mod docker;
+mod lifecycle;
+pub(crate) use lifecycle::synced;
 pub mod local;
 
 use std::collections::BTreeMap;
@@ -18,7 +20,7 @@ use std::time::{Duration, Instant};
 use crate::config;
 use crate::model::{Labels, Spec, Workload, WorkloadEntrySpec};
 use crate::pilot_client::{HttpClient, PilotApi};
-use crate::report::Resources;
+use crate::report::{LifecycleEvent, Resources};
 use crate::scenario::{FaultStep, ProxyKind, WorkloadPatch};
 use crate::workload::Behaviour;
 use crate::xds::bootstrap::EnvoyBootstrap;
@@ -47,6 +49,8 @@ pub struct Options {
     /// Istio's traffic capture (docker only): service VIPs, iptables in each pod, apps
     /// calling by name, sidecars as uid 1337 with the captured layout.
     pub capture: bool,
+    /// Sidecars run under `meshbench agent` (pilot-agent's role), which runs the proxy.
+    pub agent: bool,
 }
 
 impl Options {
@@ -230,6 +234,8 @@ pub trait Backend: Send + Sync {
     fn capture(&self) -> bool {
         false
     }
+    /// Sidecars run under `meshbench agent` (`Options::agent`).
+    fn agent(&self) -> bool;
     /// The virtual IP of the run's `k`th service (capture mode), if this backend has them.
     fn service_ip(&self, _k: usize) -> Option<String> {
         None
@@ -249,6 +255,9 @@ pub trait Backend: Send + Sync {
     async fn start_pod(&mut self, pod: &Pod) -> Result<(), Error>;
     /// Stops a pod's processes or containers.
     async fn stop_pod(&mut self, pod: &Pod);
+    /// The sidecar's first process as this host sees it: its agent, or the proxy itself
+    /// when there is no agent.
+    async fn sidecar_pid(&self, pod: &Pod) -> Option<u32>;
     /// Freezes (`true`) or thaws a pod.
     async fn pause_pod(&mut self, pod: &Pod, pause: bool) -> Result<(), Error>;
     /// Cuts a pod off the network (`true`) or connects it again on its address.
@@ -282,6 +291,8 @@ pub struct Mesh {
     /// The readiness prober's certificate (identity `istio-system/meshbench-prober`), for
     /// sidecars that refuse plaintext (STRICT mTLS).
     prober: Option<crate::security::Material>,
+    /// Sidecars run under their agent.
+    agent: bool,
 }
 
 /// Pilot's mTLS xDS port in both backends (istiod's).
@@ -331,6 +342,7 @@ impl Mesh {
                 })
                 .collect(),
             client: Pod::new(PodPlan::load_client(), backend.client_addr(), &token),
+            agent: backend.agent(),
             backend,
             log_dir,
             prober: None,
@@ -512,9 +524,29 @@ impl Mesh {
         })
     }
 
-    /// One fault step: the backend acts, the driver does what Kubernetes would.
-    pub async fn fault(&mut self, f: &FaultStep) -> Result<(), Error> {
-        match f {
+    /// One fault step: the backend acts, the driver does what Kubernetes would. Sidecar
+    /// lifecycle faults say what they took.
+    pub async fn fault(&mut self, f: &FaultStep) -> Result<Option<LifecycleEvent>, Error> {
+        let event = |fault: &str, target: &str, ms: f64| LifecycleEvent {
+            fault: fault.into(),
+            target: target.into(),
+            ms,
+            ..Default::default()
+        };
+        let done = match f {
+            FaultStep::KillSidecar(name) => {
+                let i = self.find_running(name)?;
+                let ms = self.kill_sidecar(i).await?;
+                return Ok(Some(event("kill_sidecar", &self.pods[i].plan.name, ms)));
+            }
+            FaultStep::HotRestart(name) => {
+                let i = self.find_running(name)?;
+                let ms = self.hot_restart(i).await?;
+                return Ok(Some(event("hot_restart", &self.pods[i].plan.name, ms)));
+            }
+            FaultStep::RollingRestart(deployment) => {
+                return self.rolling_restart(deployment).await.map(Some)
+            }
             FaultStep::Kill(name) => {
                 let i = self.find(name)?;
                 self.kill_pod(i).await
@@ -557,7 +589,8 @@ impl Mesh {
                     .collect();
                 self.pilot.register(running).await.map(|_| ())
             }
-        }
+        };
+        done.map(|()| None)
     }
 
     /// A `workload` step: each named running pod's app takes its behaviour with the patch
@@ -616,7 +649,10 @@ impl Mesh {
         self.backend.stop_pod(&self.pods[i]).await;
         self.pods[i].running = false;
         let p = &self.pods[i].plan;
-        self.pilot.deregister(&p.namespace, &p.name).await
+        self.pilot
+            .deregister(&p.namespace, &p.name)
+            .await
+            .map(|_| ())
     }
 
     /// CPU seconds and peak memory of pilot and every sidecar so far.
@@ -637,36 +673,39 @@ async fn wait_ready(
     log_dir: &Path,
     prober: Option<&crate::security::Material>,
 ) -> Result<(), Error> {
-    let addr = sock(&p.addr.pod_ip, p.plan.port);
-    let http = HttpClient {
-        timeout: Duration::from_secs(2),
-    };
     let start = Instant::now();
-    loop {
-        // Plaintext first; a sidecar under STRICT mTLS closes that, so then mutual TLS with
-        // the prober's certificate (as any caller of the mesh would).
-        let answer = match http.request(addr, "GET", "/healthz", &[], "").await {
-            Ok(r) => Some(r.headers),
-            Err(_) => match prober {
-                Some(m) => tls_healthz(addr, m).await,
-                None => None,
-            },
-        };
-        if let Some(headers) = answer {
-            // A gateway is ready when its listener answers at all (404 with nothing bound).
-            if p.plan.gateway || headers.contains_key(crate::workload::IDENTITY_HEADER) {
-                return Ok(());
-            }
-        }
+    while !serves(p, prober).await {
         if start.elapsed() > READY_LIMIT {
             return Err(Error::Environment(format!(
-                "pod {} did not answer on {addr} through its sidecar within {READY_LIMIT:?}; see its logs in {}",
+                "pod {} did not answer on {}:{} through its sidecar within {READY_LIMIT:?}; see its logs in {}",
                 p.plan.name,
+                p.addr.pod_ip,
+                p.plan.port,
                 log_dir.display()
             )));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    Ok(())
+}
+
+/// Whether the pod's app answers one request through its sidecar's inbound listener.
+async fn serves(p: &Pod, prober: Option<&crate::security::Material>) -> bool {
+    let addr = sock(&p.addr.pod_ip, p.plan.port);
+    let http = HttpClient {
+        timeout: Duration::from_secs(2),
+    };
+    // Plaintext first; a sidecar under STRICT mTLS closes that, so then mutual TLS with the
+    // prober's certificate (as any caller of the mesh would).
+    let answer = match http.request(addr, "GET", "/healthz", &[], "").await {
+        Ok(r) => Some(r.headers),
+        Err(_) => match prober {
+            Some(m) => tls_healthz(addr, m).await,
+            None => None,
+        },
+    };
+    // A gateway is ready when its listener answers at all (404 with nothing bound).
+    answer.is_some_and(|h| p.plan.gateway || h.contains_key(crate::workload::IDENTITY_HEADER))
 }
 
 /// `GET /healthz` over mutual TLS; the answer's headers.
@@ -887,6 +926,61 @@ pub(crate) fn sidecar_args(p: &Pod, xds: &str, mode: XdsMode) -> Vec<String> {
     }
     if p.capture {
         a.push("--capture".into());
+    }
+    a
+}
+
+/// How long the harness's agents drain a sidecar on SIGTERM (Istio's default is 5 s; a
+/// bookinfo request takes milliseconds).
+pub const AGENT_DRAIN: Duration = Duration::from_secs(1);
+
+/// Arguments of `meshbench agent` as a pod's sidecar entry point: `envoy` is Envoy's binary
+/// when the proxy is Envoy (else meshbench proxy), `dir` where it writes bootstraps.
+pub(crate) fn agent_args(
+    p: &Pod,
+    xds: &str,
+    mode: XdsMode,
+    envoy: Option<&Path>,
+    dir: &Path,
+) -> Vec<String> {
+    let mut a: Vec<String> = ["agent", "--proxy"].map(String::from).to_vec();
+    match envoy {
+        Some(bin) => a.extend(["envoy".into(), "--envoy".into(), bin.display().to_string()]),
+        None => a.push("meshbench".into()),
+    }
+    a.extend(
+        [
+            "--xds",
+            xds,
+            "--pod-ip",
+            &p.addr.pod_ip,
+            "--pod",
+            &p.plan.name,
+            "--namespace",
+            &p.plan.namespace,
+            "--service",
+            &p.plan.service,
+            "--app-ip",
+            &p.addr.app_ip,
+            "--xds-mode",
+            &mode.to_string(),
+            "--concurrency",
+            "1",
+            "--drain",
+            &format!("{}ms", AGENT_DRAIN.as_millis()),
+            "--dir",
+            &dir.display().to_string(),
+        ]
+        .map(String::from),
+    );
+    for (k, v) in &p.plan.labels {
+        a.extend(["--label".to_string(), format!("{k}={v}")]);
+    }
+    if p.capture {
+        a.push("--capture".into());
+    }
+    if p.plan.gateway {
+        a.push("--router".into());
     }
     a
 }

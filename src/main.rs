@@ -153,6 +153,9 @@ enum Command {
         /// The pod's traffic is captured (Istio's listener layout).
         #[arg(long)]
         capture: bool,
+        /// A gateway (node type `router`) rather than a sidecar.
+        #[arg(long)]
+        router: bool,
         /// The proxy's admin address (default POD_IP:15000).
         #[arg(long)]
         admin: Option<SocketAddr>,
@@ -678,18 +681,7 @@ async fn run(cmd: Command) -> ExitCode {
                     }
                 }
                 // The harness hands the PEM over in the environment.
-                _ => match (
-                    std::env::var(meshbench::backend::XDS_CERT_ENV),
-                    std::env::var(meshbench::backend::XDS_KEY_ENV),
-                    std::env::var(meshbench::backend::XDS_CA_ENV),
-                ) {
-                    (Ok(c), Ok(k), Ok(a)) if !c.is_empty() => Some(meshbench::security::Material {
-                        chain_pem: c.into_bytes(),
-                        key_pem: k.into_bytes(),
-                        roots_pem: a.into_bytes(),
-                    }),
-                    _ => None,
-                },
+                _ => xds_tls_from_env(),
             };
             let labels: model::Labels = labels.into_iter().collect();
             let admin = admin.unwrap_or_else(|| proxy::default_admin(&node_id));
@@ -731,6 +723,7 @@ async fn run(cmd: Command) -> ExitCode {
             service,
             app_ip,
             capture,
+            router,
             admin,
             readiness,
             drain,
@@ -779,7 +772,7 @@ async fn run(cmd: Command) -> ExitCode {
                 admin: admin.unwrap_or_else(|| SocketAddr::new(ip, proxy::DEFAULT_ADMIN_PORT)),
                 xds,
                 xds_mode: xds_mode.into(),
-                router: false,
+                router,
                 capture,
             };
             // SAFETY: geteuid has no preconditions.
@@ -787,9 +780,9 @@ async fn run(cmd: Command) -> ExitCode {
             let cfg = meshbench::agent::Config {
                 kind,
                 bootstrap,
-                tls_files: match (xds_cert, xds_key, xds_ca) {
-                    (Some(c), Some(k), Some(a)) => Some([c, k, a]),
-                    _ => None,
+                tls: match (xds_cert, xds_key, xds_ca) {
+                    (Some(c), Some(k), Some(a)) => Some(meshbench::agent::Tls::Files([c, k, a])),
+                    _ => xds_tls_from_env().map(meshbench::agent::Tls::Inline),
                 },
                 dir,
                 drain,
@@ -1227,4 +1220,20 @@ async fn run(cmd: Command) -> ExitCode {
 fn fail(code: u8, e: &dyn std::fmt::Display) -> ExitCode {
     eprintln!("error: {e}");
     ExitCode::from(code)
+}
+
+/// The xDS certificate the harness hands a sidecar in the environment (PEM), if any.
+fn xds_tls_from_env() -> Option<meshbench::security::Material> {
+    match (
+        std::env::var(meshbench::backend::XDS_CERT_ENV),
+        std::env::var(meshbench::backend::XDS_KEY_ENV),
+        std::env::var(meshbench::backend::XDS_CA_ENV),
+    ) {
+        (Ok(c), Ok(k), Ok(a)) if !c.is_empty() => Some(meshbench::security::Material {
+            chain_pem: c.into_bytes(),
+            key_pem: k.into_bytes(),
+            roots_pem: a.into_bytes(),
+        }),
+        _ => None,
+    }
 }

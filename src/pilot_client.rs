@@ -267,7 +267,7 @@ impl PilotApi {
     }
 
     /// Removes one endpoint.
-    pub async fn deregister(&self, namespace: &str, name: &str) -> Result<(), Error> {
+    pub async fn deregister(&self, namespace: &str, name: &str) -> Result<EndpointsApplied, Error> {
         self.endpoints(&EndpointBatch {
             remove: vec![EndpointRef {
                 namespace: namespace.to_string(),
@@ -276,7 +276,6 @@ impl PilotApi {
             ..Default::default()
         })
         .await
-        .map(|_| ())
     }
 
     /// Connected proxies, leaving out those of namespace `exclude`.

@@ -36,7 +36,60 @@ pub struct Report {
     /// One entry per churn step (endpoint churn with simulated proxies).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub churn: Vec<ChurnResult>,
+    /// One entry per sidecar lifecycle fault (`kill_sidecar`, `hot_restart`,
+    /// `rolling_restart`): what it took.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lifecycle: Vec<LifecycleEvent>,
     pub passed: bool,
+}
+
+/// What a sidecar lifecycle fault took (one entry of report.json's `lifecycle`). Requests
+/// lost during it are the errors of the loads running at the time (their phases).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LifecycleEvent {
+    /// The step (1-based).
+    pub step: usize,
+    /// `kill_sidecar`, `hot_restart` or `rolling_restart`.
+    pub fault: String,
+    /// The pod (or, for a rolling restart, the Deployment).
+    pub target: String,
+    /// kill_sidecar: from the kill to the first request the pod served through its sidecar
+    /// again. hot_restart: from the signal to the agent until it reports the next epoch and
+    /// ready. rolling_restart: the whole rollout.
+    pub ms: f64,
+    /// Pods replaced (rolling_restart), old -> new.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub replaced: Vec<String>,
+    /// Per replaced pod: from its endpoint's removal until every sidecar had ACKed it (ms).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub deregistered_acked_ms: Vec<f64>,
+    /// Per replaced pod: how long its sidecar took to drain and exit after SIGTERM (ms).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub drain_ms: Vec<f64>,
+}
+
+impl LifecycleEvent {
+    /// One line for the terminal and report.txt.
+    pub fn line(&self) -> String {
+        let mut s = format!("{} {}: {:.0} ms", self.fault, self.target, self.ms);
+        if !self.replaced.is_empty() {
+            s.push_str(&format!(
+                " ({}; endpoint removal ACKed by all in {} ms; drained in {} ms)",
+                self.replaced.join(", "),
+                join_ms(&self.deregistered_acked_ms),
+                join_ms(&self.drain_ms)
+            ));
+        }
+        s
+    }
+}
+
+fn join_ms(v: &[f64]) -> String {
+    v.iter()
+        .map(|x| format!("{x:.0}"))
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -599,6 +652,23 @@ fn html_page(r: &Report, charts: &[(String, String)]) -> String {
             );
         }
     }
+    if !r.lifecycle.is_empty() {
+        h.push_str("</table><h2>Sidecar lifecycle</h2><table><tr><th>step</th><th>fault</th><th>target</th><th>ms</th><th>replaced</th><th>removal ACKed ms</th><th>drain ms</th></tr>\n");
+        for e in &r.lifecycle {
+            row(
+                &mut h,
+                &[
+                    &e.step,
+                    &e.fault,
+                    &e.target,
+                    &format!("{:.0}", e.ms),
+                    &e.replaced.join(", "),
+                    &join_ms(&e.deregistered_acked_ms),
+                    &join_ms(&e.drain_ms),
+                ],
+            );
+        }
+    }
     h.push_str(
         "</table><h2>Cost</h2><table><tr><th>process</th><th>CPU s</th><th>peak RSS MB</th></tr>\n",
     );
@@ -702,6 +772,9 @@ pub fn summary(r: &Report) -> String {
     }
     for c in &r.churn {
         s.push_str(&format!("  {}\n", churn_line(c)));
+    }
+    for e in &r.lifecycle {
+        s.push_str(&format!("  step {}: {}\n", e.step, e.line()));
     }
     for e in &r.expectations {
         s.push_str(&format!(

@@ -15,7 +15,6 @@ use crate::backend::{self, Backend, Mesh, Options};
 use crate::clock::now_ms;
 use crate::load::{self, Live, LoadResult, LoadSpec};
 use crate::measure::proc_stats;
-use crate::pilot::api::ProxyStatus;
 use crate::pilot_client::{HttpClient, PilotApi};
 use crate::report::{self, Dist, Expectation, MeshCounts, Phase, PhaseLoad, Propagation, Report};
 use crate::scenario::{
@@ -148,6 +147,7 @@ pub async fn run(
         keep: opts.keep,
         tenants: scenario.topology.tenants.clone(),
         capture: scenario.mesh.capture == crate::scenario::CaptureMode::Iptables,
+        agent: scenario.agent(),
     };
     // The effective scenario (defaults applied, --quick and --proxy folded in) beside the report.
     std::fs::create_dir_all(&out)
@@ -324,7 +324,13 @@ impl Runner<'_> {
             }
             Step::WaitLoad(name) => self.finish_load(name).await,
             Step::Expect(e) => self.expect(i, e).await,
-            Step::Fault(f) => self.b.fault(f).await?,
+            Step::Fault(f) => {
+                if let Some(mut ev) = self.b.fault(f).await? {
+                    ev.step = i + 1;
+                    eprintln!("meshbench:   {}", ev.line());
+                    self.report.lifecycle.push(ev);
+                }
+            }
             Step::Workload(w) => self.b.set_behaviour(w).await?,
             Step::Churn(c) => {
                 let name = c
@@ -442,25 +448,7 @@ impl Runner<'_> {
             Some(v) => v,
             None => self.b.pilot().version().await?,
         };
-        let start = Instant::now();
-        loop {
-            let proxies = self.b.pilot().proxies(Some(SIM_NAMESPACE)).await?;
-            let nodes = self.b.node_ids();
-            let behind: Vec<&String> = nodes
-                .iter()
-                .filter(|n| !synced(&proxies, n, version))
-                .collect();
-            if behind.is_empty() {
-                return Ok(());
-            }
-            if start.elapsed() > limit {
-                return Err(Error::Environment(format!(
-                    "{} proxies did not ACK config version {version} within {limit:?}: {behind:?}",
-                    behind.len()
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        Ok(self.b.wait_acked(version, limit).await?)
     }
 
     fn expect_failed(&mut self, step: usize, description: &str, expected: &str, measured: &str) {
@@ -817,11 +805,6 @@ fn describe(step: &Step) -> String {
 }
 
 /// Whether the proxy with node id `node` has ACKed `version` (or later).
-fn synced(proxies: &[ProxyStatus], node: &str, version: u64) -> bool {
-    proxies
-        .iter()
-        .any(|p| p.node.id == node && p.synced_version.is_some_and(|v| v >= version))
-}
 
 /// Per-proxy push and ACK times for `version`, from pilot's history.
 async fn propagation(
@@ -835,7 +818,10 @@ async fn propagation(
     let mut proxies = Vec::new();
     while start.elapsed() < CONVERGE_LIMIT {
         proxies = api.proxies(Some(SIM_NAMESPACE)).await.unwrap_or_default();
-        if nodes.iter().all(|n| synced(&proxies, n, version)) {
+        if nodes
+            .iter()
+            .all(|n| crate::backend::synced(&proxies, n, version))
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -99,6 +99,12 @@ pub struct Mesh {
     /// the connections to the sidecar; sidecars get Istio's captured listener layout).
     #[serde(default)]
     pub capture: CaptureMode,
+    /// Run every sidecar under `meshbench agent` (pilot-agent's role: bootstrap, restarts,
+    /// hot restarts, readiness on 15021, drain on termination). Default: on with
+    /// `capture: iptables` and when a step needs it (`kill_sidecar`, `hot_restart`,
+    /// `rolling_restart`), off otherwise (the sidecar process is the proxy itself).
+    #[serde(default)]
+    pub agent: Option<bool>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -473,6 +479,29 @@ pub enum FaultStep {
     Reconnect(String),
     /// `stop` or `start` the control plane.
     ControlPlane(String),
+    /// Kill a pod's proxy process (SIGKILL) and leave the rest to its agent, which starts it
+    /// again; the report gives the time from the kill to the first request the pod serves
+    /// through its sidecar again.
+    KillSidecar(String),
+    /// A bootstrap change: the pod's agent writes the next `envoy-revN.json` and hot-restarts
+    /// Envoy with the next restart epoch (meshbench proxy reloads in process). No request
+    /// should fail.
+    HotRestart(String),
+    /// Replace a Deployment's pods one at a time as Kubernetes' rolling update does with
+    /// maxSurge 1, maxUnavailable 0: a new pod (new name, new address) starts and becomes
+    /// ready, the old pod's endpoint is removed and every sidecar has ACKed that, then the old
+    /// sidecar drains (its agent's SIGTERM) and the pod stops. No request should fail.
+    RollingRestart(String),
+}
+
+impl FaultStep {
+    /// Whether the fault acts on sidecar agents.
+    pub fn needs_agent(&self) -> bool {
+        matches!(
+            self,
+            FaultStep::KillSidecar(_) | FaultStep::HotRestart(_) | FaultStep::RollingRestart(_)
+        )
+    }
 }
 
 /// An endpoint churn with simulated proxies (`churn` step; run by `churn::run`).
@@ -814,6 +843,20 @@ impl Scenario {
                     }
                     Step::Workload(w)
                 }
+                Step::Fault(f)
+                    if f.needs_agent()
+                        && raw.mesh.as_ref().and_then(|m| m.agent) == Some(false) =>
+                {
+                    let kind = match f {
+                        FaultStep::KillSidecar(_) => "kill_sidecar",
+                        FaultStep::HotRestart(_) => "hot_restart",
+                        _ => "rolling_restart",
+                    };
+                    return Err(at(
+                        i,
+                        format!("fault.{kind}: acts on the sidecars' agent, and mesh.agent is false (remove it or set it true)"),
+                    ));
+                }
                 Step::Fault(FaultStep::ControlPlane(a)) if a != "stop" && a != "start" => {
                     return Err(at(
                         i,
@@ -839,11 +882,24 @@ impl Scenario {
                 xds: Default::default(),
                 mtls: Default::default(),
                 capture: Default::default(),
+                agent: None,
             }),
             topology,
             probe: raw.probe,
             steps: resolved,
             step_lines,
+        })
+    }
+
+    /// Whether sidecars run under `meshbench agent`: `mesh.agent` when set, else with
+    /// capture or when a fault step needs it.
+    pub fn agent(&self) -> bool {
+        self.mesh.agent.unwrap_or_else(|| {
+            self.mesh.capture == CaptureMode::Iptables
+                || self
+                    .steps
+                    .iter()
+                    .any(|s| matches!(s, Step::Fault(f) if f.needs_agent()))
         })
     }
 

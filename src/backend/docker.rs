@@ -18,6 +18,7 @@ pub use image::IMAGE_LABEL;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Duration;
 
 use bollard::models::{
@@ -32,12 +33,15 @@ use bollard::Docker;
 use futures::StreamExt;
 
 use super::{
-    envoy_bootstrap, sidecar_args, workload_args, workload_env, Backend, Error, Options, Pod,
-    PodAddr, ENVOY_ARGS,
+    agent_args, envoy_bootstrap, sidecar_args, workload_args, workload_env, Backend, Error,
+    Options, Pod, PodAddr, ENVOY_ARGS,
 };
 use crate::launch::{wait_tcp, PilotArgs, PILOT_START_LIMIT, RUN_ENV};
 use crate::report::{ProcessCost, Resources};
 use crate::scenario::ProxyKind;
+
+/// Where a sidecar's agent writes its bootstraps in the container (Istio's own directory).
+const AGENT_DIR: &str = "/etc/istio/proxy";
 
 /// Label on every container and network of a run; its value is the run id.
 pub const RUN_LABEL: &str = "meshbench.run";
@@ -187,13 +191,17 @@ impl DockerBackend {
             }
             b.tag
         };
-        let meshbench_image =
-            image(image::ensure(&docker, "meshbench", &opts.meshbench_exe).await?);
+        let meshbench_image = image(
+            image::ensure(&docker, "meshbench", &[(&opts.meshbench_exe, "/meshbench")]).await?,
+        );
         let envoy_image = match opts.proxy {
             ProxyKind::Meshbench => None,
             ProxyKind::Envoy => {
                 let envoy = opts.envoy_binary()?.to_path_buf();
-                Some(image(image::ensure(&docker, "envoy", &envoy).await?))
+                // With meshbench too: its agent is the sidecar container's entry point.
+                let binaries: &[(&Path, &str)] =
+                    &[(&envoy, "/envoy"), (&opts.meshbench_exe, "/meshbench")];
+                Some(image(image::ensure(&docker, "envoy", binaries).await?))
             }
         };
         let (network, base) = create_network(&docker, &opts.run_id, "").await?;
@@ -656,6 +664,29 @@ impl Backend for DockerBackend {
         }
         let sidecar_name = format!("{name}-sidecar");
         c.sidecar = Some(match &self.envoy_image {
+            // pilot-agent's role as the entry point: it runs the proxy as uid 1337 itself.
+            image if self.opts.agent => {
+                let xds = p.xds_addr(xds);
+                let envoy = image.as_ref().map(|_| Path::new("/envoy"));
+                let args = agent_args(
+                    p,
+                    &xds.to_string(),
+                    self.opts.xds,
+                    envoy,
+                    Path::new(AGENT_DIR),
+                );
+                self.run_with_env(
+                    &sidecar_name,
+                    "sidecar",
+                    image.as_ref().unwrap_or(&self.meshbench_image),
+                    "/meshbench",
+                    &args,
+                    &p.xds_tls_env(),
+                    Net::Join(&infra),
+                    None,
+                )
+                .await?
+            }
             None => {
                 let xds = p.xds_addr(xds);
                 let args = sidecar_args(p, &xds.to_string(), self.opts.xds);
@@ -701,6 +732,20 @@ impl Backend for DockerBackend {
                 remove(&self.docker, id).await;
             }
         }
+    }
+
+    fn agent(&self) -> bool {
+        self.opts.agent
+    }
+
+    /// The sidecar container's first process (its agent, or the proxy) as the host sees it.
+    async fn sidecar_pid(&self, p: &Pod) -> Option<u32> {
+        let id = self.pods.get(&p.plan.name)?.sidecar.as_ref()?;
+        let state = self.docker.inspect_container(id, None).await.ok()?.state?;
+        state
+            .pid
+            .filter(|pid| *pid > 0 && state.running == Some(true))
+            .map(|pid| pid as u32)
     }
 
     async fn pause_pod(&mut self, p: &Pod, pause: bool) -> Result<(), Error> {

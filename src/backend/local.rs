@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use super::{
-    envoy_bootstrap, sidecar_args, workload_args, workload_env, Backend, Error, Options, Pod,
-    PodAddr, ENVOY_ARGS,
+    agent_args, envoy_bootstrap, sidecar_args, workload_args, workload_env, Backend, Error,
+    Options, Pod, PodAddr, ENVOY_ARGS,
 };
 use crate::launch::{command, log_file, PilotArgs, PilotProcess, Process};
 use crate::measure::proc_stats;
@@ -56,6 +56,21 @@ impl LocalBackend {
     fn spawn_sidecar(&self, p: &Pod) -> Result<Process, Error> {
         let log = log_file(&self.opts.log_dir, &format!("{}-sidecar", p.plan.name));
         let xds = p.xds_addr(self.pilot_xds());
+        if self.opts.agent {
+            let envoy = match self.opts.proxy {
+                ProxyKind::Envoy => Some(self.opts.envoy_binary()?),
+                ProxyKind::Meshbench => None,
+            };
+            let dir = self.opts.log_dir.join(format!("{}-agent", p.plan.name));
+            let mut c = command(&self.opts.meshbench_exe, &self.opts.run_id);
+            c.args(agent_args(p, &xds.to_string(), self.opts.xds, envoy, &dir))
+                // Not captured: the proxy keeps this process's user.
+                // SAFETY: geteuid has no preconditions.
+                .args(["--proxy-uid", &unsafe { libc::geteuid() }.to_string()])
+                .envs(p.xds_tls_env())
+                .stderr(log);
+            return Process::spawn(c, &format!("the agent of {}", p.plan.name));
+        }
         match self.opts.proxy {
             ProxyKind::Meshbench => {
                 let mut c = command(&self.opts.meshbench_exe, &self.opts.run_id);
@@ -170,6 +185,17 @@ impl Backend for LocalBackend {
         }
     }
 
+    fn agent(&self) -> bool {
+        self.opts.agent
+    }
+
+    async fn sidecar_pid(&self, p: &Pod) -> Option<u32> {
+        self.pods
+            .get(&p.plan.name)
+            .and_then(|c| c.sidecar.as_ref())
+            .and_then(Process::pid)
+    }
+
     /// SIGSTOP / SIGCONT to the pod's processes.
     async fn pause_pod(&mut self, p: &Pod, pause: bool) -> Result<(), Error> {
         let sig = if pause { libc::SIGSTOP } else { libc::SIGCONT };
@@ -183,13 +209,21 @@ impl Backend for LocalBackend {
 
     /// CPU and peak RSS from /proc.
     async fn resources(&self, pods: &[&Pod]) -> Resources {
+        // A sidecar under its agent is the agent and its proxy together, as the sidecar
+        // container is on the docker backend (the proxy alone: its cost after a restart).
         let cost = |name: &str, pid: Option<u32>| {
-            let s = pid.and_then(proc_stats).unwrap_or_default();
-            ProcessCost {
+            let pids = pid
+                .into_iter()
+                .chain(pid.map(super::lifecycle::children).unwrap_or_default());
+            let mut c = ProcessCost {
                 name: name.to_string(),
-                cpu_s: s.cpu_s,
-                peak_rss_mb: s.peak_rss_mb,
+                ..Default::default()
+            };
+            for s in pids.filter_map(proc_stats) {
+                c.cpu_s += s.cpu_s;
+                c.peak_rss_mb += s.peak_rss_mb;
             }
+            c
         };
         let sidecar_pid = |name: &str| {
             self.pods

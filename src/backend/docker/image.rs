@@ -34,9 +34,17 @@ pub struct Built {
     pub build_s: Option<f64>,
 }
 
-/// Makes sure an image holding `binary` at `/name` (plus its libraries) exists; returns its tag.
-pub async fn ensure(docker: &Docker, name: &str, binary: &Path) -> Result<Built, Error> {
-    let files = rootfs(binary, &format!("/{name}"))?;
+/// Makes sure an image named `name` holding each binary at its path in the image (plus
+/// their libraries) exists; returns its tag.
+pub async fn ensure(
+    docker: &Docker,
+    name: &str,
+    binaries: &[(&Path, &str)],
+) -> Result<Built, Error> {
+    let mut files = BTreeMap::new();
+    for (binary, dest) in binaries {
+        files.extend(rootfs(binary, dest)?);
+    }
     let mut h = std::collections::hash_map::DefaultHasher::new();
     LAYOUT.hash(&mut h);
     files.hash(&mut h);
