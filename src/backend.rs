@@ -8,8 +8,7 @@
 //! trait; a new pod kind is a [`PodPlan`] the driver starts like any other.
 
 pub mod docker;
-mod lifecycle;
-pub(crate) use lifecycle::synced;
+pub(crate) mod lifecycle;
 pub mod local;
 
 use std::collections::BTreeMap;

@@ -804,8 +804,6 @@ fn describe(step: &Step) -> String {
     }
 }
 
-/// Whether the proxy with node id `node` has ACKed `version` (or later).
-
 /// Per-proxy push and ACK times for `version`, from pilot's history.
 async fn propagation(
     api: &PilotApi,
@@ -820,7 +818,7 @@ async fn propagation(
         proxies = api.proxies(Some(SIM_NAMESPACE)).await.unwrap_or_default();
         if nodes
             .iter()
-            .all(|n| crate::backend::synced(&proxies, n, version))
+            .all(|n| crate::backend::lifecycle::synced(&proxies, n, version))
         {
             break;
         }
