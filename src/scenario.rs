@@ -984,6 +984,35 @@ mod tests {
     }
 
     #[test]
+    fn lifecycle_faults_turn_the_agent_on_unless_it_is_off() {
+        let s = parse(&format!(
+            "{TOP}steps:\n  - fault: {{kill_sidecar: details-v1}}\n"
+        ))
+        .unwrap();
+        assert!(s.agent());
+        let s = parse(&format!("{TOP}steps:\n  - fault: {{kill: details-v1}}\n")).unwrap();
+        assert!(!s.agent());
+        let s = parse(&format!(
+            "mesh: {{capture: iptables}}\n{TOP}steps:\n  - sleep: 1s\n"
+        ))
+        .unwrap();
+        assert!(
+            s.agent(),
+            "capture runs sidecars under the agent, as Istio does"
+        );
+        let e = parse(&format!(
+            "mesh: {{agent: false}}\n{TOP}steps:\n  - sleep: 1s\n  - fault: {{rolling_restart: reviews-v1}}\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.line, 6, "{e}");
+        assert!(
+            e.message.contains("fault.rolling_restart")
+                && e.message.contains("mesh.agent is false"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn bad_durations_are_located() {
         let e = parse(&format!("{TOP}steps:\n  - sleep: 5 seconds\n")).unwrap_err();
         assert_eq!(e.line, 4, "{e}");

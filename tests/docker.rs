@@ -198,6 +198,64 @@ fn docker_quick_canary_with_envoy() {
     }
 }
 
+/// The sidecar-lifecycle scenario on Docker with capture (as root): the agent is each
+/// sidecar container's entry point and runs the proxy; a hot restart and a rolling restart
+/// under load lose no request, a killed proxy comes back through its agent.
+fn sidecar_lifecycle(proxy: &str) {
+    let capture = can_capture();
+    let out = out_dir(&format!("lifecycle-{proxy}"));
+    let mut args = vec!["--quick", "--proxy", proxy];
+    if capture {
+        args.extend(["--capture", "iptables"]);
+    }
+    let (o, report) = run_scenario(
+        &root().join("scenarios/sidecar-lifecycle.yaml"),
+        &out,
+        &args,
+    );
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    let events = report["lifecycle"].as_array().unwrap();
+    let event = |f: &str| events.iter().find(|e| e["fault"] == f).unwrap();
+    let kill = event("kill_sidecar")["ms"].as_f64().unwrap();
+    assert!((100.0..30_000.0).contains(&kill), "{kill} ms");
+    assert_eq!(
+        event("rolling_restart")["replaced"][0],
+        "reviews-v1-0 -> reviews-v1-1"
+    );
+    for p in report["phases"].as_array().unwrap() {
+        if p["name"] != "sidecar-kill" {
+            assert_eq!(p["load"]["errors"], 0, "{p}");
+        }
+    }
+    // The agent (the container's first process) saw its proxy die and started it again.
+    let log = std::fs::read_to_string(out.join("logs/details-v1-0-sidecar.log")).unwrap();
+    assert!(
+        log.contains("proxy exited") && log.contains("restarting"),
+        "{log}"
+    );
+    assert!(leftovers().is_empty(), "left: {:?}", leftovers());
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn docker_sidecar_lifecycle_with_meshbench_proxy() {
+    let _serial = serial();
+    if !engine() {
+        return;
+    }
+    sidecar_lifecycle("meshbench");
+}
+
+#[test]
+fn docker_sidecar_lifecycle_with_envoy() {
+    let _serial = serial();
+    if !engine() || common::envoy_binary().is_none() {
+        return;
+    }
+    sidecar_lifecycle("envoy");
+}
+
 /// Istio's bookinfo tasks and the mTLS scenario (meshbench proxy) and the overload scenario
 /// (Envoy) on containers:
 /// the workloads' call plan and run-time behaviour changes (control port on the pod IP),

@@ -268,6 +268,54 @@ fn mtls_with_envoy() {
     mtls("envoy");
 }
 
+/// The sidecar-lifecycle scenario: every sidecar under `meshbench agent`, a hot restart and
+/// a rolling restart under load with no failed request (the scenario's expectations), and a
+/// killed proxy brought back by its agent.
+fn sidecar_lifecycle(proxy: &str) {
+    let (out, _, report) = run_quick("sidecar-lifecycle", proxy, &format!("lifecycle-{proxy}"));
+    let events = report["lifecycle"].as_array().unwrap();
+    let event = |f: &str| events.iter().find(|e| e["fault"] == f).unwrap();
+    // Down until the agent noticed and waited its first back-off (100 ms), then up again.
+    let kill = event("kill_sidecar")["ms"].as_f64().unwrap();
+    assert!((100.0..30_000.0).contains(&kill), "{kill} ms");
+    let rolling = event("rolling_restart");
+    assert_eq!(rolling["replaced"][0], "reviews-v1-0 -> reviews-v1-1");
+    // The old sidecar drained (the harness's agents drain for 1 s) before the pod went.
+    assert!(
+        rolling["drain_ms"][0].as_f64().unwrap() >= 1000.0,
+        "{rolling}"
+    );
+    assert!(event("hot_restart")["ms"].as_f64().unwrap() > 0.0);
+    for p in ["hot-restart", "rolling-restart"] {
+        assert_eq!(phase(&report, p)["load"]["errors"], 0, "{p}");
+    }
+    // The agent wrote the next bootstrap revision for the hot restart.
+    let agent_dir = out.join("logs/productpage-v1-0-agent");
+    assert!(
+        agent_dir.join("envoy-rev1.json").is_file(),
+        "{}",
+        agent_dir.display()
+    );
+    // Every sidecar of the run (agents and their proxies) is gone.
+    assert!(leftovers().is_empty(), "processes left: {:?}", leftovers());
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn sidecar_lifecycle_with_meshbench_proxy() {
+    let _serial = serial();
+    sidecar_lifecycle("meshbench");
+}
+
+#[test]
+fn sidecar_lifecycle_with_envoy() {
+    let _serial = serial();
+    if common::envoy_binary().is_none() {
+        return;
+    }
+    sidecar_lifecycle("envoy");
+}
+
 #[test]
 fn malformed_scenario_exits_2_naming_the_place() {
     let o = run(&[
