@@ -21,12 +21,15 @@ use meshbench::capture::{Rules, PROXY_UID};
 
 const POD_IP: &str = "10.1.0.2";
 const VIP: &str = "10.96.0.10";
+/// A host outside the mesh, across the veth pair in a namespace of its own, on a service
+/// port (9080): what Istio's `allow_any` route sends to `PassthroughCluster`.
+const EXTERNAL_IP: &str = "10.1.0.1";
 
 /// The calling thread moves to a new network namespace (threads, and processes started
 /// from it, follow; the rest of the test binary does not): loopback up, the pod's address on
 /// one end of a veth pair (the other end answers nothing) that also carries the service
 /// range, and Istio's rules.
-fn enter_pod_namespace(pilot_port_hint: &[u16]) -> Result<(), String> {
+fn enter_pod_namespace(pilot_port_hint: &[u16], outside: libc::pid_t) -> Result<(), String> {
     if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
         return Err(format!("unshare: {}", std::io::Error::last_os_error()));
     }
@@ -42,7 +45,9 @@ fn enter_pod_namespace(pilot_port_hint: &[u16]) -> Result<(), String> {
         Ok(())
     };
     sh("ip link set lo up")?;
-    sh("ip link add mb0 type veth peer name mb1 && ip link set mb0 up && ip link set mb1 up")?;
+    sh(&format!(
+        "ip link add mb0 type veth peer name mb1 && ip link set mb0 up && ip link set mb1 netns {outside}"
+    ))?;
     sh(&format!("ip addr add {POD_IP}/24 dev mb0"))?;
     sh("ip route add 10.96.0.0/16 dev mb0")?;
     let rules = Rules {
@@ -71,6 +76,62 @@ fn enter_pod_namespace(pilot_port_hint: &[u16]) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// The outside host: a thread in a network namespace of its own (its id returned once the
+/// namespace exists; the pod's namespace moves the veth's other end there), then, once told,
+/// that end up as EXTERNAL_IP and a server on EXTERNAL_IP:9080 answering as `external`
+/// (one request per connection) for the rest of the test.
+fn start_outside_host() -> (libc::pid_t, std::sync::mpsc::Sender<()>) {
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
+        tid_tx.send(unsafe { libc::gettid() }).unwrap();
+        go_rx.recv().unwrap();
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "ip link set lo up && ip link set mb1 up && ip addr add {EXTERNAL_IP}/24 dev mb1"
+            ))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let l = std::net::TcpListener::bind((EXTERNAL_IP, 9080)).unwrap();
+        for s in l.incoming().flatten() {
+            use std::io::{Read, Write};
+            let mut s = s;
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 1024];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut chunk) {
+                    Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                    _ => break,
+                }
+            }
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nx-meshbench-workload: external\r\ncontent-length: 8\r\nconnection: close\r\n\r\nexternal");
+        }
+    });
+    (tid_rx.recv().unwrap(), go_tx)
+}
+
+/// A GET with `host` to the outside host's address, as an app calling something outside
+/// the mesh on a service port.
+async fn call_outside(host: &str) -> Result<(u16, String), String> {
+    let addr: SocketAddr = format!("{EXTERNAL_IP}:9080").parse().unwrap();
+    let mut c = tokio::time::timeout(Duration::from_secs(2), Client::connect(addr))
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let r = tokio::time::timeout(Duration::from_secs(5), c.get(host, "/status"))
+        .await
+        .map_err(|_| "no answer".to_string())?
+        .map_err(|e| e.to_string())?;
+    Ok((r.status, r.workload().unwrap_or_default().to_string()))
 }
 
 /// A sidecar process running as uid 1337, killed on drop.
@@ -284,6 +345,22 @@ async fn scenario(envoy: std::path::PathBuf) {
             "{kind}: a uid {PROXY_UID} connection was counted"
         );
         assert_eq!(admin_stat(s.admin, cx).await, cx_before, "{kind}: {cx}");
+        // A host no service claims, on a service port: the route configuration's
+        // `allow_any` sends it where the app was connecting, through PassthroughCluster.
+        let passthrough = "cluster.PassthroughCluster.upstream_rq_total";
+        let before = admin_stat(s.admin, passthrough).await.unwrap_or(0);
+        for host in ["api.example.com", "api.example.com:9080"] {
+            assert_eq!(
+                call_outside(host).await,
+                Ok((200, "external".to_string())),
+                "{kind}: {host}"
+            );
+        }
+        assert_eq!(
+            admin_stat(s.admin, passthrough).await.unwrap_or(0) - before,
+            2,
+            "{kind}: {passthrough}"
+        );
         drop(s);
     }
 }
@@ -295,8 +372,10 @@ fn capture_sends_the_apps_calls_to_the_sidecar_and_lets_the_sidecar_user_pass() 
         eprintln!("skipped: capture needs root (a network namespace and iptables)");
         return;
     }
+    let (outside, go) = start_outside_host();
     std::thread::spawn(move || {
-        enter_pod_namespace(&[]).expect("pod namespace");
+        enter_pod_namespace(&[], outside).expect("pod namespace");
+        go.send(()).unwrap();
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()

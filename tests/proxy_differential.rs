@@ -435,10 +435,13 @@ async fn envoy_and_meshbench_proxy_agree_case_by_case() {
         assert_eq!(failures as u64, bad.take_hits(), "{}: {m:?}", s.name);
         ejected.push(failures);
     }
-    assert_eq!(
-        ejected,
-        vec![2, 2],
-        "5xx seen before ejection (envoy, meshbench)"
+    // meshbench proxy ejects on the request that makes the second consecutive 5xx. Envoy
+    // counts on the worker but ejects on its main thread, and the host set reaches the worker
+    // after that: on a loaded machine one more request can reach the host meanwhile (seen
+    // once in six runs here as a third 5xx).
+    assert!(
+        (2..=3).contains(&ejected[0]) && ejected[1] == 2,
+        "5xx seen before ejection (envoy, meshbench): {ejected:?}"
     );
 
     // 10. fixed delay fault, 11. x-request-id generated and propagated.

@@ -202,6 +202,11 @@ impl Backend for LocalBackend {
         if let Some(procs) = self.pods.get(&p.plan.name) {
             for c in [&procs.workload, &procs.sidecar].into_iter().flatten() {
                 c.signal(sig);
+                // A sidecar's agent runs the proxy: both freeze, as a paused container's.
+                for child in c.pid().map(super::lifecycle::children).unwrap_or_default() {
+                    // SAFETY: kill(2) on a child of our own child, just read from /proc.
+                    unsafe { libc::kill(child as libc::pid_t, sig) };
+                }
             }
         }
         Ok(())

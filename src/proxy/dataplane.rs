@@ -182,7 +182,10 @@ pub async fn serve_listener(
                         tcp_proxy(&p, &cluster, dst, conn).await;
                     }
                 } else {
-                    serve(&p, &name, &stats, &builder, &lstats, conn).await;
+                    // Requests carry the original destination only when it is not this
+                    // proxy (a passthrough to it would loop).
+                    let original = dst.filter(|d| Some(*d) != conn.local);
+                    serve(&p, &name, &stats, &builder, &lstats, conn, original).await;
                 }
                 stats.downstream_cx_active.fetch_sub(1, Relaxed);
             }
@@ -198,6 +201,7 @@ async fn serve(
     builder: &hyper_util::server::conn::auto::Builder<TokioExecutor>,
     lstats: &ListenerStats,
     conn: net::Conn,
+    original: Option<SocketAddr>,
 ) {
     let name = name.to_string();
     {
@@ -215,6 +219,9 @@ async fn serve(
                     let (proxy, name, stats) = (p.clone(), name.clone(), stats.clone());
                     if let Some(id) = &tls {
                         req.extensions_mut().insert(path::PeerIdentity(id.clone()));
+                    }
+                    if let Some(d) = original {
+                        req.extensions_mut().insert(path::OriginalDst(d));
                     }
                     async move { Ok::<_, Infallible>(handle(&proxy, &name, &stats, req).await) }
                 })

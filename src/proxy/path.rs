@@ -245,6 +245,11 @@ static NO_RETRIES: std::sync::LazyLock<Arc<RetryPolicy>> =
 #[derive(Clone, Debug)]
 pub struct PeerIdentity(pub Option<Arc<str>>);
 
+/// A request's connection was captured on its way to this address (`SO_ORIGINAL_DST`, not
+/// the proxy's own): where an ORIGINAL_DST cluster sends it.
+#[derive(Clone, Copy, Debug)]
+pub struct OriginalDst(pub std::net::SocketAddr);
+
 /// What routing decided for a request.
 pub struct Routed<B> {
     pub req: Request<B>,
@@ -583,7 +588,16 @@ pub async fn attempt<T: Transport>(
     per_try_timeout: Option<Duration>,
     hosts: &HostChoice,
 ) -> Outcome<T::Body> {
-    let Some(host) = hosts.pick(cluster) else {
+    let host = if cluster.cfg.original_dst {
+        // Where the captured connection was going (none when it was not captured).
+        parts
+            .extensions
+            .get::<OriginalDst>()
+            .map(|d| cluster.original_dst_host(d.0))
+    } else {
+        hosts.pick(cluster)
+    };
+    let Some(host) = host else {
         return Outcome::Done(local(503, "no healthy upstream"));
     };
     let guard = match cluster.admit(host).await {

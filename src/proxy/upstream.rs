@@ -203,7 +203,14 @@ pub struct Cluster {
     active_retries: AtomicU32,
     /// Where TLS connections get their client config (the proxy's secrets).
     pub tls_store: Option<Arc<super::tls::TlsStore>>,
+    /// ORIGINAL_DST: a host per destination seen, made on first use (Envoy's
+    /// cluster-provided hosts), each with its own connection pool.
+    original: Mutex<HashMap<SocketAddr, Arc<Host>>>,
 }
+
+/// Hosts an ORIGINAL_DST cluster keeps; past this the set starts again (Envoy drops unused
+/// ones every `cleanup_interval`, 5 s by default).
+const ORIGINAL_DST_HOSTS: usize = 1024;
 
 /// A circuit breaker refused the request (answered 503 with `x-envoy-overloaded`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -241,6 +248,7 @@ impl Cluster {
             active_requests: AtomicU32::new(0),
             active_retries: AtomicU32::new(0),
             tls_store: previous.and_then(|p| p.tls_store.clone()),
+            original: Mutex::default(),
         };
         match &c.cfg.discovery {
             Discovery::Static(eps) => c.set_endpoints(eps),
@@ -293,6 +301,26 @@ impl Cluster {
         self.all_healthy
             .store(hosts.iter().all(|h| h.healthy), Relaxed);
         *self.hosts.write().unwrap() = Arc::new(hosts);
+    }
+
+    /// An ORIGINAL_DST cluster's host for destination `addr`.
+    pub fn original_dst_host(&self, addr: SocketAddr) -> Arc<Host> {
+        let mut hosts = self.original.lock().unwrap();
+        if let Some(h) = hosts.get(&addr) {
+            return h.clone();
+        }
+        if hosts.len() >= ORIGINAL_DST_HOSTS {
+            hosts.clear();
+        }
+        let e = Endpoint {
+            addr,
+            weight: 1,
+            healthy: true,
+            socket_match: Default::default(),
+        };
+        let h = Arc::new(Host::new(&e, Arc::default(), false));
+        hosts.insert(addr, h.clone());
+        h
     }
 
     /// Picks a host by the cluster's policy among healthy, non-ejected hosts; below 50%

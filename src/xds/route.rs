@@ -130,13 +130,46 @@ pub fn route_configs(mesh: &Mesh) -> HashMap<String, Resource> {
         };
         (name.clone(), Resource::new(name, rc))
     };
+    // Captured apps may call any host on a service's port: what no service claims goes where
+    // the app was connecting (istiod's `allow_any`, outboundTrafficPolicy ALLOW_ANY).
     let mut out: HashMap<String, Resource> = by_port
         .into_iter()
-        .map(|(port, (_, hosts))| config(port.to_string(), hosts))
+        .map(|(port, (_, mut hosts))| {
+            hosts.push(allow_any());
+            config(port.to_string(), hosts)
+        })
         .collect();
     out.extend([config(OUTBOUND_ROUTE_NAME.to_string(), virtual_hosts)]);
     out
 }
+
+/// istiod's `allow_any` virtual host: every other host on the port, to `PassthroughCluster`
+/// with no timeout and no retries.
+fn allow_any() -> VirtualHost {
+    VirtualHost {
+        name: ALLOW_ANY.into(),
+        domains: vec!["*".into()],
+        routes: vec![route::Route {
+            name: ALLOW_ANY.into(),
+            r#match: Some(route::RouteMatch {
+                path_specifier: Some(route::route_match::PathSpecifier::Prefix("/".into())),
+                ..Default::default()
+            }),
+            action: Some(route::route::Action::Route(route::RouteAction {
+                cluster_specifier: Some(route::route_action::ClusterSpecifier::Cluster(
+                    super::listener::PASSTHROUGH_CLUSTER.into(),
+                )),
+                timeout: Some(pb_duration(Duration::ZERO)),
+                ..Default::default()
+            })),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// The name of that virtual host and its route (istiod's).
+pub const ALLOW_ANY: &str = "allow_any";
 
 /// Domains as the seed shows them: each name form with and without `:port`, then addresses.
 /// Port-less forms go to the service's first port only, so they stay unique.
