@@ -87,6 +87,10 @@ pub const LOCAL_RATE_LIMIT_FILTER: &str = "envoy.filters.http.local_ratelimit";
 pub const HCM_FILTER: &str = "envoy.filters.network.http_connection_manager";
 pub const TCP_PROXY_FILTER: &str = "envoy.filters.network.tcp_proxy";
 pub const ORIGINAL_DST_FILTER: &str = "envoy.filters.listener.original_dst";
+/// A captured sidecar's ORIGINAL_DST clusters (istiod's names): outbound connections and
+/// requests no service claims, and inbound connections to undeclared ports.
+pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
+pub const INBOUND_PASSTHROUGH_CLUSTER: &str = "InboundPassthroughCluster";
 /// Where a captured sidecar's inbound passthrough connections come from (Istio's): the
 /// capture rules let loopback traffic from it through instead of capturing it again.
 pub const INBOUND_PASSTHROUGH_SOURCE: &str = "127.0.0.6";

@@ -212,14 +212,14 @@ fn apply_policy(c: &mut Cluster, tp: &TrafficPolicy) {
 /// connections to destinations the mesh does not know go where they were going.
 pub fn passthrough_clusters() -> Vec<Resource> {
     [
-        super::listener::PASSTHROUGH_CLUSTER,
-        super::listener::INBOUND_PASSTHROUGH_CLUSTER,
+        super::PASSTHROUGH_CLUSTER,
+        super::INBOUND_PASSTHROUGH_CLUSTER,
     ]
     .into_iter()
     .map(|name| {
         // Inbound passthrough connects from 127.0.0.6, which the capture rules let through
         // (from the sidecar's uid to the pod's own address would be captured again: a loop).
-        let upstream_bind_config = (name == super::listener::INBOUND_PASSTHROUGH_CLUSTER)
+        let upstream_bind_config = (name == super::INBOUND_PASSTHROUGH_CLUSTER)
             .then(|| envoy_types::pb::envoy::config::core::v3::BindConfig {
                 source_address: Some(envoy_types::pb::envoy::config::core::v3::SocketAddress {
                     address: INBOUND_PASSTHROUGH_SOURCE.into(),

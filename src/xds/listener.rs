@@ -172,8 +172,6 @@ pub const VIRTUAL_OUTBOUND: &str = "virtualOutbound";
 /// Where iptables sends a captured pod's inbound connections, on 15006.
 pub const VIRTUAL_INBOUND: &str = "virtualInbound";
 pub use crate::capture::INBOUND_CAPTURE_PORT;
-pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
-pub const INBOUND_PASSTHROUGH_CLUSTER: &str = "InboundPassthroughCluster";
 
 fn tcp_proxy_chain(name: &str, cluster: &str) -> listener::FilterChain {
     use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{

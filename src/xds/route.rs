@@ -157,7 +157,7 @@ fn allow_any() -> VirtualHost {
             }),
             action: Some(route::route::Action::Route(route::RouteAction {
                 cluster_specifier: Some(route::route_action::ClusterSpecifier::Cluster(
-                    super::listener::PASSTHROUGH_CLUSTER.into(),
+                    super::PASSTHROUGH_CLUSTER.into(),
                 )),
                 timeout: Some(pb_duration(Duration::ZERO)),
                 ..Default::default()
