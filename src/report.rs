@@ -118,6 +118,9 @@ pub struct MeshCounts {
     /// Requests refused by authorization policies (`http.*.rbac.denied`).
     #[serde(default)]
     pub rbac_denied: u64,
+    /// The retries per cluster (which hop retried), summed over the sidecars.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub retries_by_cluster: BTreeMap<String, u64>,
 }
 
 impl MeshCounts {
@@ -130,8 +133,14 @@ impl MeshCounts {
             let Ok(v) = value.trim().parse::<u64>() else {
                 continue;
             };
-            let field = if name.starts_with("cluster.") {
-                if name.ends_with(".upstream_rq_retry") {
+            let field = if let Some(cluster) = name.strip_prefix("cluster.") {
+                if let Some(cluster) = cluster.strip_suffix(".upstream_rq_retry") {
+                    if v > 0 {
+                        *self
+                            .retries_by_cluster
+                            .entry(cluster.to_string())
+                            .or_default() += v;
+                    }
                     &mut self.retries
                 } else if name.ends_with(".upstream_rq_pending_overflow") {
                     &mut self.overflows
@@ -158,6 +167,15 @@ impl MeshCounts {
             ejections: self.ejections.saturating_sub(before.ejections),
             rate_limited: self.rate_limited.saturating_sub(before.rate_limited),
             rbac_denied: self.rbac_denied.saturating_sub(before.rbac_denied),
+            retries_by_cluster: self
+                .retries_by_cluster
+                .iter()
+                .map(|(c, n)| {
+                    let was = before.retries_by_cluster.get(c).copied().unwrap_or(0);
+                    (c.clone(), n.saturating_sub(was))
+                })
+                .filter(|(_, n)| *n > 0)
+                .collect(),
         }
     }
 }
@@ -764,6 +782,14 @@ pub fn summary(r: &Report) -> String {
                 "  mesh: {} retries, {} overflows, {} ejections, {} rate limited, {} denied by RBAC",
                 m.retries, m.overflows, m.ejections, m.rate_limited, m.rbac_denied
             ));
+            if !m.retries_by_cluster.is_empty() {
+                let by: Vec<String> = m
+                    .retries_by_cluster
+                    .iter()
+                    .map(|(c, n)| format!("{c} {n}"))
+                    .collect();
+                s.push_str(&format!(" (retried at {})", by.join(", ")));
+            }
         }
         s.push('\n');
     }
@@ -795,4 +821,40 @@ pub fn summary(r: &Report) -> String {
         proxies_rss
     ));
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_are_counted_per_cluster_across_sidecars() {
+        let stats = |reviews: u64, details: u64| {
+            format!(
+                "cluster.outbound|9080|v1|reviews.default.svc.cluster.local.upstream_rq_retry: {reviews}\ncluster.outbound|9080||details.default.svc.cluster.local.upstream_rq_retry: {details}\ncluster.outbound|9080||details.default.svc.cluster.local.upstream_rq_pending_overflow: 3\n"
+            )
+        };
+        let mut before = MeshCounts::default();
+        before.add_stats(&stats(2, 0));
+        before.add_stats(&stats(1, 0));
+        let mut after = MeshCounts::default();
+        after.add_stats(&stats(7, 0));
+        after.add_stats(&stats(1, 4));
+        let d = after.since(&before);
+        assert_eq!(d.retries, 9);
+        assert_eq!(d.overflows, 0);
+        assert_eq!(
+            d.retries_by_cluster,
+            BTreeMap::from([
+                (
+                    "outbound|9080|v1|reviews.default.svc.cluster.local".to_string(),
+                    5
+                ),
+                (
+                    "outbound|9080||details.default.svc.cluster.local".to_string(),
+                    4
+                ),
+            ])
+        );
+    }
 }
