@@ -557,8 +557,7 @@ impl Mesh {
                 }
                 self.backend.start_pod(&self.pods[i]).await?;
                 self.pods[i].running = true;
-                self.pilot.register(vec![self.pods[i].endpoint()]).await?;
-                wait_ready(&self.pods[i], &self.log_dir, self.prober.as_ref()).await
+                self.register_when_ready(i).await.map(|_| ())
             }
             // A frozen or cut-off pod keeps its endpoint, as until a health check noticed.
             FaultStep::Pause(name) | FaultStep::Unpause(name) => {

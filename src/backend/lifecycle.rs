@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use super::{serves, wait_ready, Error, Mesh, Pod, PodPlan};
-use crate::pilot::api::ProxyStatus;
+use crate::pilot::api::{EndpointBatch, ProxyStatus};
 use crate::pilot_client::HttpClient;
 use crate::report::LifecycleEvent;
 
@@ -200,6 +200,24 @@ impl Mesh {
         }
     }
 
+    /// Registers started pod `i` as Kubernetes lists a pod that is not ready yet: pilot knows
+    /// the workload (its sidecar gets its config) but clients do not send to it; once it
+    /// serves through its sidecar it is marked ready. Returns that config version.
+    pub(super) async fn register_when_ready(&mut self, i: usize) -> Result<u64, Error> {
+        let mut unready = self.pods[i].endpoint();
+        unready.entry.healthy = false;
+        self.pilot.register(vec![unready]).await?;
+        wait_ready(&self.pods[i], &self.log_dir, self.prober.as_ref()).await?;
+        let ready = self
+            .pilot
+            .endpoints(&EndpointBatch {
+                update: vec![self.pods[i].endpoint()],
+                ..Default::default()
+            })
+            .await?;
+        Ok(ready.version)
+    }
+
     /// Waits until every running sidecar has ACKed config `version` (or later).
     pub async fn wait_acked(&self, version: u64, limit: Duration) -> Result<(), Error> {
         let start = Instant::now();
@@ -224,7 +242,8 @@ impl Mesh {
     }
 
     /// Replaces every running pod of `deployment`, one at a time (maxSurge 1,
-    /// maxUnavailable 0): the new pod starts, registers and serves; the old pod's endpoint
+    /// maxUnavailable 0): the new pod starts, registers as not ready, serves, and is marked
+    /// ready once it does (every sidecar ACKs that); the old pod's endpoint
     /// goes and every sidecar ACKs that; the old sidecar drains (SIGTERM to its agent) and
     /// exits; the old pod stops.
     pub(super) async fn rolling_restart(
@@ -276,8 +295,8 @@ impl Mesh {
             pod.running = true;
             self.pods.push(pod);
             let new = self.pods.len() - 1;
-            self.pilot.register(vec![self.pods[new].endpoint()]).await?;
-            wait_ready(&self.pods[new], &self.log_dir, self.prober.as_ref()).await?;
+            let version = self.register_when_ready(new).await?;
+            self.wait_acked(version, ACK_LIMIT).await?;
             // The old pod leaves the endpoints; once every sidecar knows, it drains.
             let removed_at = Instant::now();
             let (ns, old_name) = (
